@@ -1,0 +1,42 @@
+"""Plugin settings, carried to every worker inside vLLM's `additional_config`.
+
+`additional_config` is part of the VllmConfig every worker receives (also across Ray nodes) and
+is hashed into vLLM's compile cache key, so a different SAE layer set never reuses a graph
+compiled without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+ADDITIONAL_CONFIG_KEY = "steerserve"
+DEFAULT_MAX_FEATURES = 64
+DEFAULT_MAX_CONFIGS = 64
+
+
+@dataclass(frozen=True)
+class PluginConfig:
+    sae_path: str
+    sae_layers: tuple[int, ...]
+    max_features: int = DEFAULT_MAX_FEATURES  # per request, over all layers
+    max_configs: int = DEFAULT_MAX_CONFIGS  # distinct steering specs in flight
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["sae_layers"] = list(self.sae_layers)
+        return d
+
+    @staticmethod
+    def from_additional_config(additional_config: Any) -> "PluginConfig | None":
+        if not isinstance(additional_config, dict):
+            return None
+        raw = additional_config.get(ADDITIONAL_CONFIG_KEY)
+        if not raw:
+            return None
+        return PluginConfig(
+            sae_path=str(raw["sae_path"]),
+            sae_layers=tuple(int(x) for x in raw["sae_layers"]),
+            max_features=int(raw.get("max_features", DEFAULT_MAX_FEATURES)),
+            max_configs=int(raw.get("max_configs", DEFAULT_MAX_CONFIGS)),
+        )

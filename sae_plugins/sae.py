@@ -1,0 +1,64 @@
+"""One sparse autoencoder in the orientation the steering math wants.
+
+Every supported file format (Qwen-Scope, SAELens, EleutherAI sparsify) is converted into this
+one shape at load time, so the math in `sae_math.py` never branches on where a file came from.
+Feature i's decoder direction is ROW i of `W_dec` here (Qwen-Scope files store it as a column;
+the loader transposes once so a gather of a few features reads contiguous memory).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Activation = Literal["topk", "relu", "jumprelu"]
+
+
+@dataclass
+class SAEWeights:
+    layer: int
+    W_enc: torch.Tensor  # [d_sae, d_model]; pre-activation = x @ W_enc.T + b_enc
+    b_enc: torch.Tensor  # [d_sae]
+    W_dec: torch.Tensor  # [d_sae, d_model]; row i = feature i's direction
+    b_dec: torch.Tensor  # [d_model]
+    activation: Activation
+    k: int | None  # TopK only
+    threshold: torch.Tensor | None  # [d_sae], JumpReLU only
+    apply_b_dec_to_input: bool  # subtract b_dec before encoding (SAELens option, sparsify)
+    architecture: str  # human-readable, e.g. "qwen-scope/topk", "saelens/jumprelu"
+    source: str  # path of the file the weights came from
+    hook_point: str = "resid_post"
+
+    @property
+    def d_model(self) -> int:
+        return self.W_enc.shape[1]
+
+    @property
+    def d_sae(self) -> int:
+        return self.W_enc.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_enc.dtype
+
+    def nbytes(self) -> int:
+        tensors = [self.W_enc, self.b_enc, self.W_dec, self.b_dec]
+        if self.threshold is not None:
+            tensors.append(self.threshold)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def info(self) -> dict:
+        """What `GET /v1/saes` reports for this layer (JSON-safe)."""
+        return {
+            "layer": self.layer,
+            "d_model": self.d_model,
+            "d_sae": self.d_sae,
+            "k": self.k,
+            "architecture": self.architecture,
+            "hook_point": self.hook_point,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "source": self.source,
+            "memory_bytes": self.nbytes(),
+        }

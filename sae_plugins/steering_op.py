@@ -1,0 +1,48 @@
+"""The steering step as a registered custom op, so torch.compile keeps it in the graph.
+
+vLLM compiles the model once; Python state read during tracing is frozen into the graph (a
+patched forward that branches on "is anyone steered?" silently stops working). A custom op is
+opaque to the compiler and runs on every forward, so the current step's routing is always read.
+The op edits the layer's output `hidden` in place: the residual stream after the layer is
+`hidden + residual`, and adding the edit to `hidden` edits that sum.
+"""
+
+from typing import Callable
+
+import torch
+
+_runtime_lookup: Callable[[], object | None] = lambda: None
+
+
+def set_runtime_lookup(fn: Callable[[], object | None]) -> None:
+    global _runtime_lookup
+    _runtime_lookup = fn
+
+
+def _steer_residual(hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
+    runtime = _runtime_lookup()
+    if runtime is not None:
+        runtime.apply(layer, hidden, residual)
+
+
+def _steer_residual_fake(hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
+    return None
+
+
+def register_steering_op() -> None:
+    """Register `torch.ops.steerserve.steer_residual` once per process (idempotent)."""
+    if hasattr(torch.ops, "steerserve") and hasattr(torch.ops.steerserve, "steer_residual"):
+        return
+    from torch.library import Library
+
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    global _library
+    _library = Library("steerserve", "FRAGMENT")
+    direct_register_custom_op(
+        op_name="steer_residual",
+        op_func=_steer_residual,
+        mutates_args=["hidden"],
+        fake_impl=_steer_residual_fake,
+        target_lib=_library,
+    )

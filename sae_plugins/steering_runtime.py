@@ -1,0 +1,152 @@
+"""Per-worker steering state: the loaded SAEs, the slot tables and this step's token routing.
+
+Buffers are allocated once at start-up and only written in place, so their addresses never
+change (the property CUDA graphs need). Each step the model runner hook calls `begin_step`,
+which maps requests to config slots and writes one slot index per flattened row; the custom op
+then calls `apply` at each steered layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import sae_math
+from .config_slots import ConfigSlots
+from .plugin_config import PluginConfig
+from .sae import SAEWeights
+from .steering_spec import EXTRA_ARGS_KEY, SteeringSpec
+from .token_routing import APPLY_CODES, token_slots
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestView:
+    """What the routing needs to know about one scheduled request."""
+
+    req_id: str
+    extra_args: dict | None
+    num_scheduled: int
+    num_computed: int
+    num_prompt: int
+
+
+class SteeringRuntime:
+    def __init__(
+        self, config: PluginConfig, saes: dict[int, SAEWeights], device: torch.device, max_num_tokens: int
+    ):
+        self.config = config
+        self.saes = saes
+        self.device = device
+        self.layer_pos = {layer: i for i, layer in enumerate(sorted(saes))}
+        # Headroom above the admitted number of configs (see config_slots.py).
+        self.slots = ConfigSlots(2 * config.max_configs + 1)
+        shape = (len(saes), self.slots.num_slots, config.max_features)
+        self.feature_ids = torch.zeros(shape, dtype=torch.int64, device=device)
+        self.modes = torch.zeros(shape, dtype=torch.int8, device=device)
+        self.values = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.slot_active = torch.zeros(shape[:2], dtype=torch.bool, device=device)
+        self._features_in_slot = np.zeros(shape[:2], dtype=np.int64)  # host copy of counts
+        self.token_slot = torch.zeros(max_num_tokens, dtype=torch.int32, device=device)
+        self._rows_written = 0
+        self._specs: dict[str, SteeringSpec | None] = {}
+        self.steered_tokens_total = 0
+
+    # ---- per step (host side) -------------------------------------------------------------
+    def begin_step(self, finished_req_ids, requests: list[RequestView]) -> None:
+        for req_id in finished_req_ids:
+            self._specs.pop(req_id, None)
+            freed = self.slots.release(req_id)
+            if freed is not None:
+                self._clear_slot(freed)
+        n = len(requests)
+        req_slots = np.zeros(n, dtype=np.int64)
+        apply_to = np.zeros(n, dtype=np.int64)
+        for i, req in enumerate(requests):
+            spec = self._spec_of(req)
+            if spec is None:
+                continue
+            slot = self.slots.slot_of(req.req_id)
+            if slot is None:
+                slot, is_new = self.slots.acquire(req.req_id, spec)
+                if is_new:
+                    self._write_slot(slot, spec)
+            req_slots[i] = slot
+            apply_to[i] = APPLY_CODES[spec.apply_to]
+        rows = token_slots(
+            req_slots,
+            apply_to,
+            np.array([r.num_scheduled for r in requests], dtype=np.int64),
+            np.array([r.num_computed for r in requests], dtype=np.int64),
+            np.array([r.num_prompt for r in requests], dtype=np.int64),
+        )
+        self._write_token_slots(rows)
+
+    def clear_step(self) -> None:
+        """Zero the routing (before dummy/profiling runs, which must never be steered)."""
+        self._write_token_slots(np.zeros(0, dtype=np.int32))
+
+    def _write_token_slots(self, rows: np.ndarray) -> None:
+        n = len(rows)
+        if n:
+            self.token_slot[:n].copy_(torch.from_numpy(rows), non_blocking=False)
+            self.steered_tokens_total += int(np.count_nonzero(rows))
+        if self._rows_written > n:
+            self.token_slot[n : self._rows_written].zero_()
+        self._rows_written = n
+
+    def _spec_of(self, req: RequestView) -> SteeringSpec | None:
+        if req.req_id not in self._specs:
+            raw = (req.extra_args or {}).get(EXTRA_ARGS_KEY)
+            self._specs[req.req_id] = SteeringSpec.from_extra_arg(raw) if raw else None
+        return self._specs[req.req_id]
+
+    def _write_slot(self, slot: int, spec: SteeringSpec) -> None:
+        for li in self.layer_pos.values():
+            self._features_in_slot[li, slot] = 0
+        for f in spec.features:
+            li = self.layer_pos.get(f.layer)
+            if li is None:  # the HTTP layer validates this; a raw extra_arg must not pass silently
+                raise ValueError(f"steering references layer {f.layer}, which has no SAE loaded")
+            if not 0 <= f.index < self.saes[f.layer].d_sae:
+                raise ValueError(f"feature index {f.index} out of range at layer {f.layer}")
+            j = self._features_in_slot[li, slot]
+            self.feature_ids[li, slot, j] = f.index
+            self.modes[li, slot, j] = sae_math.MODE_CODES[f.mode]
+            self.values[li, slot, j] = f.target
+            self._features_in_slot[li, slot] = j + 1
+        self.slot_active[:, slot] = torch.from_numpy(self._features_in_slot[:, slot] > 0)
+
+    def _clear_slot(self, slot: int) -> None:
+        self.modes[:, slot].zero_()
+        self.slot_active[:, slot] = False
+        self._features_in_slot[:, slot] = 0
+
+    # ---- in the forward (called by the custom op) ----------------------------------------
+    def apply(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor) -> None:
+        li = self.layer_pos.get(layer)
+        if li is None:
+            return
+        slots = self.token_slot[: hidden.shape[0]].long()
+        rows = self.slot_active[li][slots].nonzero().squeeze(-1)
+        if rows.numel() == 0:
+            return
+        width = int(self._features_in_slot[li].max())
+        row_slots = slots[rows]
+        x = hidden[rows].float() + residual[rows].float()
+        delta = sae_math.steering_delta(
+            self.saes[layer],
+            x,
+            self.feature_ids[li, row_slots, :width],
+            self.modes[li, row_slots, :width],
+            self.values[li, row_slots, :width],
+        )
+        hidden.index_add_(0, rows, delta.to(hidden.dtype))
+
+    # ---- reporting ------------------------------------------------------------------------
+    def sae_info(self) -> list[dict]:
+        return [self.saes[layer].info() for layer in sorted(self.saes)]

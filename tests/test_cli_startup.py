@@ -1,0 +1,82 @@
+"""Start-up errors of `steerserve serve` that must stop the server before vLLM starts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, server_env
+from tests.sae_files import write_qwen_scope
+
+
+def serve(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "server", "serve", *args, "--port", "1"],
+        capture_output=True, text=True, env=server_env(), cwd=ROOT, timeout=300,
+    )
+
+
+@pytest.fixture
+def fake_model(tmp_path, tiny_model_dir):
+    model = tmp_path / "model"
+    model.mkdir()
+    shutil.copy(tiny_model_dir / "config.json", model / "config.json")
+    return model
+
+
+def test_unsupported_architecture_names_the_supported_ones(fake_model, tiny_model_dir):
+    config = json.loads((fake_model / "config.json").read_text())
+    config["architectures"] = ["LlamaForCausalLM"]
+    (fake_model / "config.json").write_text(json.dumps(config))
+    result = serve(str(fake_model), "--sae", str(tiny_model_dir / "sae"), "--sae-layers", "1")
+    assert result.returncode != 0
+    assert "does not support the architecture ['LlamaForCausalLM']" in result.stderr
+    assert "Qwen3ForCausalLM, Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration" in result.stderr
+
+
+def test_missing_layer_file_lists_available_layers(fake_model, tiny_model_dir):
+    result = serve(str(fake_model), "--sae", str(tiny_model_dir / "sae"), "--sae-layers", "1,7")
+    assert result.returncode != 0
+    assert "has no SAE for layers [7]; it has layers [0, 1, 2, 3]" in result.stderr
+
+
+def test_sae_shape_not_fitting_hidden_size_names_the_file(fake_model, tmp_path):
+    sae_dir = tmp_path / "sae64"
+    write_qwen_scope(sae_dir, layers=[1], d_model=64, d_sae=32, k=4)
+    result = serve(str(fake_model), "--sae", str(sae_dir), "--sae-layers", "1")
+    assert result.returncode != 0
+    assert "sae64/config.json: d_model is 64 but the model's hidden size is 128" in result.stderr
+
+
+def test_sae_tensor_shape_not_fitting_names_the_layer_file(fake_model, tmp_path):
+    sae_dir = tmp_path / "sae-bad-tensor"
+    write_qwen_scope(sae_dir, layers=[1], d_model=64, d_sae=32, k=4, config={"d_model": 128})
+    result = serve(str(fake_model), "--sae", str(sae_dir), "--sae-layers", "1")
+    assert result.returncode != 0
+    assert "layer1.sae.pt" in result.stderr and "hidden size is 128" in result.stderr
+
+
+def test_unknown_sae_format_is_named(fake_model, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = serve(str(fake_model), "--sae", str(tmp_path / "empty"), "--sae-layers", "1")
+    assert result.returncode != 0
+    assert "layer{n}.sae.pt" in result.stderr or "sae_weights.safetensors" in result.stderr
+
+
+def test_sae_needs_layers(fake_model, tiny_model_dir):
+    result = serve(str(fake_model), "--sae", str(tiny_model_dir / "sae"))
+    assert result.returncode != 0
+    assert "--sae needs --sae-layers" in result.stderr
+
+
+def test_make_tiny_is_idempotent(tiny_model_dir):
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "make-tiny", str(tiny_model_dir)],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )
+    assert result.returncode == 0
+    assert result.stdout.strip() == str(tiny_model_dir)

@@ -1,0 +1,110 @@
+"""Exact behaviour of the pieces the server and plugin are built from (no vLLM engine)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from sae_plugins import sae_math
+from sae_plugins.config_slots import ConfigSlots, ConfigSlotsExhausted
+from sae_plugins.sae import SAEWeights
+from sae_plugins.steering_spec import FeatureEdit, SteeringSpec
+from sae_plugins.token_routing import APPLY_ALL, APPLY_GENERATION, APPLY_PROMPT, token_slots
+from server.config_admission import ConfigAdmission
+
+
+def test_token_slots_follow_positions_and_apply_to():
+    # req0: prefill chunk of 3 (prompt 5, nothing computed); req1: decode at position 7 (prompt 4);
+    # req2: prompt-only, chunk crossing the prompt end; req3: unsteered.
+    slots = token_slots(
+        req_slots=np.array([1, 2, 3, 0]),
+        req_apply_to=np.array([APPLY_ALL, APPLY_GENERATION, APPLY_PROMPT, APPLY_ALL]),
+        num_scheduled=np.array([3, 1, 4, 2]),
+        num_computed=np.array([0, 7, 2, 0]),
+        num_prompt=np.array([5, 4, 4, 9]),
+    )
+    assert slots.tolist() == [1, 1, 1, 2, 3, 3, 0, 0, 0, 0]
+
+
+def test_generation_only_starts_at_prompt_length():
+    slots = token_slots(np.array([4]), np.array([APPLY_GENERATION]), np.array([6]), np.array([0]), np.array([5]))
+    assert slots.tolist() == [0, 0, 0, 0, 0, 4]
+
+
+def spec(*features, apply_to="all"):
+    return SteeringSpec.create([FeatureEdit(*f) for f in features], apply_to)
+
+
+def test_spec_id_is_order_independent_and_round_trips():
+    a = spec((1, 3, "add", 8.0), (2, 9, "clamp", 1.0))
+    b = spec((2, 9, "clamp", 1.0), (1, 3, "add", 8.0))
+    assert a.id == b.id
+    assert SteeringSpec.from_extra_arg(a.to_extra_arg()) == a
+    assert spec((1, 3, "add", 8.0)).id != spec((1, 3, "add", 8.0), apply_to="generation").id
+
+
+def test_config_slots_share_equal_specs_and_free_on_last_release():
+    slots = ConfigSlots(3)  # two usable
+    s1, s2, s3 = spec((1, 1, "add", 1.0)), spec((1, 2, "add", 1.0)), spec((1, 3, "add", 1.0))
+    assert slots.acquire("a", s1) == (1, True)
+    assert slots.acquire("b", s1) == (1, False)
+    assert slots.acquire("c", s2) == (2, True)
+    with pytest.raises(ConfigSlotsExhausted):
+        slots.acquire("d", s3)
+    assert slots.release("a") is None
+    assert slots.release("b") == 1
+    assert slots.acquire("d", s3) == (1, True)
+
+
+def tiny_sae(activation="topk", k=2):
+    g = torch.Generator().manual_seed(0)
+    d, n = 8, 16
+    return SAEWeights(
+        layer=0, W_enc=torch.randn(n, d, generator=g), b_enc=torch.zeros(n), W_dec=torch.randn(n, d, generator=g),
+        b_dec=torch.zeros(d), activation=activation, k=k, threshold=None, apply_b_dec_to_input=False,
+        architecture="test", source="memory",
+    )
+
+
+def test_encode_topk_keeps_k_largest_relu():
+    sae = tiny_sae()
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    f = sae_math.encode(sae, x)
+    pre = torch.relu(x @ sae.W_enc.T)
+    for row in range(3):
+        top = pre[row].topk(2).indices
+        assert set(f[row].nonzero().squeeze(-1).tolist()) <= set(top.tolist())
+        assert torch.allclose(f[row, top], pre[row, top])
+
+
+def test_steering_delta_formulas():
+    sae = tiny_sae()
+    x = torch.randn(1, 8, generator=torch.Generator().manual_seed(2))
+    f = sae_math.encode(sae, x)[0]
+    active = int(f.argmax())
+    ids = torch.tensor([[active, 5, 7]])
+    modes = torch.tensor([[sae_math.MODE_CLAMP, sae_math.MODE_ADD, sae_math.MODE_SCALE]], dtype=torch.int8)
+    values = torch.tensor([[10.0, 2.0, 3.0]])
+    delta = sae_math.steering_delta(sae, x, ids, modes, values)[0]
+    expected = (10.0 - f[active]) * sae.W_dec[active] + 2.0 * sae.W_dec[5] + (3.0 - 1) * f[7] * sae.W_dec[7]
+    assert torch.allclose(delta, expected, atol=1e-5)
+
+
+def test_admission_waits_for_a_free_config_and_shares_equal_ids():
+    async def scenario():
+        admission = ConfigAdmission(max_configs=1)
+        order = []
+        async def hold(sid, label, seconds):
+            async with admission.admit(sid):
+                order.append(f"{label}+")
+                await asyncio.sleep(seconds)
+                order.append(f"{label}-")
+        await asyncio.gather(hold("x", "a", 0.05), hold("x", "b", 0.01), hold("y", "c", 0.0))
+        return order, admission.waits_total
+    order, waits = asyncio.run(scenario())
+    assert order.index("c+") > order.index("a-") and order.index("c+") > order.index("b-")
+    assert order.index("b+") < order.index("a-")  # equal id joined without waiting
+    assert waits == 1
