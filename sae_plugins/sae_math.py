@@ -12,9 +12,10 @@ import torch
 
 from .sae import SAEWeights
 
-# Mode codes in the per-slot tables (0 = empty entry).
-MODE_NONE, MODE_ADD, MODE_CLAMP, MODE_SCALE = 0, 1, 2, 3
-MODE_CODES = {"add": MODE_ADD, "clamp": MODE_CLAMP, "ablate": MODE_CLAMP, "scale": MODE_SCALE}
+# Mode codes in the per-slot encode tables (0 = empty entry). `add` has no code: it never
+# needs an encode and is folded into one precomputed vector per config (see add_vector).
+MODE_NONE, MODE_CLAMP, MODE_SCALE = 0, 1, 2
+ENCODE_MODE_CODES = {"clamp": MODE_CLAMP, "ablate": MODE_CLAMP, "scale": MODE_SCALE}
 
 
 def encode(sae: SAEWeights, x: torch.Tensor) -> torch.Tensor:
@@ -34,21 +35,25 @@ def encode(sae: SAEWeights, x: torch.Tensor) -> torch.Tensor:
     return acts
 
 
-def steering_delta(
+def add_vector(sae: SAEWeights, feature_ids: list[int], values: list[float]) -> torch.Tensor:
+    """The `add` edit of one config at one layer: sum_i value_i * d_i (float32 [d_model]).
+
+    It does not depend on the token, so it is computed once when a config is installed."""
+    ids = torch.tensor(feature_ids, dtype=torch.long, device=sae.W_dec.device)
+    coef = torch.tensor(values, dtype=torch.float32, device=sae.W_dec.device)
+    return coef @ sae.W_dec[ids].float()
+
+
+def encoded_delta(
     sae: SAEWeights,
-    x: torch.Tensor,  # [rows, d_model] residual stream (float or model dtype)
+    x: torch.Tensor,  # [rows, d_model] residual stream
     feature_ids: torch.Tensor,  # [rows, F] int64
-    modes: torch.Tensor,  # [rows, F] int8 mode codes
-    values: torch.Tensor,  # [rows, F] float32 (target for clamp, factor for scale)
+    modes: torch.Tensor,  # [rows, F] int8: MODE_CLAMP, MODE_SCALE or MODE_NONE (padding)
+    values: torch.Tensor,  # [rows, F] float32: clamp target or scale factor
 ) -> torch.Tensor:
-    """The residual edit [rows, d_model] (float32) for per-row feature tables."""
-    coef = torch.where(modes == MODE_ADD, values, torch.zeros_like(values))
-    needs_encode = ((modes == MODE_CLAMP) | (modes == MODE_SCALE)).any(dim=-1)
-    encode_rows = needs_encode.nonzero().squeeze(-1)
-    if encode_rows.numel() > 0:
-        f = encode(sae, x[encode_rows]).gather(-1, feature_ids[encode_rows])
-        m, v = modes[encode_rows], values[encode_rows]
-        c = torch.where(m == MODE_CLAMP, v - f, torch.where(m == MODE_SCALE, (v - 1.0) * f, coef[encode_rows]))
-        coef = coef.index_copy(0, encode_rows, c)
-    directions = sae.W_dec[feature_ids].float()  # [rows, F, d_model]
-    return torch.einsum("rf,rfd->rd", coef, directions)
+    """The clamp/scale edit [rows, d_model] (float32); decodes only the touched features."""
+    f = encode(sae, x).gather(-1, feature_ids)
+    coef = torch.where(
+        modes == MODE_CLAMP, values - f, torch.where(modes == MODE_SCALE, (values - 1.0) * f, torch.zeros_like(f))
+    )
+    return torch.einsum("rf,rfd->rd", coef, sae.W_dec[feature_ids].float())

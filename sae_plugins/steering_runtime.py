@@ -45,12 +45,19 @@ class SteeringRuntime:
         self.layer_pos = {layer: i for i, layer in enumerate(sorted(saes))}
         # Headroom above the admitted number of configs (see config_slots.py).
         self.slots = ConfigSlots(2 * config.max_configs + 1)
-        shape = (len(saes), self.slots.num_slots, config.max_features)
+        num_layers, num_slots = len(saes), self.slots.num_slots
+        d_model = next(iter(saes.values())).d_model if saes else 0
+        # add: one precomputed vector per (layer, slot); slot 0 stays zero.
+        self.add_vectors = torch.zeros((num_layers, num_slots, d_model), dtype=torch.float32, device=device)
+        # clamp/scale/ablate: per (layer, slot) feature tables, padded with MODE_NONE.
+        shape = (num_layers, num_slots, config.max_features)
         self.feature_ids = torch.zeros(shape, dtype=torch.int64, device=device)
         self.modes = torch.zeros(shape, dtype=torch.int8, device=device)
         self.values = torch.zeros(shape, dtype=torch.float32, device=device)
-        self.slot_active = torch.zeros(shape[:2], dtype=torch.bool, device=device)
-        self._features_in_slot = np.zeros(shape[:2], dtype=np.int64)  # host copy of counts
+        self.needs_encode = torch.zeros((num_layers, num_slots), dtype=torch.bool, device=device)
+        self.slot_active = torch.zeros((num_layers, num_slots), dtype=torch.bool, device=device)
+        self._encode_counts = np.zeros((num_layers, num_slots), dtype=np.int64)  # host copy
+        self._encode_width = np.zeros(num_layers, dtype=np.int64)  # max count over live slots
         self.token_slot = torch.zeros(max_num_tokens, dtype=torch.int32, device=device)
         self._rows_written = 0
         self._specs: dict[str, SteeringSpec | None] = {}
@@ -106,25 +113,35 @@ class SteeringRuntime:
         return self._specs[req.req_id]
 
     def _write_slot(self, slot: int, spec: SteeringSpec) -> None:
-        for li in self.layer_pos.values():
-            self._features_in_slot[li, slot] = 0
-        for f in spec.features:
-            li = self.layer_pos.get(f.layer)
-            if li is None:  # the HTTP layer validates this; a raw extra_arg must not pass silently
+        for f in spec.features:  # the HTTP layer validates this; a raw extra_arg must not pass
+            if f.layer not in self.layer_pos:
                 raise ValueError(f"steering references layer {f.layer}, which has no SAE loaded")
             if not 0 <= f.index < self.saes[f.layer].d_sae:
                 raise ValueError(f"feature index {f.index} out of range at layer {f.layer}")
-            j = self._features_in_slot[li, slot]
-            self.feature_ids[li, slot, j] = f.index
-            self.modes[li, slot, j] = sae_math.MODE_CODES[f.mode]
-            self.values[li, slot, j] = f.target
-            self._features_in_slot[li, slot] = j + 1
-        self.slot_active[:, slot] = torch.from_numpy(self._features_in_slot[:, slot] > 0)
+        for layer, li in self.layer_pos.items():
+            adds = [f for f in spec.features if f.layer == layer and f.mode == "add"]
+            encoded = [f for f in spec.features if f.layer == layer and f.mode != "add"]
+            if adds:
+                self.add_vectors[li, slot] = sae_math.add_vector(
+                    self.saes[layer], [f.index for f in adds], [f.value for f in adds]
+                )
+            n = len(encoded)
+            if n:
+                self.feature_ids[li, slot, :n] = torch.tensor([f.index for f in encoded])
+                self.modes[li, slot, :n] = torch.tensor([sae_math.ENCODE_MODE_CODES[f.mode] for f in encoded])
+                self.values[li, slot, :n] = torch.tensor([f.target for f in encoded])
+            self._encode_counts[li, slot] = n
+            self.needs_encode[li, slot] = n > 0
+            self.slot_active[li, slot] = bool(adds) or n > 0
+        self._encode_width = self._encode_counts.max(axis=1)
 
     def _clear_slot(self, slot: int) -> None:
+        self.add_vectors[:, slot].zero_()
         self.modes[:, slot].zero_()
+        self.needs_encode[:, slot] = False
         self.slot_active[:, slot] = False
-        self._features_in_slot[:, slot] = 0
+        self._encode_counts[:, slot] = 0
+        self._encode_width = self._encode_counts.max(axis=1)
 
     # ---- in the forward (called by the custom op) ----------------------------------------
     def apply(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor) -> None:
@@ -135,16 +152,24 @@ class SteeringRuntime:
         rows = self.slot_active[li][slots].nonzero().squeeze(-1)
         if rows.numel() == 0:
             return
-        width = int(self._features_in_slot[li].max())
         row_slots = slots[rows]
-        x = hidden[rows].float() + residual[rows].float()
-        delta = sae_math.steering_delta(
-            self.saes[layer],
-            x,
-            self.feature_ids[li, row_slots, :width],
-            self.modes[li, row_slots, :width],
-            self.values[li, row_slots, :width],
-        )
+        delta = self.add_vectors[li, row_slots]  # [rows, d_model]; zero for configs without add
+        width = int(self._encode_width[li])
+        if width:
+            enc = self.needs_encode[li][row_slots].nonzero().squeeze(-1)
+            enc_rows, enc_slots = rows[enc], row_slots[enc]
+            x = hidden[enc_rows].float() + residual[enc_rows].float()
+            delta.index_add_(
+                0,
+                enc,
+                sae_math.encoded_delta(
+                    self.saes[layer],
+                    x,
+                    self.feature_ids[li, enc_slots, :width],
+                    self.modes[li, enc_slots, :width],
+                    self.values[li, enc_slots, :width],
+                ),
+            )
         hidden.index_add_(0, rows, delta.to(hidden.dtype))
 
     # ---- reporting ------------------------------------------------------------------------

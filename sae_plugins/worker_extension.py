@@ -21,7 +21,7 @@ class SteeringWorkerExtension:
         return {
             "steered_tokens_total": runtime.steered_tokens_total,
             "active_configs": runtime.slots.active,
-            "sae_memory_bytes": sum(s.nbytes() for s in runtime.saes.values()),
+            "sae_memory_bytes": {layer: sae.nbytes() for layer, sae in sorted(runtime.saes.items())},
             "sae_layers": sorted(runtime.saes),
         }
 

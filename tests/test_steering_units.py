@@ -80,17 +80,18 @@ def test_encode_topk_keeps_k_largest_relu():
         assert torch.allclose(f[row, top], pre[row, top])
 
 
-def test_steering_delta_formulas():
+def test_encoded_delta_and_add_vector_formulas():
     sae = tiny_sae()
     x = torch.randn(1, 8, generator=torch.Generator().manual_seed(2))
     f = sae_math.encode(sae, x)[0]
     active = int(f.argmax())
-    ids = torch.tensor([[active, 5, 7]])
-    modes = torch.tensor([[sae_math.MODE_CLAMP, sae_math.MODE_ADD, sae_math.MODE_SCALE]], dtype=torch.int8)
-    values = torch.tensor([[10.0, 2.0, 3.0]])
-    delta = sae_math.steering_delta(sae, x, ids, modes, values)[0]
-    expected = (10.0 - f[active]) * sae.W_dec[active] + 2.0 * sae.W_dec[5] + (3.0 - 1) * f[7] * sae.W_dec[7]
+    ids = torch.tensor([[active, 7, 0]])
+    modes = torch.tensor([[sae_math.MODE_CLAMP, sae_math.MODE_SCALE, sae_math.MODE_NONE]], dtype=torch.int8)
+    values = torch.tensor([[10.0, 3.0, 99.0]])
+    delta = sae_math.encoded_delta(sae, x, ids, modes, values)[0]
+    expected = (10.0 - f[active]) * sae.W_dec[active] + (3.0 - 1) * f[7] * sae.W_dec[7]
     assert torch.allclose(delta, expected, atol=1e-5)
+    assert torch.allclose(sae_math.add_vector(sae, [5, 6], [2.0, -1.0]), 2.0 * sae.W_dec[5] - sae.W_dec[6])
 
 
 def test_admission_waits_for_a_free_config_and_shares_equal_ids():
@@ -108,3 +109,33 @@ def test_admission_waits_for_a_free_config_and_shares_equal_ids():
     assert order.index("c+") > order.index("a-") and order.index("c+") > order.index("b-")
     assert order.index("b+") < order.index("a-")  # equal id joined without waiting
     assert waits == 1
+
+
+def test_runtime_routes_each_row_to_its_own_config():
+    from sae_plugins.plugin_config import PluginConfig
+    from sae_plugins.steering_runtime import RequestView, SteeringRuntime
+    from sae_plugins.steering_spec import EXTRA_ARGS_KEY
+
+    sae = tiny_sae()
+    runtime = SteeringRuntime(PluginConfig("mem", (0,), max_features=4, max_configs=2), {0: sae}, torch.device("cpu"), 16)
+    add_spec = spec((0, 5, "add", 2.0))
+    clamp_spec = spec((0, 7, "clamp", 3.0), apply_to="generation")
+    views = [
+        RequestView("plain", {}, num_scheduled=2, num_computed=0, num_prompt=2),
+        RequestView("add", {EXTRA_ARGS_KEY: add_spec.to_extra_arg()}, num_scheduled=2, num_computed=0, num_prompt=2),
+        RequestView("clamp", {EXTRA_ARGS_KEY: clamp_spec.to_extra_arg()}, num_scheduled=2, num_computed=3, num_prompt=4),
+    ]
+    runtime.begin_step([], views)
+    assert runtime.token_slot[:6].tolist() == [0, 0, 1, 1, 0, 2]
+    g = torch.Generator().manual_seed(3)
+    hidden, residual = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
+    before = hidden.clone()
+    runtime.apply(0, hidden, residual)
+    assert torch.equal(hidden[[0, 1, 4]], before[[0, 1, 4]])
+    assert torch.allclose(hidden[2:4], before[2:4] + 2.0 * sae.W_dec[5], atol=1e-5)
+    f7 = sae_math.encode(sae, (before[5] + residual[5])[None])[0, 7]
+    assert torch.allclose(hidden[5], before[5] + (3.0 - f7) * sae.W_dec[7], atol=1e-5)
+    # The next step: "add" finished, its slot is freed and cleared; stale rows are zeroed.
+    runtime.begin_step(["add"], [views[2]])
+    assert runtime.token_slot[:6].tolist() == [0, 2, 0, 0, 0, 0]  # positions 3 (prompt), 4 (generation)
+    assert runtime.slots.active == 1 and not runtime.slot_active[0, 1]
