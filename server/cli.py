@@ -36,6 +36,10 @@ def add_steering_args(parser: argparse.ArgumentParser) -> None:
                        help="most features one request may steer")
     group.add_argument("--max-steering-configs", type=int, default=DEFAULT_MAX_CONFIGS,
                        help="distinct steering specs in flight; more wait for a free slot")
+    group.add_argument("--data-dir", default=".state/data",
+                       help="where the Files/Batches API keeps its SQLite database and file contents")
+    group.add_argument("--batch-concurrency", type=int, default=4,
+                       help="batch lines in flight at once (they run at lower priority than interactive requests)")
 
 
 def _enable_plugins() -> None:
@@ -129,6 +133,9 @@ def build_parser():
     serve = ServeSubcommand().subparser_init(commands)
     serve.usage = "steerserve serve [MODEL] --sae SAE_DIR --sae-layers 8,16,32 [vLLM options]"
     add_steering_args(serve)
+    # Batch lines go at priority 1 behind interactive requests, which needs priority scheduling;
+    # a --scheduling-policy given on the command line or in --config still wins.
+    serve.set_defaults(scheduling_policy="priority")
     _add_make_tiny_args(commands.add_parser("make-tiny", help=MAKE_TINY_HELP))
     return parser
 
@@ -157,6 +164,10 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["make-tiny"]:
         make_tiny(argv[1:])
         return
+    if argv[:1] == ["run-batch"]:
+        from server.batch.offline import run_batch
+
+        sys.exit(run_batch(argv[1:]))
     if _is_cpu_build():
         os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
     from vllm.entrypoints.cli.serve import ServeSubcommand

@@ -13,6 +13,7 @@ from starlette.datastructures import State
 
 from sae_plugins.plugin_config import DEFAULT_MAX_CONFIGS, DEFAULT_MAX_FEATURES, PluginConfig
 
+from .batch import attach_batch_api, start_batch_service
 from .config_admission import ConfigAdmission
 from .context import SteeringContext
 from .routes import router
@@ -28,6 +29,8 @@ class SteerserveEndpointPlugin:
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(router)
         app.add_middleware(SteeringMiddleware)
+        attach_batch_api(app)  # /v1/files, /v1/batches
+        self._app = app  # batch lines are sent through this app in-process
 
     async def init_state(self, engine_client, state: State, args: Namespace) -> None:
         config = PluginConfig.from_additional_config(getattr(args, "additional_config", None))
@@ -42,7 +45,13 @@ class SteerserveEndpointPlugin:
             max_features=config.max_features if config else DEFAULT_MAX_FEATURES,
             admission=ConfigAdmission(config.max_configs if config else DEFAULT_MAX_CONFIGS),
         )
-        context.metrics.sae_layers.set(len(saes))
-        for info in saes:
-            context.metrics.sae_bytes.labels(layer=str(info["layer"])).set(info["memory_bytes"])
+        if config is not None and engine_client is not None:
+
+            async def worker_stats() -> dict:
+                return (await engine_client.collective_rpc("steerserve_stats"))[0]
+
+            context.metrics.bind(worker_stats, context.admission)
+            await context.metrics.refresh()
         state.steerserve = context
+        if engine_client is not None and getattr(self, "_app", None) is not None:
+            start_batch_service(self._app, engine_client, state, args)

@@ -1,12 +1,27 @@
-"""Steering counters exported on vLLM's own `/metrics` (the process-wide Prometheus registry)."""
+"""Steering metrics on vLLM's own `/metrics` (the process-wide Prometheus registry).
+
+API-side numbers (requests, validation errors, config admission) are counted where they happen.
+Worker-side numbers (steered tokens, SAE memory) live in the workers; they are fetched over
+collective RPC after steered requests finish, at most once per `REFRESH_SECONDS`, and served
+from that snapshot, so a scrape never waits on the engine.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+import asyncio
+import logging
+import time
+from typing import Awaitable, Callable
+
+from prometheus_client import REGISTRY, Counter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+logger = logging.getLogger("steerserve")
+REFRESH_SECONDS = 1.0
 
 
 class SteeringMetrics:
-    """Created once per API process (prometheus metric names are global)."""
+    """One per API process (Prometheus metric names are global)."""
 
     _instance: "SteeringMetrics | None" = None
 
@@ -14,13 +29,14 @@ class SteeringMetrics:
         if cls._instance is None:
             self = super().__new__(cls)
             self.requests = Counter("steerserve_steered_requests", "Steered requests accepted")
-            self.errors = Counter(
-                "steerserve_steering_validation_errors", "Rejected steering specs", ["reason"]
-            )
-            self.active_configs = Gauge("steerserve_active_steering_configs", "Distinct steering specs in flight")
-            self.config_waits = Gauge("steerserve_config_slot_waits", "Requests that waited for a config slot")
-            self.sae_layers = Gauge("steerserve_sae_layers_loaded", "SAE layers loaded")
-            self.sae_bytes = Gauge("steerserve_sae_memory_bytes", "SAE weight memory per worker", ["layer"])
+            self.errors = Counter("steerserve_steering_validation_errors", "Rejected steering specs", ["reason"])
+            self.worker_stats: dict = {}
+            self.admission_active = lambda: 0
+            self.admission_waits = lambda: 0
+            self._fetch: Callable[[], Awaitable[dict]] | None = None
+            self._last_refresh = 0.0
+            self._refreshing = False
+            REGISTRY.register(_SnapshotCollector(self))
             cls._instance = self
         return cls._instance
 
@@ -29,3 +45,54 @@ class SteeringMetrics:
 
     def validation_error(self, reason: str) -> None:
         self.errors.labels(reason=reason).inc()
+
+    def bind(self, fetch_worker_stats, admission) -> None:
+        self._fetch = fetch_worker_stats
+        self.admission_active = lambda: admission.active
+        self.admission_waits = lambda: admission.waits_total
+
+    async def refresh(self) -> None:
+        if self._fetch is None or self._refreshing:
+            return
+        self._refreshing = True
+        try:
+            await asyncio.sleep(max(0.0, self._last_refresh + REFRESH_SECONDS - time.monotonic()))
+            self.worker_stats = await self._fetch()
+            self._last_refresh = time.monotonic()
+        except Exception as exc:  # metrics must never fail a request (or a shutdown)
+            logger.warning("steerserve: could not refresh worker stats: %r", exc)
+        finally:
+            self._refreshing = False
+
+    def schedule_refresh(self) -> None:
+        if not self._refreshing:
+            task = asyncio.get_running_loop().create_task(self.refresh())
+            _background.add(task)
+            task.add_done_callback(_background.discard)
+
+
+_background: set[asyncio.Task] = set()
+
+
+class _SnapshotCollector:
+    def __init__(self, metrics: SteeringMetrics):
+        self.metrics = metrics
+
+    def collect(self):
+        stats = self.metrics.worker_stats
+        tokens = CounterMetricFamily("steerserve_steered_tokens", "Token positions steered (rank 0 worker)")
+        tokens.add_metric([], stats.get("steered_tokens_total", 0))
+        yield tokens
+        active = GaugeMetricFamily("steerserve_active_steering_configs", "Distinct steering specs in flight")
+        active.add_metric([], self.metrics.admission_active())
+        yield active
+        waits = CounterMetricFamily("steerserve_config_slot_waits", "Requests that waited for a config slot")
+        waits.add_metric([], self.metrics.admission_waits())
+        yield waits
+        layers = GaugeMetricFamily("steerserve_sae_layers_loaded", "SAE layers loaded")
+        layers.add_metric([], len(stats.get("sae_layers", [])))
+        yield layers
+        memory = GaugeMetricFamily("steerserve_sae_memory_bytes", "SAE weight memory per worker", labels=["layer"])
+        for layer, nbytes in stats.get("sae_memory_bytes", {}).items():
+            memory.add_metric([str(layer)], nbytes)
+        yield memory

@@ -43,6 +43,11 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replayed
 
 
+def _with_length(scope: Scope, body: bytes) -> Scope:
+    headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+    return {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
+
+
 class SteeringMiddleware:
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -60,19 +65,26 @@ class SteeringMiddleware:
             await self.app(scope, _replay(body, receive), send)
             return
         context = scope["app"].state.steerserve
+        had_steering_key = "steering" in payload
         try:
             payload, spec = translate_request(payload, context.sae_sizes, context.max_features)
         except APIError as error:
             context.metrics.validation_error(error.code)
             await error.response()(scope, _replay(b"", receive), send)
             return
-        new_body = json.dumps(payload).encode()
-        if spec is None:
-            await self.app(scope, _replay(new_body, receive), send)
+        if spec is None:  # untouched unless a `"steering": null` had to be dropped
+            forwarded = json.dumps(payload).encode() if had_steering_key else body
+            await self.app(_with_length(scope, forwarded), _replay(forwarded, receive), send)
             return
+        new_body = json.dumps(payload).encode()
         context.metrics.steered_request()
-        async with context.admission.admit(spec.id):
-            await self.app(scope, _replay(new_body, receive), _EchoingSend(send, spec.echo()))
+        try:
+            async with context.admission.admit(spec.id):
+                await self.app(
+                    _with_length(scope, new_body), _replay(new_body, receive), _EchoingSend(send, spec.echo())
+                )
+        finally:
+            context.metrics.schedule_refresh()
 
 
 class _EchoingSend:

@@ -57,13 +57,16 @@ def server_env() -> dict[str, str]:
 
 
 class RunningServer:
-    def __init__(self, command: list[str], log_path: Path):
+    def __init__(self, command: list[str], log_path: Path, new_session: bool = False):
+        """new_session: the server and vLLM's engine processes get their own process group
+        (tests that SIGKILL the whole server use it, so no orphan engine keeps running)."""
         self.log_path = log_path
         self.port = int(command[command.index("--port") + 1])
         self.base_url = f"http://127.0.0.1:{self.port}"
         self._log = open(log_path, "w")
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=server_env(), cwd=ROOT)
+        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=server_env(), cwd=ROOT,
+                                     start_new_session=new_session)
 
     def wait_ready(self, timeout: float = SERVER_START_TIMEOUT) -> float:
         deadline = time.monotonic() + timeout
@@ -94,7 +97,8 @@ class RunningServer:
 @pytest.fixture(scope="session")
 def server(tiny_model_dir, tmp_path_factory) -> RunningServer:
     log = tmp_path_factory.mktemp("server") / "server.log"
-    running = RunningServer(server_command(tiny_model_dir, free_port()), log)
+    data_dir = tmp_path_factory.mktemp("server-data")  # Files/Batches API state of this session
+    running = RunningServer(server_command(tiny_model_dir, free_port(), "--data-dir", str(data_dir)), log)
     try:
         elapsed = running.wait_ready()
         print(f"\nsteerserve (torch.compile) ready in {elapsed:.0f}s", file=sys.stderr)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
+import time
 
 import httpx
 
@@ -151,11 +153,34 @@ def test_prefix_cache_never_leaks_steered_state(client):
     assert steered_again == steered != plain_first
 
 
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
 def test_steering_metrics_are_exported(http, client):
-    chat(client, add(1, 3, 8.0))
-    text = http.get("/metrics").text
-    assert "steerserve_steered_requests_total" in text
-    assert 'steerserve_sae_memory_bytes{layer="1"}' in text
+    time.sleep(2.5)  # let the refresh that earlier tests' steered requests scheduled settle
+    before = http.get("/metrics").text
+    response = chat(client, add(1, 3, 8.125))  # a spec no other test uses: no prefix-cache hits
+    post(http, {"features": [{"layer": 7, "index": 0, "mode": "add", "value": 1}]})
+    time.sleep(2.5)  # worker counters are refreshed at most once per second after a request
+    after = http.get("/metrics").text
+    prompt_len = len(response.model_extra["prompt_token_ids"])
+    # every prompt position and every generated token fed back in (all but the last one)
+    steered = prompt_len + response.usage.completion_tokens - 1
+    assert metric(after, "steerserve_steered_tokens_total") - metric(before, "steerserve_steered_tokens_total") == steered
+    assert metric(after, "steerserve_steered_requests_total") - metric(before, "steerserve_steered_requests_total") == 1
+    assert metric(after, 'steerserve_steering_validation_errors_total{reason="layer_not_loaded"}') >= 1
+    assert metric(after, 'steerserve_sae_memory_bytes{layer="1"}') == 2 * 1024 * 128 * 2 + (1024 + 128) * 2
+    assert metric(after, "steerserve_sae_layers_loaded") == 2
+    assert metric(after, "steerserve_active_steering_configs") == 0
+
+
+def post(http, steering):
+    body = {"model": MODEL_NAME, "messages": PROMPT, "max_tokens": 2, "steering": steering}
+    return http.post("/v1/chat/completions", content=json.dumps(body), headers={"content-type": "application/json"})
 
 
 def test_standard_openai_endpoints_still_work(http):
