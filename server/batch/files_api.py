@@ -1,0 +1,154 @@
+"""OpenAI Files API (`/v1/files`): uploads for batches, and the batches' output files.
+
+Contents live on disk under DATA_DIR/files/<id>, metadata in SQLite. Errors use the same
+OpenAI error object as the rest of the server (server/errors.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import shutil
+import uuid
+from http import HTTPStatus
+from typing import Any, BinaryIO
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, JSONResponse
+
+from ..errors import APIError
+from .store import FileRecord, Store, now
+
+router = APIRouter()
+
+UPLOAD_PURPOSES = ("batch", "user_data", "assistants", "fine-tune", "vision", "evals")
+MAX_LIST_LIMIT = 10_000
+
+
+def service_of(request: Request):
+    service = getattr(request.app.state, "steerserve_batches", None)
+    if service is None:
+        raise APIError("the Files and Batches API is not available on this server", code="unavailable",
+                       status=HTTPStatus.SERVICE_UNAVAILABLE, type="server_error")
+    return service
+
+
+def not_found(kind: str, object_id: str, param: str = "id") -> APIError:
+    return APIError(f"No such {kind} object: {object_id}", param=param, code="not_found",
+                    status=HTTPStatus.NOT_FOUND)
+
+
+def list_page(records: list, has_more: bool) -> dict:
+    """OpenAI's cursor-paginated list object."""
+    data = [r.to_api() for r in records]
+    return {"object": "list", "data": data, "has_more": has_more,
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+
+
+def parse_limit(raw: str | None, default: int, maximum: int) -> int:
+    if raw is None:
+        return default
+    try:
+        limit = int(raw)
+    except ValueError:
+        raise APIError(f"limit must be an integer, got {raw!r}", param="limit", code="invalid_limit") from None
+    if not 1 <= limit <= maximum:
+        raise APIError(f"limit must be between 1 and {maximum}, got {limit}", param="limit", code="invalid_limit")
+    return limit
+
+
+def errors_as_json(handler):
+    """Route decorator: an APIError becomes its JSON response (vLLM's handlers would reshape it)."""
+
+    @functools.wraps(handler)
+    async def wrapped(*args, **kwargs):
+        try:
+            return await handler(*args, **kwargs)
+        except APIError as error:
+            return error.response()
+
+    return wrapped
+
+
+def _save(source: BinaryIO, path: os.PathLike) -> int:
+    tmp = f"{path}.upload"
+    with open(tmp, "wb") as out:
+        shutil.copyfileobj(source, out, 1 << 20)
+        out.flush()
+        os.fsync(out.fileno())
+        size = out.tell()
+    os.replace(tmp, path)
+    return size
+
+
+@router.post("/v1/files")
+@errors_as_json
+async def create_file(request: Request) -> Any:
+    service = service_of(request)
+    store: Store = service.store
+    try:
+        form = await request.form()
+    except Exception as exc:
+        raise APIError(f"expected a multipart/form-data body with `file` and `purpose` ({exc})",
+                       code="invalid_body") from None
+    upload, purpose = form.get("file"), form.get("purpose")
+    if upload is None or isinstance(upload, str):
+        raise APIError("`file` is required (a multipart file field)", param="file", code="missing_required_parameter")
+    if not isinstance(purpose, str) or not purpose:
+        raise APIError("`purpose` is required", param="purpose", code="missing_required_parameter")
+    if purpose not in UPLOAD_PURPOSES:
+        raise APIError(f"purpose {purpose!r} is not one of {list(UPLOAD_PURPOSES)}", param="purpose",
+                       code="invalid_purpose")
+    file_id = f"file-{uuid.uuid4().hex[:24]}"
+    try:
+        size = await asyncio.to_thread(_save, upload.file, store.file_path(file_id))
+    finally:
+        await upload.close()
+    record = FileRecord(file_id, os.path.basename(upload.filename or "upload.jsonl"), purpose, size, now())
+    await asyncio.to_thread(store.add_file, record)
+    return record.to_api()
+
+
+@router.get("/v1/files")
+@errors_as_json
+async def list_files(request: Request) -> Any:
+    store: Store = service_of(request).store
+    q = request.query_params
+    order = q.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise APIError(f"order must be 'asc' or 'desc', got {order!r}", param="order", code="invalid_order")
+    limit = parse_limit(q.get("limit"), MAX_LIST_LIMIT, MAX_LIST_LIMIT)
+    page = await asyncio.to_thread(store.list_files, purpose=q.get("purpose"), after=q.get("after"),
+                                   limit=limit, newest_first=order == "desc")
+    if page is None:
+        raise not_found("File", q["after"], param="after")
+    return list_page(*page)
+
+
+@router.get("/v1/files/{file_id}")
+@errors_as_json
+async def retrieve_file(file_id: str, request: Request) -> Any:
+    record = await asyncio.to_thread(service_of(request).store.get_file, file_id)
+    if record is None:
+        raise not_found("File", file_id)
+    return record.to_api()
+
+
+@router.get("/v1/files/{file_id}/content")
+@errors_as_json
+async def file_content(file_id: str, request: Request) -> Any:
+    store: Store = service_of(request).store
+    record = await asyncio.to_thread(store.get_file, file_id)
+    path = store.file_path(file_id)
+    if record is None or not path.is_file():
+        raise not_found("File", file_id)
+    return FileResponse(path, media_type="application/octet-stream", filename=record.filename)
+
+
+@router.delete("/v1/files/{file_id}")
+@errors_as_json
+async def delete_file(file_id: str, request: Request) -> Any:
+    if not await asyncio.to_thread(service_of(request).store.delete_file, file_id):
+        raise not_found("File", file_id)
+    return JSONResponse({"id": file_id, "object": "file", "deleted": True})

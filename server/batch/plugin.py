@@ -1,0 +1,85 @@
+"""Wiring of the Files + Batches API into vLLM's app (called from server/endpoint_plugin.py).
+
+`attach_batch_api` runs while vLLM builds the app: routes, and a lifespan wrapper that stops
+the runner when the server stops. `start_batch_service` runs from the plugin's `init_state`,
+inside the server's event loop once the engine is up: it opens the store and starts the runner
+task (held by the service, which is held by app.state, so it is never garbage-collected).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from argparse import Namespace
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from .batches_api import router as batches_router
+from .files_api import router as files_router
+from .runner import BatchService
+from .store import Store
+
+logger = logging.getLogger("vllm.steerserve.batch")  # under vLLM's configured "vllm" logger
+
+DEFAULT_DATA_DIR = ".state/data"
+DEFAULT_BATCH_CONCURRENCY = 4
+BATCH_PRIORITY = 1  # vLLM serves lower numbers first; interactive requests default to 0
+
+
+def attach_batch_api(app: FastAPI) -> None:
+    app.include_router(files_router)
+    app.include_router(batches_router)
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(a: Any):
+        async with inner(a) as value:
+            try:
+                yield value
+            finally:
+                service = getattr(a.state, "steerserve_batches", None)
+                if service is not None:
+                    await service.stop()
+
+    app.router.lifespan_context = lifespan
+
+
+def start_batch_service(app: FastAPI, engine_client: Any, state: Any, args: Namespace) -> BatchService:
+    data_dir = getattr(args, "data_dir", None) or DEFAULT_DATA_DIR
+    store = Store(os.path.abspath(data_dir))
+    priority = BATCH_PRIORITY if getattr(args, "scheduling_policy", "fcfs") == "priority" else None
+    keys = [k for k in (getattr(args, "api_key", None) or [os.environ.get("VLLM_API_KEY")]) if k]
+    service = BatchService(
+        store, app,
+        concurrency=getattr(args, "batch_concurrency", None) or DEFAULT_BATCH_CONCURRENCY,
+        priority=priority,
+        api_key=keys[0] if keys else None,
+        engine_dead=lambda: bool(getattr(engine_client, "errored", False)),
+    )
+    state.steerserve_batches = service
+    _stop_recording_before_engine_shutdown(engine_client, service)
+    running = service.start()
+    logger.info("batches: data in %s, %s, concurrency %d, priority %s", store.data_dir,
+                "runner started" if running else "runner held by another process",
+                service.concurrency, priority)
+    return service
+
+
+def _stop_recording_before_engine_shutdown(engine_client: Any, service: BatchService) -> None:
+    """vLLM stops the engine (aborting what runs) before the app's lifespan ends; a batch line
+    answered during that window must not count as done. Wrapping the client's shutdown is the
+    one hook that runs first."""
+    original = getattr(engine_client, "shutdown", None)
+    if original is None:
+        return
+
+    def shutdown(*args: Any, **kwargs: Any) -> Any:
+        service.begin_shutdown()
+        return original(*args, **kwargs)
+
+    try:
+        engine_client.shutdown = shutdown
+    except AttributeError:
+        logger.warning("batches: cannot hook engine shutdown; relying on abort detection")

@@ -1,0 +1,408 @@
+"""SQLite state of files and batches: the single source of truth the runner reconciles from.
+
+Why SQLite: a batch must survive `kill -9`. Each line's result is one row keyed by
+(batch_id, line_index), inserted in a transaction that also checks the batch is still running,
+so a line is done exactly when its row exists: after a crash the pending lines are just the
+lines without a row, and output files are rebuilt from rows at finalize. Request counts are
+derived from the same rows, so they can never disagree with the files.
+
+One connection shared by threads (`check_same_thread=False`) behind a lock; every method is
+short and synchronous, and async callers run it with `asyncio.to_thread`. WAL mode lets readers
+(other API processes, `sqlite3` in a shell) see the state while a batch runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
+    id          TEXT NOT NULL UNIQUE,
+    filename    TEXT NOT NULL,
+    purpose     TEXT NOT NULL,
+    bytes       INTEGER NOT NULL,
+    created_at  INTEGER NOT NULL,
+    status      TEXT NOT NULL DEFAULT 'processed'
+);
+CREATE TABLE IF NOT EXISTS batches (
+    seq               INTEGER PRIMARY KEY AUTOINCREMENT,
+    id                TEXT NOT NULL UNIQUE,
+    input_file_id     TEXT NOT NULL,
+    endpoint          TEXT NOT NULL,
+    completion_window TEXT NOT NULL,
+    status            TEXT NOT NULL,
+    metadata          TEXT,
+    errors            TEXT,
+    output_file_id    TEXT,
+    error_file_id     TEXT,
+    total             INTEGER NOT NULL DEFAULT 0,
+    created_at        INTEGER NOT NULL,
+    in_progress_at    INTEGER,
+    expires_at        INTEGER,
+    finalizing_at     INTEGER,
+    completed_at      INTEGER,
+    failed_at         INTEGER,
+    expired_at        INTEGER,
+    cancelling_at     INTEGER,
+    cancelled_at      INTEGER
+);
+CREATE INDEX IF NOT EXISTS batches_status ON batches (status);
+CREATE TABLE IF NOT EXISTS batch_lines (
+    batch_id    TEXT NOT NULL,
+    line_index  INTEGER NOT NULL,
+    custom_id   TEXT,
+    url         TEXT,
+    body        TEXT,
+    PRIMARY KEY (batch_id, line_index)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS batch_results (
+    batch_id    TEXT NOT NULL,
+    line_index  INTEGER NOT NULL,
+    ok          INTEGER NOT NULL,
+    record      TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    PRIMARY KEY (batch_id, line_index)
+) WITHOUT ROWID;
+"""
+
+ACTIVE_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
+TERMINAL_STATUSES = ("failed", "completed", "expired", "cancelled")
+TIMESTAMP_FIELDS = (
+    "created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at",
+    "failed_at", "expired_at", "cancelling_at", "cancelled_at",
+)
+
+
+def now() -> int:
+    return int(time.time())
+
+
+@dataclass
+class FileRecord:
+    id: str
+    filename: str
+    purpose: str
+    bytes: int
+    created_at: int
+    status: str = "processed"
+
+    def to_api(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "object": "file", "bytes": self.bytes, "created_at": self.created_at,
+            "filename": self.filename, "purpose": self.purpose, "status": self.status,
+            "expires_at": None, "status_details": None,
+        }
+
+
+@dataclass
+class BatchRecord:
+    id: str
+    input_file_id: str
+    endpoint: str
+    completion_window: str
+    status: str
+    created_at: int
+    expires_at: int | None
+    metadata: dict[str, str] | None = None
+    errors: list[dict[str, Any]] | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    total: int = 0
+    completed: int = 0
+    failed: int = 0
+    timestamps: dict[str, int | None] = field(default_factory=dict)
+
+    def to_api(self) -> dict[str, Any]:
+        stamps = {name: self.timestamps.get(name) for name in TIMESTAMP_FIELDS}
+        stamps["created_at"], stamps["expires_at"] = self.created_at, self.expires_at
+        return {
+            "id": self.id, "object": "batch", "endpoint": self.endpoint,
+            "errors": {"object": "list", "data": self.errors} if self.errors else None,
+            "input_file_id": self.input_file_id, "completion_window": self.completion_window,
+            "status": self.status, "output_file_id": self.output_file_id,
+            "error_file_id": self.error_file_id, **stamps,
+            "request_counts": {"total": self.total, "completed": self.completed, "failed": self.failed},
+            "metadata": self.metadata,
+        }
+
+
+@dataclass(frozen=True)
+class InputLine:
+    """One input line as validated: url/body are None for a line that already has its error."""
+
+    index: int
+    custom_id: str | None
+    url: str | None
+    body: str | None
+
+
+@dataclass(frozen=True)
+class LineResult:
+    index: int
+    ok: bool
+    record: dict[str, Any]
+
+
+_BATCH_COLUMNS = (
+    "id, input_file_id, endpoint, completion_window, status, metadata, errors, output_file_id, "
+    "error_file_id, total, " + ", ".join(TIMESTAMP_FIELDS)
+)
+_COUNTS = (
+    "(SELECT count(*) FROM batch_results r WHERE r.batch_id = b.id AND r.ok = 1), "
+    "(SELECT count(*) FROM batch_results r WHERE r.batch_id = b.id AND r.ok = 0)"
+)
+
+
+class Store:
+    def __init__(self, data_dir: str | os.PathLike):
+        self.data_dir = Path(data_dir).resolve()
+        self.files_dir = self.data_dir / "files"
+        self.files_dir.mkdir(parents=True, exist_ok=True)
+        self.db_path = self.data_dir / "steerserve.sqlite3"
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(self.db_path, check_same_thread=False, timeout=30, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")  # a committed line result survives power loss too
+        self._conn.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _tx(self):
+        """`with self._tx() as c:` runs the block in one IMMEDIATE transaction under the lock."""
+        store = self
+
+        class _Tx:
+            def __enter__(self):
+                store._lock.acquire()
+                store._conn.execute("BEGIN IMMEDIATE")
+                return store._conn
+
+            def __exit__(self, exc_type, exc, tb):
+                try:
+                    store._conn.execute("ROLLBACK" if exc_type else "COMMIT")
+                finally:
+                    store._lock.release()
+                return False
+
+        return _Tx()
+
+    def _query(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
+        with self._lock:
+            return self._conn.execute(sql, tuple(params)).fetchall()
+
+    # ------------------------------------------------------------------ files
+
+    def file_path(self, file_id: str) -> Path:
+        return self.files_dir / file_id
+
+    def add_file(self, record: FileRecord, replace: bool = False) -> None:
+        verb = "INSERT OR REPLACE" if replace else "INSERT"
+        with self._tx() as c:
+            c.execute(
+                f"{verb} INTO files (id, filename, purpose, bytes, created_at, status) VALUES (?, ?, ?, ?, ?, ?)",
+                (record.id, record.filename, record.purpose, record.bytes, record.created_at, record.status),
+            )
+
+    def get_file(self, file_id: str) -> FileRecord | None:
+        rows = self._query(
+            "SELECT id, filename, purpose, bytes, created_at, status FROM files WHERE id = ?", (file_id,)
+        )
+        return FileRecord(*rows[0]) if rows else None
+
+    def list_files(
+        self, *, purpose: str | None, after: str | None, limit: int, newest_first: bool
+    ) -> tuple[list[FileRecord], bool] | None:
+        """A page of files and whether more follow; None when `after` names no file."""
+        where, params = [], []
+        if purpose is not None:
+            where.append("purpose = ?")
+            params.append(purpose)
+        if after is not None:
+            rows = self._query("SELECT seq FROM files WHERE id = ?", (after,))
+            if not rows:
+                return None
+            where.append("seq < ?" if newest_first else "seq > ?")
+            params.append(rows[0][0])
+        sql = "SELECT id, filename, purpose, bytes, created_at, status FROM files"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += f" ORDER BY seq {'DESC' if newest_first else 'ASC'} LIMIT ?"
+        rows = self._query(sql, (*params, limit + 1))
+        return [FileRecord(*r) for r in rows[:limit]], len(rows) > limit
+
+    def delete_file(self, file_id: str) -> bool:
+        with self._tx() as c:
+            deleted = c.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount > 0
+        if deleted:
+            self.file_path(file_id).unlink(missing_ok=True)
+        return deleted
+
+    # ------------------------------------------------------------------ batches
+
+    def add_batch(self, batch: BatchRecord) -> None:
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO batches (id, input_file_id, endpoint, completion_window, status, metadata, "
+                "created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (batch.id, batch.input_file_id, batch.endpoint, batch.completion_window, batch.status,
+                 json.dumps(batch.metadata) if batch.metadata is not None else None,
+                 batch.created_at, batch.expires_at),
+            )
+
+    @staticmethod
+    def _batch(row: tuple) -> BatchRecord:
+        (id_, input_file_id, endpoint, window, status, metadata, errors, output_file_id, error_file_id,
+         total, *rest) = row
+        stamps = dict(zip(TIMESTAMP_FIELDS, rest[: len(TIMESTAMP_FIELDS)], strict=True))
+        completed, failed = rest[len(TIMESTAMP_FIELDS):]
+        return BatchRecord(
+            id=id_, input_file_id=input_file_id, endpoint=endpoint, completion_window=window,
+            status=status, created_at=stamps["created_at"], expires_at=stamps["expires_at"],
+            metadata=json.loads(metadata) if metadata else None,
+            errors=json.loads(errors) if errors else None,
+            output_file_id=output_file_id, error_file_id=error_file_id,
+            total=total, completed=completed, failed=failed, timestamps=stamps,
+        )
+
+    def get_batch(self, batch_id: str) -> BatchRecord | None:
+        rows = self._query(f"SELECT {_BATCH_COLUMNS}, {_COUNTS} FROM batches b WHERE id = ?", (batch_id,))
+        return self._batch(rows[0]) if rows else None
+
+    def list_batches(self, *, after: str | None, limit: int) -> tuple[list[BatchRecord], bool] | None:
+        """Newest first, like OpenAI; None when `after` names no batch."""
+        params: list[Any] = []
+        sql = f"SELECT {_BATCH_COLUMNS}, {_COUNTS} FROM batches b"
+        if after is not None:
+            rows = self._query("SELECT seq FROM batches WHERE id = ?", (after,))
+            if not rows:
+                return None
+            sql += " WHERE seq < ?"
+            params.append(rows[0][0])
+        rows = self._query(sql + " ORDER BY seq DESC LIMIT ?", (*params, limit + 1))
+        return [self._batch(r) for r in rows[:limit]], len(rows) > limit
+
+    def active_batches(self) -> list[BatchRecord]:
+        """Unfinished batches, oldest first (the order the runner serves them)."""
+        marks = ",".join("?" * len(ACTIVE_STATUSES))
+        rows = self._query(
+            f"SELECT {_BATCH_COLUMNS}, {_COUNTS} FROM batches b WHERE status IN ({marks}) ORDER BY seq",
+            ACTIVE_STATUSES,
+        )
+        return [self._batch(r) for r in rows]
+
+    def transition(self, batch_id: str, from_statuses: Iterable[str], to_status: str, **fields: Any) -> bool:
+        """Compare-and-set of the status (plus timestamps etc.); False when it was not in `from_statuses`."""
+        return self._transition(self._conn, batch_id, tuple(from_statuses), to_status, fields, locked=False)
+
+    def _transition(self, conn, batch_id, from_statuses, to_status, fields, *, locked: bool) -> bool:
+        sets = ["status = ?", *(f"{k} = ?" for k in fields)]
+        values = [to_status, *(json.dumps(v) if k == "errors" else v for k, v in fields.items())]
+        sql = (f"UPDATE batches SET {', '.join(sets)} WHERE id = ? "
+               f"AND status IN ({','.join('?' * len(from_statuses))})")
+        if locked:
+            return conn.execute(sql, (*values, batch_id, *from_statuses)).rowcount > 0
+        with self._tx() as c:
+            return c.execute(sql, (*values, batch_id, *from_statuses)).rowcount > 0
+
+    def save_validation(self, batch_id: str, lines: list[InputLine], early_results: list[LineResult]) -> bool:
+        """Store the parsed lines and the results of lines rejected while parsing, and move
+        validating -> in_progress, all in one transaction (a crash before it re-validates)."""
+        with self._tx() as c:
+            status = c.execute("SELECT status FROM batches WHERE id = ?", (batch_id,)).fetchone()
+            if status is None or status[0] != "validating":  # cancelled meanwhile: keep nothing
+                return False
+            c.execute("DELETE FROM batch_lines WHERE batch_id = ?", (batch_id,))
+            c.execute("DELETE FROM batch_results WHERE batch_id = ?", (batch_id,))
+            c.executemany(
+                "INSERT INTO batch_lines (batch_id, line_index, custom_id, url, body) VALUES (?, ?, ?, ?, ?)",
+                [(batch_id, line.index, line.custom_id, line.url, line.body) for line in lines],
+            )
+            stamp = now()
+            c.executemany(
+                "INSERT INTO batch_results (batch_id, line_index, ok, record, created_at) VALUES (?, ?, ?, ?, ?)",
+                [(batch_id, r.index, int(r.ok), json.dumps(r.record), stamp) for r in early_results],
+            )
+            c.execute("UPDATE batches SET total = ? WHERE id = ?", (len(lines), batch_id))
+            return self._transition(c, batch_id, ("validating",), "in_progress",
+                                    {"in_progress_at": stamp}, locked=True)
+
+    def pending_lines(self, batch_id: str) -> list[int]:
+        rows = self._query(
+            "SELECT l.line_index FROM batch_lines l LEFT JOIN batch_results r "
+            "ON r.batch_id = l.batch_id AND r.line_index = l.line_index "
+            "WHERE l.batch_id = ? AND r.line_index IS NULL ORDER BY l.line_index",
+            (batch_id,),
+        )
+        return [r[0] for r in rows]
+
+    def get_line(self, batch_id: str, index: int) -> InputLine:
+        rows = self._query(
+            "SELECT line_index, custom_id, url, body FROM batch_lines WHERE batch_id = ? AND line_index = ?",
+            (batch_id, index),
+        )
+        return InputLine(*rows[0])
+
+    def record_results(self, batch_id: str, results: list[LineResult]) -> int:
+        """Insert results of lines not yet done, only while the batch may still take them.
+
+        Returns how many were inserted. The status check makes a late answer (after cancel
+        was finalized, or after expiry) a no-op instead of a row the files do not contain.
+        """
+        with self._tx() as c:
+            status = c.execute("SELECT status FROM batches WHERE id = ?", (batch_id,)).fetchone()
+            if status is None or status[0] not in ("in_progress", "cancelling"):
+                return 0
+            stamp = now()
+            inserted = 0
+            for r in results:
+                inserted += c.execute(
+                    "INSERT OR IGNORE INTO batch_results (batch_id, line_index, ok, record, created_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (batch_id, r.index, int(r.ok), json.dumps(r.record), stamp),
+                ).rowcount
+            return inserted
+
+    def iter_results(self, batch_id: str) -> Iterator[tuple[bool, str]]:
+        """(ok, JSON line) in input order; read in pages so a huge batch is never all in memory."""
+        last = -1
+        while True:
+            rows = self._query(
+                "SELECT line_index, ok, record FROM batch_results WHERE batch_id = ? AND line_index > ? "
+                "ORDER BY line_index LIMIT 1000",
+                (batch_id, last),
+            )
+            if not rows:
+                return
+            for _index, ok, record in rows:
+                yield bool(ok), record
+            last = rows[-1][0]
+
+    def finish(
+        self, batch_id: str, from_statuses: Iterable[str], to_status: str,
+        files: list[FileRecord], **fields: Any,
+    ) -> bool:
+        """Register the output/error files and set the final status in one transaction."""
+        with self._tx() as c:
+            status = c.execute("SELECT status FROM batches WHERE id = ?", (batch_id,)).fetchone()
+            if status is None or status[0] not in tuple(from_statuses):
+                return False
+            for f in files:
+                c.execute(
+                    "INSERT OR REPLACE INTO files (id, filename, purpose, bytes, created_at, status) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (f.id, f.filename, f.purpose, f.bytes, f.created_at, f.status),
+                )
+            return self._transition(c, batch_id, tuple(from_statuses), to_status, fields, locked=True)
