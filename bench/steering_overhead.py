@@ -1,0 +1,157 @@
+"""Throughput cost of steering, measured end to end over HTTP on one engine.
+
+Starts `steerserve serve` once (torch.compile on, SAEs at 4 layers) unless --base-url points at
+a running server, then measures, on that same engine:
+  * decode (completion tokens/s) and total (prompt+completion tokens/s) throughput with 0%, 50%
+    and 100% of requests steered, steering 1 or 4 layers, at concurrency 1, 8 and 32, as ratios
+    to the unsteered run at the same concurrency;
+  * throughput with K = 1, 8, 32, 64 distinct steering configs in flight, relative to K = 1.
+Steered requests clamp one feature per steered layer (the costly path: a full TopK encode).
+
+    python bench/steering_overhead.py                        # CPU: the embedded tiny model
+    python bench/steering_overhead.py --model /models/Qwen3.5-27B --sae /models/SAE... \
+        --layers 16,24,32,48 -- --tensor-parallel-size 4      # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args, port: int) -> subprocess.Popen:
+    command = [sys.executable, "-m", "server", "serve", args.model, "--sae", args.sae, "--sae-layers", args.layers,
+               "--port", str(port), "--served-model-name", "bench", "--max-num-seqs", "64", *args.engine_args]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+    log = open(Path(args.log), "w")
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+async def wait_ready(base_url: str, proc: subprocess.Popen | None) -> None:
+    async with httpx.AsyncClient() as client:
+        for _ in range(1800):
+            if proc is not None and proc.poll() is not None:
+                raise SystemExit("server exited; see the log")
+            try:
+                if (await client.get(f"{base_url}/health")).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(1)
+    raise SystemExit("server not ready")
+
+
+def clamp_spec(layers: list[int], variant: int) -> dict:
+    return {"features": [{"layer": layer, "index": (7 + 13 * variant) % 512, "mode": "clamp", "value": 4.0}
+                         for layer in layers]}
+
+
+async def run_load(base_url: str, specs: list[dict | None], concurrency: int, max_tokens: int) -> tuple[float, float]:
+    """Sends len(specs) requests (spec i for request i) with `concurrency` in flight.
+    Returns (completion tokens/s, total tokens/s)."""
+    queue = list(enumerate(specs))
+    completion = prompt = 0
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        nonlocal completion, prompt
+        while queue:
+            i, spec = queue.pop()
+            body = {"model": "bench", "prompt": f"Request {i}: the weather report for today says",
+                    "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+            if spec is not None:
+                body["steering"] = spec
+            response = await client.post(f"{base_url}/v1/completions", content=json.dumps(body),
+                                         headers={"content-type": "application/json"})
+            response.raise_for_status()
+            usage = response.json()["usage"]
+            completion += usage["completion_tokens"]
+            prompt += usage["prompt_tokens"]
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    return completion / elapsed, (completion + prompt) / elapsed
+
+
+async def measure(args, base_url: str) -> None:
+    layers = [int(x) for x in args.layers.split(",")]
+    one, four = layers[:1], layers[:4]
+    await run_load(base_url, [None] * 4, 4, 8)  # warm-up
+    print(f"\nsteered fraction x steered layers x concurrency (ratio to 0% steered; {args.max_tokens} tokens/request)")
+    print(f"{'conc':>5} {'layers':>7} {'steered':>8} {'decode tok/s':>13} {'total tok/s':>12} {'decode ratio':>13} {'total ratio':>12}")
+    for concurrency in (1, 8, 32):
+        n = max(2 * concurrency, args.min_requests)
+        base_decode, base_total = await run_load(base_url, [None] * n, concurrency, args.max_tokens)
+        print(f"{concurrency:>5} {'-':>7} {'0%':>8} {base_decode:>13.1f} {base_total:>12.1f} {1:>13.3f} {1:>12.3f}")
+        for steered_layers in (one, four):
+            for fraction, label in ((0.5, "50%"), (1.0, "100%")):
+                specs = [clamp_spec(steered_layers, 0) if (i % 2 == 0 or fraction == 1.0) else None for i in range(n)]
+                decode, total = await run_load(base_url, specs, concurrency, args.max_tokens)
+                print(f"{concurrency:>5} {len(steered_layers):>7} {label:>8} {decode:>13.1f} {total:>12.1f} "
+                      f"{decode / base_decode:>13.3f} {total / base_total:>12.3f}")
+    print("\ndistinct steering configs in flight (concurrency 32, 1 layer, all requests steered)")
+    print(f"{'K':>4} {'decode tok/s':>13} {'ratio to K=1':>13}")
+    reference = None
+    for k in (1, 8, 32, 64):
+        n = max(64, args.min_requests)
+        decode, _ = await run_load(base_url, [clamp_spec(one, i % k) for i in range(n)], 32, args.max_tokens)
+        reference = reference or decode
+        print(f"{k:>4} {decode:>13.1f} {decode / reference:>13.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(ROOT / ".state" / "tiny-qwen3.5"))
+    parser.add_argument("--sae", default=None, help="default: MODEL/sae")
+    parser.add_argument("--layers", default="0,1,2,3")
+    parser.add_argument("--base-url", default=None, help="use a running server (started with these --layers)")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--min-requests", type=int, default=16)
+    parser.add_argument("--log", default="/tmp/steerserve-bench.log")
+    parser.add_argument("engine_args", nargs="*", help="extra `steerserve serve` arguments after --")
+    args = parser.parse_args()
+    args.sae = args.sae or str(Path(args.model) / "sae")
+    proc = None
+    base_url = args.base_url
+    if base_url is None:
+        if args.model == str(ROOT / ".state" / "tiny-qwen3.5"):
+            from server.tiny_model import build_tiny_model
+
+            build_tiny_model(args.model)
+            args.engine_args = ["--dtype", "bfloat16", "--max-model-len", "512", "--gpu-memory-utilization", "0.1",
+                                *args.engine_args]
+        port = free_port()
+        proc = start_server(args, port)
+        base_url = f"http://127.0.0.1:{port}"
+    try:
+        started = time.perf_counter()
+        asyncio.run(wait_ready(base_url, proc))
+        print(f"server ready after {time.perf_counter() - started:.0f}s ({base_url})")
+        asyncio.run(measure(args, base_url))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(60)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()
