@@ -16,6 +16,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from ..in_process import server_api_key
 from .batches_api import router as batches_router
 from .files_api import router as files_router
 from .runner import BatchService
@@ -50,12 +51,11 @@ def start_batch_service(app: FastAPI, engine_client: Any, state: Any, args: Name
     data_dir = getattr(args, "data_dir", None) or DEFAULT_DATA_DIR
     store = Store(os.path.abspath(data_dir))
     priority = BATCH_PRIORITY if getattr(args, "scheduling_policy", "fcfs") == "priority" else None
-    keys = [k for k in (getattr(args, "api_key", None) or [os.environ.get("VLLM_API_KEY")]) if k]
     service = BatchService(
         store, app,
         concurrency=getattr(args, "batch_concurrency", None) or DEFAULT_BATCH_CONCURRENCY,
         priority=priority,
-        api_key=keys[0] if keys else None,
+        api_key=server_api_key(args),
         engine_dead=lambda: bool(getattr(engine_client, "errored", False)),
     )
     state.steerserve_batches = service

@@ -30,6 +30,7 @@ from typing import Any
 
 import httpx
 
+from ..in_process import in_process_client
 from ..errors import APIError
 from .lines import expired_line, line_id, parse_input_file, response_record, result_file_id
 from .store import BatchRecord, FileRecord, InputLine, LineResult, Store, now
@@ -55,12 +56,8 @@ class BatchService:
         self.store = store
         self.concurrency = max(1, concurrency)
         self.priority = priority
-        self._api_key = api_key
         self._engine_dead = engine_dead
-        self._client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
-            base_url="http://batch", timeout=None,
-        )
+        self._client = in_process_client(app, api_key)
         self._wake = asyncio.Event()
         self._stopping = False
         self._loop_task: asyncio.Task | None = None
@@ -288,8 +285,6 @@ class BatchService:
         while True:
             request_id = f"{line_id(batch_id, line.index)}-{uuid.uuid4().hex[:8]}"
             headers = {"content-type": "application/json", "x-request-id": request_id}
-            if self._api_key:
-                headers["authorization"] = f"Bearer {self._api_key}"
             try:
                 response = await self._client.post(line.url, content=content, headers=headers)
                 status, payload = response.status_code, _json_or_error(response)
