@@ -12,6 +12,7 @@ import logging
 
 from tqdm import tqdm
 
+from .feature_lens import FeatureLens
 from .model_patch import decoder_layers, is_local_layer, steer_layer
 from .plugin_config import PluginConfig
 from .sae_loading import load_sae_layer
@@ -21,15 +22,20 @@ from .steering_runtime import RequestView, SteeringRuntime
 logger = logging.getLogger("steerserve")
 
 _runtime: SteeringRuntime | None = None
+_lens: FeatureLens | None = None
 
 
 def current_runtime() -> SteeringRuntime | None:
     return _runtime
 
 
+def current_lens() -> FeatureLens | None:
+    return _lens
+
+
 def install_steering(runner) -> None:
     """Load the SAEs and patch the steered layers of `runner.model` (no-op without --sae)."""
-    global _runtime
+    global _runtime, _lens
     config = PluginConfig.from_additional_config(runner.vllm_config.additional_config)
     if config is None:
         return
@@ -54,6 +60,7 @@ def install_steering(runner) -> None:
     )
     _runtime = SteeringRuntime(config, saes, runner.device, max_rows)
     set_runtime_lookup(current_runtime)
+    _lens = FeatureLens(runner.model, architecture, saes)
     for n in local:
         steer_layer(layers[n], n)
     total = sum(s.nbytes() for s in saes.values())

@@ -16,6 +16,7 @@ import torch
 
 from . import sae_math
 from .config_slots import ConfigSlots
+from .feature_capture import CAPTURE_KEY, CaptureSpec, CaptureStore
 from .plugin_config import PluginConfig
 from .sae import SAEWeights
 from .steering_spec import EXTRA_ARGS_KEY, SteeringSpec
@@ -61,18 +62,30 @@ class SteeringRuntime:
         self.token_slot = torch.zeros(max_num_tokens, dtype=torch.int32, device=device)
         self._rows_written = 0
         self._specs: dict[str, SteeringSpec | None] = {}
+        self._capture_specs: dict[str, CaptureSpec | None] = {}
+        # (spec, first row, rows, first position) of each capturing request in this step
+        self._step_captures: list[tuple[CaptureSpec, int, int, int]] = []
+        self.captures = CaptureStore()
         self.steered_tokens_total = 0
 
     # ---- per step (host side) -------------------------------------------------------------
     def begin_step(self, finished_req_ids, requests: list[RequestView]) -> None:
         for req_id in finished_req_ids:
             self._specs.pop(req_id, None)
+            self._capture_specs.pop(req_id, None)
             freed = self.slots.release(req_id)
             if freed is not None:
                 self._clear_slot(freed)
         n = len(requests)
         req_slots = np.zeros(n, dtype=np.int64)
         apply_to = np.zeros(n, dtype=np.int64)
+        self._step_captures = []
+        row = 0
+        for req in requests:
+            capture = self._capture_of(req)
+            if capture is not None:
+                self._step_captures.append((capture, row, req.num_scheduled, req.num_computed))
+            row += req.num_scheduled
         for i, req in enumerate(requests):
             spec = self._spec_of(req)
             if spec is None:
@@ -96,6 +109,7 @@ class SteeringRuntime:
     def clear_step(self) -> None:
         """Zero the routing (before dummy/profiling runs, which must never be steered)."""
         self._write_token_slots(np.zeros(0, dtype=np.int32))
+        self._step_captures = []
 
     def _write_token_slots(self, rows: np.ndarray) -> None:
         n = len(rows)
@@ -111,6 +125,12 @@ class SteeringRuntime:
             raw = (req.extra_args or {}).get(EXTRA_ARGS_KEY)
             self._specs[req.req_id] = SteeringSpec.from_extra_arg(raw) if raw else None
         return self._specs[req.req_id]
+
+    def _capture_of(self, req: RequestView) -> CaptureSpec | None:
+        if req.req_id not in self._capture_specs:
+            raw = (req.extra_args or {}).get(CAPTURE_KEY)
+            self._capture_specs[req.req_id] = CaptureSpec.from_extra_arg(raw) if raw else None
+        return self._capture_specs[req.req_id]
 
     def _write_slot(self, slot: int, spec: SteeringSpec) -> None:
         for f in spec.features:  # the HTTP layer validates this; a raw extra_arg must not pass
@@ -148,6 +168,14 @@ class SteeringRuntime:
         li = self.layer_pos.get(layer)
         if li is None:
             return
+        self._steer(li, layer, hidden, residual)
+        for spec, start, n, first_position in self._step_captures:
+            if layer in spec.layers:  # features of the stream as edited at this layer
+                x = hidden[start : start + n].float() + residual[start : start + n].float()
+                positions = list(range(first_position, first_position + n))
+                self.captures.record(spec, layer, positions, sae_math.encode(self.saes[layer], x))
+
+    def _steer(self, li: int, layer: int, hidden: torch.Tensor, residual: torch.Tensor) -> None:
         slots = self.token_slot[: hidden.shape[0]].long()
         rows = self.slot_active[li][slots].nonzero().squeeze(-1)
         if rows.numel() == 0:

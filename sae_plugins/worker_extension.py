@@ -6,7 +6,7 @@ loaded and for counters, never touching worker internals itself.
 
 from __future__ import annotations
 
-from .runner_patch import current_runtime
+from .runner_patch import current_lens, current_runtime
 
 
 class SteeringWorkerExtension:
@@ -24,6 +24,19 @@ class SteeringWorkerExtension:
             "sae_memory_bytes": {layer: sae.nbytes() for layer, sae in sorted(runtime.saes.items())},
             "sae_layers": sorted(runtime.saes),
         }
+
+    def steerserve_take_capture(self, capture_id: str) -> dict | None:
+        runtime = current_runtime()
+        return runtime.captures.take(capture_id) if runtime is not None else None
+
+    def steerserve_feature_report(self, layer: int, index: int, top_n: int) -> dict | None:
+        lens = current_lens()
+        return lens.feature_report(layer, index, top_n) if lens is not None and layer in lens.saes else None
+
+    def steerserve_token_features(self, token_id: int, layers: list[int], top_n: int) -> dict | None:
+        lens = current_lens()
+        local = [layer for layer in layers if lens is not None and layer in lens.saes]
+        return lens.token_scores(token_id, local, top_n) if local else None
 
 
 WORKER_EXTENSION_CLS = f"{__name__}.{SteeringWorkerExtension.__name__}"

@@ -36,6 +36,8 @@ def add_steering_args(parser: argparse.ArgumentParser) -> None:
                        help="most features one request may steer")
     group.add_argument("--max-steering-configs", type=int, default=DEFAULT_MAX_CONFIGS,
                        help="distinct steering specs in flight; more wait for a free slot")
+    group.add_argument("--feature-labels", default=None,
+                       help="JSONL of {layer, index, label, description?} shown by the features API")
     group.add_argument("--data-dir", default=".state/data",
                        help="where the Files/Batches API keeps its SQLite database and file contents")
     group.add_argument("--batch-concurrency", type=int, default=4,
@@ -62,6 +64,13 @@ def configure_steering(args: argparse.Namespace) -> None:
     from sae_plugins.worker_extension import WORKER_EXTENSION_CLS
 
     _enable_plugins()
+    if args.feature_labels:
+        from server.feature_labels import LabelsFileError, load_labels
+
+        try:
+            load_labels(args.feature_labels)
+        except LabelsFileError as exc:
+            sys.exit(f"error: --feature-labels: {exc}")
     if args.sae is None:
         if args.sae_layers:
             sys.exit("error: --sae-layers needs --sae")

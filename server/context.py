@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from .config_admission import ConfigAdmission
+from .feature_labels import FeatureLabels
 from .metrics import SteeringMetrics
 
 
@@ -13,7 +15,17 @@ class SteeringContext:
     saes: list[dict]  # per loaded layer, as reported by the workers (GET /v1/saes)
     max_features: int
     admission: ConfigAdmission
+    engine: Any = None  # vLLM's EngineClient: tokenizer and collective RPC
+    client: Any = None  # in-process client of this server's own app (server/in_process.py)
+    served_model: str = ""
+    max_model_len: int = 0
+    labels: FeatureLabels = field(default_factory=FeatureLabels)
+    token_search_cache: dict = field(default_factory=dict)
     metrics: SteeringMetrics = field(default_factory=SteeringMetrics)
+
+    @property
+    def sae_by_layer(self) -> dict[int, dict]:
+        return {info["layer"]: info for info in self.saes}
 
     @property
     def sae_sizes(self) -> dict[int, int]:

@@ -16,6 +16,9 @@ from sae_plugins.plugin_config import DEFAULT_MAX_CONFIGS, DEFAULT_MAX_FEATURES,
 from .batch import attach_batch_api, start_batch_service
 from .config_admission import ConfigAdmission
 from .context import SteeringContext
+from .feature_labels import load_labels
+from .features_api import router as features_router
+from .in_process import in_process_client, server_api_key
 from .routes import router
 from .steering_middleware import SteeringMiddleware
 
@@ -28,6 +31,7 @@ class SteerserveEndpointPlugin:
 
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(router)
+        app.include_router(features_router)
         app.add_middleware(SteeringMiddleware)
         attach_batch_api(app)  # /v1/files, /v1/batches
         self._app = app  # batch lines are sent through this app in-process
@@ -44,7 +48,13 @@ class SteerserveEndpointPlugin:
             saes=saes,
             max_features=config.max_features if config else DEFAULT_MAX_FEATURES,
             admission=ConfigAdmission(config.max_configs if config else DEFAULT_MAX_CONFIGS),
+            engine=engine_client,
+            client=in_process_client(self._app, server_api_key(args)) if hasattr(self, "_app") else None,
+            served_model=(getattr(args, "served_model_name", None) or [args.model])[0],
+            max_model_len=engine_client.model_config.max_model_len if engine_client is not None else 0,
         )
+        if getattr(args, "feature_labels", None):
+            context.labels = load_labels(args.feature_labels)
         if config is not None and engine_client is not None:
 
             async def worker_stats() -> dict:

@@ -21,3 +21,11 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status)
+
+
+def json_path(loc: tuple, root: str = "") -> str:
+    """A pydantic error location as a JSON path: ("features", 2, "index") -> features[2].index."""
+    path = root
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path

@@ -7,16 +7,23 @@ requests never share prefix-cache blocks with unsteered or differently steered o
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
+
 from sae_plugins.steering_spec import EXTRA_ARGS_KEY, SteeringSpec
 
 from .errors import APIError
 from .steering_schema import parse_steering
 
 
-def translate_request(
-    body: dict, sae_sizes: dict[int, int], max_features: int
-) -> tuple[dict, SteeringSpec | None]:
-    """Returns the body to hand to vLLM and the spec (None when the request is unsteered)."""
+@dataclass
+class Translation:
+    body: dict  # what vLLM receives
+    spec: SteeringSpec | None  # None: the request is unsteered
+    baseline_body: dict | None = None  # the same request unsteered, when `steering.compare` is set
+
+
+def translate_request(body: dict, sae_sizes: dict[int, int], max_features: int) -> Translation:
     xargs = body.get("vllm_xargs")
     if isinstance(xargs, dict) and EXTRA_ARGS_KEY in xargs:
         raise APIError(
@@ -26,9 +33,15 @@ def translate_request(
         )
     if body.get("steering") is None:
         body.pop("steering", None)
-        return body, None
-    spec = parse_steering(body.pop("steering"), sae_sizes, max_features)
+        return Translation(body, None)
+    spec, compare = parse_steering(body.pop("steering"), sae_sizes, max_features)
+    baseline = None
+    if compare:
+        if body.get("stream"):
+            raise APIError("steering.compare cannot be combined with stream", param="steering.compare",
+                           code="invalid_steering")
+        baseline = copy.deepcopy(body)
     body["vllm_xargs"] = {**(xargs if isinstance(xargs, dict) else {}), EXTRA_ARGS_KEY: spec.to_extra_arg()}
     salt = body.get("cache_salt")
     body["cache_salt"] = f"{salt}:{spec.id}" if isinstance(salt, str) and salt else spec.id
-    return body, spec
+    return Translation(body, spec, baseline)

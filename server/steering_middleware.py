@@ -67,32 +67,52 @@ class SteeringMiddleware:
         context = scope["app"].state.steerserve
         had_steering_key = "steering" in payload
         try:
-            payload, spec = translate_request(payload, context.sae_sizes, context.max_features)
+            translation = translate_request(payload, context.sae_sizes, context.max_features)
         except APIError as error:
             context.metrics.validation_error(error.code)
             await error.response()(scope, _replay(b"", receive), send)
             return
+        spec = translation.spec
         if spec is None:  # untouched unless a `"steering": null` had to be dropped
-            forwarded = json.dumps(payload).encode() if had_steering_key else body
+            forwarded = json.dumps(translation.body).encode() if had_steering_key else body
             await self.app(_with_length(scope, forwarded), _replay(forwarded, receive), send)
             return
-        new_body = json.dumps(payload).encode()
+        additions: dict[str, Any] = {"steering": spec.echo()}
+        if translation.baseline_body is not None:
+            baseline = json.dumps(translation.baseline_body).encode()
+            start, content = await self._collect(_with_length(scope, baseline), _replay(baseline, receive))
+            if start["status"] != 200:  # the unsteered twin failed: that answer stands
+                await send(start)
+                await send({"type": "http.response.body", "body": content, "more_body": False})
+                return
+            additions["baseline"] = json.loads(content)
+        new_body = json.dumps(translation.body).encode()
         context.metrics.steered_request()
         try:
             async with context.admission.admit(spec.id):
-                await self.app(
-                    _with_length(scope, new_body), _replay(new_body, receive), _EchoingSend(send, spec.echo())
-                )
+                await self.app(_with_length(scope, new_body), _replay(new_body, receive), _EchoingSend(send, additions))
         finally:
             context.metrics.schedule_refresh()
 
+    async def _collect(self, scope: Scope, receive: Receive) -> tuple[Message, bytes]:
+        """Runs the app to completion and returns its response start message and body."""
+        messages: list[Message] = []
+
+        async def collect(message: Message) -> None:
+            messages.append(message)
+
+        await self.app(scope, receive, collect)
+        start = next(m for m in messages if m["type"] == "http.response.start")
+        return start, b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
+
 
 class _EchoingSend:
-    """Adds the `steering` echo to a JSON body or to every `data:` event of a stream."""
+    """Adds `additions` (the `steering` echo, and `baseline` for compare) to a JSON body or to
+    every `data:` event of a stream."""
 
-    def __init__(self, send: Send, echo: dict[str, Any]):
+    def __init__(self, send: Send, additions: dict[str, Any]):
         self._send = send
-        self._echo = echo
+        self._additions = additions
         self._start: Message | None = None
         self._mode = "passthrough"
         self._buffer = b""
@@ -116,7 +136,7 @@ class _EchoingSend:
         if self._mode == "json":
             if more:
                 return
-            body = self._with_echo(self._buffer)
+            body = self._with_additions(self._buffer)
             assert self._start is not None
             headers = [(k, v) for k, v in self._start["headers"] if k.lower() != b"content-length"]
             headers.append((b"content-length", str(len(body)).encode()))
@@ -131,17 +151,17 @@ class _EchoingSend:
             self._buffer = b""
         await self._send({"type": "http.response.body", "body": out, "more_body": more})
 
-    def _with_echo(self, raw: bytes) -> bytes:
+    def _with_additions(self, raw: bytes) -> bytes:
         try:
             data = json.loads(raw)
         except ValueError:
             return raw
         if isinstance(data, dict):
-            data["steering"] = self._echo
+            data.update(self._additions)
         return json.dumps(data).encode()
 
     def _sse_event(self, event: bytes) -> bytes:
         prefix = b"data: "
         if event.startswith(prefix) and event[len(prefix):].strip() != b"[DONE]":
-            return prefix + self._with_echo(event[len(prefix):])
+            return prefix + self._with_additions(event[len(prefix):])
         return event

@@ -9,11 +9,11 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
 
 from sae_plugins.steering_spec import FeatureEdit, SteeringSpec
 
-from .errors import APIError
+from .errors import APIError, json_path
 
 
 class FeatureSteering(BaseModel):
@@ -28,17 +28,12 @@ class Steering(BaseModel):
     model_config = ConfigDict(extra="forbid")
     features: list[FeatureSteering] = Field(min_length=1)
     apply_to: Literal["all", "prompt", "generation"] = "all"
+    compare: StrictBool = False  # also return the unsteered completion (not part of the spec)
 
 
-def _json_path(loc: tuple) -> str:
-    path = "steering"
-    for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else f".{part}"
-    return path
-
-
-def parse_steering(raw: object, sae_sizes: dict[int, int], max_features: int) -> SteeringSpec:
-    """Validate user JSON into a normalised spec. `sae_sizes` maps loaded layer -> d_sae."""
+def parse_steering(raw: object, sae_sizes: dict[int, int], max_features: int) -> tuple[SteeringSpec, bool]:
+    """Validate user JSON into a normalised spec and the `compare` flag.
+    `sae_sizes` maps loaded layer -> d_sae."""
     if not sae_sizes:
         raise APIError(
             "steering is unavailable: this server was started without --sae",
@@ -52,7 +47,7 @@ def parse_steering(raw: object, sae_sizes: dict[int, int], max_features: int) ->
         message = first["msg"]
         if first["type"] == "extra_forbidden":
             message = f"unknown key {first['loc'][-1]!r}"
-        raise APIError(f"invalid steering: {message}", param=_json_path(first["loc"]), code="invalid_steering")
+        raise APIError(f"invalid steering: {message}", param=json_path(first["loc"], root="steering"), code="invalid_steering")
     if len(steering.features) > max_features:
         raise APIError(
             f"steering has {len(steering.features)} features; this server allows at most {max_features}",
@@ -94,4 +89,4 @@ def parse_steering(raw: object, sae_sizes: dict[int, int], max_features: int) ->
             )
         seen[key] = i
         edits.append(FeatureEdit(f.layer, f.index, f.mode, value))
-    return SteeringSpec.create(edits, steering.apply_to)
+    return SteeringSpec.create(edits, steering.apply_to), steering.compare

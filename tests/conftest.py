@@ -7,6 +7,7 @@ shares it.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -23,6 +24,13 @@ TINY_DIR = ROOT / ".state" / "tiny-qwen3.5"
 SAE_LAYERS = (1, 2)
 MODEL_NAME = "tiny"
 SERVER_START_TIMEOUT = 900
+FEATURE_LABELS = [  # the shared server's --feature-labels file
+    {"layer": 1, "index": 3, "label": "weather forecast"},
+    {"layer": 2, "index": 9, "label": "Weather", "description": "the word weather"},
+    {"layer": 1, "index": 10, "label": "rainy weather days"},
+    {"layer": 2, "index": 20, "label": "climate", "description": "talks about the weather in general"},
+    {"layer": 1, "index": 11, "label": "bakery"},
+]
 
 
 def free_port() -> int:
@@ -98,7 +106,10 @@ class RunningServer:
 def server(tiny_model_dir, tmp_path_factory) -> RunningServer:
     log = tmp_path_factory.mktemp("server") / "server.log"
     data_dir = tmp_path_factory.mktemp("server-data")  # Files/Batches API state of this session
-    running = RunningServer(server_command(tiny_model_dir, free_port(), "--data-dir", str(data_dir)), log)
+    labels = tmp_path_factory.mktemp("labels") / "labels.jsonl"
+    labels.write_text("".join(json.dumps(row) + "\n" for row in FEATURE_LABELS))
+    command = server_command(tiny_model_dir, free_port(), "--data-dir", str(data_dir), "--feature-labels", str(labels))
+    running = RunningServer(command, log)
     try:
         elapsed = running.wait_ready()
         print(f"\nsteerserve (torch.compile) ready in {elapsed:.0f}s", file=sys.stderr)

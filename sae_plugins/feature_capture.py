@@ -1,0 +1,108 @@
+"""Recording which SAE features fire on a request's tokens, inside the serving forward.
+
+An inspect request carries a capture spec in `extra_args[CAPTURE_KEY]`. At each captured layer
+the steering op hands the rows of that request (after any steering edit at that layer) to
+`CaptureStore.record`, which keeps each position's top-k features and running per-feature
+max / sum / count for the aggregate. The API process takes the result by capture id over
+collective RPC once the request has finished. Chunked prefill simply records several times.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+CAPTURE_KEY = "steerserve_capture"
+MAX_PENDING_CAPTURES = 256  # results nobody took (client gone) are dropped oldest first
+AGGREGATE_TOP = 20
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    id: str
+    layers: tuple[int, ...]
+    top_k: int
+    exclude_from_aggregate: frozenset[int] = frozenset()  # positions (e.g. special tokens)
+
+    def to_extra_arg(self) -> str:
+        return json.dumps(
+            {"id": self.id, "layers": list(self.layers), "top_k": self.top_k,
+             "exclude_from_aggregate": sorted(self.exclude_from_aggregate)}
+        )
+
+    @staticmethod
+    def from_extra_arg(raw: str) -> "CaptureSpec":
+        data = json.loads(raw)
+        return CaptureSpec(
+            str(data["id"]), tuple(int(x) for x in data["layers"]), int(data["top_k"]),
+            frozenset(int(p) for p in data.get("exclude_from_aggregate", ())),
+        )
+
+
+@dataclass
+class _LayerCapture:
+    positions: list[int] = field(default_factory=list)
+    indices: list[list[int]] = field(default_factory=list)
+    values: list[list[float]] = field(default_factory=list)
+    max: torch.Tensor | None = None
+    sum: torch.Tensor | None = None
+    count: torch.Tensor | None = None
+    aggregated_positions: int = 0
+
+
+class CaptureStore:
+    def __init__(self) -> None:
+        self._captures: OrderedDict[str, tuple[CaptureSpec, dict[int, _LayerCapture]]] = OrderedDict()
+
+    def record(self, spec: CaptureSpec, layer: int, positions: list[int], features: torch.Tensor) -> None:
+        """features: dense activations [rows, d_sae] of the rows at `positions`."""
+        if spec.id not in self._captures:
+            self._captures[spec.id] = (spec, {})
+            while len(self._captures) > MAX_PENDING_CAPTURES:
+                self._captures.popitem(last=False)
+        entry = self._captures[spec.id][1].setdefault(layer, _LayerCapture())
+        values, indices = features.topk(spec.top_k, dim=-1)
+        entry.positions += positions
+        entry.indices += indices.tolist()
+        entry.values += values.float().tolist()
+        keep = torch.tensor([p not in spec.exclude_from_aggregate for p in positions], device=features.device)
+        counted = features[keep].float()
+        if entry.max is None:
+            zeros = torch.zeros(features.shape[-1], device=features.device)
+            entry.max, entry.sum, entry.count = zeros.clone(), zeros.clone(), zeros.clone()
+        if counted.shape[0]:
+            entry.max = torch.maximum(entry.max, counted.max(dim=0).values)
+            entry.sum += counted.sum(dim=0)
+            entry.count += (counted > 0).sum(dim=0)
+            entry.aggregated_positions += counted.shape[0]
+
+    def take(self, capture_id: str) -> dict | None:
+        """JSON-safe result per layer, positions in order; None if unknown (or dropped)."""
+        item = self._captures.pop(capture_id, None)
+        if item is None:
+            return None
+        _, layers = item
+        return {layer: _layer_result(entry) for layer, entry in layers.items()}
+
+
+def _layer_result(entry: _LayerCapture) -> dict:
+    order = sorted(range(len(entry.positions)), key=entry.positions.__getitem__)
+    n = max(entry.aggregated_positions, 1)
+    mean = entry.sum / n
+
+    def top(score: torch.Tensor) -> list[dict]:
+        score = torch.where(entry.count > 0, score, torch.full_like(score, -1.0))
+        k = min(AGGREGATE_TOP, int((entry.count > 0).sum()))
+        idx = score.topk(k).indices.tolist() if k else []
+        return [{"index": i, "max_activation": float(entry.max[i]), "mean_activation": float(mean[i]),
+                 "count": int(entry.count[i])} for i in idx]
+
+    return {
+        "positions": [entry.positions[i] for i in order],
+        "indices": [entry.indices[i] for i in order],
+        "values": [entry.values[i] for i in order],
+        "aggregate": {"num_tokens": entry.aggregated_positions, "by_max": top(entry.max), "by_mean": top(mean)},
+    }

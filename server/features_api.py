@@ -1,0 +1,252 @@
+"""Mechanistic analysis over HTTP: which features fire on a text, what a feature writes.
+
+`POST /v1/features/inspect` runs the text through the same engine forward that generation uses
+(a one-token completion sent through this server's own app, so `steering` is validated and
+applied exactly as for chat), with a capture spec that makes the workers record each token's
+top SAE features; the result is taken back by capture id over collective RPC.
+`GET /v1/features/{layer}/{index}` reports a feature's norms and logit lens, and
+`GET /v1/features/search` finds features by label text or by the token they promote.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError
+
+from sae_plugins.feature_capture import CAPTURE_KEY, CaptureSpec
+
+from .errors import APIError, json_path
+
+router = APIRouter()
+MAX_TOP_K = 100
+LENS_TOP = 20
+
+
+class InspectRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: StrictStr | None = None
+    messages: list[dict[str, Any]] | None = None
+    prompt: StrictStr | None = None
+    add_generation_prompt: StrictBool = True
+    layers: list[StrictInt] | None = None
+    top_k: StrictInt = 10
+    steering: Any = None
+
+
+def _context(request: Request):
+    return request.app.state.steerserve
+
+
+def _first(per_rank: list) -> Any:
+    return next((r for r in per_rank if r is not None), None)
+
+
+def _special_ids(tokenizer) -> set[int]:
+    """Special tokens, including added ones such as ChatML's <|im_start|>."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return set(tokenizer.all_special_ids) | {i for i, token in added.items() if getattr(token, "special", False)}
+
+
+def _token_text(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id])
+
+
+def _loaded_layer(context, layer: int, param: str, status=HTTPStatus.BAD_REQUEST) -> dict:
+    info = context.sae_by_layer.get(layer)
+    if info is None:
+        raise APIError(f"no SAE is loaded at layer {layer}; loaded layers: {sorted(context.sae_by_layer)}",
+                       param=param, code="layer_not_loaded", status=status)
+    return info
+
+
+def _require_saes(context) -> None:
+    if not context.saes:
+        raise APIError("feature analysis is unavailable: this server was started without --sae",
+                       code="features_unavailable")
+
+
+@router.post("/v1/features/inspect")
+async def inspect(request: Request):
+    context = _context(request)
+    try:
+        try:
+            raw = await request.json()
+        except ValueError:
+            raise APIError("the request body is not valid JSON", code="invalid_json")
+        try:
+            req = InspectRequest.model_validate(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            message = f"unknown key {first['loc'][-1]!r}" if first["type"] == "extra_forbidden" else first["msg"]
+            raise APIError(f"invalid request: {message}", param=json_path(first["loc"]), code="invalid_request")
+        _require_saes(context)
+        layers = req.layers if req.layers is not None else sorted(context.sae_by_layer)
+        for i, layer in enumerate(layers):
+            _loaded_layer(context, layer, f"layers[{i}]")
+        if not layers:
+            raise APIError("layers must name at least one loaded layer", param="layers", code="invalid_request")
+        if not 1 <= req.top_k <= MAX_TOP_K:
+            raise APIError(f"top_k must be between 1 and {MAX_TOP_K}", param="top_k", code="invalid_top_k")
+        token_ids, field = _tokenize(context, req)
+        return await _run_inspection(context, req, sorted(set(layers)), token_ids, field)
+    except APIError as error:
+        return error.response()
+
+
+def _tokenize(context, req: InspectRequest) -> tuple[list[int], str]:
+    if (req.messages is None) == (req.prompt is None):
+        raise APIError("give exactly one of `messages` or `prompt`", param="messages", code="invalid_request")
+    tokenizer = context.engine.get_tokenizer()
+    if req.messages is not None:
+        field = "messages"
+        try:
+            text = tokenizer.apply_chat_template(req.messages, add_generation_prompt=req.add_generation_prompt,
+                                                 tokenize=False)
+        except Exception as exc:  # the template rejects malformed messages
+            raise APIError(f"cannot apply the chat template: {exc}", param="messages", code="invalid_request")
+        token_ids = tokenizer.encode(text, add_special_tokens=False)
+    else:
+        field = "prompt"
+        token_ids = tokenizer.encode(req.prompt)
+    if not token_ids:
+        raise APIError("the input has no tokens", param=field, code="empty_input")
+    if len(token_ids) >= context.max_model_len:
+        raise APIError(f"the input has {len(token_ids)} tokens; at most {context.max_model_len - 1} can be inspected",
+                       param=field, code="too_many_tokens")
+    return token_ids, field
+
+
+async def _run_inspection(context, req: InspectRequest, layers: list[int], token_ids: list[int], field: str):
+    tokenizer = context.engine.get_tokenizer()
+    special_ids = _special_ids(tokenizer)
+    special = [t in special_ids for t in token_ids]
+    capture = CaptureSpec(
+        id=uuid.uuid4().hex, layers=tuple(layers), top_k=req.top_k,
+        exclude_from_aggregate=frozenset(i for i, s in enumerate(special) if s),
+    )
+    body = {"model": context.served_model, "prompt": token_ids, "max_tokens": 1, "temperature": 0,
+            "vllm_xargs": {CAPTURE_KEY: capture.to_extra_arg()},
+            "cache_salt": f"inspect-{capture.id}"}  # every position must really be computed
+    if req.steering is not None:
+        body["steering"] = req.steering
+    response = await context.client.post("/v1/completions", content=json.dumps(body),
+                                         headers={"content-type": "application/json"})
+    if response.status_code != 200:  # e.g. invalid steering: the interactive error, unchanged
+        return JSONResponse(response.json(), status_code=response.status_code)
+    captured: dict[int, dict] = {}
+    for rank in await context.engine.collective_rpc("steerserve_take_capture", args=(capture.id,)):
+        captured.update(rank or {})  # pipeline stages each hold their own layers; TP ranks agree
+    if any(layer not in captured for layer in layers):
+        raise APIError("the engine returned no activations for this input", code="capture_lost",
+                       status=HTTPStatus.INTERNAL_SERVER_ERROR, type="server_error")
+    tokens = [
+        {"position": i, "token_id": t, "token": _token_text(tokenizer, t), "special": special[i], "features": {}}
+        for i, t in enumerate(token_ids)
+    ]
+    aggregate = {}
+    for layer in layers:
+        result = captured[layer]
+        for position, indices, values in zip(result["positions"], result["indices"], result["values"]):
+            tokens[position]["features"][str(layer)] = [
+                {"index": i, "activation": v} for i, v in zip(indices, values)]
+        aggregate[str(layer)] = result["aggregate"]
+    steering_echo = response.json().get("steering")
+    return {"object": "feature_inspection", "model": context.served_model, "layers": layers, "top_k": req.top_k,
+            "steering": steering_echo, "tokens": tokens, "aggregate": aggregate}
+
+
+@router.get("/v1/features/search")
+async def search(request: Request):
+    context = _context(request)
+    q = request.query_params
+    try:
+        limit = _int_param(q, "limit", 20, 1, 100)
+        offset = _int_param(q, "offset", 0, 0, None)
+        layer = _int_param(q, "layer", None, None, None)
+        if ("q" in q) == ("token" in q):
+            raise APIError("give exactly one of `q` (label text) or `token`", param="q", code="invalid_request")
+        if "q" in q:
+            hits = [{"layer": f.layer, "index": f.index, "label": f.label, "description": f.description,
+                     "score": score} for score, f in context.labels.search(q["q"], layer)]
+        else:
+            _require_saes(context)
+            if layer is not None:
+                _loaded_layer(context, layer, "layer")
+            hits = await _token_search(context, q["token"], layer, offset + limit)
+        page = hits[offset : offset + limit]
+        return {"object": "list", "data": page, "total": len(hits), "limit": limit, "offset": offset,
+                "has_more": offset + limit < len(hits)}
+    except APIError as error:
+        return error.response()
+
+
+async def _token_search(context, token: str, layer: int | None, wanted: int) -> list[dict]:
+    tokenizer = context.engine.get_tokenizer()
+    ids = tokenizer.encode(token, add_special_tokens=False)
+    if len(ids) != 1:
+        raise APIError(f"`token` must be exactly one token; {token!r} is {len(ids)} tokens: "
+                       f"{[_token_text(tokenizer, t) for t in ids]}", param="token", code="not_a_single_token")
+    layers = [layer] if layer is not None else sorted(context.sae_by_layer)
+    key = (ids[0], tuple(layers))
+    cached = context.token_search_cache.get(key)
+    if cached is None or len(cached) < wanted:
+        per_rank = await context.engine.collective_rpc("steerserve_token_features", args=(ids[0], layers, wanted))
+        merged: dict[int, list] = {}
+        for rank in per_rank:
+            merged.update(rank or {})
+        cached = sorted(
+            ({"layer": lyr, "index": i, "logit": score, **_label_fields(context, lyr, i)}
+             for lyr, rows in merged.items() for i, score in rows),
+            key=lambda h: (-h["logit"], h["layer"], h["index"]),
+        )
+        context.token_search_cache[key] = cached
+    for hit in cached:
+        hit["token"] = _token_text(tokenizer, ids[0])
+    return cached
+
+
+def _label_fields(context, layer: int, index: int) -> dict:
+    label = context.labels.get(layer, index)
+    return {"label": label.label if label else None, "description": label.description if label else None}
+
+
+def _int_param(q, name: str, default, low, high):
+    if name not in q:
+        return default
+    try:
+        value = int(q[name])
+    except ValueError:
+        raise APIError(f"`{name}` must be an integer", param=name, code="invalid_request")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise APIError(f"`{name}` must be between {low} and {high}" if high is not None
+                       else f"`{name}` must be at least {low}", param=name, code="invalid_request")
+    return value
+
+
+@router.get("/v1/features/{layer}/{index}")
+async def feature(layer: int, index: int, request: Request):
+    context = _context(request)
+    try:
+        _require_saes(context)
+        info = _loaded_layer(context, layer, "layer", status=HTTPStatus.NOT_FOUND)
+        if not 0 <= index < info["d_sae"]:
+            raise APIError(f"feature index {index} is out of range for layer {layer} (0..{info['d_sae'] - 1})",
+                           param="index", code="index_out_of_range", status=HTTPStatus.NOT_FOUND)
+        report = _first(await context.engine.collective_rpc("steerserve_feature_report", args=(layer, index, LENS_TOP)))
+        tokenizer = context.engine.get_tokenizer()
+        lens = {
+            side: [{"token_id": t, "token": _token_text(tokenizer, t), "logit": v} for t, v in report[side]]
+            for side in ("promoted", "suppressed")
+        }
+        return {"object": "feature", "layer": layer, "index": index, "d_model": info["d_model"],
+                "decoder_norm": report["decoder_norm"], "encoder_norm": report["encoder_norm"],
+                "encoder_decoder_cosine": report["encoder_decoder_cosine"], "logit_lens": lens,
+                **_label_fields(context, layer, index)}
+    except APIError as error:
+        return error.response()

@@ -1,0 +1,222 @@
+"""The analysis API against independent plain-PyTorch computations on the HF model."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+
+import pytest
+import torch
+
+from tests.conftest import FEATURE_LABELS, MODEL_NAME, PROMPT
+
+ACT_TOLERANCE = 0.05  # bf16 residual stream, two kernel stacks (observed ~1e-3 relative)
+MESSAGES = [{"role": "user", "content": "What is the weather like today? It is cold and windy."}]
+
+
+def post(http, path, body):
+    return http.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
+
+
+def inspect(http, **body):
+    response = post(http, "/v1/features/inspect", body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def reference_activations(reference, token_ids, layer, steering=None):
+    """Dense SAE activations [T, d_sae] of the reference's resid_post at `layer`."""
+    _, captured = reference.forward(token_ids, steering, capture=True)
+    return reference.encode(layer, captured[layer])
+
+
+def assert_same_top_features(tokens, dense, layer, top_k):
+    for token in tokens:
+        features = token["features"][str(layer)]
+        assert len(features) == top_k
+        ref = dense[token["position"]]
+        ref_top = ref.topk(top_k + 1)
+        for f in features:
+            assert abs(f["activation"] - float(ref[f["index"]])) < ACT_TOLERANCE * max(1.0, float(ref[f["index"]]))
+        # nothing the reference ranks clearly higher is missing
+        assert features[-1]["activation"] >= float(ref_top.values[top_k - 1]) - ACT_TOLERANCE * 5
+        assert features[0]["index"] == int(ref_top.indices[0]) or abs(
+            features[0]["activation"] - float(ref_top.values[0])) < ACT_TOLERANCE
+
+
+def test_inspect_matches_plain_pytorch_encode(http, reference):
+    result = inspect(http, messages=MESSAGES, top_k=5)
+    token_ids = [t["token_id"] for t in result["tokens"]]
+    assert token_ids == reference.chat_prompt_ids(MESSAGES)
+    assert result["layers"] == [1, 2] and result["steering"] is None
+    assert [t["position"] for t in result["tokens"]] == list(range(len(token_ids)))
+    assert result["tokens"][0]["token"] == "<|im_start|>" and result["tokens"][0]["special"] is True
+    assert result["tokens"][2]["special"] is False
+    for layer in (1, 2):
+        dense = reference_activations(reference, token_ids, layer)
+        assert_same_top_features(result["tokens"], dense, layer, 5)
+        aggregate = result["aggregate"][str(layer)]
+        ordinary = [t["position"] for t in result["tokens"] if not t["special"]]
+        assert aggregate["num_tokens"] == len(ordinary)
+        top = aggregate["by_max"][0]
+        ref_max = dense[ordinary].max(dim=0).values
+        assert abs(top["max_activation"] - float(ref_max.max())) < ACT_TOLERANCE * float(ref_max.max())
+        assert top["count"] == int((dense[ordinary][:, top["index"]] > 0).sum())
+        by_mean = aggregate["by_mean"]
+        assert [h["mean_activation"] for h in by_mean] == sorted((h["mean_activation"] for h in by_mean), reverse=True)
+
+
+def test_inspect_a_steered_forward(http, reference):
+    steering = {"features": [{"layer": 1, "index": 600, "mode": "add", "value": 8.0}]}
+    result = inspect(http, messages=MESSAGES, top_k=5, steering=steering)
+    assert result["steering"]["features"][0]["index"] == 600
+    token_ids = [t["token_id"] for t in result["tokens"]]
+    plain = inspect(http, messages=MESSAGES, top_k=5)
+    for layer in (1, 2):
+        dense = reference_activations(reference, token_ids, layer, steering["features"])
+        assert_same_top_features(result["tokens"], dense, layer, 5)
+    assert result["tokens"][-1]["features"]["1"] != plain["tokens"][-1]["features"]["1"]
+
+
+def test_inspect_prompt_text_and_layer_subset(http, reference):
+    result = inspect(http, prompt="The weather today is cold", layers=[2], top_k=3)
+    assert list(result["aggregate"]) == ["2"]
+    token_ids = [t["token_id"] for t in result["tokens"]]
+    assert token_ids == reference.tokenizer("The weather today is cold")["input_ids"]
+    assert_same_top_features(result["tokens"], reference_activations(reference, token_ids, 2), 2, 3)
+
+
+def test_concurrent_inspections_each_equal_alone(http):
+    bodies = [
+        {"messages": MESSAGES, "top_k": 4},
+        {"prompt": "The weather today is cold", "top_k": 4},
+        {"messages": PROMPT, "top_k": 4, "steering": {"features": [{"layer": 1, "index": 3, "mode": "add", "value": 9}]}},
+        {"messages": MESSAGES, "top_k": 4, "steering": {"features": [{"layer": 2, "index": 5, "mode": "ablate"}]}},
+    ]
+    alone = [inspect(http, **b) for b in bodies]
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(lambda b: inspect(http, **b), bodies))
+    for a, b in zip(alone, together):
+        assert [t["features"] for t in a["tokens"]] == [t["features"] for t in b["tokens"]]
+
+
+@pytest.mark.parametrize("body,status,param,code", [
+    ({"messages": MESSAGES, "layers": [1, 3]}, 400, "layers[1]", "layer_not_loaded"),
+    ({"messages": MESSAGES, "top_k": 0}, 400, "top_k", "invalid_top_k"),
+    ({"messages": MESSAGES, "top_k": 101}, 400, "top_k", "invalid_top_k"),
+    ({"messages": MESSAGES, "prompt": "both"}, 400, "messages", "invalid_request"),
+    ({}, 400, "messages", "invalid_request"),
+    ({"prompt": "hi", "colour": "red"}, 400, "colour", "invalid_request"),
+    ({"prompt": "hi", "top_k": "5"}, 400, "top_k", "invalid_request"),
+    ({"prompt": " weather" * 1100}, 400, "prompt", "too_many_tokens"),
+    ({"prompt": "hi", "steering": {"features": [{"layer": 3, "index": 1, "mode": "add", "value": 1}]}},
+     400, "steering.features[0].layer", "layer_not_loaded"),
+])
+def test_inspect_errors(http, body, status, param, code):
+    response = post(http, "/v1/features/inspect", body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"], error["type"]) == (param, code, "invalid_request_error")
+
+
+def test_feature_lookup_logit_lens_matches_plain_pytorch(http, reference):
+    layer, index = 1, 40
+    result = http.get(f"/v1/features/{layer}/{index}").json()
+    sae = reference.sae(layer)
+    direction = sae.W_dec[:, index]  # reference SAE: W_dec [d_model, d_sae], W_enc [d_sae, d_model]
+    with torch.no_grad():
+        logits = reference.model.lm_head(reference.model.model.norm(direction.to(torch.bfloat16)[None]))[0].float()
+    promoted = [t["token_id"] for t in result["logit_lens"]["promoted"]]
+    suppressed = [t["token_id"] for t in result["logit_lens"]["suppressed"]]
+    assert len(promoted) == len(suppressed) == 20
+    assert promoted[:5] == logits.topk(5).indices.tolist()
+    assert suppressed[:5] == (-logits).topk(5).indices.tolist()
+    for entry in result["logit_lens"]["promoted"]:
+        assert abs(entry["logit"] - float(logits[entry["token_id"]])) < 0.1
+        assert entry["token"] == reference.tokenizer.decode([entry["token_id"]])
+    w_dec = direction
+    w_enc = sae.W_enc[index]
+    assert abs(result["decoder_norm"] - float(w_dec.norm())) < 1e-3
+    assert abs(result["encoder_decoder_cosine"] - float(torch.cosine_similarity(w_enc, w_dec, dim=0))) < 1e-3
+    assert result["label"] is None and result["description"] is None
+    labelled = http.get("/v1/features/2/9").json()
+    assert (labelled["label"], labelled["description"]) == ("Weather", "the word weather")
+
+
+@pytest.mark.parametrize("path,param,code", [
+    ("/v1/features/3/0", "layer", "layer_not_loaded"),
+    ("/v1/features/1/1024", "index", "index_out_of_range"),
+])
+def test_feature_lookup_errors(http, path, param, code):
+    response = http.get(path)
+    assert response.status_code == 404
+    assert (response.json()["error"]["param"], response.json()["error"]["code"]) == (param, code)
+
+
+def test_label_search_is_ranked_and_paginated(http):
+    result = http.get("/v1/features/search", params={"q": "WEATHER"}).json()
+    assert [(h["layer"], h["index"]) for h in result["data"]] == [(2, 9), (1, 3), (1, 10), (2, 20)]
+    assert result["total"] == 4 and result["has_more"] is False
+    page = http.get("/v1/features/search", params={"q": "weather", "limit": 2, "offset": 1}).json()
+    assert [(h["layer"], h["index"]) for h in page["data"]] == [(1, 3), (1, 10)]
+    assert page["has_more"] is True
+    only_layer_1 = http.get("/v1/features/search", params={"q": "weather", "layer": 1}).json()
+    assert [(h["layer"], h["index"]) for h in only_layer_1["data"]] == [(1, 3), (1, 10)]
+    assert http.get("/v1/features/search", params={"q": "zebra"}).json()["data"] == []
+
+
+def test_token_search_matches_plain_pytorch(http, reference):
+    token = " weather"
+    (token_id,) = reference.tokenizer.encode(token, add_special_tokens=False)
+    result = http.get("/v1/features/search", params={"token": token, "limit": 10}).json()
+    norm = reference.model.model.norm
+    unembed = reference.model.lm_head.weight[token_id].float()
+    scores = []
+    with torch.no_grad():
+        for layer in (1, 2):
+            sae = reference.sae(layer)
+            rows = sae.W_dec.T.to(torch.bfloat16)
+            logits = norm(rows).float() @ unembed
+            scores += [(float(v), layer, i) for i, v in enumerate(logits)]
+    scores.sort(key=lambda s: (-s[0], s[1], s[2]))
+    assert [(h["layer"], h["index"]) for h in result["data"][:3]] == [(s[1], s[2]) for s in scores[:3]]
+    for hit in result["data"]:
+        assert hit["token"] == token
+    assert result["data"][0]["logit"] == pytest.approx(scores[0][0], abs=0.1)
+    restricted = http.get("/v1/features/search", params={"token": token, "layer": 2, "limit": 3}).json()
+    assert {h["layer"] for h in restricted["data"]} == {2}
+
+
+@pytest.mark.parametrize("params,param,code", [
+    ({"token": "weather forecast"}, "token", "not_a_single_token"),
+    ({"token": " weather", "layer": 3}, "layer", "layer_not_loaded"),
+    ({}, "q", "invalid_request"),
+    ({"q": "x", "limit": 0}, "limit", "invalid_request"),
+])
+def test_search_errors(http, params, param, code):
+    response = http.get("/v1/features/search", params=params)
+    assert response.status_code == 400
+    assert (response.json()["error"]["param"], response.json()["error"]["code"]) == (param, code)
+
+
+def test_compare_returns_the_unsteered_baseline(client):
+    steering = {"features": [{"layer": 1, "index": 3, "mode": "add", "value": 8.0}]}
+    kwargs = dict(model=MODEL_NAME, messages=PROMPT, max_tokens=12, temperature=0)
+    compared = client.chat.completions.create(**kwargs, extra_body={"steering": {**steering, "compare": True},
+                                                                    "return_token_ids": True})
+    plain = client.chat.completions.create(**kwargs, extra_body={"return_token_ids": True})
+    steered = client.chat.completions.create(**kwargs, extra_body={"steering": steering, "return_token_ids": True})
+    baseline = compared.model_extra["baseline"]
+    assert baseline["choices"][0]["token_ids"] == plain.choices[0].model_extra["token_ids"]
+    assert baseline["choices"][0]["message"]["content"] == plain.choices[0].message.content
+    assert "steering" not in baseline
+    assert compared.choices[0].model_extra["token_ids"] == steered.choices[0].model_extra["token_ids"]
+    assert compared.model_extra["steering"] == steered.model_extra["steering"]
+
+
+def test_compare_with_stream_is_rejected(http):
+    body = {"model": MODEL_NAME, "messages": PROMPT, "stream": True,
+            "steering": {"features": [{"layer": 1, "index": 3, "mode": "add", "value": 8.0}], "compare": True}}
+    response = post(http, "/v1/chat/completions", body)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "steering.compare"
