@@ -83,7 +83,7 @@ def main() -> None:
 
         results = {"mlp": timed(mlp, device, repeats)}
         for name, spec in [*specs.items(), ("route", None)]:
-            runtime = SteeringRuntime(PluginConfig("bench", (0,)), {0: sae}, device, max(rows, 1))
+            runtime = SteeringRuntime(PluginConfig("bench", (0,)), {0: sae}, device)
             extra = {EXTRA_ARGS_KEY: spec.to_extra_arg()} if spec else {}
             runtime.begin_step([], [RequestView("r", extra, rows, 0, rows)])
             hidden = x.clone()

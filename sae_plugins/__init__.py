@@ -9,5 +9,7 @@ names an SAE (see plugin_config.py).
 
 def register() -> None:
     from .runner_patch import patch_model_runners
+    from .steering_op import register_as_splitting_op
 
+    register_as_splitting_op()
     patch_model_runners()

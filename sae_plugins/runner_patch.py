@@ -2,7 +2,8 @@
 
 `_prepare_inputs` runs after the persistent batch is updated (so `input_batch.req_ids` is this
 step's row order) and before the forward; the routing is written there. `_dummy_run` (profiling,
-warm-up, compile) clears it so no stale slot ever steers a dummy batch.
+warm-up, compile) clears it so no stale slot ever steers a dummy batch. `_model_forward` checks
+afterwards that the op ran at every planned layer, so a replayed CUDA graph fails loudly.
 """
 
 from __future__ import annotations
@@ -53,12 +54,7 @@ def install_steering(runner) -> None:
             config.sae_path, n, d_model=d_model, dtype=model_config.dtype, device=runner.device
         )
     register_steering_op()
-    # Rows per step: the scheduler's token budget, or a larger CUDA-graph capture size.
-    max_rows = max(
-        runner.max_num_tokens,
-        runner.vllm_config.compilation_config.max_cudagraph_capture_size or 0,
-    )
-    _runtime = SteeringRuntime(config, saes, runner.device, max_rows)
+    _runtime = SteeringRuntime(config, saes, runner.device)
     set_runtime_lookup(current_runtime)
     _lens = FeatureLens(runner.model, architecture, saes)
     for n in local:
@@ -109,6 +105,7 @@ def patch_model_runners() -> None:
         return
     prepare_inputs = GPUModelRunner._prepare_inputs
     dummy_run = GPUModelRunner._dummy_run
+    model_forward = GPUModelRunner._model_forward
 
     @functools.wraps(prepare_inputs)
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
@@ -121,9 +118,17 @@ def patch_model_runners() -> None:
             _runtime.clear_step()
         return dummy_run(self, *args, **kwargs)
 
+    @functools.wraps(model_forward)
+    def _model_forward(self, *args, **kwargs):
+        output = model_forward(self, *args, **kwargs)
+        if _runtime is not None:
+            _runtime.verify_applied()
+        return output
+
     _prepare_inputs._steerserve = True
     GPUModelRunner._prepare_inputs = _prepare_inputs
     GPUModelRunner._dummy_run = _dummy_run
+    GPUModelRunner._model_forward = _model_forward
     _wrap_load_model(GPUModelRunner)
     from vllm.platforms import current_platform
 

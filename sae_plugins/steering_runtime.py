@@ -1,15 +1,30 @@
 """Per-worker steering state: the loaded SAEs, the slot tables and this step's token routing.
 
-Buffers are allocated once at start-up and only written in place, so their addresses never
-change (the property CUDA graphs need). Each step the model runner hook calls `begin_step`,
-which maps requests to config slots and writes one slot index per flattened row; the custom op
-then calls `apply` at each steered layer.
+The tables (add vectors, encode feature tables) are allocated once at start-up and written in
+place when a config is installed. Each step the model runner hook calls `begin_step`, which
+maps requests to config slots and, on the host, plans per layer which rows are steered and
+which of those need an encode; the custom op then calls `apply` at each steered layer, which
+only gathers and scatters with those precomputed indices: no device-to-host synchronisation.
+
+Tensor parallelism. At a decoder layer's output, `hidden` and `residual` are replicated on
+every TP rank (row-parallel projections all-reduce), so each rank holds the whole SAE and
+computes the same edit with no communication. vLLM's all-reduce + add-RMSNorm fusion cannot
+fuse across a steered layer's boundary: the steering op is a graph-splitting op sitting between
+the all-reduce and the next norm, so the stream at the hook point stays whole. (MoE sequence
+parallelism, which would hand each rank a slice of the tokens, only applies to MoE models; none
+of the supported architectures is one.) To save memory the SAE could instead be sharded over
+ranks: W_enc column-parallel over features (each rank pre-activates d_sae / tp features), a
+cross-rank top-k (each rank's local top-k, all-gathered, then the global k-th value as the
+threshold), and W_dec row-parallel over the same features so each rank decodes the touched
+features it owns and one all-reduce sums the edit: memory / tp for one extra small all-gather
+and one all-reduce of [rows, d_model] per steered layer.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -36,10 +51,16 @@ class RequestView:
     num_prompt: int
 
 
+class LayerPlan(NamedTuple):
+    """This step's work at one layer (device tensors built on the host before the forward)."""
+
+    rows: torch.Tensor  # flattened rows that are steered here
+    row_slots: torch.Tensor  # their config slots
+    encode: torch.Tensor | None  # positions within `rows` whose config needs an encode
+
+
 class SteeringRuntime:
-    def __init__(
-        self, config: PluginConfig, saes: dict[int, SAEWeights], device: torch.device, max_num_tokens: int
-    ):
+    def __init__(self, config: PluginConfig, saes: dict[int, SAEWeights], device: torch.device):
         self.config = config
         self.saes = saes
         self.device = device
@@ -55,12 +76,13 @@ class SteeringRuntime:
         self.feature_ids = torch.zeros(shape, dtype=torch.int64, device=device)
         self.modes = torch.zeros(shape, dtype=torch.int8, device=device)
         self.values = torch.zeros(shape, dtype=torch.float32, device=device)
-        self.needs_encode = torch.zeros((num_layers, num_slots), dtype=torch.bool, device=device)
-        self.slot_active = torch.zeros((num_layers, num_slots), dtype=torch.bool, device=device)
+        self.needs_encode = np.zeros((num_layers, num_slots), dtype=bool)  # host: the plan is built there
+        self.slot_active = np.zeros((num_layers, num_slots), dtype=bool)
         self._encode_counts = np.zeros((num_layers, num_slots), dtype=np.int64)  # host copy
         self._encode_width = np.zeros(num_layers, dtype=np.int64)  # max count over live slots
-        self.token_slot = torch.zeros(max_num_tokens, dtype=torch.int32, device=device)
-        self._rows_written = 0
+        self.step_slots = np.zeros(0, dtype=np.int32)  # this step's slot per flattened row
+        self._plans: list[LayerPlan | None] = [None] * num_layers
+        self._unapplied: set[int] = set()  # planned layers the op has not run at this step
         self._specs: dict[str, SteeringSpec | None] = {}
         self._capture_specs: dict[str, CaptureSpec | None] = {}
         # (spec, first row, rows, first position) of each capturing request in this step
@@ -104,21 +126,41 @@ class SteeringRuntime:
             np.array([r.num_computed for r in requests], dtype=np.int64),
             np.array([r.num_prompt for r in requests], dtype=np.int64),
         )
-        self._write_token_slots(rows)
+        self.step_slots = rows
+        self.steered_tokens_total += int(np.count_nonzero(rows))
+        self._plans = [self._plan_layer(li, rows) for li in range(len(self.layer_pos))]
+        self._unapplied = {li for li, plan in enumerate(self._plans) if plan is not None}
+        self._unapplied |= {self.layer_pos[layer] for spec, *_ in self._step_captures for layer in spec.layers}
 
     def clear_step(self) -> None:
-        """Zero the routing (before dummy/profiling runs, which must never be steered)."""
-        self._write_token_slots(np.zeros(0, dtype=np.int32))
+        """Drop the routing (before dummy/profiling runs, which must never be steered)."""
+        self.step_slots = np.zeros(0, dtype=np.int32)
+        self._plans = [None] * len(self.layer_pos)
         self._step_captures = []
+        self._unapplied = set()
 
-    def _write_token_slots(self, rows: np.ndarray) -> None:
-        n = len(rows)
-        if n:
-            self.token_slot[:n].copy_(torch.from_numpy(rows), non_blocking=False)
-            self.steered_tokens_total += int(np.count_nonzero(rows))
-        if self._rows_written > n:
-            self.token_slot[n : self._rows_written].zero_()
-        self._rows_written = n
+    def verify_applied(self) -> None:
+        """After the forward: every layer planned for this step must have run the op. If a
+        captured graph replayed it instead, fail the step rather than sample unsteered tokens."""
+        if self._unapplied:
+            layers = sorted(layer for layer, li in self.layer_pos.items() if li in self._unapplied)
+            self._unapplied = set()
+            raise RuntimeError(
+                f"steerserve: the steering op did not run at layers {layers} in this forward (a captured "
+                "CUDA graph replayed it); serve with cudagraph_mode PIECEWISE or --enforce-eager"
+            )
+
+    def _plan_layer(self, li: int, slots: np.ndarray) -> LayerPlan | None:
+        rows = np.flatnonzero(self.slot_active[li][slots])
+        if rows.size == 0:
+            return None
+        row_slots = slots[rows]
+        encode = np.flatnonzero(self.needs_encode[li][row_slots])
+
+        def to_device(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a.astype(np.int64)).to(self.device, non_blocking=True)
+
+        return LayerPlan(to_device(rows), to_device(row_slots), to_device(encode) if encode.size else None)
 
     def _spec_of(self, req: RequestView) -> SteeringSpec | None:
         if req.req_id not in self._specs:
@@ -168,6 +210,7 @@ class SteeringRuntime:
         li = self.layer_pos.get(layer)
         if li is None:
             return
+        self._unapplied.discard(li)
         self._steer(li, layer, hidden, residual)
         for spec, start, n, first_position in self._step_captures:
             if layer in spec.layers:  # features of the stream as edited at this layer
@@ -176,15 +219,13 @@ class SteeringRuntime:
                 self.captures.record(spec, layer, positions, sae_math.encode(self.saes[layer], x))
 
     def _steer(self, li: int, layer: int, hidden: torch.Tensor, residual: torch.Tensor) -> None:
-        slots = self.token_slot[: hidden.shape[0]].long()
-        rows = self.slot_active[li][slots].nonzero().squeeze(-1)
-        if rows.numel() == 0:
+        plan = self._plans[li]
+        if plan is None:
             return
-        row_slots = slots[rows]
+        rows, row_slots, enc = plan
         delta = self.add_vectors[li, row_slots]  # [rows, d_model]; zero for configs without add
-        width = int(self._encode_width[li])
-        if width:
-            enc = self.needs_encode[li][row_slots].nonzero().squeeze(-1)
+        if enc is not None:
+            width = int(self._encode_width[li])
             enc_rows, enc_slots = rows[enc], row_slots[enc]
             x = hidden[enc_rows].float() + residual[enc_rows].float()
             delta.index_add_(

@@ -96,6 +96,23 @@ def configure_steering(args: argparse.Namespace) -> None:
     )
     args.additional_config = {**(args.additional_config or {}), ADDITIONAL_CONFIG_KEY: config.to_dict()}
     args.worker_extension_cls = WORKER_EXTENSION_CLS
+    if not _is_cpu_build():
+        _keep_steering_out_of_cuda_graphs(args)
+
+
+def _keep_steering_out_of_cuda_graphs(args: argparse.Namespace) -> None:
+    """The steering op reads per-step routing in Python, so it must run between captured CUDA
+    graph pieces (it is registered as a splitting op), never inside a full-model graph."""
+    from vllm.config.compilation import CUDAGraphMode
+
+    mode = args.compilation_config.cudagraph_mode
+    if mode is None:
+        args.compilation_config.cudagraph_mode = CUDAGraphMode.PIECEWISE
+        print("steerserve: SAE steering on: CUDA graphs set to PIECEWISE (the steering op runs between "
+              "captured pieces; full-model graphs would freeze its per-step routing)", file=sys.stderr)
+    elif mode not in (CUDAGraphMode.NONE, CUDAGraphMode.PIECEWISE):
+        sys.exit(f"error: cudagraph_mode {mode.name} would capture the steering op inside a CUDA graph and "
+                 "freeze its per-request routing; use PIECEWISE or NONE with --sae")
 
 
 def _preflight_local_model(model: str, sae_dir: str, layers: list[int]) -> None:

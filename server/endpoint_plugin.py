@@ -44,6 +44,11 @@ class SteerserveEndpointPlugin:
             # Pipeline stages each load only their own layers: merge what all ranks hold.
             by_layer = {info["layer"]: info for rank in per_rank for info in rank}
             saes = [by_layer[layer] for layer in sorted(by_layer)]
+            if not saes:  # never serve "steerable" requests that nothing would steer
+                raise RuntimeError(
+                    "steerserve: --sae was given but no worker installed SAE steering "
+                    "(unsupported model runner? see the worker logs)"
+                )
         context = SteeringContext(
             saes=saes,
             max_features=config.max_features if config else DEFAULT_MAX_FEATURES,

@@ -117,7 +117,7 @@ def test_runtime_routes_each_row_to_its_own_config():
     from sae_plugins.steering_spec import EXTRA_ARGS_KEY
 
     sae = tiny_sae()
-    runtime = SteeringRuntime(PluginConfig("mem", (0,), max_features=4, max_configs=2), {0: sae}, torch.device("cpu"), 16)
+    runtime = SteeringRuntime(PluginConfig("mem", (0,), max_features=4, max_configs=2), {0: sae}, torch.device("cpu"))
     add_spec = spec((0, 5, "add", 2.0))
     clamp_spec = spec((0, 7, "clamp", 3.0), apply_to="generation")
     views = [
@@ -126,7 +126,7 @@ def test_runtime_routes_each_row_to_its_own_config():
         RequestView("clamp", {EXTRA_ARGS_KEY: clamp_spec.to_extra_arg()}, num_scheduled=2, num_computed=3, num_prompt=4),
     ]
     runtime.begin_step([], views)
-    assert runtime.token_slot[:6].tolist() == [0, 0, 1, 1, 0, 2]
+    assert runtime.step_slots.tolist() == [0, 0, 1, 1, 0, 2]
     g = torch.Generator().manual_seed(3)
     hidden, residual = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
     before = hidden.clone()
@@ -135,7 +135,27 @@ def test_runtime_routes_each_row_to_its_own_config():
     assert torch.allclose(hidden[2:4], before[2:4] + 2.0 * sae.W_dec[5], atol=1e-5)
     f7 = sae_math.encode(sae, (before[5] + residual[5])[None])[0, 7]
     assert torch.allclose(hidden[5], before[5] + (3.0 - f7) * sae.W_dec[7], atol=1e-5)
-    # The next step: "add" finished, its slot is freed and cleared; stale rows are zeroed.
+    # The next step: "add" finished, its slot is freed and cleared.
     runtime.begin_step(["add"], [views[2]])
-    assert runtime.token_slot[:6].tolist() == [0, 2, 0, 0, 0, 0]  # positions 3 (prompt), 4 (generation)
+    assert runtime.step_slots.tolist() == [0, 2]  # positions 3 (prompt), 4 (generation)
     assert runtime.slots.active == 1 and not runtime.slot_active[0, 1]
+
+
+def test_a_forward_that_skipped_the_op_fails_loudly():
+    """If a captured graph replayed the op (its Python never ran), the step must fail rather
+    than sample unsteered tokens."""
+    from sae_plugins.plugin_config import PluginConfig
+    from sae_plugins.steering_runtime import RequestView, SteeringRuntime
+    from sae_plugins.steering_spec import EXTRA_ARGS_KEY
+
+    runtime = SteeringRuntime(PluginConfig("mem", (0,), max_features=4, max_configs=2), {0: tiny_sae()},
+                              torch.device("cpu"))
+    steered = RequestView("r", {EXTRA_ARGS_KEY: spec((0, 5, "add", 2.0)).to_extra_arg()}, 2, 0, 2)
+    runtime.begin_step([], [steered])
+    runtime.apply(0, torch.zeros(2, 8), torch.zeros(2, 8))
+    runtime.verify_applied()  # the op ran: fine
+    runtime.begin_step([], [steered])
+    with pytest.raises(RuntimeError, match=r"did not run at layers \[0\]"):
+        runtime.verify_applied()
+    runtime.begin_step([], [RequestView("plain", {}, 2, 0, 2)])
+    runtime.verify_applied()  # nothing planned, nothing to check
