@@ -96,8 +96,21 @@ def configure_steering(args: argparse.Namespace) -> None:
     )
     args.additional_config = {**(args.additional_config or {}), ADDITIONAL_CONFIG_KEY: config.to_dict()}
     args.worker_extension_cls = WORKER_EXTENSION_CLS
+    _use_v1_model_runner()
     if not _is_cpu_build():
         _keep_steering_out_of_cuda_graphs(args)
+
+
+def _use_v1_model_runner() -> None:
+    """The plugin hooks vLLM's V1 model runner (the one CPU builds always use); GPU builds with
+    Triton would otherwise pick Model Runner V2, where nothing would steer."""
+    requested = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
+    if requested is not None and requested.strip().lower() in ("1", "true"):
+        sys.exit("error: --sae needs vLLM's V1 model runner; unset VLLM_USE_V2_MODEL_RUNNER")
+    if requested is None:
+        print("steerserve: SAE steering on: using vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)",
+              file=sys.stderr)
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
 
 
 def _keep_steering_out_of_cuda_graphs(args: argparse.Namespace) -> None:

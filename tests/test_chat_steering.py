@@ -187,3 +187,18 @@ def test_standard_openai_endpoints_still_work(http):
     assert http.get("/health").status_code == 200
     assert [m["id"] for m in http.get("/v1/models").json()["data"]] == [MODEL_NAME]
     assert isinstance(httpx.get(f"{http.base_url}/metrics").text, str)
+
+
+def test_stop_seed_and_response_format_still_work_with_steering(client):
+    steering = add(2, 11, 6.0)
+    first = chat(client, steering)
+    text = first.choices[0].message.content
+    stop = text[5:8]
+    stopped = chat(client, steering, stop=[stop])
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].message.content == text[: text.index(stop)]
+    sampled = [chat(client, steering, temperature=1.0, seed=7).choices[0].message.content for _ in range(2)]
+    assert sampled[0] == sampled[1]
+    structured = chat(client, steering, response_format={"type": "json_object"}, max_tokens=8)
+    assert structured.model_extra["steering"]["id"] == first.model_extra["steering"]["id"]
+    assert structured.choices[0].message.content.lstrip().startswith("{")
