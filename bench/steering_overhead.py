@@ -19,8 +19,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,34 +26,6 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(args, port: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "server", "serve", args.model, "--sae", args.sae, "--sae-layers", args.layers,
-               "--port", str(port), "--served-model-name", "bench", "--max-num-seqs", "64", *args.engine_args]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
-    log = open(Path(args.log), "w")
-    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-async def wait_ready(base_url: str, proc: subprocess.Popen | None) -> None:
-    async with httpx.AsyncClient() as client:
-        for _ in range(1800):
-            if proc is not None and proc.poll() is not None:
-                raise SystemExit("server exited; see the log")
-            try:
-                if (await client.get(f"{base_url}/health")).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            await asyncio.sleep(1)
-    raise SystemExit("server not ready")
 
 
 def clamp_spec(layers: list[int], variant: int) -> dict:
@@ -129,27 +99,29 @@ def main() -> None:
     parser.add_argument("engine_args", nargs="*", help="extra `steerserve serve` arguments after --")
     args = parser.parse_args()
     args.sae = args.sae or str(Path(args.model) / "sae")
-    proc = None
+    server = None
     base_url = args.base_url
     if base_url is None:
+        engine_args = list(args.engine_args)
         if args.model == str(ROOT / ".state" / "tiny-qwen3.5"):
             from server.tiny_model import build_tiny_model
 
             build_tiny_model(args.model)
-            args.engine_args = ["--dtype", "bfloat16", "--max-model-len", "512", "--gpu-memory-utilization", "0.1",
-                                *args.engine_args]
-        port = free_port()
-        proc = start_server(args, port)
-        base_url = f"http://127.0.0.1:{port}"
+            engine_args = ["--dtype", "bfloat16", "--max-model-len", "512", "--gpu-memory-utilization", "0.1",
+                           *engine_args]
+        from server.serve_process import ServeProcess
+
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+        server = ServeProcess([args.model, "--sae", args.sae, "--sae-layers", args.layers, "--served-model-name",
+                               "bench", "--max-num-seqs", "64", *engine_args], Path(args.log), env=env, cwd=ROOT)
+        base_url = server.base_url
     try:
-        started = time.perf_counter()
-        asyncio.run(wait_ready(base_url, proc))
-        print(f"server ready after {time.perf_counter() - started:.0f}s ({base_url})")
+        if server is not None:
+            print(f"server ready after {server.wait_ready(1800):.0f}s ({base_url})")
         asyncio.run(measure(args, base_url))
     finally:
-        if proc is not None:
-            proc.terminate()
-            proc.wait(60)
+        if server is not None:
+            server.stop()
 
 
 if __name__ == "__main__":

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+
+from server.serve_process import ServeProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 STEERSERVE = [sys.executable, "-m", "server"]
@@ -33,12 +33,6 @@ FEATURE_LABELS = [  # the shared server's --feature-labels file
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     from server.tiny_model import build_tiny_model
@@ -46,11 +40,11 @@ def tiny_model_dir() -> Path:
     return build_tiny_model(TINY_DIR)
 
 
-def server_command(model_dir: Path, port: int, *extra: str) -> list[str]:
+def serve_args(model_dir: Path, *extra: str) -> list[str]:
+    """`steerserve serve` options of the test servers (ServeProcess adds host and port)."""
     return [
-        *STEERSERVE, "serve", str(model_dir),
+        str(model_dir),
         "--sae", str(model_dir / "sae"), "--sae-layers", ",".join(map(str, SAE_LAYERS)),
-        "--port", str(port), "--host", "127.0.0.1",
         "--dtype", "bfloat16", "--max-model-len", "1024", "--max-num-seqs", "32",
         "--gpu-memory-utilization", "0.05", "--served-model-name", MODEL_NAME,
         "--seed", "0", *extra,
@@ -64,55 +58,25 @@ def server_env() -> dict[str, str]:
     return env
 
 
-class RunningServer:
-    def __init__(self, command: list[str], log_path: Path, new_session: bool = False):
-        """new_session: the server and vLLM's engine processes get their own process group
-        (tests that SIGKILL the whole server use it, so no orphan engine keeps running)."""
-        self.log_path = log_path
-        self.port = int(command[command.index("--port") + 1])
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self._log = open(log_path, "w")
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=server_env(), cwd=ROOT,
-                                     start_new_session=new_session)
-
-    def wait_ready(self, timeout: float = SERVER_START_TIMEOUT) -> float:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200:
-                    return time.monotonic() - self.started
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log_tail()}")
-
-    def log_tail(self, chars: int = 6000) -> str:
-        self._log.flush()
-        return self.log_path.read_text()[-chars:]
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self._log.close()
+def start_server(args: list[str], log_path: Path) -> ServeProcess:
+    running = ServeProcess(args, log_path, env=server_env(), cwd=ROOT)
+    try:
+        running.wait_ready(SERVER_START_TIMEOUT)
+    except Exception:
+        running.stop()
+        raise
+    return running
 
 
 @pytest.fixture(scope="session")
-def server(tiny_model_dir, tmp_path_factory) -> RunningServer:
+def server(tiny_model_dir, tmp_path_factory) -> ServeProcess:
     log = tmp_path_factory.mktemp("server") / "server.log"
     data_dir = tmp_path_factory.mktemp("server-data")  # Files/Batches API state of this session
     labels = tmp_path_factory.mktemp("labels") / "labels.jsonl"
     labels.write_text("".join(json.dumps(row) + "\n" for row in FEATURE_LABELS))
-    command = server_command(tiny_model_dir, free_port(), "--data-dir", str(data_dir), "--feature-labels", str(labels))
-    running = RunningServer(command, log)
+    running = start_server(serve_args(tiny_model_dir, "--data-dir", str(data_dir), "--feature-labels", str(labels)), log)
+    print(f"\nsteerserve (torch.compile) ready in {time.monotonic() - running.started:.0f}s", file=sys.stderr)
     try:
-        elapsed = running.wait_ready()
-        print(f"\nsteerserve (torch.compile) ready in {elapsed:.0f}s", file=sys.stderr)
         yield running
     finally:
         running.stop()

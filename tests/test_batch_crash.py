@@ -10,20 +10,18 @@ import time
 
 import httpx
 
-from tests.conftest import MODEL_NAME, PROMPT, RunningServer, free_port, server_command
+from server.serve_process import ServeProcess
+from tests.conftest import MODEL_NAME, PROMPT, serve_args, start_server
 
 LINES = 30
 MAX_TOKENS = 500  # ~30 lines at 4 in flight: long enough to kill it midway
 
 
 def start(tiny_model_dir, data_dir, log):
-    command = server_command(tiny_model_dir, free_port(), "--enforce-eager", "--data-dir", str(data_dir))
-    server = RunningServer(command, log, new_session=True)
-    server.wait_ready()
-    return server
+    return start_server(serve_args(tiny_model_dir, "--enforce-eager", "--data-dir", str(data_dir)), log)
 
 
-def kill_group(server: RunningServer) -> None:
+def kill_group(server: ServeProcess) -> None:
     os.killpg(server.proc.pid, signal.SIGKILL)
     server.proc.wait(30)
     deadline = time.monotonic() + 30

@@ -8,20 +8,18 @@ import json
 import httpx
 import pytest
 
-from tests.conftest import MODEL_NAME, PROMPT, RunningServer, free_port, server_command
+from tests.conftest import MODEL_NAME, PROMPT, serve_args, start_server
 
 MAX_TOKENS = 16
 
 
 @pytest.fixture(scope="module")
 def plain_server(tiny_model_dir, tmp_path_factory, server):
-    command = server_command(tiny_model_dir, free_port())
-    at = command.index("--sae")
-    del command[at : at + 4]  # drop --sae DIR --sae-layers L
-    command += ["--data-dir", str(tmp_path_factory.mktemp("plain-data"))]
-    running = RunningServer(command, tmp_path_factory.mktemp("plain") / "server.log")
+    args = serve_args(tiny_model_dir, "--data-dir", str(tmp_path_factory.mktemp("plain-data")))
+    at = args.index("--sae")
+    del args[at : at + 4]  # drop --sae DIR --sae-layers L
+    running = start_server(args, tmp_path_factory.mktemp("plain") / "server.log")
     try:
-        running.wait_ready()
         yield running
     finally:
         running.stop()

@@ -12,14 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import httpx
+
+from ..serve_process import ServeProcess, ServerStartError
 
 DESCRIPTION = "run a JSONL file of OpenAI batch requests through a temporary steerserve server"
 EPILOG = (
@@ -62,18 +63,20 @@ def run_batch(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="steerserve-run-batch-") as tmp:
         extra = [] if _has_option(serve_args, "--data-dir") else ["--data-dir", os.path.join(tmp, "data")]
         log_path = args.server_log or Path(tmp) / "server.log"
-        server = _Server(serve_args + extra, log_path)
+        server = ServeProcess(serve_args + extra, log_path)
+        print(f"run-batch: starting steerserve (log: {log_path})", file=sys.stderr)
         try:
             server.wait_ready(args.startup_timeout)
             ready = time.monotonic()
             print(f"run-batch: server ready in {ready - started:.1f}s", file=sys.stderr)
-            batch = _run(server, args.input_file, endpoint, _api_key(serve_args))
-            _download(server, batch.get("output_file_id"), args.output_file)
-            _download(server, batch.get("error_file_id"), errors_file)
+            with httpx.Client(base_url=server.base_url, timeout=600) as http:
+                batch = _run(http, args.input_file, endpoint, _api_key(serve_args))
+                _download(http, batch.get("output_file_id"), args.output_file)
+                _download(http, batch.get("error_file_id"), errors_file)
         except KeyboardInterrupt:
             print("run-batch: interrupted; stopping the server", file=sys.stderr)
             return 130
-        except _Failure as exc:
+        except (_Failure, ServerStartError) as exc:
             print(f"run-batch: {exc}", file=sys.stderr)
             return 1
         finally:
@@ -119,61 +122,6 @@ def _endpoint_of(path: Path) -> str:
     return ENDPOINTS[0]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Server:
-    """`steerserve serve` in its own process group, so stopping it also stops vLLM's engine."""
-
-    def __init__(self, serve_args: list[str], log_path: Path):
-        import httpx
-
-        port = _free_port()
-        self.log_path = log_path
-        self._log = open(log_path, "w")
-        command = [sys.executable, "-m", "server", "serve", *serve_args, "--host", "127.0.0.1", "--port", str(port)]
-        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=600)
-
-    def wait_ready(self, timeout: float) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        print(f"run-batch: starting steerserve (log: {self.log_path})", file=sys.stderr)
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise _Failure(f"the server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if self.http.get("/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        raise _Failure(f"the server was not ready after {timeout:.0f}s:\n{self.log_tail()}")
-
-    def log_tail(self, chars: int = 4000) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")[-chars:]
-
-    def stop(self) -> None:
-        self.http.close()
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever of the engine is left
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
-        self._log.close()
-
-
 def _check(response) -> dict[str, Any]:
     if response.status_code >= 400:
         raise _Failure(f"{response.request.method} {response.request.url.path}: "
@@ -181,15 +129,15 @@ def _check(response) -> dict[str, Any]:
     return response.json()
 
 
-def _run(server: _Server, input_file: Path, endpoint: str, api_key: str | None) -> dict[str, Any]:
+def _run(http: httpx.Client, input_file: Path, endpoint: str, api_key: str | None) -> dict[str, Any]:
     from tqdm import tqdm
 
     if api_key:
-        server.http.headers["authorization"] = f"Bearer {api_key}"
+        http.headers["authorization"] = f"Bearer {api_key}"
     with open(input_file, "rb") as f:
-        uploaded = _check(server.http.post("/v1/files", files={"file": (input_file.name, f, "application/jsonl")},
+        uploaded = _check(http.post("/v1/files", files={"file": (input_file.name, f, "application/jsonl")},
                                            data={"purpose": "batch"}))
-    batch = _check(server.http.post("/v1/batches", json={
+    batch = _check(http.post("/v1/batches", json={
         "input_file_id": uploaded["id"], "endpoint": endpoint, "completion_window": "168h",
         "metadata": {"source": "steerserve run-batch"},
     }))
@@ -203,7 +151,7 @@ def _run(server: _Server, input_file: Path, endpoint: str, api_key: str | None) 
                 bar.update(counts["completed"] + counts["failed"] - bar.n)
                 bar.set_postfix(failed=counts["failed"], refresh=False)
             time.sleep(0.5)
-            batch = _check(server.http.get(f"/v1/batches/{batch['id']}"))
+            batch = _check(http.get(f"/v1/batches/{batch['id']}"))
         if bar is not None:
             counts = batch["request_counts"]
             bar.update(counts["completed"] + counts["failed"] - bar.n)
@@ -216,13 +164,13 @@ def _run(server: _Server, input_file: Path, endpoint: str, api_key: str | None) 
     return batch
 
 
-def _download(server: _Server, file_id: str | None, path: Path) -> None:
+def _download(http: httpx.Client, file_id: str | None, path: Path) -> None:
     """Writes the file's content to `path` (an empty file when the batch produced none)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if file_id is None:
         path.write_bytes(b"")
         return
-    with server.http.stream("GET", f"/v1/files/{file_id}/content") as response:
+    with http.stream("GET", f"/v1/files/{file_id}/content") as response:
         if response.status_code >= 400:
             response.read()
             _check(response)

@@ -1,0 +1,72 @@
+"""`steerserve serve` as a child process on a free loopback port.
+
+Used wherever a private server is needed: `steerserve run-batch`, the benchmarks and the tests.
+The child gets its own process group, so stopping it also stops vLLM's engine processes.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+class ServerStartError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeProcess:
+    def __init__(self, serve_args: list[str], log_path: Path, *, env: dict | None = None, cwd: Path | None = None):
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log_path = Path(log_path)
+        self._log = open(self.log_path, "w")
+        command = [sys.executable, "-m", "server", "serve", *serve_args,
+                   "--host", "127.0.0.1", "--port", str(self.port)]
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                     start_new_session=True)
+
+    def wait_ready(self, timeout: float) -> float:
+        """Seconds from start until /health answered; ServerStartError with the log tail if not."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerStartError(f"the server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200:
+                    return time.monotonic() - self.started
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise ServerStartError(f"the server was not ready after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def log_tail(self, chars: int = 6000) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # whatever of the engine is left
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self._log.close()
