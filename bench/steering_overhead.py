@@ -6,6 +6,8 @@ a running server, then measures, on that same engine:
     and 100% of requests steered, steering 1 or 4 layers, at concurrency 1, 8 and 32, as ratios
     to the unsteered run at the same concurrency;
   * throughput with K = 1, 8, 32, 64 distinct steering configs in flight, relative to K = 1.
+Each cell is the median over paired runs (baseline then variant, repeated) after a warm-up pass
+over every shape, because a shared CPU machine drifts by more than the effects measured.
 Steered requests clamp one feature per steered layer (the costly path: a full TopK encode).
 
     python bench/steering_overhead.py                        # CPU: the embedded tiny model
@@ -19,6 +21,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -61,30 +64,60 @@ async def run_load(base_url: str, specs: list[dict | None], concurrency: int, ma
     return completion / elapsed, (completion + prompt) / elapsed
 
 
+async def paired_ratio(base_url: str, base: list, variant: list, concurrency: int, args) -> tuple[float, ...]:
+    """Runs base and variant back to back `args.repeats` times (ABAB...) so drift on a noisy
+    machine hits both alike; returns the median variant/base ratios (decode, total) and the
+    median variant throughputs (decode, total)."""
+    decode_ratios, total_ratios, decodes, totals = [], [], [], []
+    for _ in range(args.repeats):
+        base_decode, base_total = await run_load(base_url, base, concurrency, args.max_tokens)
+        decode, total = await run_load(base_url, variant, concurrency, args.max_tokens)
+        decode_ratios.append(decode / base_decode)
+        total_ratios.append(total / base_total)
+        decodes.append(decode)
+        totals.append(total)
+    return tuple(statistics.median(v) for v in (decode_ratios, total_ratios, decodes, totals))
+
+
+def steering_matrix(layers: list[int], n: int) -> list[tuple[str, str, list]]:
+    one, four = layers[:1], layers[:4]
+    rows = []
+    for steered_layers in (one, four):
+        for fraction, label in ((0.5, "50%"), (1.0, "100%")):
+            specs = [clamp_spec(steered_layers, 0) if (i % 2 == 0 or fraction == 1.0) else None for i in range(n)]
+            rows.append((str(len(steered_layers)), label, specs))
+    return rows
+
+
 async def measure(args, base_url: str) -> None:
     layers = [int(x) for x in args.layers.split(",")]
-    one, four = layers[:1], layers[:4]
-    await run_load(base_url, [None] * 4, 4, 8)  # warm-up
-    print(f"\nsteered fraction x steered layers x concurrency (ratio to 0% steered; {args.max_tokens} tokens/request)")
-    print(f"{'conc':>5} {'layers':>7} {'steered':>8} {'decode tok/s':>13} {'total tok/s':>12} {'decode ratio':>13} {'total ratio':>12}")
+    print("warm-up: every batch shape and steering mix once (CPU matmul kernels are built per shape)")
     for concurrency in (1, 8, 32):
         n = max(2 * concurrency, args.min_requests)
-        base_decode, base_total = await run_load(base_url, [None] * n, concurrency, args.max_tokens)
-        print(f"{concurrency:>5} {'-':>7} {'0%':>8} {base_decode:>13.1f} {base_total:>12.1f} {1:>13.3f} {1:>12.3f}")
-        for steered_layers in (one, four):
-            for fraction, label in ((0.5, "50%"), (1.0, "100%")):
-                specs = [clamp_spec(steered_layers, 0) if (i % 2 == 0 or fraction == 1.0) else None for i in range(n)]
-                decode, total = await run_load(base_url, specs, concurrency, args.max_tokens)
-                print(f"{concurrency:>5} {len(steered_layers):>7} {label:>8} {decode:>13.1f} {total:>12.1f} "
-                      f"{decode / base_decode:>13.3f} {total / base_total:>12.3f}")
-    print("\ndistinct steering configs in flight (concurrency 32, 1 layer, all requests steered)")
+        await run_load(base_url, [None] * n, concurrency, args.max_tokens)
+        for _, _, specs in steering_matrix(layers, n):
+            await run_load(base_url, specs, concurrency, args.max_tokens)
+    print(f"\nsteered fraction x steered layers x concurrency: median of {args.repeats} paired runs, "
+          f"ratio to 0% steered ({args.max_tokens} tokens/request)")
+    print(f"{'conc':>5} {'layers':>7} {'steered':>8} {'decode tok/s':>13} {'total tok/s':>12} "
+          f"{'decode ratio':>13} {'total ratio':>12}")
+    for concurrency in (1, 8, 32):
+        n = max(2 * concurrency, args.min_requests)
+        for layer_label, label, specs in steering_matrix(layers, n):
+            decode_ratio, total_ratio, decode, total = await paired_ratio(
+                base_url, [None] * n, specs, concurrency, args)
+            print(f"{concurrency:>5} {layer_label:>7} {label:>8} {decode:>13.1f} {total:>12.1f} "
+                  f"{decode_ratio:>13.3f} {total_ratio:>12.3f}")
+    print(f"\ndistinct steering configs in flight (concurrency 32, 1 layer, all requests steered): "
+          f"median of {args.repeats} paired runs against K=1")
     print(f"{'K':>4} {'decode tok/s':>13} {'ratio to K=1':>13}")
-    reference = None
-    for k in (1, 8, 32, 64):
-        n = max(64, args.min_requests)
-        decode, _ = await run_load(base_url, [clamp_spec(one, i % k) for i in range(n)], 32, args.max_tokens)
-        reference = reference or decode
-        print(f"{k:>4} {decode:>13.1f} {decode / reference:>13.3f}")
+    n = max(64, args.min_requests)
+    reference = [clamp_spec(layers[:1], 0) for _ in range(n)]
+    for k in (8, 32, 64):
+        specs = [clamp_spec(layers[:1], i % k) for i in range(n)]
+        await run_load(base_url, specs, 32, args.max_tokens)  # warm-up: install the K configs once
+        decode_ratio, _, decode, _ = await paired_ratio(base_url, reference, specs, 32, args)
+        print(f"{k:>4} {decode:>13.1f} {decode_ratio:>13.3f}")
 
 
 def main() -> None:
@@ -95,6 +128,7 @@ def main() -> None:
     parser.add_argument("--base-url", default=None, help="use a running server (started with these --layers)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--min-requests", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3, help="paired runs per cell (median reported)")
     parser.add_argument("--log", default="/tmp/steerserve-bench.log")
     parser.add_argument("engine_args", nargs="*", help="extra `steerserve serve` arguments after --")
     args = parser.parse_args()

@@ -1,9 +1,16 @@
-"""Hooks into vLLM's V1 model runner: install steering after load, route tokens each step.
+"""Hooks into vLLM's model runners (V1 and Model Runner V2): install steering after load,
+route tokens each step.
 
-`_prepare_inputs` runs after the persistent batch is updated (so `input_batch.req_ids` is this
-step's row order) and before the forward; the routing is written there. `_dummy_run` (profiling,
-warm-up, compile) clears it so no stale slot ever steers a dummy batch. `_model_forward` checks
-afterwards that the op ran at every planned layer, so a replayed CUDA graph fails loudly.
+Each runner gets three hooks, placed where its own step structure allows:
+  * routing: once this step's row order is known and before the forward, `begin_step` maps the
+    scheduled requests to config slots (V1: before `_prepare_inputs`, after the persistent batch
+    is updated; V2: after `prepare_inputs`, from the `InputBatch` it returns);
+  * dummy runs (profiling, warm-up, compile, graph capture) clear the routing, so no stale slot
+    ever steers a dummy batch and padding rows are never steered;
+  * after the forward, `verify_applied` checks the op ran at every planned layer, so a replayed
+    full CUDA graph fails the step loudly instead of sampling unsteered tokens.
+V2 keeps no per-request sampling params on the runner, so its `add_requests` hook keeps each
+new request's `extra_args` until the request finishes.
 """
 
 from __future__ import annotations
@@ -54,7 +61,8 @@ def install_steering(runner) -> None:
             config.sae_path, n, d_model=d_model, dtype=model_config.dtype, device=runner.device
         )
     register_steering_op()
-    _runtime = SteeringRuntime(config, saes, runner.device)
+    max_rows = runner.vllm_config.scheduler_config.max_num_batched_tokens
+    _runtime = SteeringRuntime(config, saes, runner.device, max_rows=max_rows)
     set_runtime_lookup(current_runtime)
     _lens = FeatureLens(runner.model, architecture, saes)
     for n in local:
@@ -83,6 +91,26 @@ def begin_step(runner, scheduler_output, num_scheduled_tokens) -> None:
     _runtime.begin_step(scheduler_output.finished_req_ids, requests)
 
 
+def _begin_step_v2(runner, scheduler_output, input_batch) -> None:
+    if _runtime is None:
+        return
+    extra_args = runner._steerserve_extra_args
+    for req_id in scheduler_output.finished_req_ids:
+        extra_args.pop(req_id, None)
+    prompt_lens = runner.req_states.prompt_len.np[input_batch.idx_mapping_np]
+    requests = [
+        RequestView(
+            req_id=req_id,
+            extra_args=extra_args.get(req_id),
+            num_scheduled=int(input_batch.num_scheduled_tokens[i]),
+            num_computed=int(input_batch.num_computed_tokens_np[i]),
+            num_prompt=int(prompt_lens[i]),
+        )
+        for i, req_id in enumerate(input_batch.req_ids)
+    ]
+    _runtime.begin_step(scheduler_output.finished_req_ids, requests)
+
+
 def _wrap_load_model(cls) -> None:
     original = cls.load_model
     if getattr(original, "_steerserve", False):
@@ -97,38 +125,50 @@ def _wrap_load_model(cls) -> None:
     cls.load_model = load_model
 
 
+def _clearing_routing_first(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if _runtime is not None:
+            _runtime.clear_step()
+        return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+def _verifying_afterwards(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        output = method(self, *args, **kwargs)
+        if _runtime is not None:
+            _runtime.verify_applied()
+        return output
+
+    return wrapper
+
+
 def patch_model_runners() -> None:
-    """Idempotent: wrap the GPU runner (which the CPU runner subclasses) and the CPU loader."""
+    """Idempotent: hook both model runners (vLLM picks one per engine)."""
+    _patch_v1_runner()
+    _patch_v2_runner()
+
+
+def _patch_v1_runner() -> None:
+    """The GPU runner (which the V1 CPU runner subclasses) and the CPU loader."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     if getattr(GPUModelRunner._prepare_inputs, "_steerserve", False):
         return
     prepare_inputs = GPUModelRunner._prepare_inputs
-    dummy_run = GPUModelRunner._dummy_run
-    model_forward = GPUModelRunner._model_forward
 
     @functools.wraps(prepare_inputs)
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
         begin_step(self, scheduler_output, num_scheduled_tokens)
         return prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
 
-    @functools.wraps(dummy_run)
-    def _dummy_run(self, *args, **kwargs):
-        if _runtime is not None:
-            _runtime.clear_step()
-        return dummy_run(self, *args, **kwargs)
-
-    @functools.wraps(model_forward)
-    def _model_forward(self, *args, **kwargs):
-        output = model_forward(self, *args, **kwargs)
-        if _runtime is not None:
-            _runtime.verify_applied()
-        return output
-
     _prepare_inputs._steerserve = True
     GPUModelRunner._prepare_inputs = _prepare_inputs
-    GPUModelRunner._dummy_run = _dummy_run
-    GPUModelRunner._model_forward = _model_forward
+    GPUModelRunner._dummy_run = _clearing_routing_first(GPUModelRunner._dummy_run)
+    GPUModelRunner._model_forward = _verifying_afterwards(GPUModelRunner._model_forward)
     _wrap_load_model(GPUModelRunner)
     from vllm.platforms import current_platform
 
@@ -136,3 +176,36 @@ def patch_model_runners() -> None:
         from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
         _wrap_load_model(CPUModelRunner)
+
+
+def _patch_v2_runner() -> None:
+    """Model Runner V2 (vllm/v1/worker/gpu/; its CPU runner subclasses it and keeps its loader)."""
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+
+    if getattr(GPUModelRunner.prepare_inputs, "_steerserve", False):
+        return
+    add_requests, prepare_inputs = GPUModelRunner.add_requests, GPUModelRunner.prepare_inputs
+
+    @functools.wraps(add_requests)
+    def _add_requests(self, scheduler_output, *args, **kwargs):
+        if _runtime is not None:
+            store = self.__dict__.setdefault("_steerserve_extra_args", {})
+            for new in scheduler_output.scheduled_new_reqs:
+                params = new.sampling_params
+                store[new.req_id] = params.extra_args if params is not None else None
+        return add_requests(self, scheduler_output, *args, **kwargs)
+
+    @functools.wraps(prepare_inputs)
+    def _prepare_inputs(self, scheduler_output, *args, **kwargs):
+        input_batch = prepare_inputs(self, scheduler_output, *args, **kwargs)
+        if _runtime is not None:
+            self.__dict__.setdefault("_steerserve_extra_args", {})
+            _begin_step_v2(self, scheduler_output, input_batch)
+        return input_batch
+
+    _prepare_inputs._steerserve = True
+    GPUModelRunner.add_requests = _add_requests
+    GPUModelRunner.prepare_inputs = _prepare_inputs
+    # Dummy runs go through execute_model too; a real batch sets the routing in prepare_inputs.
+    GPUModelRunner.execute_model = _verifying_afterwards(_clearing_routing_first(GPUModelRunner.execute_model))
+    _wrap_load_model(GPUModelRunner)

@@ -12,18 +12,30 @@ import torch
 
 from .sae import SAEWeights
 
-# Mode codes in the per-slot encode tables (0 = empty entry). `add` has no code: it never
-# needs an encode and is folded into one precomputed vector per config (see add_vector).
-MODE_NONE, MODE_CLAMP, MODE_SCALE = 0, 1, 2
-ENCODE_MODE_CODES = {"clamp": MODE_CLAMP, "ablate": MODE_CLAMP, "scale": MODE_SCALE}
+# The clamp family as one affine rule on the feature's activation f: the edit's coefficient on
+# d_i is `offset + gain * f`. clamp (and ablate, clamp to 0): target - f; scale by s: (s - 1) * f.
+# An empty table entry is (0, 0). `add` has no entry: it never needs an encode and is folded into
+# one precomputed vector per config (see add_vector).
+def edit_coefficients(mode: str, value: float) -> tuple[float, float]:
+    """(offset, gain) of a clamp/scale/ablate edit; coefficient on d_i = offset + gain * f_i."""
+    if mode in ("clamp", "ablate"):
+        return (0.0 if mode == "ablate" else value), -1.0
+    if mode == "scale":
+        return 0.0, value - 1.0
+    raise ValueError(f"{mode!r} needs no encode")
+
+
+def pre_activation(sae: SAEWeights, x: torch.Tensor) -> torch.Tensor:
+    """Encoder pre-activations [rows, d_sae] in the SAE's dtype (one fused matmul + bias) of
+    residual-stream rows x [rows, d_model]."""
+    if sae.apply_b_dec_to_input:
+        x = x - sae.b_dec
+    return torch.addmm(sae.b_enc, x.to(sae.W_enc.dtype), sae.W_enc.T)
 
 
 def encode(sae: SAEWeights, x: torch.Tensor) -> torch.Tensor:
-    """Dense feature activations [rows, d_sae] of residual-stream rows x [rows, d_model]."""
-    if sae.apply_b_dec_to_input:
-        x = x - sae.b_dec
-    pre = x.to(sae.W_enc.dtype) @ sae.W_enc.T + sae.b_enc
-    pre = pre.float()
+    """Dense feature activations [rows, d_sae] (float32) of residual-stream rows x [rows, d_model]."""
+    pre = pre_activation(sae, x).float()
     if sae.activation == "jumprelu":
         assert sae.threshold is not None
         return pre * (pre > sae.threshold.float())
@@ -33,6 +45,22 @@ def encode(sae: SAEWeights, x: torch.Tensor) -> torch.Tensor:
         values, indices = acts.topk(sae.k, dim=-1, sorted=False)
         return torch.zeros_like(acts).scatter_(-1, indices, values)
     return acts
+
+
+def feature_activations(sae: SAEWeights, x: torch.Tensor, feature_ids: torch.Tensor) -> torch.Tensor:
+    """Activations [rows, F] of only the features `feature_ids` [rows, F], equal to
+    `encode(sae, x).gather(-1, feature_ids)` without building the dense [rows, d_sae] code: a
+    TopK feature is active iff its pre-activation reaches the row's k-th largest one."""
+    pre = pre_activation(sae, x)  # the threshold search runs on it as is; only [rows, F] is widened
+    p = pre.gather(-1, feature_ids).float()
+    if sae.activation == "jumprelu":
+        assert sae.threshold is not None
+        return p * (p > sae.threshold.float()[feature_ids])
+    if sae.activation == "topk":
+        assert sae.k is not None
+        kth = pre.topk(sae.k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True).float()
+        p = p.masked_fill_(p < kth, 0.0)
+    return p.relu_()
 
 
 def add_vector(sae: SAEWeights, feature_ids: list[int], values: list[float]) -> torch.Tensor:
@@ -48,12 +76,9 @@ def encoded_delta(
     sae: SAEWeights,
     x: torch.Tensor,  # [rows, d_model] residual stream
     feature_ids: torch.Tensor,  # [rows, F] int64
-    modes: torch.Tensor,  # [rows, F] int8: MODE_CLAMP, MODE_SCALE or MODE_NONE (padding)
-    values: torch.Tensor,  # [rows, F] float32: clamp target or scale factor
+    offset: torch.Tensor,  # [rows, F] float32 (see edit_coefficients; 0 for padding)
+    gain: torch.Tensor,  # [rows, F] float32 (0 for padding)
 ) -> torch.Tensor:
     """The clamp/scale edit [rows, d_model] (float32); decodes only the touched features."""
-    f = encode(sae, x).gather(-1, feature_ids)
-    coef = torch.where(
-        modes == MODE_CLAMP, values - f, torch.where(modes == MODE_SCALE, (values - 1.0) * f, torch.zeros_like(f))
-    )
+    coef = torch.addcmul(offset, gain, feature_activations(sae, x, feature_ids))
     return torch.einsum("rf,rfd->rd", coef, sae.W_dec[feature_ids].float())

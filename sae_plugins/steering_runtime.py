@@ -1,10 +1,14 @@
 """Per-worker steering state: the loaded SAEs, the slot tables and this step's token routing.
 
-The tables (add vectors, encode feature tables) are allocated once at start-up and written in
-place when a config is installed. Each step the model runner hook calls `begin_step`, which
-maps requests to config slots and, on the host, plans per layer which rows are steered and
-which of those need an encode; the custom op then calls `apply` at each steered layer, which
-only gathers and scatters with those precomputed indices: no device-to-host synchronisation.
+Every device buffer is allocated once at start-up and written in place, so the op always reads
+the same addresses: the per-(layer, config slot) tables (one precomputed `add` vector; feature
+ids and clamp/scale coefficients for the encoded modes; slot 0 = not steered, all zero) are
+written when a config is installed, and a per-step routing buffer [layers, 4, max_rows] is
+overwritten by one host-to-device copy in `begin_step`. That step plan is built on the host,
+where the scheduler's data already is: per layer, the rows steered there with their slots, and
+the subset that needs an encode. The custom op then calls `apply` at each steered layer, which
+only gathers and scatters with those indices (no device-to-host synchronisation); the host
+counts it slices by are plain ints of the plan, never read back from the device.
 
 Tensor parallelism. At a decoder layer's output, `hidden` and `residual` are replicated on
 every TP rank (row-parallel projections all-reduce), so each rank holds the whole SAE and
@@ -51,17 +55,22 @@ class RequestView:
     num_prompt: int
 
 
+# Rows of the per-step routing buffer, per layer.
+_STEER_ROWS, _STEER_SLOTS, _ENCODE_ROWS, _ENCODE_SLOTS = range(4)
+
+
 class LayerPlan(NamedTuple):
-    """This step's work at one layer (device tensors built on the host before the forward)."""
+    """This step's work at one layer: sizes of the routing buffer's live prefixes (host ints)."""
 
-    rows: torch.Tensor  # flattened rows that are steered here
-    row_slots: torch.Tensor  # their config slots
-    encode: torch.Tensor | None  # positions within `rows` whose config needs an encode
-
+    num_steered: int  # rows with an `add` vector here (their slots have one)
+    num_encoded: int  # rows whose config clamps/scales/ablates here
+    width: int  # feature-table columns in use at this layer
 
 class SteeringRuntime:
-    def __init__(self, config: PluginConfig, saes: dict[int, SAEWeights], device: torch.device):
+    def __init__(self, config: PluginConfig, saes: dict[int, SAEWeights], device: torch.device,
+                 max_rows: int = 8192):
         self.config = config
+        self.max_rows = max_rows  # vLLM's max_num_batched_tokens: rows of the largest step
         self.saes = saes
         self.device = device
         self.layer_pos = {layer: i for i, layer in enumerate(sorted(saes))}
@@ -71,15 +80,17 @@ class SteeringRuntime:
         d_model = next(iter(saes.values())).d_model if saes else 0
         # add: one precomputed vector per (layer, slot); slot 0 stays zero.
         self.add_vectors = torch.zeros((num_layers, num_slots, d_model), dtype=torch.float32, device=device)
-        # clamp/scale/ablate: per (layer, slot) feature tables, padded with MODE_NONE.
+        # clamp/scale/ablate: per (layer, slot) feature tables; the coefficient on feature i's
+        # decoder row is offset + gain * f_i (sae_math.edit_coefficients), (0, 0) = padding.
         shape = (num_layers, num_slots, config.max_features)
         self.feature_ids = torch.zeros(shape, dtype=torch.int64, device=device)
-        self.modes = torch.zeros(shape, dtype=torch.int8, device=device)
-        self.values = torch.zeros(shape, dtype=torch.float32, device=device)
-        self.needs_encode = np.zeros((num_layers, num_slots), dtype=bool)  # host: the plan is built there
-        self.slot_active = np.zeros((num_layers, num_slots), dtype=bool)
+        self.offsets = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.gains = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.routing = torch.zeros((num_layers, 4, max_rows), dtype=torch.int64, device=device)
+        # Host mirrors of what the plan needs, so it is built without touching the device.
+        self.has_add = np.zeros((num_layers, num_slots), dtype=bool)
+        self.needs_encode = np.zeros((num_layers, num_slots), dtype=bool)
         self._encode_counts = np.zeros((num_layers, num_slots), dtype=np.int64)  # host copy
-        self._encode_width = np.zeros(num_layers, dtype=np.int64)  # max count over live slots
         self.step_slots = np.zeros(0, dtype=np.int32)  # this step's slot per flattened row
         self._plans: list[LayerPlan | None] = [None] * num_layers
         self._unapplied: set[int] = set()  # planned layers the op has not run at this step
@@ -126,9 +137,11 @@ class SteeringRuntime:
             np.array([r.num_computed for r in requests], dtype=np.int64),
             np.array([r.num_prompt for r in requests], dtype=np.int64),
         )
+        if rows.size > self.max_rows:
+            raise ValueError(f"steerserve: a step of {rows.size} rows exceeds the routing buffer ({self.max_rows})")
         self.step_slots = rows
         self.steered_tokens_total += int(np.count_nonzero(rows))
-        self._plans = [self._plan_layer(li, rows) for li in range(len(self.layer_pos))]
+        self._plan_step(rows)
         self._unapplied = {li for li, plan in enumerate(self._plans) if plan is not None}
         self._unapplied |= {self.layer_pos[layer] for spec, *_ in self._step_captures for layer in spec.layers}
 
@@ -150,17 +163,24 @@ class SteeringRuntime:
                 "CUDA graph replayed it); serve with cudagraph_mode PIECEWISE or --enforce-eager"
             )
 
-    def _plan_layer(self, li: int, slots: np.ndarray) -> LayerPlan | None:
-        rows = np.flatnonzero(self.slot_active[li][slots])
-        if rows.size == 0:
-            return None
-        row_slots = slots[rows]
-        encode = np.flatnonzero(self.needs_encode[li][row_slots])
-
-        def to_device(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(a.astype(np.int64)).to(self.device, non_blocking=True)
-
-        return LayerPlan(to_device(rows), to_device(row_slots), to_device(encode) if encode.size else None)
+    def _plan_step(self, slots: np.ndarray) -> None:
+        """Fill the routing buffer's live prefixes for every layer with one copy."""
+        self._plans = [None] * len(self.layer_pos)
+        if not slots.any():
+            return
+        host = np.zeros((len(self.layer_pos), 4, slots.size), dtype=np.int64)
+        for li in range(len(self.layer_pos)):
+            steered = np.flatnonzero(self.has_add[li][slots])
+            encoded = np.flatnonzero(self.needs_encode[li][slots])
+            if steered.size == 0 and encoded.size == 0:
+                continue
+            host[li, _STEER_ROWS, : steered.size] = steered
+            host[li, _STEER_SLOTS, : steered.size] = slots[steered]
+            host[li, _ENCODE_ROWS, : encoded.size] = encoded
+            host[li, _ENCODE_SLOTS, : encoded.size] = slots[encoded]
+            width = int(self._encode_counts[li, slots[encoded]].max()) if encoded.size else 0
+            self._plans[li] = LayerPlan(steered.size, encoded.size, width)
+        self.routing[:, :, : slots.size].copy_(torch.from_numpy(host), non_blocking=True)
 
     def _spec_of(self, req: RequestView) -> SteeringSpec | None:
         if req.req_id not in self._specs:
@@ -189,21 +209,21 @@ class SteeringRuntime:
                 )
             n = len(encoded)
             if n:
+                coefficients = torch.tensor([sae_math.edit_coefficients(f.mode, f.value) for f in encoded])
                 self.feature_ids[li, slot, :n] = torch.tensor([f.index for f in encoded])
-                self.modes[li, slot, :n] = torch.tensor([sae_math.ENCODE_MODE_CODES[f.mode] for f in encoded])
-                self.values[li, slot, :n] = torch.tensor([f.target for f in encoded])
+                self.offsets[li, slot, :n] = coefficients[:, 0]
+                self.gains[li, slot, :n] = coefficients[:, 1]
             self._encode_counts[li, slot] = n
             self.needs_encode[li, slot] = n > 0
-            self.slot_active[li, slot] = bool(adds) or n > 0
-        self._encode_width = self._encode_counts.max(axis=1)
+            self.has_add[li, slot] = bool(adds)
 
     def _clear_slot(self, slot: int) -> None:
         self.add_vectors[:, slot].zero_()
-        self.modes[:, slot].zero_()
+        self.offsets[:, slot].zero_()
+        self.gains[:, slot].zero_()
         self.needs_encode[:, slot] = False
-        self.slot_active[:, slot] = False
+        self.has_add[:, slot] = False
         self._encode_counts[:, slot] = 0
-        self._encode_width = self._encode_counts.max(axis=1)
 
     # ---- in the forward (called by the custom op) ----------------------------------------
     def apply(self, layer: int, hidden: torch.Tensor, residual: torch.Tensor) -> None:
@@ -222,24 +242,24 @@ class SteeringRuntime:
         plan = self._plans[li]
         if plan is None:
             return
-        rows, row_slots, enc = plan
-        delta = self.add_vectors[li, row_slots]  # [rows, d_model]; zero for configs without add
-        if enc is not None:
-            width = int(self._encode_width[li])
-            enc_rows, enc_slots = rows[enc], row_slots[enc]
-            x = hidden[enc_rows].float() + residual[enc_rows].float()
-            delta.index_add_(
-                0,
-                enc,
-                sae_math.encoded_delta(
-                    self.saes[layer],
-                    x,
-                    self.feature_ids[li, enc_slots, :width],
-                    self.modes[li, enc_slots, :width],
-                    self.values[li, enc_slots, :width],
-                ),
+        routing = self.routing[li]
+        delta = None
+        if plan.num_encoded:  # every edit at a layer reads the stream as it arrived there
+            rows, slots = routing[_ENCODE_ROWS, : plan.num_encoded], routing[_ENCODE_SLOTS, : plan.num_encoded]
+            x = hidden.index_select(0, rows).float().add_(residual.index_select(0, rows))
+            width = plan.width
+            delta = sae_math.encoded_delta(
+                self.saes[layer],
+                x,
+                self.feature_ids[li].index_select(0, slots)[:, :width],
+                self.offsets[li].index_select(0, slots)[:, :width],
+                self.gains[li].index_select(0, slots)[:, :width],
             )
-        hidden.index_add_(0, rows, delta.to(hidden.dtype))
+        if plan.num_steered:
+            steered, steered_slots = routing[_STEER_ROWS, : plan.num_steered], routing[_STEER_SLOTS, : plan.num_steered]
+            hidden.index_add_(0, steered, self.add_vectors[li].index_select(0, steered_slots).to(hidden.dtype))
+        if delta is not None:
+            hidden.index_add_(0, rows, delta.to(hidden.dtype))
 
     # ---- reporting ------------------------------------------------------------------------
     def sae_info(self) -> list[dict]:

@@ -80,14 +80,3 @@ def test_make_tiny_is_idempotent(tiny_model_dir):
     )
     assert result.returncode == 0
     assert result.stdout.strip() == str(tiny_model_dir)
-
-
-def test_sae_refuses_model_runner_v2(fake_model, tiny_model_dir):
-    env = {**server_env(), "VLLM_USE_V2_MODEL_RUNNER": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "server", "serve", str(fake_model), "--sae", str(tiny_model_dir / "sae"),
-         "--sae-layers", "1", "--port", "1"],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
-    )
-    assert result.returncode != 0
-    assert "--sae needs vLLM's V1 model runner" in result.stderr

@@ -86,10 +86,11 @@ def test_encoded_delta_and_add_vector_formulas():
     f = sae_math.encode(sae, x)[0]
     active = int(f.argmax())
     ids = torch.tensor([[active, 7, 0]])
-    modes = torch.tensor([[sae_math.MODE_CLAMP, sae_math.MODE_SCALE, sae_math.MODE_NONE]], dtype=torch.int8)
-    values = torch.tensor([[10.0, 3.0, 99.0]])
-    delta = sae_math.encoded_delta(sae, x, ids, modes, values)[0]
+    coefficients = [sae_math.edit_coefficients("clamp", 10.0), sae_math.edit_coefficients("scale", 3.0), (0.0, 0.0)]
+    offset, gain = torch.tensor([coefficients]).unbind(-1)
+    delta = sae_math.encoded_delta(sae, x, ids, offset, gain)[0]
     expected = (10.0 - f[active]) * sae.W_dec[active] + (3.0 - 1) * f[7] * sae.W_dec[7]
+    assert sae_math.edit_coefficients("ablate", 5.0) == (0.0, -1.0)
     assert torch.allclose(delta, expected, atol=1e-5)
     assert torch.allclose(sae_math.add_vector(sae, [5, 6], [2.0, -1.0]), 2.0 * sae.W_dec[5] - sae.W_dec[6])
 
@@ -138,7 +139,7 @@ def test_runtime_routes_each_row_to_its_own_config():
     # The next step: "add" finished, its slot is freed and cleared.
     runtime.begin_step(["add"], [views[2]])
     assert runtime.step_slots.tolist() == [0, 2]  # positions 3 (prompt), 4 (generation)
-    assert runtime.slots.active == 1 and not runtime.slot_active[0, 1]
+    assert runtime.slots.active == 1 and not runtime.has_add[0, 1]
 
 
 def test_a_forward_that_skipped_the_op_fails_loudly():
@@ -159,3 +160,15 @@ def test_a_forward_that_skipped_the_op_fails_loudly():
         runtime.verify_applied()
     runtime.begin_step([], [RequestView("plain", {}, 2, 0, 2)])
     runtime.verify_applied()  # nothing planned, nothing to check
+
+
+@pytest.mark.parametrize("activation", ["topk", "relu", "jumprelu"])
+def test_feature_activations_equal_the_dense_encode(activation):
+    sae = tiny_sae(activation)
+    if activation == "jumprelu":
+        sae.threshold = torch.full((sae.d_sae,), 0.3)
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(4))
+    ids = torch.randint(0, sae.d_sae, (5, 6), generator=torch.Generator().manual_seed(5))
+    ids[:, 0] = sae_math.encode(sae, x).argmax(-1)  # at least one active feature per row
+    dense = sae_math.encode(sae, x).gather(-1, ids)
+    assert torch.equal(sae_math.feature_activations(sae, x, ids), dense)

@@ -1,0 +1,64 @@
+"""The plugin's hooks against the installed vLLM's two model runners.
+
+The V1 runner is exercised end to end by every server test. Model Runner V2 cannot run on a CPU
+build (it needs Triton's GPU backend), so here its hooks are pinned to the vLLM source they wrap:
+the methods must be wrapped after `register()`, and every attribute the V2 routing reads must
+exist under the name and meaning it uses. A vLLM upgrade that renames one fails here, not in
+production.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+
+pytest.importorskip("vllm")
+
+
+@pytest.fixture(scope="module")
+def v2_runner():
+    import sae_plugins
+
+    sae_plugins.register()
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+
+    return GPUModelRunner
+
+
+def test_register_wraps_both_model_runners(v2_runner):
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner as V1Runner
+
+    for cls, names in ((V1Runner, ("_prepare_inputs", "_dummy_run", "_model_forward", "load_model")),
+                       (v2_runner, ("add_requests", "prepare_inputs", "execute_model", "load_model"))):
+        for name in names:
+            assert _is_hook(getattr(cls, name)), f"{cls.__module__}.{name} is not hooked"
+    import sae_plugins
+
+    sae_plugins.register()  # idempotent: wrapping twice would route every step twice
+    assert not _is_hook(v2_runner.prepare_inputs.__wrapped__)
+    assert not _is_hook(V1Runner._prepare_inputs.__wrapped__)
+
+
+def _is_hook(method) -> bool:
+    return method.__code__.co_filename.endswith("sae_plugins/runner_patch.py")
+
+
+def test_v2_routing_reads_fields_that_exist(v2_runner):
+    from vllm.v1.core.sched.output import NewRequestData, SchedulerOutput
+    from vllm.v1.worker.gpu.input_batch import InputBatch
+
+    batch_fields = {f.name for f in dataclasses.fields(InputBatch)}
+    assert {"req_ids", "idx_mapping_np", "num_scheduled_tokens", "num_computed_tokens_np"} <= batch_fields
+    assert {"req_id", "sampling_params"} <= {f.name for f in dataclasses.fields(NewRequestData)}
+    assert {"finished_req_ids", "scheduled_new_reqs"} <= {f.name for f in dataclasses.fields(SchedulerOutput)}
+    from vllm.v1.worker.gpu.states import RequestState
+
+    # prompt_len, not prefill_len: a resumed request's prefill also holds its generated tokens,
+    # and generation-only steering must keep treating those as generated.
+    assert "self.prompt_len = UvaBackedTensor" in inspect.getsource(RequestState.__init__)
+    original = inspect.signature(v2_runner.execute_model.__wrapped__.__wrapped__)
+    assert "dummy_run" in original.parameters
+    assert list(inspect.signature(v2_runner.prepare_inputs.__wrapped__).parameters)[:2] == ["self", "scheduler_output"]
+    assert list(inspect.signature(v2_runner.add_requests.__wrapped__).parameters)[:2] == ["self", "scheduler_output"]
