@@ -7,7 +7,11 @@ a running server, then measures, on that same engine:
     to the unsteered run at the same concurrency;
   * throughput with K = 1, 8, 32, 64 distinct steering configs in flight, relative to K = 1.
 Each cell is the median over paired runs (baseline then variant, repeated) after a warm-up pass
-over every shape, because a shared CPU machine drifts by more than the effects measured.
+over every shape, because a shared CPU machine drifts by more than the effects measured. Each
+cell also reports the steering share: the fraction of the workers' model-execution host time
+spent in steering (routing + the op), measured inside the same steps, so it does not drift;
+the 0% row is the unsteered overhead (routing only). On CPU that is the steering cost itself;
+on GPU it is launch time only, and the throughput ratios are the measure.
 Steered requests clamp one feature per steered layer (the costly path: a full TopK encode).
 
     python bench/steering_overhead.py                        # CPU: the embedded tiny model
@@ -64,19 +68,39 @@ async def run_load(base_url: str, specs: list[dict | None], concurrency: int, ma
     return completion / elapsed, (completion + prompt) / elapsed
 
 
+async def worker_seconds(base_url: str) -> tuple[float, float]:
+    """(steering, execute) host seconds from the server's worker counters, freshly read: a
+    scrape asks the workers for a new snapshot at most once a second, so scrape, wait, scrape."""
+    async with httpx.AsyncClient(timeout=60) as client:
+        await client.get(f"{base_url}/metrics")
+        await asyncio.sleep(1.2)
+        text = (await client.get(f"{base_url}/metrics")).text
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("steerserve_steering_host_seconds_total", "steerserve_model_execute_host_seconds_total"):
+            values[name] = float(value)
+    return values["steerserve_steering_host_seconds_total"], values["steerserve_model_execute_host_seconds_total"]
+
+
 async def paired_ratio(base_url: str, base: list, variant: list, concurrency: int, args) -> tuple[float, ...]:
     """Runs base and variant back to back `args.repeats` times (ABAB...) so drift on a noisy
-    machine hits both alike; returns the median variant/base ratios (decode, total) and the
-    median variant throughputs (decode, total)."""
-    decode_ratios, total_ratios, decodes, totals = [], [], [], []
+    machine hits both alike. Returns medians of: the variant/base throughput ratios (decode,
+    total), the variant throughputs (decode, total), and the share of the variant runs' model
+    execution time spent steering, which the workers measure inside the same steps and so does
+    not drift with the machine (on CPU it is the steering cost itself)."""
+    decode_ratios, total_ratios, decodes, totals, shares = [], [], [], [], []
     for _ in range(args.repeats):
         base_decode, base_total = await run_load(base_url, base, concurrency, args.max_tokens)
+        steer0, exec0 = await worker_seconds(base_url)
         decode, total = await run_load(base_url, variant, concurrency, args.max_tokens)
+        steer1, exec1 = await worker_seconds(base_url)
         decode_ratios.append(decode / base_decode)
         total_ratios.append(total / base_total)
         decodes.append(decode)
         totals.append(total)
-    return tuple(statistics.median(v) for v in (decode_ratios, total_ratios, decodes, totals))
+        shares.append((steer1 - steer0) / max(exec1 - exec0, 1e-9))
+    return tuple(statistics.median(v) for v in (decode_ratios, total_ratios, decodes, totals, shares))
 
 
 def steering_matrix(layers: list[int], n: int) -> list[tuple[str, str, list]]:
@@ -100,24 +124,25 @@ async def measure(args, base_url: str) -> None:
     print(f"\nsteered fraction x steered layers x concurrency: median of {args.repeats} paired runs, "
           f"ratio to 0% steered ({args.max_tokens} tokens/request)")
     print(f"{'conc':>5} {'layers':>7} {'steered':>8} {'decode tok/s':>13} {'total tok/s':>12} "
-          f"{'decode ratio':>13} {'total ratio':>12}")
+          f"{'decode ratio':>13} {'total ratio':>12} {'steering share':>15}")
     for concurrency in (1, 8, 32):
         n = max(2 * concurrency, args.min_requests)
-        for layer_label, label, specs in steering_matrix(layers, n):
-            decode_ratio, total_ratio, decode, total = await paired_ratio(
+        cells = [("-", "0%", [None] * n), *steering_matrix(layers, n)]
+        for layer_label, label, specs in cells:
+            decode_ratio, total_ratio, decode, total, share = await paired_ratio(
                 base_url, [None] * n, specs, concurrency, args)
             print(f"{concurrency:>5} {layer_label:>7} {label:>8} {decode:>13.1f} {total:>12.1f} "
-                  f"{decode_ratio:>13.3f} {total_ratio:>12.3f}")
+                  f"{decode_ratio:>13.3f} {total_ratio:>12.3f} {share:>14.1%}")
     print(f"\ndistinct steering configs in flight (concurrency 32, 1 layer, all requests steered): "
           f"median of {args.repeats} paired runs against K=1")
-    print(f"{'K':>4} {'decode tok/s':>13} {'ratio to K=1':>13}")
+    print(f"{'K':>4} {'decode tok/s':>13} {'ratio to K=1':>13} {'steering share':>15}")
     n = max(64, args.min_requests)
     reference = [clamp_spec(layers[:1], 0) for _ in range(n)]
     for k in (8, 32, 64):
         specs = [clamp_spec(layers[:1], i % k) for i in range(n)]
         await run_load(base_url, specs, 32, args.max_tokens)  # warm-up: install the K configs once
-        decode_ratio, _, decode, _ = await paired_ratio(base_url, reference, specs, 32, args)
-        print(f"{k:>4} {decode:>13.1f} {decode_ratio:>13.3f}")
+        decode_ratio, _, decode, _, share = await paired_ratio(base_url, reference, specs, 32, args)
+        print(f"{k:>4} {decode:>13.1f} {decode_ratio:>13.3f} {share:>14.1%}")
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ new request's `extra_args` until the request finishes.
 from __future__ import annotations
 
 import functools
+import time
 import logging
 
 from tqdm import tqdm
@@ -25,7 +26,7 @@ from .model_patch import decoder_layers, is_local_layer, steer_layer
 from .plugin_config import PluginConfig
 from .sae_loading import load_sae_layer
 from .steering_op import register_steering_op, set_runtime_lookup
-from .steering_runtime import RequestView, SteeringRuntime
+from .steering_runtime import StepBatch, SteeringRuntime
 
 logger = logging.getLogger("steerserve")
 
@@ -60,6 +61,8 @@ def install_steering(runner) -> None:
         saes[n] = load_sae_layer(
             config.sae_path, n, d_model=d_model, dtype=model_config.dtype, device=runner.device
         )
+        if runner.device.type == "cpu":
+            saes[n].use_float32_encoder()
     register_steering_op()
     max_rows = runner.vllm_config.scheduler_config.max_num_batched_tokens
     _runtime = SteeringRuntime(config, saes, runner.device, max_rows=max_rows)
@@ -72,23 +75,26 @@ def install_steering(runner) -> None:
 
 
 def begin_step(runner, scheduler_output, num_scheduled_tokens) -> None:
+    """V1: the persistent batch's arrays are already in this step's row order."""
     if _runtime is None:
         return
     batch = runner.input_batch
-    requests = []
-    for i, req_id in enumerate(batch.req_ids):
-        state = runner.requests[req_id]
-        params = state.sampling_params
-        requests.append(
-            RequestView(
-                req_id=req_id,
-                extra_args=params.extra_args if params is not None else None,
-                num_scheduled=int(num_scheduled_tokens[i]),
-                num_computed=int(batch.num_computed_tokens_cpu[i]),
-                num_prompt=state.num_prompt_tokens,
-            )
-        )
-    _runtime.begin_step(scheduler_output.finished_req_ids, requests)
+    n = batch.num_reqs
+
+    def extra_args_of(req_id: str) -> dict | None:
+        params = runner.requests[req_id].sampling_params
+        return params.extra_args if params is not None else None
+
+    _runtime.begin_step(
+        scheduler_output.finished_req_ids,
+        StepBatch(
+            batch.req_ids,
+            num_scheduled_tokens[:n],
+            batch.num_computed_tokens_cpu[:n],
+            batch.num_prompt_tokens[:n],
+            extra_args_of,
+        ),
+    )
 
 
 def _begin_step_v2(runner, scheduler_output, input_batch) -> None:
@@ -97,18 +103,16 @@ def _begin_step_v2(runner, scheduler_output, input_batch) -> None:
     extra_args = runner._steerserve_extra_args
     for req_id in scheduler_output.finished_req_ids:
         extra_args.pop(req_id, None)
-    prompt_lens = runner.req_states.prompt_len.np[input_batch.idx_mapping_np]
-    requests = [
-        RequestView(
-            req_id=req_id,
-            extra_args=extra_args.get(req_id),
-            num_scheduled=int(input_batch.num_scheduled_tokens[i]),
-            num_computed=int(input_batch.num_computed_tokens_np[i]),
-            num_prompt=int(prompt_lens[i]),
-        )
-        for i, req_id in enumerate(input_batch.req_ids)
-    ]
-    _runtime.begin_step(scheduler_output.finished_req_ids, requests)
+    _runtime.begin_step(
+        scheduler_output.finished_req_ids,
+        StepBatch(
+            input_batch.req_ids,
+            input_batch.num_scheduled_tokens,
+            input_batch.num_computed_tokens_np,
+            runner.req_states.prompt_len.np[input_batch.idx_mapping_np],
+            extra_args.get,
+        ),
+    )
 
 
 def _wrap_load_model(cls) -> None:
@@ -146,6 +150,22 @@ def _verifying_afterwards(method):
     return wrapper
 
 
+def _timed(method):
+    """Adds the host time of real (non-dummy) steps to the runtime's execute_seconds, the
+    denominator of the steering share that bench/steering_overhead.py reports."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if _runtime is None or kwargs.get("dummy_run"):
+            return method(self, *args, **kwargs)
+        started = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            _runtime.execute_seconds += time.perf_counter() - started
+
+    return wrapper
+
+
 def patch_model_runners() -> None:
     """Idempotent: hook both model runners (vLLM picks one per engine)."""
     _patch_v1_runner()
@@ -169,6 +189,7 @@ def _patch_v1_runner() -> None:
     GPUModelRunner._prepare_inputs = _prepare_inputs
     GPUModelRunner._dummy_run = _clearing_routing_first(GPUModelRunner._dummy_run)
     GPUModelRunner._model_forward = _verifying_afterwards(GPUModelRunner._model_forward)
+    GPUModelRunner.execute_model = _timed(GPUModelRunner.execute_model)
     _wrap_load_model(GPUModelRunner)
     from vllm.platforms import current_platform
 
@@ -207,5 +228,5 @@ def _patch_v2_runner() -> None:
     GPUModelRunner.add_requests = _add_requests
     GPUModelRunner.prepare_inputs = _prepare_inputs
     # Dummy runs go through execute_model too; a real batch sets the routing in prepare_inputs.
-    GPUModelRunner.execute_model = _verifying_afterwards(_clearing_routing_first(GPUModelRunner.execute_model))
+    GPUModelRunner.execute_model = _timed(_verifying_afterwards(_clearing_routing_first(GPUModelRunner.execute_model)))
     _wrap_load_model(GPUModelRunner)

@@ -26,11 +26,12 @@ def edit_coefficients(mode: str, value: float) -> tuple[float, float]:
 
 
 def pre_activation(sae: SAEWeights, x: torch.Tensor) -> torch.Tensor:
-    """Encoder pre-activations [rows, d_sae] in the SAE's dtype (one fused matmul + bias) of
-    residual-stream rows x [rows, d_model]."""
+    """Encoder pre-activations [rows, d_sae] in the encoder's compute dtype (one fused matmul +
+    bias) of residual-stream rows x [rows, d_model]."""
     if sae.apply_b_dec_to_input:
         x = x - sae.b_dec
-    return torch.addmm(sae.b_enc, x.to(sae.W_enc.dtype), sae.W_enc.T)
+    W_enc, b_enc = sae.encoder()
+    return torch.addmm(b_enc, x.to(W_enc.dtype), W_enc.T)
 
 
 def encode(sae: SAEWeights, x: torch.Tensor) -> torch.Tensor:

@@ -27,8 +27,9 @@ and one all-reduce of [rows, d_model] per steered layer.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -45,14 +46,45 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
+class StepBatch:
+    """This step's scheduled requests in row order, as arrays straight from the runner's own
+    batch state: building the routing must not cost a Python object per request per step."""
+
+    req_ids: Sequence[str]
+    num_scheduled: np.ndarray  # rows this step per request
+    num_computed: np.ndarray  # tokens already in the KV/state before this step
+    num_prompt: np.ndarray  # prompt length
+    extra_args_of: Callable[[str], dict | None]  # read once, when a request is first seen
+
+
+@dataclass
 class RequestView:
-    """What the routing needs to know about one scheduled request."""
+    """One scheduled request, spelled out (tests and callers without batch arrays)."""
 
     req_id: str
     extra_args: dict | None
     num_scheduled: int
     num_computed: int
     num_prompt: int
+
+    @staticmethod
+    def batch(views: list["RequestView"]) -> StepBatch:
+        extra = {v.req_id: v.extra_args for v in views}
+        return StepBatch(
+            [v.req_id for v in views],
+            np.array([v.num_scheduled for v in views], dtype=np.int64),
+            np.array([v.num_computed for v in views], dtype=np.int64),
+            np.array([v.num_prompt for v in views], dtype=np.int64),
+            extra.get,
+        )
+
+
+class _RequestSteering(NamedTuple):
+    spec: SteeringSpec | None
+    capture: CaptureSpec | None
+
+
+_UNSTEERED = _RequestSteering(None, None)
 
 
 # Rows of the per-step routing buffer, per layer.
@@ -94,56 +126,84 @@ class SteeringRuntime:
         self.step_slots = np.zeros(0, dtype=np.int32)  # this step's slot per flattened row
         self._plans: list[LayerPlan | None] = [None] * num_layers
         self._unapplied: set[int] = set()  # planned layers the op has not run at this step
-        self._specs: dict[str, SteeringSpec | None] = {}
-        self._capture_specs: dict[str, CaptureSpec | None] = {}
+        self._requests: dict[str, _RequestSteering] = {}  # per live request, read once
         # (spec, first row, rows, first position) of each capturing request in this step
         self._step_captures: list[tuple[CaptureSpec, int, int, int]] = []
         self.captures = CaptureStore()
         self.steered_tokens_total = 0
+        self.steering_seconds = 0.0  # host time in begin_step and apply
+        self.execute_seconds = 0.0  # host time in the runner's execute_model (runner_patch adds it)
 
     # ---- per step (host side) -------------------------------------------------------------
-    def begin_step(self, finished_req_ids, requests: list[RequestView]) -> None:
+    def begin_step(self, finished_req_ids, batch: StepBatch | list[RequestView]) -> None:
+        started = time.perf_counter()
+        try:
+            self._begin_step(finished_req_ids, batch)
+        finally:
+            self.steering_seconds += time.perf_counter() - started
+
+    def _begin_step(self, finished_req_ids, batch: StepBatch | list[RequestView]) -> None:
+        if isinstance(batch, list):
+            batch = RequestView.batch(batch)
         for req_id in finished_req_ids:
-            self._specs.pop(req_id, None)
-            self._capture_specs.pop(req_id, None)
+            self._requests.pop(req_id, None)
             freed = self.slots.release(req_id)
             if freed is not None:
                 self._clear_slot(freed)
-        n = len(requests)
-        req_slots = np.zeros(n, dtype=np.int64)
-        apply_to = np.zeros(n, dtype=np.int64)
+        n = len(batch.req_ids)
+        num_rows = int(batch.num_scheduled[:n].sum())
+        if num_rows > self.max_rows:
+            raise ValueError(f"steerserve: a step of {num_rows} rows exceeds the routing buffer ({self.max_rows})")
+        req_slots = apply_to = None
         self._step_captures = []
-        row = 0
-        for req in requests:
-            capture = self._capture_of(req)
-            if capture is not None:
-                self._step_captures.append((capture, row, req.num_scheduled, req.num_computed))
-            row += req.num_scheduled
-        for i, req in enumerate(requests):
-            spec = self._spec_of(req)
-            if spec is None:
+        for i, req_id in enumerate(batch.req_ids):
+            steering = self._requests.get(req_id)
+            if steering is None:
+                steering = self._read_request(req_id, batch.extra_args_of(req_id))
+            if steering is _UNSTEERED:
                 continue
-            slot = self.slots.slot_of(req.req_id)
-            if slot is None:
-                slot, is_new = self.slots.acquire(req.req_id, spec)
-                if is_new:
-                    self._write_slot(slot, spec)
-            req_slots[i] = slot
-            apply_to[i] = APPLY_CODES[spec.apply_to]
-        rows = token_slots(
-            req_slots,
-            apply_to,
-            np.array([r.num_scheduled for r in requests], dtype=np.int64),
-            np.array([r.num_computed for r in requests], dtype=np.int64),
-            np.array([r.num_prompt for r in requests], dtype=np.int64),
-        )
-        if rows.size > self.max_rows:
-            raise ValueError(f"steerserve: a step of {rows.size} rows exceeds the routing buffer ({self.max_rows})")
+            if steering.capture is not None:
+                first_row = int(batch.num_scheduled[:i].sum())
+                self._step_captures.append(
+                    (steering.capture, first_row, int(batch.num_scheduled[i]), int(batch.num_computed[i]))
+                )
+            if steering.spec is not None:
+                if req_slots is None:
+                    req_slots, apply_to = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+                req_slots[i] = self._slot_for(req_id, steering.spec)
+                apply_to[i] = APPLY_CODES[steering.spec.apply_to]
+        if req_slots is None:  # the common step: nobody steered, nothing to plan
+            rows = np.zeros(num_rows, dtype=np.int32)
+            self._plans = [None] * len(self.layer_pos)
+        else:
+            rows = token_slots(
+                req_slots, apply_to, batch.num_scheduled[:n], batch.num_computed[:n], batch.num_prompt[:n]
+            )
+            self.steered_tokens_total += int(np.count_nonzero(rows))
+            self._plan_step(rows)
         self.step_slots = rows
-        self.steered_tokens_total += int(np.count_nonzero(rows))
-        self._plan_step(rows)
         self._unapplied = {li for li, plan in enumerate(self._plans) if plan is not None}
         self._unapplied |= {self.layer_pos[layer] for spec, *_ in self._step_captures for layer in spec.layers}
+
+    def _read_request(self, req_id: str, extra_args: dict | None) -> _RequestSteering:
+        raw_spec = (extra_args or {}).get(EXTRA_ARGS_KEY)
+        raw_capture = (extra_args or {}).get(CAPTURE_KEY)
+        steering = _UNSTEERED
+        if raw_spec or raw_capture:
+            steering = _RequestSteering(
+                SteeringSpec.from_extra_arg(raw_spec) if raw_spec else None,
+                CaptureSpec.from_extra_arg(raw_capture) if raw_capture else None,
+            )
+        self._requests[req_id] = steering
+        return steering
+
+    def _slot_for(self, req_id: str, spec: SteeringSpec) -> int:
+        slot = self.slots.slot_of(req_id)
+        if slot is None:
+            slot, is_new = self.slots.acquire(req_id, spec)
+            if is_new:
+                self._write_slot(slot, spec)
+        return slot
 
     def clear_step(self) -> None:
         """Drop the routing (before dummy/profiling runs, which must never be steered)."""
@@ -166,14 +226,12 @@ class SteeringRuntime:
     def _plan_step(self, slots: np.ndarray) -> None:
         """Fill the routing buffer's live prefixes for every layer with one copy."""
         self._plans = [None] * len(self.layer_pos)
-        if not slots.any():
-            return
+        live = np.unique(slots[slots > 0])
+        layers = np.flatnonzero((self.has_add[:, live] | self.needs_encode[:, live]).any(axis=1))
         host = np.zeros((len(self.layer_pos), 4, slots.size), dtype=np.int64)
-        for li in range(len(self.layer_pos)):
+        for li in layers:
             steered = np.flatnonzero(self.has_add[li][slots])
             encoded = np.flatnonzero(self.needs_encode[li][slots])
-            if steered.size == 0 and encoded.size == 0:
-                continue
             host[li, _STEER_ROWS, : steered.size] = steered
             host[li, _STEER_SLOTS, : steered.size] = slots[steered]
             host[li, _ENCODE_ROWS, : encoded.size] = encoded
@@ -181,18 +239,6 @@ class SteeringRuntime:
             width = int(self._encode_counts[li, slots[encoded]].max()) if encoded.size else 0
             self._plans[li] = LayerPlan(steered.size, encoded.size, width)
         self.routing[:, :, : slots.size].copy_(torch.from_numpy(host), non_blocking=True)
-
-    def _spec_of(self, req: RequestView) -> SteeringSpec | None:
-        if req.req_id not in self._specs:
-            raw = (req.extra_args or {}).get(EXTRA_ARGS_KEY)
-            self._specs[req.req_id] = SteeringSpec.from_extra_arg(raw) if raw else None
-        return self._specs[req.req_id]
-
-    def _capture_of(self, req: RequestView) -> CaptureSpec | None:
-        if req.req_id not in self._capture_specs:
-            raw = (req.extra_args or {}).get(CAPTURE_KEY)
-            self._capture_specs[req.req_id] = CaptureSpec.from_extra_arg(raw) if raw else None
-        return self._capture_specs[req.req_id]
 
     def _write_slot(self, slot: int, spec: SteeringSpec) -> None:
         for f in spec.features:  # the HTTP layer validates this; a raw extra_arg must not pass
@@ -230,6 +276,7 @@ class SteeringRuntime:
         li = self.layer_pos.get(layer)
         if li is None:
             return
+        started = time.perf_counter()
         self._unapplied.discard(li)
         self._steer(li, layer, hidden, residual)
         for spec, start, n, first_position in self._step_captures:
@@ -237,6 +284,7 @@ class SteeringRuntime:
                 x = hidden[start : start + n].float() + residual[start : start + n].float()
                 positions = list(range(first_position, first_position + n))
                 self.captures.record(spec, layer, positions, sae_math.encode(self.saes[layer], x))
+        self.steering_seconds += time.perf_counter() - started
 
     def _steer(self, li: int, layer: int, hidden: torch.Tensor, residual: torch.Tensor) -> None:
         plan = self._plans[li]

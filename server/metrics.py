@@ -96,3 +96,12 @@ class _SnapshotCollector:
         for layer, nbytes in stats.get("sae_memory_bytes", {}).items():
             memory.add_metric([str(layer)], nbytes)
         yield memory
+        for key, name, text in (
+            ("steering_seconds_total", "steerserve_steering_host_seconds",
+             "Host seconds in steering (per-step routing + the steering op), rank 0 worker"),
+            ("execute_seconds_total", "steerserve_model_execute_host_seconds",
+             "Host seconds in the model runner's execute_model for real batches, rank 0 worker"),
+        ):
+            counter = CounterMetricFamily(name, text)
+            counter.add_metric([], stats.get(key, 0.0))
+            yield counter

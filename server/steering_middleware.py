@@ -53,6 +53,10 @@ class SteeringMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == "/metrics":
+            # A scrape shows the last snapshot of the workers' counters and asks for a new one
+            # (debounced), so counters also move while only unsteered traffic runs.
+            scope["app"].state.steerserve.metrics.schedule_refresh()
         if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith(STEERABLE_PATHS):
             await self.app(scope, receive, send)
             return

@@ -173,9 +173,26 @@ def test_steering_metrics_are_exported(http, client):
     assert metric(after, "steerserve_steered_tokens_total") - metric(before, "steerserve_steered_tokens_total") == steered
     assert metric(after, "steerserve_steered_requests_total") - metric(before, "steerserve_steered_requests_total") == 1
     assert metric(after, 'steerserve_steering_validation_errors_total{reason="layer_not_loaded"}') >= 1
-    assert metric(after, 'steerserve_sae_memory_bytes{layer="1"}') == 2 * 1024 * 128 * 2 + (1024 + 128) * 2
+    stored = 2 * 1024 * 128 * 2 + (1024 + 128) * 2  # W_enc, W_dec, b_enc, b_dec in bf16
+    float32_encoder = (1024 * 128 + 1024) * 4  # the CPU encode's copy (SAEWeights.use_float32_encoder)
+    assert metric(after, 'steerserve_sae_memory_bytes{layer="1"}') == stored + float32_encoder
     assert metric(after, "steerserve_sae_layers_loaded") == 2
     assert metric(after, "steerserve_active_steering_configs") == 0
+    steering = metric(after, "steerserve_steering_host_seconds_total") - metric(before, "steerserve_steering_host_seconds_total")
+    executing = (metric(after, "steerserve_model_execute_host_seconds_total")
+                 - metric(before, "steerserve_model_execute_host_seconds_total"))
+    assert 0 < steering < executing  # the steering time is spent inside the runner's steps
+
+
+def test_a_metrics_scrape_refreshes_worker_counters_without_steered_traffic(http, client):
+    http.get("/metrics")
+    time.sleep(1.5)
+    before = metric(http.get("/metrics").text, "steerserve_model_execute_host_seconds_total")
+    chat(client)  # unsteered: the steering middleware schedules no refresh for it
+    http.get("/metrics")  # asks for a new snapshot
+    time.sleep(1.5)
+    after = metric(http.get("/metrics").text, "steerserve_model_execute_host_seconds_total")
+    assert after > before
 
 
 def post(http, steering):

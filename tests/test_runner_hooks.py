@@ -30,7 +30,7 @@ def v2_runner():
 def test_register_wraps_both_model_runners(v2_runner):
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner as V1Runner
 
-    for cls, names in ((V1Runner, ("_prepare_inputs", "_dummy_run", "_model_forward", "load_model")),
+    for cls, names in ((V1Runner, ("_prepare_inputs", "_dummy_run", "_model_forward", "execute_model", "load_model")),
                        (v2_runner, ("add_requests", "prepare_inputs", "execute_model", "load_model"))):
         for name in names:
             assert _is_hook(getattr(cls, name)), f"{cls.__module__}.{name} is not hooked"
@@ -58,7 +58,7 @@ def test_v2_routing_reads_fields_that_exist(v2_runner):
     # prompt_len, not prefill_len: a resumed request's prefill also holds its generated tokens,
     # and generation-only steering must keep treating those as generated.
     assert "self.prompt_len = UvaBackedTensor" in inspect.getsource(RequestState.__init__)
-    original = inspect.signature(v2_runner.execute_model.__wrapped__.__wrapped__)
+    original = inspect.signature(inspect.unwrap(v2_runner.execute_model))
     assert "dummy_run" in original.parameters
     assert list(inspect.signature(v2_runner.prepare_inputs.__wrapped__).parameters)[:2] == ["self", "scheduler_output"]
     assert list(inspect.signature(v2_runner.add_requests.__wrapped__).parameters)[:2] == ["self", "scheduler_output"]

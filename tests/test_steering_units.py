@@ -172,3 +172,15 @@ def test_feature_activations_equal_the_dense_encode(activation):
     ids[:, 0] = sae_math.encode(sae, x).argmax(-1)  # at least one active feature per row
     dense = sae_math.encode(sae, x).gather(-1, ids)
     assert torch.equal(sae_math.feature_activations(sae, x, ids), dense)
+
+
+def test_float32_encoder_encodes_the_stored_weights_exactly():
+    sae = tiny_sae()
+    sae.W_enc, sae.b_enc = sae.W_enc.bfloat16(), sae.b_enc.bfloat16()
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(6))
+    stored = sae.nbytes()
+    sae.use_float32_encoder()
+    pre = sae_math.pre_activation(sae, x)
+    exact = x.double() @ sae.W_enc.double().T + sae.b_enc.double()
+    assert pre.dtype == torch.float32 and torch.allclose(pre.double(), exact, atol=1e-5)
+    assert sae.nbytes() == stored + (16 * 8 + 16) * 4  # the copy is counted
