@@ -10,8 +10,10 @@ Each cell is the median over paired runs (baseline then variant, repeated) after
 over every shape, because a shared CPU machine drifts by more than the effects measured. Each
 cell also reports the steering share: the fraction of the workers' model-execution host time
 spent in steering (routing + the op), measured inside the same steps, so it does not drift;
-the 0% row is the unsteered overhead (routing only). On CPU that is the steering cost itself;
-on GPU it is launch time only, and the throughput ratios are the measure.
+the 0% row is the unsteered overhead (routing only), and its throughput ratio shows how much
+two identical runs differ on this machine. steer/wall is the share of the run's wall time the
+engine spent steering: on CPU, the throughput steering costs. On GPU the counters see launch
+time only, and the throughput ratios are the measure.
 Steered requests clamp one feature per steered layer (the costly path: a full TopK encode).
 
     python bench/steering_overhead.py                        # CPU: the embedded tiny model
@@ -40,9 +42,10 @@ def clamp_spec(layers: list[int], variant: int) -> dict:
                          for layer in layers]}
 
 
-async def run_load(base_url: str, specs: list[dict | None], concurrency: int, max_tokens: int) -> tuple[float, float]:
+async def run_load(base_url: str, specs: list[dict | None], concurrency: int, max_tokens: int,
+                   elapsed_out: list | None = None) -> tuple[float, float]:
     """Sends len(specs) requests (spec i for request i) with `concurrency` in flight.
-    Returns (completion tokens/s, total tokens/s)."""
+    Returns (completion tokens/s, total tokens/s); appends the wall time to elapsed_out."""
     queue = list(enumerate(specs))
     completion = prompt = 0
 
@@ -65,6 +68,8 @@ async def run_load(base_url: str, specs: list[dict | None], concurrency: int, ma
         start = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
+    if elapsed_out is not None:
+        elapsed_out.append(elapsed)
     return completion / elapsed, (completion + prompt) / elapsed
 
 
@@ -86,21 +91,22 @@ async def worker_seconds(base_url: str) -> tuple[float, float]:
 async def paired_ratio(base_url: str, base: list, variant: list, concurrency: int, args) -> tuple[float, ...]:
     """Runs base and variant back to back `args.repeats` times (ABAB...) so drift on a noisy
     machine hits both alike. Returns medians of: the variant/base throughput ratios (decode,
-    total), the variant throughputs (decode, total), and the share of the variant runs' model
-    execution time spent steering, which the workers measure inside the same steps and so does
-    not drift with the machine (on CPU it is the steering cost itself)."""
-    decode_ratios, total_ratios, decodes, totals, shares = [], [], [], [], []
+    total), the variant throughputs (decode, total), and the steering time of the variant runs,
+    which the workers measure inside the same steps and so does not drift with the machine, as
+    a share of their model-execution time and of the runs' wall time. On CPU the steering time
+    is the steering cost itself, so its share of the wall time is the throughput it costs."""
+    columns = [[] for _ in range(6)]
     for _ in range(args.repeats):
         base_decode, base_total = await run_load(base_url, base, concurrency, args.max_tokens)
         steer0, exec0 = await worker_seconds(base_url)
-        decode, total = await run_load(base_url, variant, concurrency, args.max_tokens)
+        elapsed = []
+        decode, total = await run_load(base_url, variant, concurrency, args.max_tokens, elapsed)
         steer1, exec1 = await worker_seconds(base_url)
-        decode_ratios.append(decode / base_decode)
-        total_ratios.append(total / base_total)
-        decodes.append(decode)
-        totals.append(total)
-        shares.append((steer1 - steer0) / max(exec1 - exec0, 1e-9))
-    return tuple(statistics.median(v) for v in (decode_ratios, total_ratios, decodes, totals, shares))
+        values = (decode / base_decode, total / base_total, decode, total,
+                  (steer1 - steer0) / max(exec1 - exec0, 1e-9), (steer1 - steer0) / elapsed[0])
+        for column, value in zip(columns, values):
+            column.append(value)
+    return tuple(statistics.median(column) for column in columns)
 
 
 def steering_matrix(layers: list[int], n: int) -> list[tuple[str, str, list]]:
@@ -124,25 +130,25 @@ async def measure(args, base_url: str) -> None:
     print(f"\nsteered fraction x steered layers x concurrency: median of {args.repeats} paired runs, "
           f"ratio to 0% steered ({args.max_tokens} tokens/request)")
     print(f"{'conc':>5} {'layers':>7} {'steered':>8} {'decode tok/s':>13} {'total tok/s':>12} "
-          f"{'decode ratio':>13} {'total ratio':>12} {'steering share':>15}")
+          f"{'decode ratio':>13} {'total ratio':>12} {'steer/execute':>14} {'steer/wall':>11}")
     for concurrency in (1, 8, 32):
         n = max(2 * concurrency, args.min_requests)
         cells = [("-", "0%", [None] * n), *steering_matrix(layers, n)]
         for layer_label, label, specs in cells:
-            decode_ratio, total_ratio, decode, total, share = await paired_ratio(
+            decode_ratio, total_ratio, decode, total, share, wall = await paired_ratio(
                 base_url, [None] * n, specs, concurrency, args)
             print(f"{concurrency:>5} {layer_label:>7} {label:>8} {decode:>13.1f} {total:>12.1f} "
-                  f"{decode_ratio:>13.3f} {total_ratio:>12.3f} {share:>14.1%}")
+                  f"{decode_ratio:>13.3f} {total_ratio:>12.3f} {share:>14.1%} {wall:>11.1%}")
     print(f"\ndistinct steering configs in flight (concurrency 32, 1 layer, all requests steered): "
           f"median of {args.repeats} paired runs against K=1")
-    print(f"{'K':>4} {'decode tok/s':>13} {'ratio to K=1':>13} {'steering share':>15}")
+    print(f"{'K':>4} {'decode tok/s':>13} {'ratio to K=1':>13} {'steer/execute':>14} {'steer/wall':>11}")
     n = max(64, args.min_requests)
     reference = [clamp_spec(layers[:1], 0) for _ in range(n)]
-    for k in (8, 32, 64):
+    for k in (1, 8, 32, 64):
         specs = [clamp_spec(layers[:1], i % k) for i in range(n)]
         await run_load(base_url, specs, 32, args.max_tokens)  # warm-up: install the K configs once
-        decode_ratio, _, decode, _, share = await paired_ratio(base_url, reference, specs, 32, args)
-        print(f"{k:>4} {decode:>13.1f} {decode_ratio:>13.3f} {share:>14.1%}")
+        decode_ratio, _, decode, _, share, wall = await paired_ratio(base_url, reference, specs, 32, args)
+        print(f"{k:>4} {decode:>13.1f} {decode_ratio:>13.3f} {share:>14.1%} {wall:>11.1%}")
 
 
 def main() -> None:

@@ -71,7 +71,11 @@ def install_steering(runner) -> None:
     for n in local:
         steer_layer(layers[n], n)
     total = sum(s.nbytes() for s in saes.values())
-    logger.info("steerserve: SAE steering on layers %s (%.1f MiB)", local, total / 2**20)
+    logger.info(
+        "steerserve: SAE steering on layers %s (SAEs %.1f MiB; %d config slots for %d distinct specs, "
+        "tables and routing %.1f MiB)",
+        local, total / 2**20, _runtime.slots.num_slots, config.max_configs, _runtime.table_bytes() / 2**20,
+    )
 
 
 def begin_step(runner, scheduler_output, num_scheduled_tokens) -> None:

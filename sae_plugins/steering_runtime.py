@@ -310,5 +310,11 @@ class SteeringRuntime:
             hidden.index_add_(0, rows, delta.to(hidden.dtype))
 
     # ---- reporting ------------------------------------------------------------------------
+    def table_bytes(self) -> int:
+        """Device memory of the per-slot tables and the routing buffer (the cost of capacity:
+        linear in --max-steering-configs, --max-steering-features and the steered layers)."""
+        tensors = (self.add_vectors, self.feature_ids, self.offsets, self.gains, self.routing)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def sae_info(self) -> list[dict]:
         return [self.saes[layer].info() for layer in sorted(self.saes)]

@@ -99,6 +99,7 @@ def configure_steering(args: argparse.Namespace) -> None:
     _choose_model_runner()
     if not _is_cpu_build():
         _keep_steering_out_of_cuda_graphs(args)
+        _explain_tensor_parallel_fusion(args)
 
 
 def _choose_model_runner() -> None:
@@ -129,6 +130,20 @@ def _keep_steering_out_of_cuda_graphs(args: argparse.Namespace) -> None:
     elif mode not in (CUDAGraphMode.NONE, CUDAGraphMode.PIECEWISE):
         sys.exit(f"error: cudagraph_mode {mode.name} would capture the steering op inside a CUDA graph and "
                  "freeze its per-request routing; use PIECEWISE or NONE with --sae")
+
+
+def _explain_tensor_parallel_fusion(args: argparse.Namespace) -> None:
+    """The SAE step needs the whole residual stream at a steered layer's output. This vLLM has
+    no sequence-parallel compile pass (only MoE sequence parallelism, for MoE models), and its
+    all-reduce + RMSNorm fusion matches an all-reduce followed by the next layer's fused
+    add-norm inside one graph piece: the steering op is a splitting op between the two, so at
+    steered layers the all-reduce stays a plain all-reduce and the stream is whole, while the
+    other layers keep the fusion. Said once at start-up, so nobody has to wonder."""
+    if getattr(args, "tensor_parallel_size", 1) <= 1:
+        return
+    print("steerserve: tensor parallel: the all-reduce + RMSNorm fusion stays on except at steered layers, "
+          "where the steering op splits the graph so the residual stream it edits is whole on every rank",
+          file=sys.stderr)
 
 
 def _preflight_local_model(model: str, sae_dir: str, layers: list[int]) -> None:

@@ -18,12 +18,12 @@ MAX_TOKENS = 12
 LOGPROB_TOLERANCE = 0.05  # bf16 model, two different kernel stacks
 
 
-def server_greedy(client, steering):
+def server_greedy(client, steering, messages=PROMPT):
     extra = {"return_token_ids": True, "ignore_eos": True}
     if steering is not None:
         extra["steering"] = steering
     response = client.chat.completions.create(
-        model=MODEL_NAME, messages=PROMPT, max_tokens=MAX_TOKENS, temperature=0, logprobs=True, extra_body=extra
+        model=MODEL_NAME, messages=messages, max_tokens=MAX_TOKENS, temperature=0, logprobs=True, extra_body=extra
     )
     choice = response.choices[0]
     return response.model_extra["prompt_token_ids"], list(choice.model_extra["token_ids"]), [
@@ -66,6 +66,36 @@ def test_server_matches_plain_pytorch_reference(client, reference, all_cases, na
     worst = max(abs(a - b) for a, b in zip(logprobs, ref_logprobs))
     assert worst < LOGPROB_TOLERANCE, (worst, logprobs, ref_logprobs)
     assert all(math.isfinite(x) for x in logprobs)
+
+
+# Longer than three of the shared server's prefill chunks (--max-num-batched-tokens 128 in
+# conftest.serve_args), so its prompt is prefilled over several steps and the routing must place
+# every chunk's rows by their absolute positions.
+LONG_PROMPT = [{"role": "user", "content": " ".join(
+    f"Day {i}: the weather report said rain in the north and sun in the south." for i in range(17))}]
+CHUNKED_CASES = {
+    "unsteered": None,
+    "add": {"features": [{"layer": 1, "index": 3, "mode": "add", "value": 8.0}]},
+    "prompt-only": {"features": [{"layer": 1, "index": 3, "mode": "add", "value": 10.0}], "apply_to": "prompt"},
+    "generation-only": {"features": [{"layer": 2, "index": 700, "mode": "add", "value": 10.0}],
+                        "apply_to": "generation"},
+    "clamp": {"features": [{"layer": 2, "index": 1000, "mode": "clamp", "value": 15.0}]},
+}
+
+
+@pytest.mark.parametrize("name", list(CHUNKED_CASES))
+def test_chunked_prefill_matches_the_reference(client, reference, name):
+    steering = CHUNKED_CASES[name]
+    prompt_ids, tokens, logprobs = server_greedy(client, steering, LONG_PROMPT)
+    assert prompt_ids == reference.chat_prompt_ids(LONG_PROMPT) and len(prompt_ids) > 3 * 128
+    features = steering["features"] if steering else None
+    apply_to = steering.get("apply_to", "all") if steering else "all"
+    ref_tokens, ref_logprobs = reference.greedy_generate(prompt_ids, MAX_TOKENS, features, apply_to)
+    assert tokens == ref_tokens
+    worst = max(abs(a - b) for a, b in zip(logprobs, ref_logprobs))
+    assert worst < LOGPROB_TOLERANCE, (worst, logprobs, ref_logprobs)
+    if steering is not None:
+        assert tokens != server_greedy(client, None, LONG_PROMPT)[1], "the case does not steer"
 
 
 def test_reference_cases_really_steer(reference, all_cases, client):
