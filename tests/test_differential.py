@@ -54,11 +54,10 @@ def all_cases(active_features):
     return cases(active_features)
 
 
-@pytest.mark.parametrize("name", list(cases({1: [0, 1], 2: [0, 1]})))
-def test_server_matches_plain_pytorch_reference(client, reference, all_cases, name):
-    steering = all_cases[name]
-    prompt_ids, tokens, logprobs = server_greedy(client, steering)
-    assert prompt_ids == reference.chat_prompt_ids(PROMPT)
+def assert_server_matches_reference(client, reference, steering, messages=PROMPT) -> list[int]:
+    """Same greedy tokens as the reference, logprobs within tolerance; returns the prompt ids."""
+    prompt_ids, tokens, logprobs = server_greedy(client, steering, messages)
+    assert prompt_ids == reference.chat_prompt_ids(messages)
     features = steering["features"] if steering else None
     apply_to = steering.get("apply_to", "all") if steering else "all"
     ref_tokens, ref_logprobs = reference.greedy_generate(prompt_ids, MAX_TOKENS, features, apply_to)
@@ -66,6 +65,12 @@ def test_server_matches_plain_pytorch_reference(client, reference, all_cases, na
     worst = max(abs(a - b) for a, b in zip(logprobs, ref_logprobs))
     assert worst < LOGPROB_TOLERANCE, (worst, logprobs, ref_logprobs)
     assert all(math.isfinite(x) for x in logprobs)
+    return prompt_ids
+
+
+@pytest.mark.parametrize("name", list(cases({1: [0, 1], 2: [0, 1]})))
+def test_server_matches_plain_pytorch_reference(client, reference, all_cases, name):
+    assert_server_matches_reference(client, reference, all_cases[name])
 
 
 # Longer than three of the shared server's prefill chunks (--max-num-batched-tokens 128 in
@@ -86,16 +91,11 @@ CHUNKED_CASES = {
 @pytest.mark.parametrize("name", list(CHUNKED_CASES))
 def test_chunked_prefill_matches_the_reference(client, reference, name):
     steering = CHUNKED_CASES[name]
-    prompt_ids, tokens, logprobs = server_greedy(client, steering, LONG_PROMPT)
-    assert prompt_ids == reference.chat_prompt_ids(LONG_PROMPT) and len(prompt_ids) > 3 * 128
-    features = steering["features"] if steering else None
-    apply_to = steering.get("apply_to", "all") if steering else "all"
-    ref_tokens, ref_logprobs = reference.greedy_generate(prompt_ids, MAX_TOKENS, features, apply_to)
-    assert tokens == ref_tokens
-    worst = max(abs(a - b) for a, b in zip(logprobs, ref_logprobs))
-    assert worst < LOGPROB_TOLERANCE, (worst, logprobs, ref_logprobs)
+    prompt_ids = assert_server_matches_reference(client, reference, steering, LONG_PROMPT)
+    assert len(prompt_ids) > 3 * 128
     if steering is not None:
-        assert tokens != server_greedy(client, None, LONG_PROMPT)[1], "the case does not steer"
+        steered = server_greedy(client, steering, LONG_PROMPT)[1]
+        assert steered != server_greedy(client, None, LONG_PROMPT)[1], "the case does not steer"
 
 
 def test_reference_cases_really_steer(reference, all_cases, client):
