@@ -82,4 +82,4 @@ def encoded_delta(
 ) -> torch.Tensor:
     """The clamp/scale edit [rows, d_model] (float32); decodes only the touched features."""
     coef = torch.addcmul(offset, gain, feature_activations(sae, x, feature_ids))
-    return torch.einsum("rf,rfd->rd", coef, sae.W_dec[feature_ids].float())
+    return torch.bmm(coef.unsqueeze(1), sae.W_dec[feature_ids].float()).squeeze(1)

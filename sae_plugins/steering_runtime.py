@@ -116,15 +116,20 @@ class SteeringRuntime:
         # decoder row is offset + gain * f_i (sae_math.edit_coefficients), (0, 0) = padding.
         shape = (num_layers, num_slots, config.max_features)
         self.feature_ids = torch.zeros(shape, dtype=torch.int64, device=device)
-        self.offsets = torch.zeros(shape, dtype=torch.float32, device=device)
-        self.gains = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.coefficients = torch.zeros((*shape, 2), dtype=torch.float32, device=device)  # (offset, gain)
         self.routing = torch.zeros((num_layers, 4, max_rows), dtype=torch.int64, device=device)
+        # Per-layer views of the fixed buffers, made once: the op's Python then only slices.
+        self._routing_rows = [tuple(self.routing[li].unbind(0)) for li in range(num_layers)]
+        self._encode_tables = [(self.feature_ids[li], self.coefficients[li]) for li in range(num_layers)]
+        self._add_tables = [self.add_vectors[li] for li in range(num_layers)]
         # Host mirrors of what the plan needs, so it is built without touching the device.
         self.has_add = np.zeros((num_layers, num_slots), dtype=bool)
         self.needs_encode = np.zeros((num_layers, num_slots), dtype=bool)
         self._encode_counts = np.zeros((num_layers, num_slots), dtype=np.int64)  # host copy
         self.step_slots = np.zeros(0, dtype=np.int32)  # this step's slot per flattened row
         self._plans: list[LayerPlan | None] = [None] * num_layers
+        self._plan_key: bytes | None = None  # the routing the buffer holds, and its plans
+        self._cached_plans: list[LayerPlan | None] = []
         self._unapplied: set[int] = set()  # planned layers the op has not run at this step
         self._requests: dict[str, _RequestSteering] = {}  # per live request, read once
         # (spec, first row, rows, first position) of each capturing request in this step
@@ -224,7 +229,13 @@ class SteeringRuntime:
             )
 
     def _plan_step(self, slots: np.ndarray) -> None:
-        """Fill the routing buffer's live prefixes for every layer with one copy."""
+        """Fill the routing buffer's live prefixes for every layer with one copy. A decode step
+        usually routes exactly like the previous one (same requests, one row each): then the
+        buffer already holds this plan and nothing is rebuilt or copied."""
+        key = slots.tobytes()
+        if key == self._plan_key:
+            self._plans = list(self._cached_plans)
+            return
         self._plans = [None] * len(self.layer_pos)
         live = np.unique(slots[slots > 0])
         layers = np.flatnonzero((self.has_add[:, live] | self.needs_encode[:, live]).any(axis=1))
@@ -239,8 +250,10 @@ class SteeringRuntime:
             width = int(self._encode_counts[li, slots[encoded]].max()) if encoded.size else 0
             self._plans[li] = LayerPlan(steered.size, encoded.size, width)
         self.routing[:, :, : slots.size].copy_(torch.from_numpy(host), non_blocking=True)
+        self._plan_key, self._cached_plans = key, list(self._plans)
 
     def _write_slot(self, slot: int, spec: SteeringSpec) -> None:
+        self._plan_key = None  # a slot's tables change what a routing means
         for f in spec.features:  # the HTTP layer validates this; a raw extra_arg must not pass
             if f.layer not in self.layer_pos:
                 raise ValueError(f"steering references layer {f.layer}, which has no SAE loaded")
@@ -257,16 +270,15 @@ class SteeringRuntime:
             if n:
                 coefficients = torch.tensor([sae_math.edit_coefficients(f.mode, f.value) for f in encoded])
                 self.feature_ids[li, slot, :n] = torch.tensor([f.index for f in encoded])
-                self.offsets[li, slot, :n] = coefficients[:, 0]
-                self.gains[li, slot, :n] = coefficients[:, 1]
+                self.coefficients[li, slot, :n] = coefficients
             self._encode_counts[li, slot] = n
             self.needs_encode[li, slot] = n > 0
             self.has_add[li, slot] = bool(adds)
 
     def _clear_slot(self, slot: int) -> None:
+        self._plan_key = None
         self.add_vectors[:, slot].zero_()
-        self.offsets[:, slot].zero_()
-        self.gains[:, slot].zero_()
+        self.coefficients[:, slot].zero_()
         self.needs_encode[:, slot] = False
         self.has_add[:, slot] = False
         self._encode_counts[:, slot] = 0
@@ -290,30 +302,28 @@ class SteeringRuntime:
         plan = self._plans[li]
         if plan is None:
             return
-        routing = self.routing[li]
-        delta = None
+        steer_rows, steer_slots, encode_rows, encode_slots = self._routing_rows[li]
         if plan.num_encoded:  # every edit at a layer reads the stream as it arrived there
-            rows, slots = routing[_ENCODE_ROWS, : plan.num_encoded], routing[_ENCODE_SLOTS, : plan.num_encoded]
-            x = hidden.index_select(0, rows).float().add_(residual.index_select(0, rows))
-            width = plan.width
+            rows, slots = encode_rows[: plan.num_encoded], encode_slots[: plan.num_encoded]
+            h = hidden.index_select(0, rows).float()
+            feature_ids, coefficients = self._encode_tables[li]
             delta = sae_math.encoded_delta(
                 self.saes[layer],
-                x,
-                self.feature_ids[li].index_select(0, slots)[:, :width],
-                self.offsets[li].index_select(0, slots)[:, :width],
-                self.gains[li].index_select(0, slots)[:, :width],
+                h + residual.index_select(0, rows),
+                feature_ids.index_select(0, slots)[:, : plan.width],
+                *coefficients.index_select(0, slots)[:, : plan.width].unbind(-1),
             )
+            # Encoded rows are distinct, so write them back (one rounding) rather than add.
+            hidden.index_copy_(0, rows, h.add_(delta).to(hidden.dtype))
         if plan.num_steered:
-            steered, steered_slots = routing[_STEER_ROWS, : plan.num_steered], routing[_STEER_SLOTS, : plan.num_steered]
-            hidden.index_add_(0, steered, self.add_vectors[li].index_select(0, steered_slots).to(hidden.dtype))
-        if delta is not None:
-            hidden.index_add_(0, rows, delta.to(hidden.dtype))
+            rows, slots = steer_rows[: plan.num_steered], steer_slots[: plan.num_steered]
+            hidden.index_add_(0, rows, self._add_tables[li].index_select(0, slots).to(hidden.dtype))
 
     # ---- reporting ------------------------------------------------------------------------
     def table_bytes(self) -> int:
         """Device memory of the per-slot tables and the routing buffer (the cost of capacity:
         linear in --max-steering-configs, --max-steering-features and the steered layers)."""
-        tensors = (self.add_vectors, self.feature_ids, self.offsets, self.gains, self.routing)
+        tensors = (self.add_vectors, self.feature_ids, self.coefficients, self.routing)
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def sae_info(self) -> list[dict]:

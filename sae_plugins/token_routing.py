@@ -24,6 +24,8 @@ def token_slots(
     num_prompt: np.ndarray,  # [num_reqs] prompt length
 ) -> np.ndarray:
     """Slot index for every row of the step, int32 [sum(num_scheduled)]."""
+    if (req_apply_to == APPLY_ALL).all():  # positions do not matter
+        return np.repeat(req_slots, num_scheduled).astype(np.int32)
     req_of_row = np.repeat(np.arange(len(num_scheduled)), num_scheduled)
     starts = np.cumsum(num_scheduled) - num_scheduled
     offset_in_req = np.arange(len(req_of_row)) - starts[req_of_row]

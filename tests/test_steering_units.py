@@ -184,3 +184,29 @@ def test_float32_encoder_encodes_the_stored_weights_exactly():
     exact = x.double() @ sae.W_enc.double().T + sae.b_enc.double()
     assert pre.dtype == torch.float32 and torch.allclose(pre.double(), exact, atol=1e-5)
     assert sae.nbytes() == stored + (16 * 8 + 16) * 4  # the copy is counted
+
+
+def test_reused_routing_is_replanned_when_a_slot_changes_hands():
+    """A decode step that routes like the last one reuses its plan; a slot freed and re-used by
+    a different spec (same slot number, same routing bytes) must not."""
+    from sae_plugins.plugin_config import PluginConfig
+    from sae_plugins.steering_runtime import RequestView, SteeringRuntime
+    from sae_plugins.steering_spec import EXTRA_ARGS_KEY
+
+    sae = tiny_sae()
+    runtime = SteeringRuntime(PluginConfig("mem", (0,), max_features=4, max_configs=1), {0: sae}, torch.device("cpu"))
+    add_view = RequestView("a", {EXTRA_ARGS_KEY: spec((0, 5, "add", 2.0)).to_extra_arg()}, 1, 4, 2)
+    for _ in range(2):  # the second step reuses the first one's plan
+        runtime.begin_step([], [add_view])
+        hidden = torch.zeros(1, 8)
+        runtime.apply(0, hidden, torch.zeros(1, 8))
+        assert torch.allclose(hidden[0], 2.0 * sae.W_dec[5], atol=1e-5)
+    residual = torch.randn(1, 8, generator=torch.Generator().manual_seed(7))
+    active = int(sae_math.encode(sae, residual)[0].argmax())
+    scale_view = RequestView("b", {EXTRA_ARGS_KEY: spec((0, active, "scale", 3.0)).to_extra_arg()}, 1, 4, 2)
+    runtime.begin_step(["a"], [scale_view])
+    assert runtime.step_slots.tolist() == [1]  # the same slot, the same routing bytes
+    hidden = torch.zeros(1, 8)
+    runtime.apply(0, hidden, residual)
+    f = sae_math.encode(sae, residual)[0, active]
+    assert f > 0 and torch.allclose(hidden[0], 2.0 * f * sae.W_dec[active], atol=1e-5)
