@@ -28,7 +28,8 @@ from .sae_loading import load_sae_layer
 from .steering_op import register_steering_op, set_runtime_lookup
 from .steering_runtime import StepBatch, SteeringRuntime
 
-logger = logging.getLogger("steerserve")
+# A child of vLLM's logger, so our lines go out through the handler vLLM configures.
+logger = logging.getLogger("vllm.steerserve")
 
 _runtime: SteeringRuntime | None = None
 _lens: FeatureLens | None = None

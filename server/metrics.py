@@ -16,7 +16,8 @@ from typing import Awaitable, Callable
 from prometheus_client import REGISTRY, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-logger = logging.getLogger("steerserve")
+# A child of vLLM's logger, so our lines go out through the handler vLLM configures.
+logger = logging.getLogger("vllm.steerserve")
 REFRESH_SECONDS = 1.0
 
 
