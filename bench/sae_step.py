@@ -63,6 +63,8 @@ def main() -> None:
     dtype = torch.bfloat16
     d_model, d_sae, d_mlp = D_MODEL // shrink, D_SAE // shrink, D_MLP // shrink
     sae = random_sae(d_model, d_sae, K, device, dtype)
+    if device.type == "cpu":
+        sae.choose_cpu_encoder()  # as the server's CPU workers do (runner_patch.install_steering)
     gate_up = torch.randn(2 * d_mlp, d_model, device=device, dtype=dtype) * 0.01
     down = torch.randn(d_model, d_mlp, device=device, dtype=dtype) * 0.01
     print(f"device={device} dtype=bf16 d_model={d_model} d_sae={d_sae} k={K} mlp={d_mlp} (1/{shrink} of 27B)")

@@ -63,7 +63,7 @@ def install_steering(runner) -> None:
             config.sae_path, n, d_model=d_model, dtype=model_config.dtype, device=runner.device
         )
         if runner.device.type == "cpu":
-            saes[n].use_float32_encoder()
+            saes[n].choose_cpu_encoder()
     register_steering_op()
     max_rows = runner.vllm_config.scheduler_config.max_num_batched_tokens
     _runtime = SteeringRuntime(config, saes, runner.device, max_rows=max_rows)

@@ -15,6 +15,8 @@ import torch
 
 Activation = Literal["topk", "relu", "jumprelu"]
 
+SMALL_ENCODER_BYTES = 4 << 20  # float32 encoders up to this size stay cache-resident on CPU
+
 
 @dataclass
 class SAEWeights:
@@ -31,7 +33,7 @@ class SAEWeights:
     source: str  # path of the file the weights came from
     hook_point: str = "resid_post"
     # The encoder in the dtype the encode runs in, when that differs from the stored one (see
-    # use_float32_encoder); None = use W_enc / b_enc as stored.
+    # choose_cpu_encoder); None = use W_enc / b_enc as stored.
     encoder_compute: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -51,12 +53,18 @@ class SAEWeights:
         return self.encoder_compute or (self.W_enc, self.b_enc)
 
     def use_float32_encoder(self) -> None:
-        """Encode with a float32 copy of the (already rounded) encoder. For CPUs: without native
-        bf16 matrix units PyTorch's bf16 GEMM of a few rows is several times slower than float32
-        (55 us vs 13 us for one row against a 1024 x 128 encoder here), and the float32 product
-        of the same rounded weights is also closer to exact. Costs the copy's memory."""
+        """Encode with a float32 copy of the (already rounded) encoder; costs the copy's memory."""
         if self.W_enc.dtype != torch.float32:
             self.encoder_compute = (self.W_enc.float(), self.b_enc.float())
+
+    def choose_cpu_encoder(self) -> None:
+        """On CPU, encode a small SAE in float32 and leave a large one in its stored dtype.
+        Without native bf16 matrix units PyTorch's bf16 GEMM of a few rows is compute-bound
+        and slow (one row against a 1024 x 128 encoder: 55 us bf16, 13 us float32 here), but
+        once the encoder outgrows the caches the encode is memory-bound and float32 doubles the
+        bytes read (at 1/8 of the 27B SAE, 10240 x 640, float32 was 2.3-3.7x slower)."""
+        if self.W_enc.numel() * 4 <= SMALL_ENCODER_BYTES:
+            self.use_float32_encoder()
 
     def nbytes(self) -> int:
         tensors = [self.W_enc, self.b_enc, self.W_dec, self.b_dec, *(self.encoder_compute or ())]

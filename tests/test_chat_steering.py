@@ -174,7 +174,7 @@ def test_steering_metrics_are_exported(http, client):
     assert metric(after, "steerserve_steered_requests_total") - metric(before, "steerserve_steered_requests_total") == 1
     assert metric(after, 'steerserve_steering_validation_errors_total{reason="layer_not_loaded"}') >= 1
     stored = 2 * 1024 * 128 * 2 + (1024 + 128) * 2  # W_enc, W_dec, b_enc, b_dec in bf16
-    float32_encoder = (1024 * 128 + 1024) * 4  # the CPU encode's copy (SAEWeights.use_float32_encoder)
+    float32_encoder = (1024 * 128 + 1024) * 4  # a small SAE's CPU encode copy (SAEWeights.choose_cpu_encoder)
     assert metric(after, 'steerserve_sae_memory_bytes{layer="1"}') == stored + float32_encoder
     assert metric(after, "steerserve_sae_layers_loaded") == 2
     assert metric(after, "steerserve_active_steering_configs") == 0

@@ -210,3 +210,14 @@ def test_reused_routing_is_replanned_when_a_slot_changes_hands():
     runtime.apply(0, hidden, residual)
     f = sae_math.encode(sae, residual)[0, active]
     assert f > 0 and torch.allclose(hidden[0], 2.0 * f * sae.W_dec[active], atol=1e-5)
+
+
+def test_cpu_encoder_choice_keeps_large_encoders_in_their_dtype():
+    small = tiny_sae()
+    small.W_enc, small.b_enc = small.W_enc.bfloat16(), small.b_enc.bfloat16()
+    small.choose_cpu_encoder()
+    assert small.encoder()[0].dtype == torch.float32
+    large = tiny_sae()
+    large.W_enc = torch.zeros(4096, 512, dtype=torch.bfloat16)  # 8 MiB in float32
+    large.choose_cpu_encoder()
+    assert large.encoder_compute is None and large.encoder()[0].dtype == torch.bfloat16
