@@ -102,10 +102,15 @@ def begin_step(runner, scheduler_output, num_scheduled_tokens) -> None:
     )
 
 
+def _v2_extra_args(runner) -> dict:
+    """The V2 runner's `extra_args` per live request (kept by its add_requests hook)."""
+    return runner.__dict__.setdefault("_steerserve_extra_args", {})
+
+
 def _begin_step_v2(runner, scheduler_output, input_batch) -> None:
     if _runtime is None:
         return
-    extra_args = runner._steerserve_extra_args
+    extra_args = _v2_extra_args(runner)
     for req_id in scheduler_output.finished_req_ids:
         extra_args.pop(req_id, None)
     _runtime.begin_step(
@@ -215,7 +220,7 @@ def _patch_v2_runner() -> None:
     @functools.wraps(add_requests)
     def _add_requests(self, scheduler_output, *args, **kwargs):
         if _runtime is not None:
-            store = self.__dict__.setdefault("_steerserve_extra_args", {})
+            store = _v2_extra_args(self)
             for new in scheduler_output.scheduled_new_reqs:
                 params = new.sampling_params
                 store[new.req_id] = params.extra_args if params is not None else None
@@ -224,9 +229,7 @@ def _patch_v2_runner() -> None:
     @functools.wraps(prepare_inputs)
     def _prepare_inputs(self, scheduler_output, *args, **kwargs):
         input_batch = prepare_inputs(self, scheduler_output, *args, **kwargs)
-        if _runtime is not None:
-            self.__dict__.setdefault("_steerserve_extra_args", {})
-            _begin_step_v2(self, scheduler_output, input_batch)
+        _begin_step_v2(self, scheduler_output, input_batch)
         return input_batch
 
     _prepare_inputs._steerserve = True

@@ -26,7 +26,6 @@ and one all-reduce of [rows, d_model] per steered layer.
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
@@ -41,8 +40,6 @@ from .plugin_config import PluginConfig
 from .sae import SAEWeights
 from .steering_spec import EXTRA_ARGS_KEY, SteeringSpec
 from .token_routing import APPLY_CODES, token_slots
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -140,16 +137,14 @@ class SteeringRuntime:
         self.execute_seconds = 0.0  # host time in the runner's execute_model (runner_patch adds it)
 
     # ---- per step (host side) -------------------------------------------------------------
-    def begin_step(self, finished_req_ids, batch: StepBatch | list[RequestView]) -> None:
+    def begin_step(self, finished_req_ids, batch: StepBatch) -> None:
         started = time.perf_counter()
         try:
             self._begin_step(finished_req_ids, batch)
         finally:
             self.steering_seconds += time.perf_counter() - started
 
-    def _begin_step(self, finished_req_ids, batch: StepBatch | list[RequestView]) -> None:
-        if isinstance(batch, list):
-            batch = RequestView.batch(batch)
+    def _begin_step(self, finished_req_ids, batch: StepBatch) -> None:
         for req_id in finished_req_ids:
             self._requests.pop(req_id, None)
             freed = self.slots.release(req_id)

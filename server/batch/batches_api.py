@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import APIError
-from .files_api import errors_as_json, list_page, not_found, parse_limit, service_of
+from .files_api import errors_as_json, list_page, not_found, parse_limit, service_of, stored_or_404
 from .lines import SUPPORTED_ENDPOINTS
 from .store import BatchRecord, Store, now
 
@@ -79,9 +79,7 @@ async def create_batch(request: Request) -> Any:
         raise APIError(f"endpoint {body.endpoint!r} is not supported; supported: {list(SUPPORTED_ENDPOINTS)}",
                        param="endpoint", code="invalid_endpoint")
     window = window_seconds(body.completion_window)
-    file = await asyncio.to_thread(store.get_file, body.input_file_id)
-    if file is None:
-        raise not_found("File", body.input_file_id, param="input_file_id")
+    file = await stored_or_404("File", store.get_file, body.input_file_id, param="input_file_id")
     if file.purpose != "batch":
         raise APIError(f"file {file.id} has purpose {file.purpose!r}; a batch's input file needs purpose 'batch'",
                        param="input_file_id", code="invalid_file_purpose")
@@ -112,10 +110,7 @@ async def list_batches(request: Request) -> Any:
 @router.get("/v1/batches/{batch_id}")
 @errors_as_json
 async def retrieve_batch(batch_id: str, request: Request) -> Any:
-    batch = await asyncio.to_thread(service_of(request).store.get_batch, batch_id)
-    if batch is None:
-        raise not_found("Batch", batch_id)
-    return batch.to_api()
+    return (await stored_or_404("Batch", service_of(request).store.get_batch, batch_id)).to_api()
 
 
 @router.post("/v1/batches/{batch_id}/cancel")
@@ -125,9 +120,7 @@ async def cancel_batch(batch_id: str, request: Request) -> Any:
     store: Store = service.store
     if await asyncio.to_thread(store.transition, batch_id, CANCELLABLE, "cancelling", cancelling_at=now()):
         service.wake()
-    batch = await asyncio.to_thread(store.get_batch, batch_id)
-    if batch is None:
-        raise not_found("Batch", batch_id)
+    batch = await stored_or_404("Batch", store.get_batch, batch_id)
     if batch.status not in ("cancelling", "cancelled"):
         raise APIError(f"cannot cancel batch {batch_id}: its status is {batch.status!r}", param="id",
                        code="invalid_state", status=HTTPStatus.CONFLICT)

@@ -39,6 +39,14 @@ def not_found(kind: str, object_id: str, param: str = "id") -> APIError:
                     status=HTTPStatus.NOT_FOUND)
 
 
+async def stored_or_404(kind: str, get, object_id: str, param: str = "id"):
+    """`get(object_id)` from the store (off the event loop), or the 404 for that object."""
+    record = await asyncio.to_thread(get, object_id)
+    if record is None:
+        raise not_found(kind, object_id, param=param)
+    return record
+
+
 def list_page(records: list, has_more: bool) -> dict:
     """OpenAI's cursor-paginated list object."""
     data = [r.to_api() for r in records]
@@ -129,10 +137,7 @@ async def list_files(request: Request) -> Any:
 @router.get("/v1/files/{file_id}")
 @errors_as_json
 async def retrieve_file(file_id: str, request: Request) -> Any:
-    record = await asyncio.to_thread(service_of(request).store.get_file, file_id)
-    if record is None:
-        raise not_found("File", file_id)
-    return record.to_api()
+    return (await stored_or_404("File", service_of(request).store.get_file, file_id)).to_api()
 
 
 @router.get("/v1/files/{file_id}/content")
