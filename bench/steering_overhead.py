@@ -73,19 +73,25 @@ async def run_load(base_url: str, specs: list[dict | None], concurrency: int, ma
     return completion / elapsed, (completion + prompt) / elapsed
 
 
-async def worker_seconds(base_url: str) -> tuple[float, float]:
-    """(steering, execute) host seconds from the server's worker counters, freshly read: a
-    scrape asks the workers for a new snapshot at most once a second, so scrape, wait, scrape."""
+async def worker_metrics(base_url: str) -> dict[str, float]:
+    """The server's /metrics samples, with worker counters freshly read: a scrape asks the
+    workers for a new snapshot at most once a second, so scrape, wait, scrape."""
     async with httpx.AsyncClient(timeout=60) as client:
         await client.get(f"{base_url}/metrics")
         await asyncio.sleep(1.2)
         text = (await client.get(f"{base_url}/metrics")).text
-    values = {}
+    samples = {}
     for line in text.splitlines():
-        name, _, value = line.partition(" ")
-        if name in ("steerserve_steering_host_seconds_total", "steerserve_model_execute_host_seconds_total"):
-            values[name] = float(value)
-    return values["steerserve_steering_host_seconds_total"], values["steerserve_model_execute_host_seconds_total"]
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+async def worker_seconds(base_url: str) -> tuple[float, float]:
+    """(steering, execute) host seconds from the server's worker counters."""
+    samples = await worker_metrics(base_url)
+    return samples["steerserve_steering_host_seconds_total"], samples["steerserve_model_execute_host_seconds_total"]
 
 
 async def paired_ratio(base_url: str, base: list, variant: list, concurrency: int, args) -> tuple[float, ...]:
@@ -121,6 +127,9 @@ def steering_matrix(layers: list[int], n: int) -> list[tuple[str, str, list]]:
 
 async def measure(args, base_url: str) -> None:
     layers = [int(x) for x in args.layers.split(",")]
+    prefix = 'steerserve_steering_kernel{kernel="'
+    kernels = [name[len(prefix):-2] for name in await worker_metrics(base_url) if name.startswith(prefix)]
+    print(f"steering op: {', '.join(kernels) or 'unknown'}")
     print("warm-up: every batch shape and steering mix once (CPU matmul kernels are built per shape)")
     for concurrency in (1, 8, 32):
         n = max(2 * concurrency, args.min_requests)

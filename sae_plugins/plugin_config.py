@@ -21,6 +21,7 @@ class PluginConfig:
     sae_layers: tuple[int, ...]
     max_features: int = DEFAULT_MAX_FEATURES  # per request, over all layers
     max_configs: int = DEFAULT_MAX_CONFIGS  # distinct steering specs in flight
+    steering_kernel: str = "auto"  # CPU: native kernel or PyTorch op (cpu_kernel.py)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -39,4 +40,5 @@ class PluginConfig:
             sae_layers=tuple(int(x) for x in raw["sae_layers"]),
             max_features=int(raw.get("max_features", DEFAULT_MAX_FEATURES)),
             max_configs=int(raw.get("max_configs", DEFAULT_MAX_CONFIGS)),
+            steering_kernel=str(raw.get("steering_kernel", "auto")),
         )

@@ -35,6 +35,8 @@ class SAEWeights:
     # The encoder in the dtype the encode runs in, when that differs from the stored one (see
     # choose_cpu_encoder); None = use W_enc / b_enc as stored.
     encoder_compute: tuple[torch.Tensor, torch.Tensor] | None = None
+    # The float32 encoder packed for the native CPU kernel (see pack_encoder_panels); None = not.
+    encoder_panels: torch.Tensor | None = None
 
     @property
     def d_model(self) -> int:
@@ -66,10 +68,20 @@ class SAEWeights:
         if self.W_enc.numel() * 4 <= SMALL_ENCODER_BYTES:
             self.use_float32_encoder()
 
+    def pack_encoder_panels(self) -> None:
+        """Pack a small float32 encoder as panels [d_sae / 16, d_model, 16] (16 features' weights
+        per input dim, contiguous) for the native CPU kernel's register-tiled encode, which reads
+        them sequentially; a plain transposed layout puts each input dim's 16 weights a full
+        d_sae apart and thrashes the cache sets. Costs one more copy of the encoder."""
+        W_enc, _ = self.encoder()
+        if W_enc.dtype == torch.float32 and self.d_sae % 16 == 0 and W_enc.numel() * 4 <= SMALL_ENCODER_BYTES:
+            self.encoder_panels = W_enc.reshape(self.d_sae // 16, 16, self.d_model).transpose(1, 2).contiguous()
+
     def nbytes(self) -> int:
         tensors = [self.W_enc, self.b_enc, self.W_dec, self.b_dec, *(self.encoder_compute or ())]
-        if self.threshold is not None:
-            tensors.append(self.threshold)
+        for extra in (self.threshold, self.encoder_panels):
+            if extra is not None:
+                tensors.append(extra)
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def info(self) -> dict:

@@ -33,7 +33,7 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from . import sae_math
+from . import cpu_kernel, sae_math
 from .config_slots import ConfigSlots
 from .feature_capture import CAPTURE_KEY, CaptureSpec, CaptureStore
 from .plugin_config import PluginConfig
@@ -115,10 +115,19 @@ class SteeringRuntime:
         self.feature_ids = torch.zeros(shape, dtype=torch.int64, device=device)
         self.coefficients = torch.zeros((*shape, 2), dtype=torch.float32, device=device)  # (offset, gain)
         self.routing = torch.zeros((num_layers, 4, max_rows), dtype=torch.int64, device=device)
+        # Live prefix sizes per layer (num_steered, num_encoded, width), the LayerPlan as a tensor:
+        # the native kernel reads them here, so its call never depends on this step's requests.
+        self.plan_counts = torch.zeros((num_layers, 3), dtype=torch.int64, device=device)
+        self._counts_live = False
         # Per-layer views of the fixed buffers, made once: the op's Python then only slices.
         self._routing_rows = [tuple(self.routing[li].unbind(0)) for li in range(num_layers)]
         self._encode_tables = [(self.feature_ids[li], self.coefficients[li]) for li in range(num_layers)]
         self._add_tables = [self.add_vectors[li] for li in range(num_layers)]
+        self._native = cpu_kernel.select(config.steering_kernel, device)
+        self.kernel_name = "native-cpu" if self._native is not None else "torch"
+        self._native_args = (
+            [self._native_layer_args(li, saes[layer]) for layer, li in self.layer_pos.items()] if self._native else []
+        )
         # Host mirrors of what the plan needs, so it is built without touching the device.
         self.has_add = np.zeros((num_layers, num_slots), dtype=bool)
         self.needs_encode = np.zeros((num_layers, num_slots), dtype=bool)
@@ -174,7 +183,7 @@ class SteeringRuntime:
                 apply_to[i] = APPLY_CODES[steering.spec.apply_to]
         if req_slots is None:  # the common step: nobody steered, nothing to plan
             rows = np.zeros(num_rows, dtype=np.int32)
-            self._plans = [None] * len(self.layer_pos)
+            self._drop_plans()
         else:
             rows = token_slots(
                 req_slots, apply_to, batch.num_scheduled[:n], batch.num_computed[:n], batch.num_prompt[:n]
@@ -208,9 +217,15 @@ class SteeringRuntime:
     def clear_step(self) -> None:
         """Drop the routing (before dummy/profiling runs, which must never be steered)."""
         self.step_slots = np.zeros(0, dtype=np.int32)
-        self._plans = [None] * len(self.layer_pos)
+        self._drop_plans()
         self._step_captures = []
         self._unapplied = set()
+
+    def _drop_plans(self) -> None:
+        self._plans = [None] * len(self.layer_pos)
+        if self._counts_live:  # the buffer no longer holds the cached plan
+            self.plan_counts.zero_()
+            self._counts_live, self._plan_key = False, None
 
     def verify_applied(self) -> None:
         """After the forward: every layer planned for this step must have run the op. If a
@@ -235,6 +250,7 @@ class SteeringRuntime:
         live = np.unique(slots[slots > 0])
         layers = np.flatnonzero((self.has_add[:, live] | self.needs_encode[:, live]).any(axis=1))
         host = np.zeros((len(self.layer_pos), 4, slots.size), dtype=np.int64)
+        counts = np.zeros((len(self.layer_pos), 3), dtype=np.int64)
         for li in layers:
             steered = np.flatnonzero(self.has_add[li][slots])
             encoded = np.flatnonzero(self.needs_encode[li][slots])
@@ -244,7 +260,10 @@ class SteeringRuntime:
             host[li, _ENCODE_SLOTS, : encoded.size] = slots[encoded]
             width = int(self._encode_counts[li, slots[encoded]].max()) if encoded.size else 0
             self._plans[li] = LayerPlan(steered.size, encoded.size, width)
+            counts[li] = self._plans[li]
         self.routing[:, :, : slots.size].copy_(torch.from_numpy(host), non_blocking=True)
+        self.plan_counts.copy_(torch.from_numpy(counts), non_blocking=True)
+        self._counts_live = True
         self._plan_key, self._cached_plans = key, list(self._plans)
 
     def _write_slot(self, slot: int, spec: SteeringSpec) -> None:
@@ -285,7 +304,10 @@ class SteeringRuntime:
             return
         started = time.perf_counter()
         self._unapplied.discard(li)
-        self._steer(li, layer, hidden, residual)
+        if self._native is not None:
+            self._native(hidden, residual, *self._native_args[li])
+        else:
+            self._steer(li, layer, hidden, residual)
         for spec, start, n, first_position in self._step_captures:
             if layer in spec.layers:  # features of the stream as edited at this layer
                 x = hidden[start : start + n].float() + residual[start : start + n].float()
@@ -293,7 +315,22 @@ class SteeringRuntime:
                 self.captures.record(spec, layer, positions, sae_math.encode(self.saes[layer], x))
         self.steering_seconds += time.perf_counter() - started
 
+    def _native_layer_args(self, li: int, sae: SAEWeights) -> tuple:
+        """The native kernel's arguments after (hidden, residual) at one layer: fixed buffers and
+        the SAE in the form the PyTorch path computes with, made once."""
+        sae.pack_encoder_panels()
+        W_enc, b_enc = sae.encoder()
+        return (
+            self.routing[li], self.plan_counts[li], self.add_vectors[li], self.feature_ids[li],
+            self.coefficients[li], W_enc, sae.encoder_panels, b_enc,
+            sae.b_dec.float() if sae.apply_b_dec_to_input else None,
+            sae.W_dec.contiguous(), sae.threshold.float() if sae.activation == "jumprelu" else None,
+            sae.k if sae.activation == "topk" else 0,
+        )
+
     def _steer(self, li: int, layer: int, hidden: torch.Tensor, residual: torch.Tensor) -> None:
+        """The steering step in plain PyTorch: the reference the native CPU kernel is tested
+        against, and the path on GPUs."""
         plan = self._plans[li]
         if plan is None:
             return

@@ -23,6 +23,7 @@ class SteeringWorkerExtension:
             "active_configs": runtime.slots.active,
             "sae_memory_bytes": {layer: sae.nbytes() for layer, sae in sorted(runtime.saes.items())},
             "sae_layers": sorted(runtime.saes),
+            "steering_kernel": runtime.kernel_name,
             # Host time (on CPU the real cost; on GPU what it takes to launch the work).
             "steering_seconds_total": runtime.steering_seconds,
             "execute_seconds_total": runtime.execute_seconds,

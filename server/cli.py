@@ -36,6 +36,9 @@ def add_steering_args(parser: argparse.ArgumentParser) -> None:
                        help="most features one request may steer")
     group.add_argument("--max-steering-configs", type=int, default=DEFAULT_MAX_CONFIGS,
                        help="distinct steering specs in flight; more wait for a free slot")
+    group.add_argument("--steering-kernel", choices=("auto", "native", "torch"), default="auto",
+                       help="CPU steering op: the native kernel (built once with the C++ compiler), the "
+                            "PyTorch op, or auto (native when it builds)")
     group.add_argument("--feature-labels", default=None,
                        help="JSONL of {layer, index, label, description?} shown by the features API")
     group.add_argument("--data-dir", default=".state/data",
@@ -93,6 +96,7 @@ def configure_steering(args: argparse.Namespace) -> None:
         sae_layers=tuple(sorted(set(layers))),
         max_features=args.max_steering_features,
         max_configs=args.max_steering_configs,
+        steering_kernel=args.steering_kernel,
     )
     args.additional_config = {**(args.additional_config or {}), ADDITIONAL_CONFIG_KEY: config.to_dict()}
     args.worker_extension_cls = WORKER_EXTENSION_CLS

@@ -97,6 +97,11 @@ class _SnapshotCollector:
         for layer, nbytes in stats.get("sae_memory_bytes", {}).items():
             memory.add_metric([str(layer)], nbytes)
         yield memory
+        if "steering_kernel" in stats:
+            kernel = GaugeMetricFamily("steerserve_steering_kernel", "The steering op in use (1 = this one)",
+                                       labels=["kernel"])
+            kernel.add_metric([stats["steering_kernel"]], 1)
+            yield kernel
         for key, name, text in (
             ("steering_seconds_total", "steerserve_steering_host_seconds",
              "Host seconds in steering (per-step routing + the steering op), rank 0 worker"),

@@ -48,6 +48,7 @@ def serve_args(model_dir: Path, *extra: str) -> list[str]:
         "--dtype", "bfloat16", "--max-model-len", "1024", "--max-num-seqs", "32",
         "--gpu-memory-utilization", "0.05", "--served-model-name", MODEL_NAME,
         "--max-num-batched-tokens", "128",  # long prompts prefill in chunks (test_differential)
+        "--steering-kernel", "native",  # the kernel CPU servers use; a failed build fails the suite
         "--seed", "0", *extra,
     ]
 

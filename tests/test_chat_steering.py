@@ -175,7 +175,9 @@ def test_steering_metrics_are_exported(http, client):
     assert metric(after, 'steerserve_steering_validation_errors_total{reason="layer_not_loaded"}') >= 1
     stored = 2 * 1024 * 128 * 2 + (1024 + 128) * 2  # W_enc, W_dec, b_enc, b_dec in bf16
     float32_encoder = (1024 * 128 + 1024) * 4  # a small SAE's CPU encode copy (SAEWeights.choose_cpu_encoder)
-    assert metric(after, 'steerserve_sae_memory_bytes{layer="1"}') == stored + float32_encoder
+    panels = 1024 * 128 * 4  # that copy packed for the native kernel (SAEWeights.pack_encoder_panels)
+    assert metric(after, 'steerserve_sae_memory_bytes{layer="1"}') == stored + float32_encoder + panels
+    assert metric(after, 'steerserve_steering_kernel{kernel="native-cpu"}') == 1
     assert metric(after, "steerserve_sae_layers_loaded") == 2
     assert metric(after, "steerserve_active_steering_configs") == 0
     steering = metric(after, "steerserve_steering_host_seconds_total") - metric(before, "steerserve_steering_host_seconds_total")

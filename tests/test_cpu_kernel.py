@@ -1,0 +1,138 @@
+"""The native CPU steering kernel against the plain-PyTorch op it replaces (no vLLM engine).
+
+Both run through the same SteeringRuntime (same slots, routing and tables); only the op
+differs. Hidden rows in bf16 come out bit-identical in practice; the check allows one bf16
+rounding step, since the kernel sums the encoder in a different order than BLAS does.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from sae_plugins import cpu_kernel
+from sae_plugins.plugin_config import PluginConfig
+from sae_plugins.sae import SAEWeights
+from sae_plugins.steering_runtime import RequestView, SteeringRuntime
+from sae_plugins.steering_spec import EXTRA_ARGS_KEY, FeatureEdit, SteeringSpec
+
+D_MODEL, D_SAE = 64, 512
+
+
+def make_sae(activation: str, dtype: torch.dtype, apply_b_dec: bool = False, d_sae: int = D_SAE) -> SAEWeights:
+    g = torch.Generator().manual_seed(11)
+    w_dec = torch.nn.functional.normalize(torch.randn(d_sae, D_MODEL, generator=g), dim=-1)
+    return SAEWeights(
+        layer=0, W_enc=(w_dec + 0.1 * torch.randn(d_sae, D_MODEL, generator=g)).to(dtype),
+        b_enc=(0.05 * torch.randn(d_sae, generator=g)).to(dtype), W_dec=w_dec.to(dtype),
+        b_dec=(0.1 * torch.randn(D_MODEL, generator=g)).to(dtype), activation=activation,
+        k=16 if activation == "topk" else None,
+        threshold=torch.full((d_sae,), 0.2, dtype=dtype) if activation == "jumprelu" else None,
+        apply_b_dec_to_input=apply_b_dec, architecture="test", source="memory",
+    )
+
+
+def requests(residual: torch.Tensor, sae: SAEWeights) -> list[RequestView]:
+    """Four differently steered requests and an unsteered one, as prefill chunks and decodes:
+    clamps and scales of features that are active on the stream, an ablate, adds, and a mix."""
+    acts = torch.relu(residual.float() @ sae.W_enc.float().T)
+    top = [int(i) for i in acts.sum(0).topk(6).indices]
+    specs = [
+        SteeringSpec.create([FeatureEdit(0, top[0], "clamp", 4.0), FeatureEdit(0, top[1], "scale", 3.0)]),
+        SteeringSpec.create([FeatureEdit(0, top[2], "ablate", 0.0), FeatureEdit(0, 9, "add", 1.5)]),
+        SteeringSpec.create([FeatureEdit(0, 17, "add", -2.0)]),
+        SteeringSpec.create([FeatureEdit(0, top[3], "clamp", 0.5), FeatureEdit(0, top[4], "clamp", 6.0),
+                             FeatureEdit(0, top[5], "scale", 0.0)], apply_to="generation"),
+    ]
+    views = [RequestView(f"r{i}", {EXTRA_ARGS_KEY: s.to_extra_arg()}, 0, 0, 0) for i, s in enumerate(specs)]
+    views.append(RequestView("plain", {}, 0, 0, 0))
+    return views
+
+
+def run_step(kernel: str, sae: SAEWeights, hidden, residual, rows_per_request: list[int], decoding: bool):
+    runtime = SteeringRuntime(PluginConfig("mem", (0,), max_features=8, max_configs=8, steering_kernel=kernel),
+                              {0: sae}, torch.device("cpu"), max_rows=256)
+    assert runtime.kernel_name == ("native-cpu" if kernel == "native" else "torch")
+    views = requests(residual, sae)
+    for view, n in zip(views, rows_per_request):
+        view.num_scheduled, view.num_prompt = n, 6
+        view.num_computed = 10 if decoding else 0  # decode rows are generated; prefill rows straddle the prompt
+    runtime.begin_step([], RequestView.batch(views[: len(rows_per_request)]))
+    out = hidden.clone()
+    runtime.apply(0, out, residual)
+    runtime.verify_applied()
+    return out
+
+
+def assert_same_edit(native: torch.Tensor, reference: torch.Tensor, before: torch.Tensor) -> None:
+    assert not torch.equal(reference, before)  # the step did steer
+    if native.dtype == torch.float32:
+        torch.testing.assert_close(native, reference, rtol=1e-5, atol=1e-5)
+    else:  # at most one bf16 rounding step apart
+        torch.testing.assert_close(native.float(), reference.float(), rtol=2 ** -7, atol=1e-3)
+        assert (native != reference).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("activation", ["topk", "relu", "jumprelu"])
+@pytest.mark.parametrize("sae_dtype,hidden_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)])
+@pytest.mark.parametrize("shape", ["decode", "prefill"])
+def test_native_kernel_equals_the_torch_op(activation, sae_dtype, hidden_dtype, shape):
+    sae = make_sae(activation, sae_dtype, apply_b_dec=activation == "relu")
+    sae.choose_cpu_encoder()  # as CPU workers do: a small encoder runs in float32 (packed panels)
+    rows = [1, 1, 1, 1, 1] if shape == "decode" else [7, 13, 5, 9, 6]  # 40 rows: tiles of 8 and a rest
+    g = torch.Generator().manual_seed(12)
+    residual = (3 * torch.randn(sum(rows), D_MODEL, generator=g)).to(hidden_dtype)
+    hidden = torch.randn(sum(rows), D_MODEL, generator=g).to(hidden_dtype)
+    reference = run_step("torch", sae, hidden, residual, rows, decoding=shape == "decode")
+    native = run_step("native", sae, hidden, residual, rows, decoding=shape == "decode")
+    assert_same_edit(native, reference, hidden)
+    plain = slice(sum(rows[:4]), sum(rows))
+    assert torch.equal(native[plain], hidden[plain])  # unsteered rows are untouched
+
+
+def test_native_kernel_with_a_large_encoder_uses_its_stored_dtype():
+    """Encoders too big to pack (above SMALL_ENCODER_BYTES) go through ATen's addmm in bf16."""
+    sae = make_sae("topk", torch.bfloat16, d_sae=16400)  # 4.2 MB in float32; not a multiple of 16 either
+    sae.choose_cpu_encoder()
+    assert sae.encoder_compute is None
+    rows = [2, 3, 1, 2, 1]
+    g = torch.Generator().manual_seed(13)
+    residual = (3 * torch.randn(sum(rows), D_MODEL, generator=g)).bfloat16()
+    hidden = torch.randn(sum(rows), D_MODEL, generator=g).bfloat16()
+    reference = run_step("torch", sae, hidden, residual, rows, decoding=True)
+    native = run_step("native", sae, hidden, residual, rows, decoding=True)
+    assert sae.encoder_panels is None
+    assert_same_edit(native, reference, hidden)
+
+
+def test_an_unsteered_step_between_equal_steered_steps_keeps_steering():
+    """The kernel reads the plan's counts from a buffer: an unsteered step zeroes them, and the
+    next steered step (routing equal to the cached plan) must write them again."""
+    sae = make_sae("topk", torch.float32)
+    runtime = SteeringRuntime(PluginConfig("mem", (0,), steering_kernel="native"), {0: sae}, torch.device("cpu"))
+    add = SteeringSpec.create([FeatureEdit(0, 3, "add", 2.0)])
+    steered = RequestView.batch([RequestView("a", {EXTRA_ARGS_KEY: add.to_extra_arg()}, 1, 4, 2)])
+    plain = RequestView.batch([RequestView("b", {}, 1, 4, 2)])
+    for batch, expected in ((steered, 2.0 * sae.W_dec[3]), (plain, torch.zeros(D_MODEL)), (steered, 2.0 * sae.W_dec[3])):
+        runtime.begin_step([], batch)
+        hidden = torch.zeros(1, D_MODEL)
+        runtime.apply(0, hidden, torch.zeros(1, D_MODEL))
+        torch.testing.assert_close(hidden[0], expected)
+
+
+def test_kernel_choice(monkeypatch, caplog):
+    cpu = torch.device("cpu")
+    assert cpu_kernel.select("torch", cpu) is None
+    assert cpu_kernel.select("auto", torch.device("meta")) is None  # only CPU tensors have a native kernel
+    assert cpu_kernel.select("native", cpu) is torch.ops.steerserve_cpu.steer_rows
+    with pytest.raises(ValueError, match="--steering-kernel must be one of"):
+        cpu_kernel.select("fast", cpu)
+    monkeypatch.setattr(cpu_kernel, "_loaded", False)
+    monkeypatch.setattr(cpu_kernel, "_failure", "RuntimeError: no C++ compiler (c++ / g++) on PATH")
+    with caplog.at_level(logging.WARNING, logger="vllm.steerserve"):
+        assert cpu_kernel.select("auto", cpu) is None
+    assert "no C++ compiler" in caplog.text
+    with pytest.raises(RuntimeError, match="did not build: RuntimeError: no C\\+\\+ compiler"):
+        cpu_kernel.select("native", cpu)
