@@ -36,11 +36,14 @@ def make_sae(activation: str, dtype: torch.dtype, apply_b_dec: bool = False, d_s
 
 def requests(residual: torch.Tensor, sae: SAEWeights) -> list[RequestView]:
     """Four differently steered requests and an unsteered one, as prefill chunks and decodes:
-    clamps and scales of features that are active on the stream, an ablate, adds, and a mix."""
+    clamps and scales of features that are active on the stream, an ablate, adds, and a mix.
+    The first request edits 10 active features, more than the kernel rank-counts one by one
+    (it selects the k-th value instead); the others edit a few."""
     acts = torch.relu(residual.float() @ sae.W_enc.float().T)
-    top = [int(i) for i in acts.sum(0).topk(6).indices]
+    top = [int(i) for i in acts.sum(0).topk(14).indices]
+    many = [FeatureEdit(0, i, "clamp", 2.0 + n) for n, i in enumerate(top[6:])]
     specs = [
-        SteeringSpec.create([FeatureEdit(0, top[0], "clamp", 4.0), FeatureEdit(0, top[1], "scale", 3.0)]),
+        SteeringSpec.create([FeatureEdit(0, top[0], "clamp", 4.0), FeatureEdit(0, top[1], "scale", 3.0), *many]),
         SteeringSpec.create([FeatureEdit(0, top[2], "ablate", 0.0), FeatureEdit(0, 9, "add", 1.5)]),
         SteeringSpec.create([FeatureEdit(0, 17, "add", -2.0)]),
         SteeringSpec.create([FeatureEdit(0, top[3], "clamp", 0.5), FeatureEdit(0, top[4], "clamp", 6.0),
@@ -52,7 +55,7 @@ def requests(residual: torch.Tensor, sae: SAEWeights) -> list[RequestView]:
 
 
 def run_step(kernel: str, sae: SAEWeights, hidden, residual, rows_per_request: list[int], decoding: bool):
-    runtime = SteeringRuntime(PluginConfig("mem", (0,), max_features=8, max_configs=8, steering_kernel=kernel),
+    runtime = SteeringRuntime(PluginConfig("mem", (0,), max_features=16, max_configs=8, steering_kernel=kernel),
                               {0: sae}, torch.device("cpu"), max_rows=256)
     assert runtime.kernel_name == ("native-cpu" if kernel == "native" else "torch")
     views = requests(residual, sae)

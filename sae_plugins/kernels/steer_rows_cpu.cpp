@@ -48,6 +48,24 @@ void add_rows(at::Tensor& hidden, const int64_t* rows, const int64_t* slots, int
   }
 }
 
+// TopK keeps a pre-activation a iff it reaches the row's k-th largest, i.e. iff fewer than k
+// pre-activations exceed it. One counting pass per touched feature (vectorised compares, early
+// exit) beats selecting the k-th value (a copy and an nth_element over all d_sae) while a row
+// touches few features; with many, one selection serves them all.
+constexpr int64_t kMaxCountedFeatures = 8;
+
+inline bool reaches_top_k(const float* p, int64_t n, float a, int64_t k) {
+  int64_t above = 0;
+  for (int64_t j0 = 0; j0 < n; j0 += 2048) {
+    const int64_t j1 = std::min(n, j0 + 2048);
+    int32_t count = 0;
+    for (int64_t j = j0; j < j1; ++j) count += p[j] > a;
+    above += count;
+    if (above >= k) return false;
+  }
+  return true;
+}
+
 // delta[e] = sum_f (offset + gain * f_i(x_e)) * W_dec[i] over the row's slot's table entries.
 template <typename dec_t>
 void touched_feature_deltas(const at::Tensor& pre, const int64_t* slots, int64_t width,
@@ -63,29 +81,36 @@ void touched_feature_deltas(const at::Tensor& pre, const int64_t* slots, int64_t
   const float* thr = threshold.has_value() ? threshold->data_ptr<float>() : nullptr;
   float* out = delta.data_ptr<float>();
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(k > 0 ? d_sae : 0);
+    std::vector<float> scratch;
     for (int64_t e = begin; e < end; ++e) {
       const float* p = pre_data + e * d_sae;
+      const int64_t entry = slots[e] * table_width;
+      int64_t positive = 0;  // touched features with a > 0: only they can be active
+      for (int64_t f = 0; f < width; ++f) {
+        const int64_t id = ids[entry + f];
+        TORCH_CHECK(id >= 0 && id < d_sae, "steerserve: feature id ", id, " out of range");
+        positive += p[id] > 0.0f;
+      }
       float kth = -std::numeric_limits<float>::infinity();
-      if (k > 0) {  // the row's k-th largest pre-activation: TopK keeps what reaches it
-        std::copy(p, p + d_sae, scratch.begin());
+      const bool select_kth = k > 0 && positive > kMaxCountedFeatures;
+      if (select_kth) {  // the row's k-th largest pre-activation
+        scratch.assign(p, p + d_sae);
         std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<float>());
         kth = scratch[k - 1];
       }
-      const int64_t entry = slots[e] * table_width;
       float* row_delta = out + e * d;
       for (int64_t f = 0; f < width; ++f) {
         const float offset = coef[2 * (entry + f)], gain = coef[2 * (entry + f) + 1];
         if (offset == 0.0f && gain == 0.0f) continue;  // padding entry
         const int64_t id = ids[entry + f];
-        TORCH_CHECK(id >= 0 && id < d_sae, "steerserve: feature id ", id, " out of range");
         float a = p[id];
-        if (k > 0) {
-          if (a < kth) a = 0.0f;
-        } else if (thr != nullptr) {
-          if (!(a > thr[id])) a = 0.0f;
+        if (!(a > 0.0f)) {
+          a = 0.0f;  // every activation ends in a ReLU
+        } else if (k > 0) {
+          if (select_kth ? a < kth : !reaches_top_k(p, d_sae, a, k)) a = 0.0f;
+        } else if (thr != nullptr && !(a > thr[id])) {
+          a = 0.0f;
         }
-        a = a > 0.0f ? a : 0.0f;
         const float c = offset + gain * a;
         const dec_t* direction = dec + id * d;
         for (int64_t j = 0; j < d; ++j) row_delta[j] += c * static_cast<float>(direction[j]);
@@ -110,22 +135,35 @@ inline f32x16 load16(const float* p) {
   return v;
 }
 
+// R rows x B panels of 16 features: R * B independent accumulator chains, so even one row
+// (B = 8) keeps the FMA units busy instead of waiting on a single chain's latency.
+template <int R, int B>
+void encode_panels(const float* x, int64_t d, const float* panels, const float* b, int64_t d_sae,
+                   int64_t block, float* pre) {
+  f32x16 acc[R][B] = {};
+  const float* panel = panels + block * d * 16;
+  for (int64_t j = 0; j < d; ++j) {
+    for (int q = 0; q < B; ++q) {
+      const f32x16 w = load16(panel + (q * d + j) * 16);
+      for (int r = 0; r < R; ++r) acc[r][q] += x[r * d + j] * w;
+    }
+  }
+  for (int q = 0; q < B; ++q) {
+    const f32x16 bias = load16(b + (block + q) * 16);
+    for (int r = 0; r < R; ++r) {
+      const f32x16 out = acc[r][q] + bias;
+      std::memcpy(pre + r * d_sae + (block + q) * 16, &out, sizeof out);
+    }
+  }
+}
+
 template <int R>
 void encode_row_tile(const float* x, int64_t d, const float* panels, const float* b, int64_t d_sae,
                      int64_t block_begin, int64_t block_end, float* pre) {
-  for (int64_t block = block_begin; block < block_end; ++block) {
-    const float* panel = panels + block * d * 16;
-    f32x16 acc[R] = {};
-    for (int64_t j = 0; j < d; ++j) {
-      const f32x16 w = load16(panel + j * 16);
-      for (int r = 0; r < R; ++r) acc[r] += x[r * d + j] * w;
-    }
-    const f32x16 bias = load16(b + block * 16);
-    for (int r = 0; r < R; ++r) {
-      const f32x16 out = acc[r] + bias;
-      std::memcpy(pre + r * d_sae + block * 16, &out, sizeof out);
-    }
-  }
+  constexpr int B = R >= 8 ? 1 : 8 / R;
+  int64_t block = block_begin;
+  for (; block + B <= block_end; block += B) encode_panels<R, B>(x, d, panels, b, d_sae, block, pre);
+  for (; block < block_end; ++block) encode_panels<R, 1>(x, d, panels, b, d_sae, block, pre);
 }
 
 using TileFn = void (*)(const float*, int64_t, const float*, const float*, int64_t, int64_t, int64_t, float*);
