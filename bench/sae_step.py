@@ -3,8 +3,9 @@
 Prints, per row count, the time of the steering step (the same `SteeringRuntime.apply` the
 server runs) for clamp rows (full TopK encode + touched-feature decode), add-only rows, and
 unsteered rows (routing only), each as a ratio to the Qwen3.5-27B MLP (gate/up + down matmuls)
-on the same rows, measured in one run. On CPU the widths are divided by --shrink (default 8);
-on CUDA the full size runs (d_model 5120, d_sae 81920, MLP 17408, bf16).
+on the same rows, measured in one run. On CPU the widths are divided by --shrink (default 8),
+the op is the native kernel, and the plain-PyTorch op's clamp is timed beside it; on CUDA the
+full size runs (d_model 5120, d_sae 81920, MLP 17408, bf16).
 
     python bench/sae_step.py [--device cuda] [--shrink 1] [--rows 1,8,64,256]
 """
@@ -68,8 +69,9 @@ def main() -> None:
     gate_up = torch.randn(2 * d_mlp, d_model, device=device, dtype=dtype) * 0.01
     down = torch.randn(d_model, d_mlp, device=device, dtype=dtype) * 0.01
     print(f"device={device} dtype=bf16 d_model={d_model} d_sae={d_sae} k={K} mlp={d_mlp} (1/{shrink} of 27B)")
+    on_cpu = device.type == "cpu"
     print(f"{'rows':>5} {'mlp ms':>8} {'clamp ms':>9} {'add ms':>7} {'route ms':>9} "
-          f"{'clamp/mlp':>10} {'add/mlp':>8} {'route/mlp':>10}")
+          f"{'clamp/mlp':>10} {'add/mlp':>8} {'route/mlp':>10}" + (f" {'torch clamp/native':>19}" if on_cpu else ""))
     specs = {
         "clamp": SteeringSpec.create([FeatureEdit(0, 7, "clamp", 5.0)]),
         "add": SteeringSpec.create([FeatureEdit(0, 7, "add", 5.0)]),
@@ -84,15 +86,19 @@ def main() -> None:
             return (torch.nn.functional.silu(gate) * up) @ down.T
 
         results = {"mlp": timed(mlp, device, repeats)}
-        for name, spec in [*specs.items(), ("route", None)]:
-            runtime = SteeringRuntime(PluginConfig("bench", (0,)), {0: sae}, device)
+        cases = [(name, spec, "auto") for name, spec in [*specs.items(), ("route", None)]]
+        if on_cpu:
+            cases.append(("torch clamp", specs["clamp"], "torch"))
+        for name, spec, kernel in cases:
+            runtime = SteeringRuntime(PluginConfig("bench", (0,), steering_kernel=kernel), {0: sae}, device)
             extra = {EXTRA_ARGS_KEY: spec.to_extra_arg()} if spec else {}
             runtime.begin_step([], RequestView.batch([RequestView("r", extra, rows, 0, rows)]))
             hidden = x.clone()
             results[name] = timed(lambda: runtime.apply(0, hidden, residual), device, repeats)
         m = results["mlp"]
         print(f"{rows:>5} {m:>8.3f} {results['clamp']:>9.3f} {results['add']:>7.3f} {results['route']:>9.3f} "
-              f"{results['clamp'] / m:>10.2f} {results['add'] / m:>8.3f} {results['route'] / m:>10.3f}")
+              f"{results['clamp'] / m:>10.2f} {results['add'] / m:>8.3f} {results['route'] / m:>10.3f}"
+              + (f" {results['torch clamp'] / results['clamp']:>19.2f}" if on_cpu else ""))
 
 
 if __name__ == "__main__":
