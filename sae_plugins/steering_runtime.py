@@ -5,10 +5,13 @@ the same addresses: the per-(layer, config slot) tables (one precomputed `add` v
 ids and clamp/scale coefficients for the encoded modes; slot 0 = not steered, all zero) are
 written when a config is installed, and a per-step routing buffer [layers, 4, max_rows] is
 overwritten by one host-to-device copy in `begin_step`. That step plan is built on the host,
-where the scheduler's data already is: per layer, the rows steered there with their slots, and
-the subset that needs an encode. The custom op then calls `apply` at each steered layer, which
-only gathers and scatters with those indices (no device-to-host synchronisation); the host
-counts it slices by are plain ints of the plan, never read back from the device.
+where the scheduler's data already is: per layer, the rows steered there with their slots, the
+subset that needs an encode, and the live counts of both (`plan_counts`, the plan as a tensor).
+The custom op then calls `apply` at each steered layer. On CPU that is one call of the native
+kernel (cpu_kernel.py), which reads the counts and routing from those buffers, so nothing in
+the forward branches on request data. Elsewhere `_steer` runs the same edit as plain PyTorch
+(the reference the kernel is tested against), slicing by the plan's host-side counts: no
+device-to-host synchronisation, and safe because the op runs outside captured graph pieces.
 
 Tensor parallelism. At a decoder layer's output, `hidden` and `residual` are replicated on
 every TP rank (row-parallel projections all-reduce), so each rank holds the whole SAE and
