@@ -74,8 +74,9 @@ def install_steering(runner) -> None:
     total = sum(s.nbytes() for s in saes.values())
     logger.info(
         "steerserve: SAE steering on layers %s (SAEs %.1f MiB; %d config slots for %d distinct specs, "
-        "tables and routing %.1f MiB)",
+        "tables and routing %.1f MiB; steering op: %s)",
         local, total / 2**20, _runtime.slots.num_slots, config.max_configs, _runtime.table_bytes() / 2**20,
+        _runtime.kernel_name,
     )
 
 

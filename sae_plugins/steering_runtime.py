@@ -358,7 +358,7 @@ class SteeringRuntime:
     def table_bytes(self) -> int:
         """Device memory of the per-slot tables and the routing buffer (the cost of capacity:
         linear in --max-steering-configs, --max-steering-features and the steered layers)."""
-        tensors = (self.add_vectors, self.feature_ids, self.coefficients, self.routing)
+        tensors = (self.add_vectors, self.feature_ids, self.coefficients, self.routing, self.plan_counts)
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def sae_info(self) -> list[dict]:
