@@ -126,10 +126,9 @@ class SteeringRuntime:
         self._routing_rows = [tuple(self.routing[li].unbind(0)) for li in range(num_layers)]
         self._encode_tables = [(self.feature_ids[li], self.coefficients[li]) for li in range(num_layers)]
         self._add_tables = [self.add_vectors[li] for li in range(num_layers)]
-        self._native = cpu_kernel.select(config.steering_kernel, device)
-        self.kernel_name = "native-cpu" if self._native is not None else "torch"
-        self._native_args = (
-            [self._native_layer_args(li, saes[layer]) for layer, li in self.layer_pos.items()] if self._native else []
+        self._kernel, self.kernel_name = self._select_kernel(config, device, max_rows)
+        self._kernel_args = (
+            [self._kernel_layer_args(li, saes[layer]) for layer, li in self.layer_pos.items()] if self._kernel else []
         )
         # Host mirrors of what the plan needs, so it is built without touching the device.
         self.has_add = np.zeros((num_layers, num_slots), dtype=bool)
@@ -307,8 +306,8 @@ class SteeringRuntime:
             return
         started = time.perf_counter()
         self._unapplied.discard(li)
-        if self._native is not None:
-            self._native(hidden, residual, *self._native_args[li])
+        if self._kernel is not None:
+            self._kernel(hidden, residual, *self._kernel_args[li])
         else:
             self._steer(li, layer, hidden, residual)
         for spec, start, n, first_position in self._step_captures:
@@ -318,10 +317,24 @@ class SteeringRuntime:
                 self.captures.record(spec, layer, positions, sae_math.encode(self.saes[layer], x))
         self.steering_seconds += time.perf_counter() - started
 
-    def _native_layer_args(self, li: int, sae: SAEWeights) -> tuple:
-        """The native kernel's arguments after (hidden, residual) at one layer: fixed buffers and
-        the SAE in the form the PyTorch path computes with, made once."""
-        sae.pack_encoder_panels()
+    @staticmethod
+    def _select_kernel(config: PluginConfig, device: torch.device, max_rows: int):
+        """(op, name): the native CPU kernel, the experimental Triton kernels, or None for the
+        PyTorch path (see cpu_kernel.py and triton_kernel.py)."""
+        if config.steering_kernel == "triton":
+            from .triton_kernel import TritonSteering, runs_on
+
+            if not runs_on(device):
+                raise ValueError(f"--steering-kernel triton needs a CUDA device, not {device}")
+            return TritonSteering(max_rows, config.max_features, device), "triton"
+        native = cpu_kernel.select(config.steering_kernel, device)
+        return native, ("native-cpu" if native is not None else "torch")
+
+    def _kernel_layer_args(self, li: int, sae: SAEWeights) -> tuple:
+        """A kernel's arguments after (hidden, residual) at one layer: fixed buffers and the SAE
+        in the form the PyTorch path computes with, made once."""
+        if self.kernel_name == "native-cpu":
+            sae.pack_encoder_panels()
         W_enc, b_enc = sae.encoder()
         return (
             self.routing[li], self.plan_counts[li], self.add_vectors[li], self.feature_ids[li],

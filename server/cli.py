@@ -36,9 +36,10 @@ def add_steering_args(parser: argparse.ArgumentParser) -> None:
                        help="most features one request may steer")
     group.add_argument("--max-steering-configs", type=int, default=DEFAULT_MAX_CONFIGS,
                        help="distinct steering specs in flight; more wait for a free slot")
-    group.add_argument("--steering-kernel", choices=("auto", "native", "torch"), default="auto",
-                       help="CPU steering op: the native kernel (built once with the C++ compiler), the "
-                            "PyTorch op, or auto (native when it builds)")
+    group.add_argument("--steering-kernel", choices=("auto", "native", "torch", "triton"), default="auto",
+                       help="steering op: on CPU the native kernel (built once with the C++ compiler), the "
+                            "PyTorch op, or auto (native when it builds); on GPU the PyTorch op, or triton "
+                            "(experimental capture-safe kernels, not yet validated on a GPU)")
     group.add_argument("--feature-labels", default=None,
                        help="JSONL of {layer, index, label, description?} shown by the features API")
     group.add_argument("--data-dir", default=".state/data",

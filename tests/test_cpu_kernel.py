@@ -57,7 +57,7 @@ def requests(residual: torch.Tensor, sae: SAEWeights) -> list[RequestView]:
 def run_step(kernel: str, sae: SAEWeights, hidden, residual, rows_per_request: list[int], decoding: bool):
     runtime = SteeringRuntime(PluginConfig("mem", (0,), max_features=16, max_configs=8, steering_kernel=kernel),
                               {0: sae}, torch.device("cpu"), max_rows=256)
-    assert runtime.kernel_name == ("native-cpu" if kernel == "native" else "torch")
+    assert runtime.kernel_name == {"native": "native-cpu", "torch": "torch", "triton": "triton"}[kernel]
     views = requests(residual, sae)
     for view, n in zip(views, rows_per_request):
         view.num_scheduled, view.num_prompt = n, 6

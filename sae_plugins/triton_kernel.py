@@ -1,0 +1,199 @@
+"""The steering step as Triton kernels for GPUs: capture-safe by construction. EXPERIMENTAL.
+
+The same edit as the native CPU kernel (kernels/steer_rows_cpu.cpp), from the same fixed
+buffers, but with nothing read back to the host: every grid is fixed by shapes alone (the
+forward's row count N, d_sae), and each program reads the live counts from `plan_counts` on
+the device and exits early past them. That is what a replayed CUDA graph needs: the host only
+rewrites the buffers in place before each step.
+
+Four launches per steered layer:
+  1. touched pre-activations: per encoded row, x = hidden + residual (- b_dec) against the
+     encoder rows of its touched features only;
+  2. TopK rank counts: the encode GEMM over all d_sae features, row tiles looped up to the live
+     count on the device, whose epilogue counts per touched feature how many pre-activations
+     exceed it (its own column excluded). The [rows, d_sae] pre-activation is never stored;
+  3. the edit: active iff fewer than k exceed it (ReLU / JumpReLU otherwise), coefficient
+     offset + gain * f, x += sum coef * W_dec[f], written back with one rounding;
+  4. `add` vectors, added to their rows.
+
+Status: checked against the PyTorch op in Triton's interpreter on CPU
+(tests/test_triton_kernel.py); never compiled or timed on a GPU, so `--steering-kernel triton`
+is opt-in and the GPU default stays the PyTorch op.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+
+def _interpreted() -> bool:
+    return bool(triton.knobs.runtime.interpret)
+
+
+def runs_on(device: torch.device) -> bool:
+    """CUDA, or any device under Triton's interpreter (TRITON_INTERPRET=1, how the tests run)."""
+    return device.type == "cuda" or _interpreted()
+
+
+@triton.jit
+def _rounded(x, dtype: tl.constexpr):
+    """float32 x rounded to `dtype` (round-to-nearest-even), kept in float32. For bf16 the bits
+    are rounded explicitly, so the result is the same on a GPU and in Triton's interpreter
+    (whose float32 -> bf16 cast truncates)."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _encoded_row(routing, counts, feature_ids, max_rows, e, F, F_BLOCK: tl.constexpr):
+    """(row, config slot, feature lanes, live-lane mask, feature ids) of encoded row e."""
+    row = tl.load(routing + 2 * max_rows + e)
+    slot = tl.load(routing + 3 * max_rows + e)
+    fs = tl.arange(0, F_BLOCK)
+    fmask = fs < tl.load(counts + 2)
+    return row, slot, fs, fmask, tl.load(feature_ids + slot * F + fs, mask=fmask, other=0)
+
+
+@triton.jit
+def _touched_pre_activations(hidden, residual, routing, counts, feature_ids, W_enc, b_enc, b_dec, act, above,
+                             max_rows, d, stride_h, stride_r, F,
+                             HAS_B_DEC: tl.constexpr, F_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    e = tl.program_id(0)
+    num_encoded = tl.load(counts + 1)
+    if e < num_encoded:
+        row, slot, fs, fmask, ids = _encoded_row(routing, counts, feature_ids, max_rows, e, F, F_BLOCK)
+        acc = tl.zeros([F_BLOCK], dtype=tl.float32)
+        for j0 in range(0, d, BLOCK_D):
+            js = j0 + tl.arange(0, BLOCK_D)
+            jmask = js < d
+            x = tl.load(hidden + row * stride_h + js, mask=jmask, other=0.0).to(tl.float32)
+            x += tl.load(residual + row * stride_r + js, mask=jmask, other=0.0).to(tl.float32)
+            if HAS_B_DEC:
+                x -= tl.load(b_dec + js, mask=jmask, other=0.0)
+            x = _rounded(x, W_enc.dtype.element_ty)
+            w = tl.load(W_enc + ids[:, None] * d + js[None, :], mask=fmask[:, None] & jmask[None, :], other=0.0)
+            acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        a = acc + tl.load(b_enc + ids, mask=fmask, other=0.0).to(tl.float32)
+        a = _rounded(a, W_enc.dtype.element_ty)  # the encoder's output dtype, as its GEMM rounds
+        tl.store(act + e * F_BLOCK + fs, a, mask=fmask)
+        tl.store(above + e * F_BLOCK + fs, tl.zeros([F_BLOCK], dtype=tl.int32), mask=fmask)
+
+
+@triton.jit
+def _topk_rank_counts(hidden, residual, routing, counts, feature_ids, W_enc, b_enc, b_dec, act, above,
+                      max_rows, d, d_sae, stride_h, stride_r, F,
+                      HAS_B_DEC: tl.constexpr, F_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = ns < d_sae
+    num_encoded = tl.load(counts + 1)
+    width = tl.load(counts + 2)
+    bias = tl.load(b_enc + ns, mask=nmask, other=0.0).to(tl.float32)
+    for m0 in range(0, num_encoded, BLOCK_M):
+        ms = m0 + tl.arange(0, BLOCK_M)
+        mmask = ms < num_encoded
+        rows = tl.load(routing + 2 * max_rows + ms, mask=mmask, other=0)
+        slots = tl.load(routing + 3 * max_rows + ms, mask=mmask, other=0)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, d, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            kmask = ks < d
+            xmask = mmask[:, None] & kmask[None, :]
+            x = tl.load(hidden + rows[:, None] * stride_h + ks[None, :], mask=xmask, other=0.0).to(tl.float32)
+            x += tl.load(residual + rows[:, None] * stride_r + ks[None, :], mask=xmask, other=0.0).to(tl.float32)
+            if HAS_B_DEC:
+                x -= tl.load(b_dec + ks, mask=kmask, other=0.0)[None, :]
+            w = tl.load(W_enc + ns[:, None] * d + ks[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+            x = _rounded(x, W_enc.dtype.element_ty)
+            if DOT_IN_FP32:  # the interpreter's bf16 dot is wrong; bf16 products are exact in fp32
+                acc = tl.dot(x, tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x.to(W_enc.dtype.element_ty), tl.trans(w), acc, input_precision="ieee")
+        pre = _rounded(acc + bias[None, :], W_enc.dtype.element_ty)
+        for f in range(0, width):
+            a = tl.load(act + ms * F_BLOCK + f, mask=mmask, other=0.0)
+            fid = tl.load(feature_ids + slots * F + f, mask=mmask, other=0)
+            hit = (pre > a[:, None]) & nmask[None, :] & (ns[None, :] != fid[:, None])
+            tl.atomic_add(above + ms * F_BLOCK + f, tl.sum(hit.to(tl.int32), axis=1), mask=mmask)
+
+
+@triton.jit
+def _apply_encoded_edits(hidden, routing, counts, feature_ids, coefficients, W_dec, threshold, act, above,
+                         max_rows, d, stride_h, F, k,
+                         TOPK: tl.constexpr, HAS_THRESHOLD: tl.constexpr, F_BLOCK: tl.constexpr,
+                         BLOCK_D: tl.constexpr):
+    e = tl.program_id(0)
+    num_encoded = tl.load(counts + 1)
+    if e < num_encoded:
+        row, slot, fs, fmask, ids = _encoded_row(routing, counts, feature_ids, max_rows, e, F, F_BLOCK)
+        offset = tl.load(coefficients + (slot * F + fs) * 2, mask=fmask, other=0.0)
+        gain = tl.load(coefficients + (slot * F + fs) * 2 + 1, mask=fmask, other=0.0)
+        a = tl.load(act + e * F_BLOCK + fs, mask=fmask, other=0.0)
+        if TOPK:
+            a = tl.where(tl.load(above + e * F_BLOCK + fs, mask=fmask, other=0) < k, a, 0.0)
+        if HAS_THRESHOLD:
+            a = tl.where(a > tl.load(threshold + ids, mask=fmask, other=0.0), a, 0.0)
+        coef = offset + gain * tl.maximum(a, 0.0)  # padding entries are (0, 0)
+        for j0 in range(0, d, BLOCK_D):
+            js = j0 + tl.arange(0, BLOCK_D)
+            jmask = js < d
+            w = tl.load(W_dec + ids[:, None] * d + js[None, :], mask=fmask[:, None] & jmask[None, :], other=0.0)
+            delta = tl.sum(coef[:, None] * w.to(tl.float32), axis=0)
+            h = tl.load(hidden + row * stride_h + js, mask=jmask, other=0.0).to(tl.float32)
+            out = _rounded(h + delta, hidden.dtype.element_ty)
+            tl.store(hidden + row * stride_h + js, out.to(hidden.dtype.element_ty), mask=jmask)
+
+
+@triton.jit
+def _add_vectors(hidden, routing, counts, add_table, max_rows, d, stride_h, BLOCK_D: tl.constexpr):
+    i = tl.program_id(0)
+    if i < tl.load(counts):
+        row = tl.load(routing + i)
+        slot = tl.load(routing + max_rows + i)
+        for j0 in range(0, d, BLOCK_D):
+            js = j0 + tl.arange(0, BLOCK_D)
+            jmask = js < d
+            v = _rounded(tl.load(add_table + slot * d + js, mask=jmask, other=0.0), hidden.dtype.element_ty)
+            h = tl.load(hidden + row * stride_h + js, mask=jmask, other=0.0).to(tl.float32)
+            out = _rounded(h + v, hidden.dtype.element_ty)
+            tl.store(hidden + row * stride_h + js, out.to(hidden.dtype.element_ty), mask=jmask)
+
+
+class TritonSteering:
+    """Callable with the native CPU kernel's signature; owns the per-row scratch (touched
+    activations and rank counts), allocated once and shared by the layers, which run in turn."""
+
+    def __init__(self, max_rows: int, max_features: int, device: torch.device):
+        self.f_block = max(16, triton.next_power_of_2(max_features))
+        self.act = torch.zeros((max_rows, self.f_block), dtype=torch.float32, device=device)
+        self.above = torch.zeros((max_rows, self.f_block), dtype=torch.int32, device=device)
+
+    def __call__(self, hidden, residual, routing, counts, add_table, feature_ids, coefficients, W_enc,
+                 encoder_panels, b_enc, b_dec_in, W_dec, threshold, k) -> None:
+        n, d = hidden.shape
+        d_sae, max_rows, width = W_enc.shape[0], routing.shape[1], feature_ids.shape[1]
+        assert W_enc.is_contiguous() and W_dec.is_contiguous() and hidden.stride(1) == residual.stride(1) == 1
+        b_dec = b_dec_in if b_dec_in is not None else b_enc  # unread without HAS_B_DEC
+        encode = dict(HAS_B_DEC=b_dec_in is not None, F_BLOCK=self.f_block)
+        _touched_pre_activations[(n,)](
+            hidden, residual, routing, counts, feature_ids, W_enc, b_enc, b_dec, self.act, self.above,
+            max_rows, d, hidden.stride(0), residual.stride(0), width, BLOCK_D=128, **encode)
+        if k > 0:
+            _topk_rank_counts[(triton.cdiv(d_sae, 64),)](
+                hidden, residual, routing, counts, feature_ids, W_enc, b_enc, b_dec, self.act, self.above,
+                max_rows, d, d_sae, hidden.stride(0), residual.stride(0), width,
+                BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, DOT_IN_FP32=W_enc.dtype == torch.float32 or _interpreted(),
+                **encode)
+        _apply_encoded_edits[(n,)](
+            hidden, routing, counts, feature_ids, coefficients, W_dec,
+            threshold if threshold is not None else b_enc, self.act, self.above,
+            max_rows, d, hidden.stride(0), width, k,
+            TOPK=k > 0, HAS_THRESHOLD=threshold is not None, F_BLOCK=self.f_block, BLOCK_D=128)
+        _add_vectors[(n,)](hidden, routing, counts, add_table, max_rows, d, hidden.stride(0), BLOCK_D=128)
