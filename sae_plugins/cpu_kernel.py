@@ -8,8 +8,7 @@ milliseconds. The PyTorch path in steering_runtime.py stays the reference it is 
 and the path on GPUs.
 
 `--steering-kernel` picks: "auto" (native when it builds, else PyTorch with a logged reason),
-"native" (fail start-up if it cannot build), "torch" (never build); "triton" selects the
-experimental GPU kernels instead (triton_kernel.py).
+"native" (fail start-up if it cannot build), "torch" (never build).
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ import torch
 
 logger = logging.getLogger("vllm.steerserve")
 
-KERNEL_CHOICES = ("auto", "native", "torch", "triton")
+KERNEL_CHOICES = ("auto", "native", "torch")
 SOURCE = Path(__file__).with_name("kernels") / "steer_rows_cpu.cpp"
 _EXTENSION_NAME = "steerserve_cpu_steering"
 
@@ -73,7 +72,7 @@ def select(choice: str, device: torch.device):
     """The native op to use on `device` under `--steering-kernel choice`, or None for PyTorch."""
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"--steering-kernel must be one of {KERNEL_CHOICES}, not {choice!r}")
-    if choice in ("torch", "triton") or device.type != "cpu":  # triton: steering_runtime picks it
+    if choice == "torch" or device.type != "cpu":
         return None
     op = native_steer_rows()
     if op is None:

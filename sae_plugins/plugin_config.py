@@ -13,6 +13,9 @@ from typing import Any
 ADDITIONAL_CONFIG_KEY = "steerserve"
 DEFAULT_MAX_FEATURES = 64
 DEFAULT_MAX_CONFIGS = 64
+# The steering op (--steering-kernel): auto/native/torch pick between the native CPU kernel and
+# the PyTorch op (cpu_kernel.py); triton selects the experimental GPU kernels (triton_kernel.py).
+STEERING_KERNELS = ("auto", "native", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -21,7 +24,7 @@ class PluginConfig:
     sae_layers: tuple[int, ...]
     max_features: int = DEFAULT_MAX_FEATURES  # per request, over all layers
     max_configs: int = DEFAULT_MAX_CONFIGS  # distinct steering specs in flight
-    steering_kernel: str = "auto"  # CPU: native kernel or PyTorch op (cpu_kernel.py)
+    steering_kernel: str = "auto"  # one of STEERING_KERNELS
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

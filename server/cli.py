@@ -27,7 +27,7 @@ def _layer_list(values: list[str]) -> list[int]:
 
 
 def add_steering_args(parser: argparse.ArgumentParser) -> None:
-    from sae_plugins.plugin_config import DEFAULT_MAX_CONFIGS, DEFAULT_MAX_FEATURES
+    from sae_plugins.plugin_config import DEFAULT_MAX_CONFIGS, DEFAULT_MAX_FEATURES, STEERING_KERNELS
 
     group = parser.add_argument_group("steerserve", "SAE steering")
     group.add_argument("--sae", default=None, help="SAE directory (Qwen-Scope, SAELens or sparsify layout)")
@@ -36,7 +36,7 @@ def add_steering_args(parser: argparse.ArgumentParser) -> None:
                        help="most features one request may steer")
     group.add_argument("--max-steering-configs", type=int, default=DEFAULT_MAX_CONFIGS,
                        help="distinct steering specs in flight; more wait for a free slot")
-    group.add_argument("--steering-kernel", choices=("auto", "native", "torch", "triton"), default="auto",
+    group.add_argument("--steering-kernel", choices=STEERING_KERNELS, default="auto",
                        help="steering op: on CPU the native kernel (built once with the C++ compiler), the "
                             "PyTorch op, or auto (native when it builds); on GPU the PyTorch op, or triton "
                             "(experimental capture-safe kernels, not yet validated on a GPU)")

@@ -69,6 +69,23 @@ def run_step(kernel: str, sae: SAEWeights, hidden, residual, rows_per_request: l
     return out
 
 
+def case_inputs(activation: str, sae_dtype: torch.dtype, hidden_dtype: torch.dtype, shape: str):
+    """(sae, rows per request, hidden, residual) of one kernel-vs-PyTorch case: five requests of
+    one decode row each, or prefill chunks (40 rows: tiles of 8 and a rest). Shared with
+    test_triton_kernel.py."""
+    sae = make_sae(activation, sae_dtype, apply_b_dec=activation == "relu")
+    rows = [1, 1, 1, 1, 1] if shape == "decode" else [7, 13, 5, 9, 6]
+    g = torch.Generator().manual_seed(12)
+    residual = (3 * torch.randn(sum(rows), D_MODEL, generator=g)).to(hidden_dtype)
+    hidden = torch.randn(sum(rows), D_MODEL, generator=g).to(hidden_dtype)
+    return sae, rows, hidden, residual
+
+
+def unsteered_rows(rows: list[int]) -> slice:
+    """The rows of the last request of `requests`, the unsteered one."""
+    return slice(sum(rows[:4]), sum(rows))
+
+
 def assert_same_edit(native: torch.Tensor, reference: torch.Tensor, before: torch.Tensor) -> None:
     assert not torch.equal(reference, before)  # the step did steer
     if native.dtype == torch.float32:
@@ -82,16 +99,12 @@ def assert_same_edit(native: torch.Tensor, reference: torch.Tensor, before: torc
 @pytest.mark.parametrize("sae_dtype,hidden_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)])
 @pytest.mark.parametrize("shape", ["decode", "prefill"])
 def test_native_kernel_equals_the_torch_op(activation, sae_dtype, hidden_dtype, shape):
-    sae = make_sae(activation, sae_dtype, apply_b_dec=activation == "relu")
+    sae, rows, hidden, residual = case_inputs(activation, sae_dtype, hidden_dtype, shape)
     sae.choose_cpu_encoder()  # as CPU workers do: a small encoder runs in float32 (packed panels)
-    rows = [1, 1, 1, 1, 1] if shape == "decode" else [7, 13, 5, 9, 6]  # 40 rows: tiles of 8 and a rest
-    g = torch.Generator().manual_seed(12)
-    residual = (3 * torch.randn(sum(rows), D_MODEL, generator=g)).to(hidden_dtype)
-    hidden = torch.randn(sum(rows), D_MODEL, generator=g).to(hidden_dtype)
     reference = run_step("torch", sae, hidden, residual, rows, decoding=shape == "decode")
     native = run_step("native", sae, hidden, residual, rows, decoding=shape == "decode")
     assert_same_edit(native, reference, hidden)
-    plain = slice(sum(rows[:4]), sum(rows))
+    plain = unsteered_rows(rows)
     assert torch.equal(native[plain], hidden[plain])  # unsteered rows are untouched
 
 

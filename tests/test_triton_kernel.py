@@ -18,19 +18,15 @@ TESTS = Path(__file__).resolve().parent
 CHILD = r"""
 import json, sys, torch
 sys.path[:0] = [{root!r}, {tests!r}]
-from test_cpu_kernel import D_MODEL, make_sae, run_step
+from test_cpu_kernel import case_inputs, run_step, unsteered_rows
 results = []
 for activation in ("topk", "relu", "jumprelu"):
     for dtype in (torch.bfloat16, torch.float32):
         for shape in ("decode", "prefill"):
-            sae = make_sae(activation, dtype, apply_b_dec=activation == "relu")
-            rows = [1, 1, 1, 1, 1] if shape == "decode" else [7, 13, 5, 9, 6]
-            g = torch.Generator().manual_seed(12)
-            residual = (3 * torch.randn(sum(rows), D_MODEL, generator=g)).to(dtype)
-            hidden = torch.randn(sum(rows), D_MODEL, generator=g).to(dtype)
+            sae, rows, hidden, residual = case_inputs(activation, dtype, dtype, shape)
             reference = run_step("torch", sae, hidden, residual, rows, decoding=shape == "decode")
             triton_out = run_step("triton", sae, hidden, residual, rows, decoding=shape == "decode")
-            plain = slice(sum(rows[:4]), sum(rows))
+            plain = unsteered_rows(rows)
             results.append(dict(
                 case=f"{{activation}}/{{dtype}}/{{shape}}",
                 steered=bool((reference != hidden).any()),
