@@ -20,16 +20,21 @@ from fastapi.responses import JSONResponse
 
 from server.batch import attach_batch_api, runner, start_batch_service
 from server.batch.lines import parse_input_file
+from server.batch.store import Store
 
 CHAT = "/v1/chat/completions"
 
 
 class FakeEngine:
-    """A stand-in for vLLM's OpenAI app: each body says how to answer (`sleep`, `status`, `abort`)."""
+    """A stand-in for vLLM's OpenAI app and engine client: each body says how to answer (`sleep`,
+    `status`, `abort`, `wait`, `kill`: the engine dies, the requests waiting answer to a dead
+    engine, and this one never answers)."""
 
     def __init__(self):
         self.calls: Counter[str] = Counter()
-        self.dead = False
+        self.company: dict[str, list[int]] = {}  # tag -> other requests in flight at each call
+        self.in_flight = 0
+        self.errored = False  # read by the service as the engine client's `errored`
         self.release = asyncio.Event()  # lines with "wait": true block until set
 
     def app(self) -> FastAPI:
@@ -39,18 +44,31 @@ class FakeEngine:
         @app.post("/v1/completions")
         async def complete(request: Request):
             body = await request.json()
-            self.calls[body.get("tag", "?")] += 1
-            if body.get("wait"):
-                await self.release.wait()
-            await asyncio.sleep(body.get("sleep", 0))
-            if "status" in body:
-                return JSONResponse({"error": {"message": "no", "type": "invalid_request_error", "param": "x",
-                                               "code": "bad"}}, status_code=body["status"])
-            finish = "abort" if body.get("abort") else "stop"
-            return {"id": "cmpl", "choices": [{"index": 0, "finish_reason": finish}], "echo": body}
+            tag = body.get("tag", "?")
+            self.calls[tag] += 1
+            self.company.setdefault(tag, []).append(self.in_flight)
+            self.in_flight += 1
+            try:
+                return await self.answer(body)
+            finally:
+                self.in_flight -= 1
 
         attach_batch_api(app)
         return app
+
+    async def answer(self, body: dict):
+        if body.get("kill"):
+            self.errored = True
+            self.release.set()
+            await asyncio.Future()  # never answers: the process is about to be killed
+        if body.get("wait"):
+            await self.release.wait()
+        await asyncio.sleep(body.get("sleep", 0))
+        if "status" in body:
+            return JSONResponse({"error": {"message": "no", "type": "invalid_request_error", "param": "x",
+                                           "code": "bad"}}, status_code=body["status"])
+        finish = "abort" if body.get("abort") else "stop"
+        return {"id": "cmpl", "choices": [{"index": 0, "finish_reason": finish}], "echo": body}
 
 
 def line(custom_id: str, url: str = CHAT, **body) -> dict:
@@ -66,10 +84,9 @@ class Harness:
         self.engine = engine
         self.app = engine.app()
         ns = Namespace(data_dir=str(data_dir), scheduling_policy=args.pop("policy", "priority"),
-                       batch_concurrency=args.pop("concurrency", 2), api_key=None)
-        engine_client = Namespace(errored=False)
-        self.service = start_batch_service(self.app, engine_client, self.app.state, ns)
-        self.engine_client = engine_client
+                       batch_concurrency=args.pop("concurrency", 2), api_key=None, **args)  # + limits
+        self.service = start_batch_service(self.app, engine, self.app.state, ns)
+        self.engine_client = engine
         self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.app), base_url="http://test")
 
     async def submit(self, lines, endpoint: str = CHAT, window: str = "24h") -> dict:
@@ -116,7 +133,7 @@ def test_parse_input_file_sorts_line_problems_from_file_problems(tmp_path):
         line("a"), "{not json", line("b", url="/v1/embeddings"), {**line("c"), "method": "GET"},
         {"custom_id": "d", "method": "POST", "url": CHAT, "body": "text"}, line("e", stream=True), "", line("f"),
     ]))
-    parsed = parse_input_file(path, "batch_x", CHAT)
+    parsed = parse_input_file(path, "batch_x", CHAT, max_lines=100)
     assert parsed.errors == []
     assert [x.custom_id for x in parsed.lines] == ["a", None, "b", "c", "d", "e", "f"]
     codes = {r.index: r.record["response"]["body"]["error"]["code"] for r in parsed.early_results}
@@ -135,7 +152,7 @@ def test_parse_input_file_sorts_line_problems_from_file_problems(tmp_path):
 def test_parse_input_file_rejects_whole_file(tmp_path, content, code):
     path = tmp_path / "in.jsonl"
     path.write_bytes(content)
-    errors = parse_input_file(path, "batch_x", CHAT).errors
+    errors = parse_input_file(path, "batch_x", CHAT, max_lines=100).errors
     assert [e["code"] for e in errors] == [code]
     if code == "duplicate_custom_id":
         assert errors[0]["line"] == 3 and "line 1" in errors[0]["message"]
@@ -224,6 +241,9 @@ def test_restart_resumes_without_redoing_recorded_lines(tmp_path):
             await h.close()
 
     batch_id, calls_before = run(first_part())
+    store = Store(tmp_path)
+    assert [p.attempts for p in store.pending_lines(batch_id)] == [0] * 6  # a clean stop charges nothing
+    store.close()
     batch, out, calls_after = run(second_part(batch_id))
     assert batch["status"] == "completed"
     assert batch["request_counts"] == {"total": 10, "completed": 10, "failed": 0}
@@ -278,13 +298,15 @@ def test_server_errors_retry_then_fail_and_dead_engine_records_nothing(tmp_path,
             assert err[1]["response"]["body"]["error"]["code"] == "aborted"
             assert engine.calls["boom"] == 2 and engine.calls["ab"] == 2
 
-            h.engine_client.errored = True  # engine died: answers are not the lines' answers
+            h.engine_client.errored = True  # engine dead: no line is sent to it, none is charged an attempt
             batch = await h.submit([line("later", status=500)])
             await asyncio.sleep(1.0)
             assert (await h.get(batch["id"]))["request_counts"] == {"total": 1, "completed": 0, "failed": 0}
+            assert engine.calls["later"] == 0
+            assert h.service.store.pending_lines(batch["id"]) == [(0, 0)]
             h.engine_client.errored = False
-            engine_calls = engine.calls["later"]
-            assert engine_calls >= 1
+            (err,) = await h.content((await h.wait(batch["id"]))["error_file_id"])
+            assert err["response"]["body"]["error"]["code"] == "bad"  # its own answer, not engine_failure
         finally:
             await h.close()
 

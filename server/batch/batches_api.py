@@ -46,7 +46,7 @@ class CreateBatch(BaseModel):
 
 def window_seconds(window: str) -> int:
     """OpenAI accepts "24h"; any whole number of hours from 1 to a week is accepted here."""
-    match = re.fullmatch(r"([0-9]+)h", window)
+    match = re.fullmatch(r"([0-9]{1,4})h", window)  # no int() of a 5000-digit number
     if not match or not 1 <= int(match.group(1)) <= MAX_WINDOW_HOURS:
         raise APIError(
             f"completion_window must be a number of hours like '24h' (1h to {MAX_WINDOW_HOURS}h), got {window!r}",
@@ -57,9 +57,11 @@ def window_seconds(window: str) -> int:
 
 async def _parse_create(request: Request) -> CreateBatch:
     try:
-        raw = json.loads(await request.body())
-    except ValueError as exc:
-        raise APIError(f"the request body is not valid JSON ({exc})", code="invalid_json") from None
+        raw = json.loads((await request.body()).decode("utf-8"))
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise APIError(f"the request body is not valid UTF-8 JSON ({exc})", code="invalid_json") from None
+    except RecursionError:
+        raise APIError("the request body is nested too deeply", code="invalid_json") from None
     try:
         return CreateBatch.model_validate(raw)
     except ValidationError as exc:
@@ -89,7 +91,8 @@ async def create_batch(request: Request) -> Any:
         completion_window=body.completion_window, status="validating", created_at=created,
         expires_at=created + window, metadata=body.metadata,
     )
-    await asyncio.to_thread(store.add_batch, batch)
+    if not await asyncio.to_thread(store.add_batch, batch):  # the file was deleted meanwhile
+        raise not_found("File", file.id, param="input_file_id")
     service.wake()
     stored = await asyncio.to_thread(store.get_batch, batch.id)
     return stored.to_api()

@@ -2,6 +2,10 @@
 
 Contents live on disk under DATA_DIR/files/<id>, metadata in SQLite. Errors use the same
 OpenAI error object as the rest of the server (server/errors.py).
+
+An upload over `max_upload_bytes` is refused from its Content-Length before the body is read,
+or, without one, as soon as the bytes received pass the limit: the multipart parser stops there
+and deletes what it spooled, so neither memory nor disk ever holds more than the limit.
 """
 
 from __future__ import annotations
@@ -9,21 +13,27 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import re
 import shutil
-import uuid
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
+from starlette.datastructures import FormData
+from starlette.types import Message
 
 from ..errors import APIError
-from .store import FileRecord, Store, now
+from .store import FileInUse, FileRecord, Store, new_file_id, now
 
 router = APIRouter()
 
 UPLOAD_PURPOSES = ("batch", "user_data", "assistants", "fine-tune", "vision", "evals")
 MAX_LIST_LIMIT = 10_000
+# Non-file form fields (`purpose`) are held in memory: few and small.
+FORM_FIELDS = 16
+FORM_FIELD_BYTES = 64 << 10
 
 
 def service_of(request: Request):
@@ -79,14 +89,66 @@ def errors_as_json(handler):
     return wrapped
 
 
+class _UploadTooLarge(Exception):
+    """Raised from the body stream, so that the multipart parser stops and deletes its spool."""
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(f"the upload is larger than this server's limit of {limit} bytes", param="file",
+                    code="file_too_large", status=HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+
+
+def _declared_over(request: Request, limit: int) -> bool:
+    """Whether the Content-Length header alone says the body is over the limit (more than 19
+    digits is over any limit, and int() refuses numbers of more than 4300 digits)."""
+    declared = request.headers.get("content-length", "")
+    return re.fullmatch(r"[0-9]+", declared) is not None and (len(declared) > 19 or int(declared) > limit)
+
+
+def _bounded(request: Request, limit: int) -> Request:
+    """The same request, but its body stream fails once more than `limit` bytes have arrived."""
+    received = 0
+
+    async def receive() -> Message:
+        nonlocal received
+        message = await request.receive()
+        received += len(message.get("body", b""))
+        if received > limit:
+            raise _UploadTooLarge
+        return message
+
+    return Request(request.scope, receive)
+
+
+async def _read_form(request: Request, limit: int) -> FormData:
+    if _declared_over(request, limit):
+        raise _too_large(limit)
+    content_type = request.headers.get("content-type", "").lower()
+    if not content_type.startswith("multipart/form-data"):  # checked first: a form body would be read into memory
+        raise APIError(f"expected a multipart/form-data body with `file` and `purpose`, got {content_type!r}",
+                       code="invalid_body")
+    try:
+        return await _bounded(request, limit).form(max_files=1, max_fields=FORM_FIELDS,
+                                                   max_part_size=FORM_FIELD_BYTES)
+    except _UploadTooLarge:  # the parser has closed (deleted) its spooled files
+        raise _too_large(limit) from None
+    except Exception as exc:
+        raise APIError(f"expected a multipart/form-data body with `file` and `purpose` "
+                       f"({getattr(exc, 'detail', exc)})", code="invalid_body") from None
+
+
 def _save(source: BinaryIO, path: os.PathLike) -> int:
     tmp = f"{path}.upload"
-    with open(tmp, "wb") as out:
-        shutil.copyfileobj(source, out, 1 << 20)
-        out.flush()
-        os.fsync(out.fileno())
-        size = out.tell()
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as out:
+            shutil.copyfileobj(source, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+            size = out.tell()
+        os.replace(tmp, path)
+    except BaseException:  # e.g. a full disk: leave no partial file behind
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return size
 
 
@@ -94,12 +156,14 @@ def _save(source: BinaryIO, path: os.PathLike) -> int:
 @errors_as_json
 async def create_file(request: Request) -> Any:
     service = service_of(request)
-    store: Store = service.store
+    form = await _read_form(request, service.limits.max_upload_bytes)
     try:
-        form = await request.form()
-    except Exception as exc:
-        raise APIError(f"expected a multipart/form-data body with `file` and `purpose` ({exc})",
-                       code="invalid_body") from None
+        return await _store_upload(service.store, form)
+    finally:
+        await form.close()
+
+
+async def _store_upload(store: Store, form: FormData) -> dict[str, Any]:
     upload, purpose = form.get("file"), form.get("purpose")
     if upload is None or isinstance(upload, str):
         raise APIError("`file` is required (a multipart file field)", param="file", code="missing_required_parameter")
@@ -108,11 +172,8 @@ async def create_file(request: Request) -> Any:
     if purpose not in UPLOAD_PURPOSES:
         raise APIError(f"purpose {purpose!r} is not one of {list(UPLOAD_PURPOSES)}", param="purpose",
                        code="invalid_purpose")
-    file_id = f"file-{uuid.uuid4().hex[:24]}"
-    try:
-        size = await asyncio.to_thread(_save, upload.file, store.file_path(file_id))
-    finally:
-        await upload.close()
+    file_id = new_file_id()
+    size = await asyncio.to_thread(_save, upload.file, store.file_path(file_id))
     record = FileRecord(file_id, os.path.basename(upload.filename or "upload.jsonl"), purpose, size, now())
     await asyncio.to_thread(store.add_file, record)
     return record.to_api()
@@ -154,6 +215,12 @@ async def file_content(file_id: str, request: Request) -> Any:
 @router.delete("/v1/files/{file_id}")
 @errors_as_json
 async def delete_file(file_id: str, request: Request) -> Any:
-    if not await asyncio.to_thread(service_of(request).store.delete_file, file_id):
+    try:
+        deleted = await asyncio.to_thread(service_of(request).store.delete_file, file_id)
+    except FileInUse as busy:
+        raise APIError(f"file {file_id} is the input of batch {busy.batch_id}, which is {busy.status}; "
+                       "delete it once the batch has finished or been cancelled", param="file_id",
+                       code="file_in_use", status=HTTPStatus.CONFLICT) from None
+    if not deleted:
         raise not_found("File", file_id)
     return JSONResponse({"id": file_id, "object": "file", "deleted": True})

@@ -8,13 +8,16 @@ A line that cannot be sent (bad JSON, wrong method or url, a body that is not an
 answered here, at validation, with the same `{"error": {...}}` object the interactive API uses
 and status 400, so it lands in the error file beside the lines the server itself rejected.
 Problems with the file as a whole (not UTF-8, no JSON object on any line, duplicate
-custom_id) fail the batch instead, with an `errors` list naming the lines.
+custom_id, more lines than the server takes) fail the batch instead, with an `errors` list
+naming the lines. Lines are split at "\n" only: a JSON string may hold U+2028 or U+0085,
+which `str.splitlines` would break a line at.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,16 +26,13 @@ from ..errors import APIError
 from .store import InputLine, LineResult
 
 SUPPORTED_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+_BLANK = " \t\r\f\v"  # a line of only these holds no request (the line counter agrees)
+_REQUEST_LINE = re.compile(rb"^[ \t\r\f\v]*[^ \t\n\r\f\v]", re.MULTILINE)
 
 
 def line_id(batch_id: str, index: int) -> str:
     """Stable per line, so an answer re-run after a crash keeps its id."""
     return "batch_req_" + hashlib.sha256(f"{batch_id}:{index}".encode()).hexdigest()[:32]
-
-
-def result_file_id(batch_id: str, kind: str) -> str:
-    """Fixed id of a batch's output or error file, so finalizing twice writes the same file."""
-    return "file-" + hashlib.sha256(f"{batch_id}:{kind}".encode()).hexdigest()[:24]
 
 
 def response_record(
@@ -49,6 +49,16 @@ def response_record(
 def rejected_line(batch_id: str, index: int, custom_id: str | None, error: APIError) -> LineResult:
     record = response_record(batch_id, index, custom_id, int(error.status), line_id(batch_id, index), error.body())
     return LineResult(index=index, ok=False, record=record)
+
+
+def engine_failure_line(batch_id: str, index: int, custom_id: str | None, attempts: int) -> LineResult:
+    """A line the engine died on `attempts` times: recorded instead of being sent again."""
+    error = APIError(
+        f"the engine failed {attempts} times while running this line (it crashed or stopped each time), "
+        "so the line is not sent again",
+        code="engine_failure", status=500, type="server_error",
+    )
+    return rejected_line(batch_id, index, custom_id, error)
 
 
 def expired_line(batch_id: str, index: int, custom_id: str | None) -> LineResult:
@@ -74,14 +84,29 @@ def _file_error(code: str, message: str, line: int | None = None, param: str | N
     return {"code": code, "message": message, "param": param, "line": line}
 
 
-def parse_input_file(path: Path, batch_id: str, endpoint: str) -> ParsedInput:
+def more_lines_than(data: bytes, limit: int) -> bool:
+    """Whether `data` has more than `limit` non-blank lines, without parsing any: a newline count
+    (in C) settles most files, and the scan for non-blank lines stops at line limit + 1."""
+    if data.count(b"\n") < limit:
+        return False
+    return any(n >= limit for n, _ in enumerate(_REQUEST_LINE.finditer(data)))
+
+
+def parse_input_file(path: Path, batch_id: str, endpoint: str, max_lines: int) -> ParsedInput:
     """Validate a JSONL input file. Line numbers in messages and `errors` are 1-based."""
     parsed = ParsedInput()
     try:
-        text = path.read_bytes().decode("utf-8")
+        data = path.read_bytes()
     except FileNotFoundError:
         parsed.errors.append(_file_error("file_not_found", "the input file no longer exists"))
         return parsed
+    if more_lines_than(data, max_lines):
+        parsed.errors.append(_file_error(
+            "too_many_lines", f"the input file has more than {max_lines} requests, the most one batch takes "
+            "on this server; split it into several batches"))
+        return parsed
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         parsed.errors.append(_file_error(
             "invalid_file_format", f"the input file is not UTF-8 text (byte {exc.start}); expected JSONL"))
@@ -89,8 +114,8 @@ def parse_input_file(path: Path, batch_id: str, endpoint: str) -> ParsedInput:
     seen: dict[str, int] = {}
     objects = 0
     index = 0
-    for number, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
+    for number, raw in enumerate(text.split("\n"), start=1):
+        if not raw.strip(_BLANK):
             continue
         line, result, is_object = _parse_line(raw, number, index, batch_id, endpoint)
         objects += is_object

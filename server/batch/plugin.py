@@ -17,6 +17,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from ..in_process import server_api_key
+from ..limits import Limits
 from .batches_api import router as batches_router
 from .files_api import router as files_router
 from .runner import BatchService
@@ -24,6 +25,7 @@ from .store import Store
 
 logger = logging.getLogger("vllm.steerserve.batch")  # under vLLM's configured "vllm" logger
 
+# The defaults of `steerserve serve --data-dir` and `--batch-concurrency` (cli.py reads them here).
 DEFAULT_DATA_DIR = ".state/data"
 DEFAULT_BATCH_CONCURRENCY = 4
 BATCH_PRIORITY = 1  # vLLM serves lower numbers first; interactive requests default to 0
@@ -57,13 +59,15 @@ def start_batch_service(app: FastAPI, engine_client: Any, state: Any, args: Name
         priority=priority,
         api_key=server_api_key(args),
         engine_dead=lambda: bool(getattr(engine_client, "errored", False)),
+        limits=Limits.from_args(args),
     )
     state.steerserve_batches = service
     _stop_recording_before_engine_shutdown(engine_client, service)
     running = service.start()
-    logger.info("batches: data in %s, %s, concurrency %d, priority %s", store.data_dir,
+    logger.info("batches: data in %s, %s, concurrency %d, priority %s, uploads up to %d bytes, "
+                "batches up to %d lines", store.data_dir,
                 "runner started" if running else "runner held by another process",
-                service.concurrency, priority)
+                service.concurrency, priority, service.limits.max_upload_bytes, service.limits.max_batch_lines)
     return service
 
 

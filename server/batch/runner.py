@@ -13,6 +13,13 @@ and `priority` 1 (served after interactive requests) when the engine schedules b
 A line is done when its result row is committed. Answers that are not the line's real answer
 are never recorded: anything produced while the server shuts down, a 5xx while the engine is
 dead, or a choice the engine aborted. Those lines stay pending and run again.
+
+Poison pills: every send of a line is counted in the database before it goes out, so after a
+crash (even kill -9) the lines that were in flight are known. They run first, one at a time
+with nothing else in flight, so a line that merely shared a crash is cleared and the line that
+causes it is caught alone; a line the engine died on MAX_LINE_ATTEMPTS times is recorded as
+failed (`engine_failure`) instead of crashing the engine again at every start. A clean stop
+does not count against the lines it interrupts.
 """
 
 from __future__ import annotations
@@ -30,16 +37,18 @@ from typing import Any
 
 import httpx
 
-from ..in_process import in_process_client
 from ..errors import APIError
-from .lines import expired_line, line_id, parse_input_file, response_record, result_file_id
-from .store import BatchRecord, FileRecord, InputLine, LineResult, Store, now
+from ..in_process import in_process_client
+from ..limits import Limits
+from .lines import engine_failure_line, expired_line, line_id, parse_input_file, response_record
+from .store import BatchRecord, FileRecord, InputLine, LineResult, PendingLine, Store, now
 
 logger = logging.getLogger("vllm.steerserve.batch")  # under vLLM's configured "vllm" logger
 
 POLL_SECONDS = 1.0
 SERVER_ERROR_ATTEMPTS = 3  # a line whose 5xx repeats this often (engine healthy) is recorded as failed
 RETRY_PAUSE = 5.0  # after a pass that left lines pending (engine trouble), before the next pass
+MAX_LINE_ATTEMPTS = 3  # sends of one line that ended with the engine or server dead: then it fails
 
 
 class BatchService:
@@ -52,14 +61,18 @@ class BatchService:
         priority: int | None = None,
         api_key: str | None = None,
         engine_dead: Callable[[], bool] = lambda: False,
+        limits: Limits = Limits(),  # frozen: one shared default is safe
     ):
         self.store = store
+        self.limits = limits  # the routes read the upload and line limits here
         self.concurrency = max(1, concurrency)
         self.priority = priority
         self._engine_dead = engine_dead
         self._client = in_process_client(app, api_key)
         self._wake = asyncio.Event()
         self._stopping = False
+        self._clean_stop = False  # the engine was healthy when the stop began
+        self._charged: set[tuple[str, int]] = set()  # (batch id, line) sent, attempt counted, no answer yet
         self._loop_task: asyncio.Task | None = None
         self._busy: dict[str, asyncio.Task] = {}  # batch id -> the task handling it (strong refs)
         self._in_flight: dict[str, set[asyncio.Task]] = {}  # batch id -> running line requests
@@ -90,7 +103,10 @@ class BatchService:
 
     def begin_shutdown(self) -> None:
         """Called (from any thread) before the engine stops: from now on nothing is recorded, so
-        requests the engine aborts on its way down stay pending for the next start."""
+        requests the engine aborts on its way down stay pending for the next start. If the
+        engine is still healthy the stop is clean: the lines it cuts short get their attempt back."""
+        if not self._stopping:
+            self._clean_stop = not self._engine_dead()
         self._stopping = True
 
     async def stop(self) -> None:
@@ -99,6 +115,8 @@ class BatchService:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self._clean_stop and self._charged:
+            await asyncio.to_thread(self.store.refund_attempts, list(self._charged))
         await self._client.aclose()
         if self._lock_file is not None:
             os.close(self._lock_file)
@@ -167,7 +185,8 @@ class BatchService:
 
     async def _validate(self, batch: BatchRecord) -> None:
         path = self.store.file_path(batch.input_file_id)
-        parsed = await asyncio.to_thread(parse_input_file, path, batch.id, batch.endpoint)
+        parsed = await asyncio.to_thread(parse_input_file, path, batch.id, batch.endpoint,
+                                         self.limits.max_batch_lines)
         if parsed.errors:
             await asyncio.to_thread(self.store.transition, batch.id, ("validating",), "failed",
                                     errors=parsed.errors, failed_at=now())
@@ -177,15 +196,11 @@ class BatchService:
     async def _execute(self, batch: BatchRecord) -> None:
         self._in_flight[batch.id] = set()
         try:
-            pending = deque(await asyncio.to_thread(self.store.pending_lines, batch.id))
-            workers = [asyncio.create_task(self._worker(batch, pending))
-                       for _ in range(min(self.concurrency, len(pending)))]
-            try:
-                await asyncio.gather(*workers)
-            finally:
-                for w in workers:
-                    w.cancel()
-                await asyncio.gather(*workers, return_exceptions=True)
+            pending = await asyncio.to_thread(self.store.pending_lines, batch.id)
+            await self._fail_spent_lines(batch.id, [p for p in pending if p.attempts >= MAX_LINE_ATTEMPTS])
+            suspects = [p.index for p in pending if 0 < p.attempts < MAX_LINE_ATTEMPTS]
+            await self._run_lines(batch.id, suspects, width=1)  # alone: see the module docstring
+            await self._run_lines(batch.id, [p.index for p in pending if p.attempts == 0], self.concurrency)
         finally:
             del self._in_flight[batch.id]
             self._cancel_requested.discard(batch.id)
@@ -206,30 +221,66 @@ class BatchService:
             else:  # lines the engine could not answer: try again a little later
                 self._not_before[batch.id] = asyncio.get_running_loop().time() + RETRY_PAUSE
 
-    async def _worker(self, batch: BatchRecord, pending: deque[int]) -> None:
-        in_flight = self._in_flight[batch.id]
-        while pending and not self._stopping and batch.id not in self._cancel_requested:
-            line = await asyncio.to_thread(self.store.get_line, batch.id, pending.popleft())
-            request = asyncio.create_task(self._run_line(batch.id, line))
+    async def _run_lines(self, batch_id: str, indexes: list[int], width: int) -> None:
+        pending = deque(indexes)
+        workers = [asyncio.create_task(self._worker(batch_id, pending)) for _ in range(min(width, len(pending)))]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+
+    def _may_send(self, batch_id: str) -> bool:
+        """No line goes to a dead engine: it could not answer, and the send would count against it."""
+        return not (self._stopping or self._engine_dead() or batch_id in self._cancel_requested)
+
+    async def _worker(self, batch_id: str, pending: deque[int]) -> None:
+        while pending and self._may_send(batch_id):
+            result = await self._attempt(batch_id, pending.popleft())
+            if result is None or self._stopping:
+                return  # no real answer (batch cancelled, engine down or going down): the line stays pending
+            await asyncio.to_thread(self.store.record_results, batch_id, [result])
+
+    async def _attempt(self, batch_id: str, index: int) -> LineResult | None:
+        """Send the line once, the attempt counted first; None when there is no answer to record."""
+        line = await asyncio.to_thread(self.store.get_line, batch_id, index)
+        key = (batch_id, index)
+        self._charged.add(key)  # from here on a clean stop refunds the attempt (stop())
+        try:
+            await asyncio.to_thread(self.store.begin_attempt, batch_id, index)
+            request = asyncio.create_task(self._run_line(batch_id, line))
+            in_flight = self._in_flight[batch_id]
             in_flight.add(request)
             try:
-                result = await request
+                return await request
             except asyncio.CancelledError:
                 if request.cancelled() and not _current_task_cancelling():
-                    return  # this line was cancelled with its batch; the worker just stops
+                    return None  # this line was cancelled with its batch
                 raise
             finally:
                 in_flight.discard(request)
-            if result is None or self._stopping:
-                return  # not a real answer (engine down or going down): the line stays pending
-            await asyncio.to_thread(self.store.record_results, batch.id, [result])
+        finally:
+            if not self._stopping:  # a stop leaves it for stop() to refund
+                self._charged.discard(key)
+
+    async def _fail_spent_lines(self, batch_id: str, spent: list[PendingLine]) -> None:
+        """Lines the engine died on MAX_LINE_ATTEMPTS times: recorded as failed, never sent again."""
+        results = []
+        for p in spent:
+            line = await asyncio.to_thread(self.store.get_line, batch_id, p.index)
+            logger.warning("batch %s line %d: the engine died %d times while running it; recorded as failed",
+                           batch_id, p.index, p.attempts)
+            results.append(engine_failure_line(batch_id, p.index, line.custom_id, p.attempts))
+        if results:
+            await asyncio.to_thread(self.store.record_results, batch_id, results)
 
     async def _expire(self, batch: BatchRecord) -> None:
         pending = await asyncio.to_thread(self.store.pending_lines, batch.id)
         results = []
-        for index in pending:
-            line = await asyncio.to_thread(self.store.get_line, batch.id, index)
-            results.append(expired_line(batch.id, index, line.custom_id))
+        for p in pending:
+            line = await asyncio.to_thread(self.store.get_line, batch.id, p.index)
+            results.append(expired_line(batch.id, p.index, line.custom_id))
         await asyncio.to_thread(self.store.record_results, batch.id, results)
         await self._finalize(batch.id, ("in_progress",), "expired")
 
@@ -237,10 +288,10 @@ class BatchService:
         await asyncio.to_thread(self._write_files_and_finish, batch_id, from_statuses, to_status)
 
     def _write_files_and_finish(self, batch_id: str, from_statuses: tuple[str, ...], to_status: str) -> None:
-        """Build output and error files from the result rows (idempotent: fixed file ids, so a
-        crash mid-finalize just writes them again), then set the final status."""
+        """Build output and error files from the result rows (idempotent: the file ids are drawn
+        once and kept, so a crash mid-finalize just writes them again), then set the final status."""
         names = {True: "output", False: "error"}
-        ids = {ok: result_file_id(batch_id, name) for ok, name in names.items()}
+        ids = dict(zip((True, False), self.store.result_file_ids(batch_id), strict=True))
         tmp = {ok: self.store.file_path(ids[ok]).with_suffix(".tmp") for ok in names}
         sizes = {True: 0, False: 0}
         handles = {ok: open(tmp[ok], "wb") for ok in names}

@@ -9,19 +9,24 @@ derived from the same rows, so they can never disagree with the files.
 One connection shared by threads (`check_same_thread=False`) behind a lock; every method is
 short and synchronous, and async callers run it with `asyncio.to_thread`. WAL mode lets readers
 (other API processes, `sqlite3` in a shell) see the state while a batch runs.
+
+Each line also counts its attempts (sends that did not end with a recorded result), committed
+before the send: after a crash the lines that were in flight are known, and a line that keeps
+killing the engine can be failed instead of being resumed forever (runner.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (
@@ -73,6 +78,12 @@ CREATE TABLE IF NOT EXISTS batch_results (
     PRIMARY KEY (batch_id, line_index)
 ) WITHOUT ROWID;
 """
+# Columns added after the first release (ALTER TABLE at open, so existing data dirs still open).
+ADDED_COLUMNS = {
+    "batch_lines": {"attempts": "INTEGER NOT NULL DEFAULT 0"},
+    # Drawn once at finalize, before the files are written: a re-run after a crash reuses them.
+    "batches": {"reserved_output_file_id": "TEXT", "reserved_error_file_id": "TEXT"},
+}
 
 ACTIVE_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
 TERMINAL_STATUSES = ("failed", "completed", "expired", "cancelled")
@@ -84,6 +95,19 @@ TIMESTAMP_FIELDS = (
 
 def now() -> int:
     return int(time.time())
+
+
+def new_file_id() -> str:
+    """Random, so nobody can derive a file's id (e.g. a batch's output file from its batch id)."""
+    return "file-" + secrets.token_hex(12)
+
+
+class FileInUse(Exception):
+    """The file is the input of a batch that has not finished."""
+
+    def __init__(self, file_id: str, batch_id: str, status: str):
+        super().__init__(f"file {file_id} is the input of batch {batch_id} ({status})")
+        self.batch_id, self.status = batch_id, status
 
 
 @dataclass
@@ -145,6 +169,11 @@ class InputLine:
     body: str | None
 
 
+class PendingLine(NamedTuple):
+    index: int
+    attempts: int  # > 0: it was in flight when the engine or the server died
+
+
 @dataclass(frozen=True)
 class LineResult:
     index: int
@@ -173,6 +202,7 @@ class Store:
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")  # a committed line result survives power loss too
         self._conn.executescript(SCHEMA)
+        self._add_missing_columns()
 
     def close(self) -> None:
         with self._lock:
@@ -198,6 +228,16 @@ class Store:
                 return False
 
         return _Tx()
+
+    def _add_missing_columns(self) -> None:
+        """Bring a database created by an older release up to date (in a transaction, so two
+        processes opening it at once do not both add a column)."""
+        with self._tx() as c:
+            for table, columns in ADDED_COLUMNS.items():
+                present = {row[1] for row in c.execute(f"PRAGMA table_info({table})")}
+                for name, declaration in columns.items():
+                    if name not in present:
+                        c.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
 
     def _query(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
         with self._lock:
@@ -244,16 +284,36 @@ class Store:
         return [FileRecord(*r) for r in rows[:limit]], len(rows) > limit
 
     def delete_file(self, file_id: str) -> bool:
+        """False when there is no such file; FileInUse when an unfinished batch reads it.
+
+        A finished batch's output or error file may go: the batch then stops pointing at it.
+        One transaction, so a batch cannot be created on the file between check and delete.
+        """
+        marks = ",".join("?" * len(ACTIVE_STATUSES))
         with self._tx() as c:
-            deleted = c.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount > 0
-        if deleted:
-            self.file_path(file_id).unlink(missing_ok=True)
-        return deleted
+            if c.execute("SELECT 1 FROM files WHERE id = ?", (file_id,)).fetchone() is None:
+                return False
+            user = c.execute(
+                f"SELECT id, status FROM batches WHERE status IN ({marks}) AND input_file_id = ? "
+                "ORDER BY seq LIMIT 1",
+                (*ACTIVE_STATUSES, file_id),
+            ).fetchone()
+            if user is not None:
+                raise FileInUse(file_id, *user)
+            c.execute("DELETE FROM files WHERE id = ?", (file_id,))
+            c.execute("UPDATE batches SET output_file_id = NULL WHERE output_file_id = ?", (file_id,))
+            c.execute("UPDATE batches SET error_file_id = NULL WHERE error_file_id = ?", (file_id,))
+        self.file_path(file_id).unlink(missing_ok=True)
+        return True
 
     # ------------------------------------------------------------------ batches
 
-    def add_batch(self, batch: BatchRecord) -> None:
+    def add_batch(self, batch: BatchRecord) -> bool:
+        """False (nothing added) when the input file is gone: checked in the insert's own
+        transaction, so a concurrent delete either sees this batch or this batch sees no file."""
         with self._tx() as c:
+            if c.execute("SELECT 1 FROM files WHERE id = ?", (batch.input_file_id,)).fetchone() is None:
+                return False
             c.execute(
                 "INSERT INTO batches (id, input_file_id, endpoint, completion_window, status, metadata, "
                 "created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -261,6 +321,7 @@ class Store:
                  json.dumps(batch.metadata) if batch.metadata is not None else None,
                  batch.created_at, batch.expires_at),
             )
+            return True
 
     @staticmethod
     def _batch(row: tuple) -> BatchRecord:
@@ -339,14 +400,28 @@ class Store:
             return self._transition(c, batch_id, ("validating",), "in_progress",
                                     {"in_progress_at": stamp}, locked=True)
 
-    def pending_lines(self, batch_id: str) -> list[int]:
+    def pending_lines(self, batch_id: str) -> list[PendingLine]:
         rows = self._query(
-            "SELECT l.line_index FROM batch_lines l LEFT JOIN batch_results r "
+            "SELECT l.line_index, l.attempts FROM batch_lines l LEFT JOIN batch_results r "
             "ON r.batch_id = l.batch_id AND r.line_index = l.line_index "
             "WHERE l.batch_id = ? AND r.line_index IS NULL ORDER BY l.line_index",
             (batch_id,),
         )
-        return [r[0] for r in rows]
+        return [PendingLine(*r) for r in rows]
+
+    def begin_attempt(self, batch_id: str, index: int) -> None:
+        """Count a send of the line, committed before it is sent so that it survives kill -9."""
+        with self._tx() as c:
+            c.execute("UPDATE batch_lines SET attempts = attempts + 1 WHERE batch_id = ? AND line_index = ?",
+                      (batch_id, index))
+
+    def refund_attempts(self, lines: Iterable[tuple[str, int]]) -> None:
+        """Uncount sends cut short by a clean stop: they tell nothing about the line."""
+        with self._tx() as c:
+            c.executemany(
+                "UPDATE batch_lines SET attempts = max(attempts - 1, 0) WHERE batch_id = ? AND line_index = ?",
+                list(lines),
+            )
 
     def get_line(self, batch_id: str, index: int) -> InputLine:
         rows = self._query(
@@ -389,6 +464,19 @@ class Store:
             for _index, ok, record in rows:
                 yield bool(ok), record
             last = rows[-1][0]
+
+    def result_file_ids(self, batch_id: str) -> tuple[str, str]:
+        """(output, error) file ids of the batch: random, drawn at its first finalize and kept,
+        so a finalize re-run after a crash writes the same files."""
+        with self._tx() as c:
+            row = c.execute("SELECT reserved_output_file_id, reserved_error_file_id FROM batches WHERE id = ?",
+                            (batch_id,)).fetchone()
+            if row[0] is not None:
+                return row
+            ids = new_file_id(), new_file_id()
+            c.execute("UPDATE batches SET reserved_output_file_id = ?, reserved_error_file_id = ? WHERE id = ?",
+                      (*ids, batch_id))
+            return ids
 
     def finish(
         self, batch_id: str, from_statuses: Iterable[str], to_status: str,

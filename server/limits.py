@@ -1,0 +1,47 @@
+"""Every limit the HTTP layer enforces, with its default: one home, read by the CLI (which
+exposes each as a `steerserve serve` option of the same name), the middleware, the features
+API and the batch service. A request over a limit gets an OpenAI-shaped 4xx, never a 5xx.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+MiB = 1 << 20
+
+
+def _limit(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_request_bytes: int = _limit(
+        16 * MiB, "largest JSON request body on any route, in bytes (413 above); uploads have their own limit")
+    max_json_depth: int = _limit(
+        64, "deepest nesting of objects and arrays in a JSON body (400 above): deep enough for any "
+            "tool or response-format schema, far below what would exhaust a parser's recursion")
+    max_steering_value: float = _limit(
+        1e4, "largest |value| of a steering edit (400 above): bigger values only turn the residual "
+             "stream into inf/NaN; Qwen-Scope's community ports steer with 5 to 100")
+    max_upload_bytes: int = _limit(200 * MiB, "largest file uploaded to /v1/files, in bytes (413 above)")
+    max_batch_lines: int = _limit(50_000, "most lines in one batch input file (the batch fails validation above)")
+    max_inspect_chars_per_token: int = _limit(
+        32, "inspect refuses, before tokenizing, inputs longer than this many characters per token of "
+            "context (the token count is checked after tokenizing too)")
+    token_search_cache_entries: int = _limit(
+        1024, "entries of the features API's token-search cache (least recently used dropped)")
+
+    @staticmethod
+    def from_args(args: Any) -> "Limits":
+        """The limits a `steerserve serve` namespace sets (missing options keep their default)."""
+        given = {f.name: getattr(args, f.name) for f in fields(Limits) if getattr(args, f.name, None) is not None}
+        return Limits(**given)
+
+    @staticmethod
+    def add_arguments(group: Any) -> None:
+        """One `--max-...` option per limit, default and help from this class."""
+        for f in fields(Limits):
+            group.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                               help=f"{f.metadata['help']} (default: %(default)s)")
