@@ -2,8 +2,10 @@
 
 Like LoRA adapter slots: requests reference a slot index, equal specs (same id) share one slot,
 and a slot is freed when the last request using it finishes. Slot 0 is reserved for "no
-steering". The HTTP layer admits at most `max_configs` distinct specs at a time; the worker
-keeps headroom above that so an abort racing a new request can never exhaust the tables.
+steering". Each API process admits at most `max_configs` distinct specs at a time; the worker
+has slots for all API processes plus headroom (PluginConfig.num_slots), so an abort racing a new
+request cannot exhaust the tables (and if it ever did, the request would run unsteered, logged,
+rather than fail the engine's step).
 """
 
 from __future__ import annotations

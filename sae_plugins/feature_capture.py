@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import request_signing
+
 CAPTURE_KEY = "steerserve_capture"
 MAX_PENDING_CAPTURES = 256  # results nobody took (client gone) are dropped oldest first
 AGGREGATE_TOP = 20
@@ -28,14 +30,14 @@ class CaptureSpec:
     exclude_from_aggregate: frozenset[int] = frozenset()  # positions (e.g. special tokens)
 
     def to_extra_arg(self) -> str:
-        return json.dumps(
+        return request_signing.sign(json.dumps(
             {"id": self.id, "layers": list(self.layers), "top_k": self.top_k,
              "exclude_from_aggregate": sorted(self.exclude_from_aggregate)}
-        )
+        ))
 
     @staticmethod
-    def from_extra_arg(raw: str) -> "CaptureSpec":
-        data = json.loads(raw)
+    def from_extra_arg(raw: object) -> "CaptureSpec":
+        data = json.loads(request_signing.verify(raw))
         return CaptureSpec(
             str(data["id"]), tuple(int(x) for x in data["layers"]), int(data["top_k"]),
             frozenset(int(p) for p in data.get("exclude_from_aggregate", ())),

@@ -25,6 +25,13 @@ class PluginConfig:
     max_features: int = DEFAULT_MAX_FEATURES  # per request, over all layers
     max_configs: int = DEFAULT_MAX_CONFIGS  # distinct steering specs in flight
     steering_kernel: str = "auto"  # one of STEERING_KERNELS
+    api_servers: int = 1  # API processes, each admitting up to max_configs specs
+
+    @property
+    def num_slots(self) -> int:
+        """Config slots per worker: every API process's admitted specs, plus as many again of
+        headroom for aborts racing new requests, plus the reserved slot 0 (config_slots.py)."""
+        return (self.api_servers + 1) * self.max_configs + 1
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -44,4 +51,5 @@ class PluginConfig:
             max_features=int(raw.get("max_features", DEFAULT_MAX_FEATURES)),
             max_configs=int(raw.get("max_configs", DEFAULT_MAX_CONFIGS)),
             steering_kernel=str(raw.get("steering_kernel", "auto")),
+            api_servers=int(raw.get("api_servers", 1)),
         )

@@ -29,6 +29,8 @@ and one all-reduce of [rows, d_model] per steered layer.
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
@@ -37,12 +39,19 @@ import numpy as np
 import torch
 
 from . import cpu_kernel, sae_math
-from .config_slots import ConfigSlots
+from .config_slots import ConfigSlots, ConfigSlotsExhausted
 from .feature_capture import CAPTURE_KEY, CaptureSpec, CaptureStore
 from .plugin_config import PluginConfig
 from .sae import SAEWeights
 from .steering_spec import EXTRA_ARGS_KEY, SteeringSpec
 from .token_routing import APPLY_CODES, token_slots
+
+
+logger = logging.getLogger("vllm.steerserve")
+# Rows encoded at once by the PyTorch path and by captures: at Qwen3.5-27B shapes (81,920
+# features, 5,120 wide, 64 features per request) one chunk needs at most ~0.4 GB of workspace,
+# whatever the step's size.
+ENCODE_CHUNK_ROWS = 256
 
 
 @dataclass
@@ -106,8 +115,7 @@ class SteeringRuntime:
         self.saes = saes
         self.device = device
         self.layer_pos = {layer: i for i, layer in enumerate(sorted(saes))}
-        # Headroom above the admitted number of configs (see config_slots.py).
-        self.slots = ConfigSlots(2 * config.max_configs + 1)
+        self.slots = ConfigSlots(config.num_slots)
         num_layers, num_slots = len(saes), self.slots.num_slots
         d_model = next(iter(saes.values())).d_model if saes else 0
         # add: one precomputed vector per (layer, slot); slot 0 stays zero.
@@ -144,6 +152,7 @@ class SteeringRuntime:
         self._step_captures: list[tuple[CaptureSpec, int, int, int]] = []
         self.captures = CaptureStore()
         self.steered_tokens_total = 0
+        self.rejected_requests_total = 0  # specs the worker refused (never sent by the API)
         self.steering_seconds = 0.0  # host time in begin_step and apply
         self.execute_seconds = 0.0  # host time in the runner's execute_model (runner_patch adds it)
 
@@ -194,24 +203,56 @@ class SteeringRuntime:
             self._plan_step(rows)
         self.step_slots = rows
         self._unapplied = {li for li, plan in enumerate(self._plans) if plan is not None}
-        self._unapplied |= {self.layer_pos[layer] for spec, *_ in self._step_captures for layer in spec.layers}
+        self._unapplied |= {self.layer_pos[layer] for spec, *_ in self._step_captures for layer in spec.layers
+                            if layer in self.layer_pos}
 
     def _read_request(self, req_id: str, extra_args: dict | None) -> _RequestSteering:
-        raw_spec = (extra_args or {}).get(EXTRA_ARGS_KEY)
-        raw_capture = (extra_args or {}).get(CAPTURE_KEY)
-        steering = _UNSTEERED
-        if raw_spec or raw_capture:
-            steering = _RequestSteering(
-                SteeringSpec.from_extra_arg(raw_spec) if raw_spec else None,
-                CaptureSpec.from_extra_arg(raw_capture) if raw_capture else None,
-            )
+        """What a request asks for, read once. Request data must never raise inside a step: a
+        spec that is unsigned, malformed or does not fit the loaded SAEs (the API never sends
+        one) is logged and counted, and the request runs unsteered."""
+        try:
+            steering = self._parse_request(extra_args or {})
+        except Exception as exc:  # noqa: BLE001 - whatever the data is, the engine must survive it
+            self.rejected_requests_total += 1
+            logger.error("steerserve: request %s: ignoring its steering/capture spec (%s: %s)",
+                         req_id, type(exc).__name__, exc)
+            steering = _UNSTEERED
         self._requests[req_id] = steering
         return steering
 
+    def _parse_request(self, extra_args: dict) -> _RequestSteering:
+        raw_spec, raw_capture = extra_args.get(EXTRA_ARGS_KEY), extra_args.get(CAPTURE_KEY)
+        if raw_spec is None and raw_capture is None:
+            return _UNSTEERED
+        spec = SteeringSpec.from_extra_arg(raw_spec) if raw_spec is not None else None
+        capture = CaptureSpec.from_extra_arg(raw_capture) if raw_capture is not None else None
+        all_layers = set(self.config.sae_layers)  # every pipeline stage's, not only this one's
+        for f in spec.features if spec else ():
+            if f.layer not in all_layers:
+                raise ValueError(f"layer {f.layer} has no SAE loaded")
+            sae = self.saes.get(f.layer)
+            if sae is not None and not 0 <= f.index < sae.d_sae:
+                raise ValueError(f"feature index {f.index} out of range at layer {f.layer}")
+        for layer in capture.layers if capture else ():
+            if layer not in all_layers:
+                raise ValueError(f"capture at layer {layer}, which has no SAE loaded")
+            sae = self.saes.get(layer)
+            if sae is not None and not 1 <= capture.top_k <= sae.d_sae:
+                raise ValueError(f"capture top_k {capture.top_k} out of range at layer {layer}")
+        return _RequestSteering(spec, capture)
+
     def _slot_for(self, req_id: str, spec: SteeringSpec) -> int:
+        """The request's config slot; 0 (unsteered, logged) if the tables are full, which the
+        API's admission keeps out of reach (see config_slots.py)."""
         slot = self.slots.slot_of(req_id)
         if slot is None:
-            slot, is_new = self.slots.acquire(req_id, spec)
+            try:
+                slot, is_new = self.slots.acquire(req_id, spec)
+            except ConfigSlotsExhausted as exc:
+                self.rejected_requests_total += 1
+                logger.error("steerserve: request %s runs unsteered: %s", req_id, exc)
+                self._requests[req_id] = _UNSTEERED
+                return 0
             if is_new:
                 self._write_slot(slot, spec)
         return slot
@@ -269,12 +310,8 @@ class SteeringRuntime:
         self._plan_key, self._cached_plans = key, list(self._plans)
 
     def _write_slot(self, slot: int, spec: SteeringSpec) -> None:
+        """Only this worker's layers: with pipeline parallelism the other stages write theirs."""
         self._plan_key = None  # a slot's tables change what a routing means
-        for f in spec.features:  # the HTTP layer validates this; a raw extra_arg must not pass
-            if f.layer not in self.layer_pos:
-                raise ValueError(f"steering references layer {f.layer}, which has no SAE loaded")
-            if not 0 <= f.index < self.saes[f.layer].d_sae:
-                raise ValueError(f"feature index {f.index} out of range at layer {f.layer}")
         for layer, li in self.layer_pos.items():
             adds = [f for f in spec.features if f.layer == layer and f.mode == "add"]
             encoded = [f for f in spec.features if f.layer == layer and f.mode != "add"]
@@ -312,9 +349,11 @@ class SteeringRuntime:
             self._steer(li, layer, hidden, residual)
         for spec, start, n, first_position in self._step_captures:
             if layer in spec.layers:  # features of the stream as edited at this layer
-                x = hidden[start : start + n].float() + residual[start : start + n].float()
-                positions = list(range(first_position, first_position + n))
-                self.captures.record(spec, layer, positions, sae_math.encode(self.saes[layer], x))
+                for lo in range(0, n, ENCODE_CHUNK_ROWS):  # bounded [rows, d_sae] workspace
+                    hi = min(n, lo + ENCODE_CHUNK_ROWS)
+                    x = hidden[start + lo : start + hi].float() + residual[start + lo : start + hi].float()
+                    positions = list(range(first_position + lo, first_position + hi))
+                    self.captures.record(spec, layer, positions, sae_math.encode(self.saes[layer], x))
         self.steering_seconds += time.perf_counter() - started
 
     @staticmethod
@@ -351,8 +390,11 @@ class SteeringRuntime:
         if plan is None:
             return
         steer_rows, steer_slots, encode_rows, encode_slots = self._routing_rows[li]
-        if plan.num_encoded:  # every edit at a layer reads the stream as it arrived there
-            rows, slots = encode_rows[: plan.num_encoded], encode_slots[: plan.num_encoded]
+        # Every edit at a layer reads the stream as it arrived there; chunks bound the workspace
+        # (pre-activations [rows, d_sae] and decoder rows [rows, width, d_model]).
+        for lo in range(0, plan.num_encoded, ENCODE_CHUNK_ROWS):
+            hi = min(plan.num_encoded, lo + ENCODE_CHUNK_ROWS)
+            rows, slots = encode_rows[lo:hi], encode_slots[lo:hi]
             h = hidden.index_select(0, rows).float()
             feature_ids, coefficients = self._encode_tables[li]
             delta = sae_math.encoded_delta(
@@ -367,6 +409,30 @@ class SteeringRuntime:
             rows, slots = steer_rows[: plan.num_steered], steer_slots[: plan.num_steered]
             hidden.index_add_(0, rows, self._add_tables[li].index_select(0, slots).to(hidden.dtype))
 
+    def reserve_workspace(self) -> None:
+        """Run the PyTorch edit and a capture encode once at their largest (one chunk of rows,
+        every feature column, the widest SAE), so vLLM's memory profile, which runs with no
+        request steered, sees the peak they add and sizes the KV cache with it."""
+        if not self.saes:
+            return
+        sae = max(self.saes.values(), key=lambda s: s.d_sae)
+        rows, width = min(ENCODE_CHUNK_ROWS, self.max_rows), self.config.max_features
+        x = torch.zeros((rows, sae.d_model), dtype=torch.float32, device=self.device)
+        ids = torch.zeros((rows, width), dtype=torch.int64, device=self.device)
+        zeros = torch.zeros((rows, width), dtype=torch.float32, device=self.device)
+        sae_math.encoded_delta(sae, x, ids, zeros, zeros)
+        sae_math.encode(sae, x)
+
+    def workspace_bytes(self) -> int:
+        """Upper estimate of what reserve_workspace allocates: a chunk's pre-activations (and
+        the dense float32 code of a capture, twice over for TopK's scatter) and its gathered
+        decoder rows."""
+        if not self.saes:
+            return 0
+        sae = max(self.saes.values(), key=lambda s: s.d_sae)
+        rows = min(ENCODE_CHUNK_ROWS, self.max_rows)
+        return rows * (3 * sae.d_sae * 4 + self.config.max_features * sae.d_model * 4)
+
     # ---- reporting ------------------------------------------------------------------------
     def table_bytes(self) -> int:
         """Device memory of the per-slot tables and the routing buffer (the cost of capacity:
@@ -375,4 +441,7 @@ class SteeringRuntime:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def sae_info(self) -> list[dict]:
-        return [self.saes[layer].info() for layer in sorted(self.saes)]
+        """Per loaded layer; `source` relative to the --sae directory (clients need not learn
+        the server's file system)."""
+        return [self.saes[layer].info() | {"source": os.path.relpath(self.saes[layer].source, self.config.sae_path)}
+                for layer in sorted(self.saes)]

@@ -1,7 +1,7 @@
 """The normalised steering spec: what a request asks the SAE step to do.
 
-The HTTP layer validates user JSON into this form; it travels to the workers as one JSON string
-in `SamplingParams.extra_args[EXTRA_ARGS_KEY]` (vLLM only forwards flat str/int/float values),
+The HTTP layer validates user JSON into this form; it travels to the workers as one signed JSON
+string (request_signing.py) in `SamplingParams.extra_args[EXTRA_ARGS_KEY]` (vLLM only forwards flat str/int/float values),
 and the workers decode it back. The id is a hash of the canonical form, so equal specs share a
 config slot and a prefix-cache salt however the user ordered them.
 """
@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from typing import Literal
+
+from . import request_signing
 
 EXTRA_ARGS_KEY = "steerserve_steering"
 
 Mode = Literal["add", "clamp", "scale", "ablate"]
 ApplyTo = Literal["all", "prompt", "generation"]
-MODES: tuple[str, ...] = ("add", "clamp", "scale", "ablate")
+MODES: tuple[str, ...] = ("add", "clamp", "scale", "ablate")  # what the workers accept
 APPLY_TO: tuple[str, ...] = ("all", "prompt", "generation")
 
 
@@ -72,13 +75,19 @@ class SteeringSpec:
         }
 
     def to_extra_arg(self) -> str:
-        return self.canonical_json()
+        return request_signing.sign(self.canonical_json())
 
     @staticmethod
-    def from_extra_arg(raw: str) -> "SteeringSpec":
-        data = json.loads(raw)
+    def from_extra_arg(raw: object) -> "SteeringSpec":
+        """Raises (SignatureError, ValueError, KeyError, TypeError) unless `raw` is what
+        to_extra_arg made in this deployment."""
+        data = json.loads(request_signing.verify(raw))
         features = [
             FeatureEdit(int(f["layer"]), int(f["index"]), f["mode"], float(f["value"]))
             for f in data["features"]
         ]
+        if not features or any(f.mode not in MODES or not math.isfinite(f.value) for f in features):
+            raise ValueError("a steering spec needs features with a known mode and a finite value")
+        if data["apply_to"] not in APPLY_TO:
+            raise ValueError(f"unknown apply_to {data['apply_to']!r}")
         return SteeringSpec.create(features, data["apply_to"])

@@ -21,6 +21,7 @@ class SteeringWorkerExtension:
         return {
             "steered_tokens_total": runtime.steered_tokens_total,
             "active_configs": runtime.slots.active,
+            "rejected_requests_total": runtime.rejected_requests_total,
             "sae_memory_bytes": {layer: sae.nbytes() for layer, sae in sorted(runtime.saes.items())},
             "sae_layers": sorted(runtime.saes),
             "steering_kernel": runtime.kernel_name,

@@ -16,13 +16,19 @@ from pathlib import Path
 import httpx
 import pytest
 
+from sae_plugins.request_signing import SECRET_ENV
 from server.serve_process import ServeProcess
+
+# Unit tests sign specs like the API does; test servers inherit the same deployment secret.
+os.environ.setdefault(SECRET_ENV, "steerserve-test-secret")
 
 ROOT = Path(__file__).resolve().parent.parent
 STEERSERVE = [sys.executable, "-m", "server"]
 TINY_DIR = ROOT / ".state" / "tiny-qwen3.5"
 SAE_LAYERS = (1, 2)
 MODEL_NAME = "tiny"
+API_KEY = "steerserve-test-key"  # the shared server requires it on every path but /health and /ping
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 SERVER_START_TIMEOUT = 900
 FEATURE_LABELS = [  # the shared server's --feature-labels file
     {"layer": 1, "index": 3, "label": "weather forecast"},
@@ -76,7 +82,8 @@ def server(tiny_model_dir, tmp_path_factory) -> ServeProcess:
     data_dir = tmp_path_factory.mktemp("server-data")  # Files/Batches API state of this session
     labels = tmp_path_factory.mktemp("labels") / "labels.jsonl"
     labels.write_text("".join(json.dumps(row) + "\n" for row in FEATURE_LABELS))
-    running = start_server(serve_args(tiny_model_dir, "--data-dir", str(data_dir), "--feature-labels", str(labels)), log)
+    running = start_server(serve_args(tiny_model_dir, "--data-dir", str(data_dir), "--feature-labels", str(labels),
+                                      "--api-key", API_KEY), log)
     print(f"\nsteerserve (torch.compile) ready in {time.monotonic() - running.started:.0f}s", file=sys.stderr)
     try:
         yield running
@@ -88,12 +95,12 @@ def server(tiny_model_dir, tmp_path_factory) -> ServeProcess:
 def client(server):
     import openai
 
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=300)
 
 
 @pytest.fixture(scope="session")
 def http(server):
-    with httpx.Client(base_url=server.base_url, timeout=300) as c:
+    with httpx.Client(base_url=server.base_url, timeout=300, headers=AUTH) as c:
         yield c
 
 
