@@ -11,16 +11,30 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
+import subprocess
+import sys
 
 import pytest
 
 pytest.importorskip("vllm")
 
 
+def test_register_patches_nothing_outside_steerserve():
+    """Installing steerserve must not change other vLLM programs in the same environment."""
+    code = ("import sae_plugins; sae_plugins.register(); "
+            "from vllm.v1.worker.gpu_model_runner import GPUModelRunner as R; "
+            "print(getattr(R._prepare_inputs, '_steerserve', False))")
+    env = {k: v for k, v in os.environ.items() if k != "STEERSERVE_ACTIVE"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stderr[-2000:]
+
+
 @pytest.fixture(scope="module")
 def v2_runner():
     import sae_plugins
 
+    os.environ[sae_plugins.ACTIVATION_ENV] = "1"  # as `steerserve serve` sets it for vLLM's processes
     sae_plugins.register()
     from vllm.v1.worker.gpu.model_runner import GPUModelRunner
 
