@@ -28,6 +28,9 @@ def _layer_list(values: list[str]) -> list[int]:
 
 def add_steering_args(parser: argparse.ArgumentParser) -> None:
     from sae_plugins.plugin_config import DEFAULT_MAX_CONFIGS, DEFAULT_MAX_FEATURES, STEERING_KERNELS
+    from server.auth import DEFAULT_OPEN_PATHS
+    from server.batch.plugin import DEFAULT_BATCH_CONCURRENCY, DEFAULT_DATA_DIR
+    from server.limits import Limits
 
     group = parser.add_argument_group("steerserve", "SAE steering")
     group.add_argument("--sae", default=None, help="SAE directory (Qwen-Scope, SAELens or sparsify layout)")
@@ -42,10 +45,14 @@ def add_steering_args(parser: argparse.ArgumentParser) -> None:
                             "(experimental capture-safe kernels, not yet validated on a GPU)")
     group.add_argument("--feature-labels", default=None,
                        help="JSONL of {layer, index, label, description?} shown by the features API")
-    group.add_argument("--data-dir", default=".state/data",
+    group.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
                        help="where the Files/Batches API keeps its SQLite database and file contents")
-    group.add_argument("--batch-concurrency", type=int, default=4,
+    group.add_argument("--batch-concurrency", type=int, default=DEFAULT_BATCH_CONCURRENCY,
                        help="batch lines in flight at once (they run at lower priority than interactive requests)")
+    group.add_argument("--unauthenticated-paths", nargs="*", default=list(DEFAULT_OPEN_PATHS),
+                       help="with --api-key, the exact paths that answer without a key (default: %(default)s); "
+                            "every other path of every route needs it, /metrics included")
+    Limits.add_arguments(parser.add_argument_group("steerserve limits", "request limits (server/limits.py)"))
 
 
 def _enable_plugins() -> None:
@@ -61,13 +68,37 @@ def _enable_plugins() -> None:
     os.environ["VLLM_PLUGINS"] = ",".join(dict.fromkeys(names + ours))
 
 
+def _copy_to_ray_workers(*names: str) -> None:
+    """Local processes inherit the environment; vLLM's Ray workers (other nodes) get only the
+    variables it copies, which this list extends."""
+    key = "VLLM_RAY_EXTRA_ENV_VARS_TO_COPY"
+    current = [n for n in os.environ.get(key, "").split(",") if n]
+    os.environ[key] = ",".join(dict.fromkeys([*current, *names]))
+
+
+def _take_api_keys(args: argparse.Namespace) -> None:
+    """steerserve checks the keys on every path (server/auth.py); vLLM's own check covers only
+    /v1 and a few prefixes and answers in another shape, so vLLM is not given them."""
+    from server.auth import KEYS_ATTRIBUTE, api_keys
+
+    setattr(args, KEYS_ATTRIBUTE, api_keys(args))
+    args.api_key = None
+    os.environ.pop("VLLM_API_KEY", None)
+
+
 def configure_steering(args: argparse.Namespace) -> None:
     """Validate the SAE options early (before the engine starts) and hand them to vLLM."""
+    from sae_plugins import ACTIVATION_ENV
     from sae_plugins.plugin_config import ADDITIONAL_CONFIG_KEY, PluginConfig
+    from sae_plugins.request_signing import SECRET_ENV, ensure_deployment_secret
     from sae_plugins.sae_loading import SAELoadError, discover_sae_layers
     from sae_plugins.worker_extension import WORKER_EXTENSION_CLS
 
     _enable_plugins()
+    os.environ[ACTIVATION_ENV] = "1"  # vLLM's processes inherit it: the plugin patches only these
+    ensure_deployment_secret()
+    _copy_to_ray_workers(ACTIVATION_ENV, SECRET_ENV)
+    _take_api_keys(args)
     if args.feature_labels:
         from server.feature_labels import LabelsFileError, load_labels
 
@@ -98,6 +129,8 @@ def configure_steering(args: argparse.Namespace) -> None:
         max_features=args.max_steering_features,
         max_configs=args.max_steering_configs,
         steering_kernel=args.steering_kernel,
+        # vLLM defaults --api-server-count to the data-parallel size when it is not given.
+        api_servers=max(1, getattr(args, "api_server_count", None) or getattr(args, "data_parallel_size", 1) or 1),
     )
     args.additional_config = {**(args.additional_config or {}), ADDITIONAL_CONFIG_KEY: config.to_dict()}
     args.worker_extension_cls = WORKER_EXTENSION_CLS

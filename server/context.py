@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 from .config_admission import ConfigAdmission
 from .feature_labels import FeatureLabels
+from .limits import Limits
 from .metrics import SteeringMetrics
 
 
@@ -19,8 +21,9 @@ class SteeringContext:
     client: Any = None  # in-process client of this server's own app (server/in_process.py)
     served_model: str = ""
     max_model_len: int = 0
+    limits: Limits = field(default_factory=Limits)
     labels: FeatureLabels = field(default_factory=FeatureLabels)
-    token_search_cache: dict = field(default_factory=dict)
+    token_search_cache: "OrderedDict[tuple, list[dict]]" = field(default_factory=OrderedDict)  # LRU
     metrics: SteeringMetrics = field(default_factory=SteeringMetrics)
 
     @property

@@ -1,24 +1,29 @@
 """vLLM endpoint plugin (`vllm.endpoint_plugins` entry point): routes, middleware, state.
 
-vLLM builds its OpenAI app, then calls `attach_router` (routes and the steering middleware)
-and, once the engine is up, `init_state`, where the workers are asked which SAEs they loaded.
+vLLM builds its OpenAI app, then calls `attach_router` (routes, the authentication and
+steering middleware) and, once the engine is up, `init_state`, where the workers are asked
+which SAEs they loaded.
 """
 
 from __future__ import annotations
 
 from argparse import Namespace
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from starlette.datastructures import State
+from starlette.exceptions import HTTPException
 
 from sae_plugins.plugin_config import DEFAULT_MAX_CONFIGS, DEFAULT_MAX_FEATURES, PluginConfig
 
+from .auth import DEFAULT_OPEN_PATHS, AuthMiddleware, api_keys
 from .batch import attach_batch_api, start_batch_service
 from .config_admission import ConfigAdmission
 from .context import SteeringContext
 from .feature_labels import load_labels
 from .features_api import router as features_router
+from .errors import APIError
 from .in_process import in_process_client, server_api_key
+from .limits import Limits
 from .routes import router
 from .steering_middleware import SteeringMiddleware
 
@@ -30,11 +35,18 @@ class SteerserveEndpointPlugin:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
+        args = app.state.args  # vLLM sets it before calling endpoint plugins
         app.include_router(router)
         app.include_router(features_router)
         app.add_middleware(SteeringMiddleware)
+        # Added last, so it runs first: nothing is read before the key is checked.
+        app.add_middleware(AuthMiddleware, keys=api_keys(args),
+                           open_paths=tuple(getattr(args, "unauthenticated_paths", None) or DEFAULT_OPEN_PATHS))
         attach_batch_api(app)  # /v1/files, /v1/batches
         self._app = app  # batch lines are sent through this app in-process
+        # Unknown routes and methods answer in the OpenAI error shape like everything else
+        # (vLLM's handler covers FastAPI's HTTPException, not the router's own).
+        app.add_exception_handler(HTTPException, _http_error)
 
     async def init_state(self, engine_client, state: State, args: Namespace) -> None:
         config = PluginConfig.from_additional_config(getattr(args, "additional_config", None))
@@ -57,6 +69,7 @@ class SteerserveEndpointPlugin:
             client=in_process_client(self._app, server_api_key(args)) if hasattr(self, "_app") else None,
             served_model=(getattr(args, "served_model_name", None) or [args.model])[0],
             max_model_len=engine_client.model_config.max_model_len if engine_client is not None else 0,
+            limits=Limits.from_args(args),
         )
         if getattr(args, "feature_labels", None):
             context.labels = load_labels(args.feature_labels)
@@ -70,3 +83,9 @@ class SteerserveEndpointPlugin:
         state.steerserve = context
         if engine_client is not None and getattr(self, "_app", None) is not None:
             start_batch_service(self._app, engine_client, state, args)
+
+
+async def _http_error(request: Request, exc: HTTPException):
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return APIError(message, code=code, status=exc.status_code).response()

@@ -10,6 +10,7 @@ top SAE features; the result is taken back by capture id over collective RPC.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from http import HTTPStatus
@@ -26,6 +27,7 @@ from .errors import APIError, json_path
 router = APIRouter()
 MAX_TOP_K = 100
 LENS_TOP = 20
+MAX_SEARCH_OFFSET = 10_000  # token search ranks features on the workers: bounded work per request
 
 
 class InspectRequest(BaseModel):
@@ -86,6 +88,9 @@ async def inspect(request: Request):
             message = f"unknown key {first['loc'][-1]!r}" if first["type"] == "extra_forbidden" else first["msg"]
             raise APIError(f"invalid request: {message}", param=json_path(first["loc"]), code="invalid_request")
         _require_saes(context)
+        if isinstance(req.steering, dict) and req.steering.get("compare"):
+            raise APIError("inspect takes no steering.compare: inspect the steered and unsteered text in two calls",
+                           param="steering.compare", code="invalid_steering")
         layers = req.layers if req.layers is not None else sorted(context.sae_by_layer)
         for i, layer in enumerate(layers):
             _loaded_layer(context, layer, f"layers[{i}]")
@@ -93,31 +98,38 @@ async def inspect(request: Request):
             raise APIError("layers must name at least one loaded layer", param="layers", code="invalid_request")
         if not 1 <= req.top_k <= MAX_TOP_K:
             raise APIError(f"top_k must be between 1 and {MAX_TOP_K}", param="top_k", code="invalid_top_k")
-        token_ids, field = _tokenize(context, req)
+        token_ids, field = await _tokenize(context, req)
         return await _run_inspection(context, req, sorted(set(layers)), token_ids, field)
     except APIError as error:
         return error.response()
 
 
-def _tokenize(context, req: InspectRequest) -> tuple[list[int], str]:
+async def _tokenize(context, req: InspectRequest) -> tuple[list[int], str]:
+    """Token ids of the input. Tokenizing is CPU-bound: it runs off the event loop, and only
+    after a character bound that no input fitting the context can exceed by much."""
     if (req.messages is None) == (req.prompt is None):
         raise APIError("give exactly one of `messages` or `prompt`", param="messages", code="invalid_request")
+    field = "messages" if req.messages is not None else "prompt"
+    max_tokens = context.max_model_len - 1
+    max_chars = max_tokens * context.limits.max_inspect_chars_per_token
+    chars = len(req.prompt) if req.prompt is not None else sum(len(json.dumps(m)) for m in req.messages)
+    if chars > max_chars:
+        raise APIError(f"the input has {chars} characters; inspect takes at most {max_chars} "
+                       f"({max_tokens} tokens)", param=field, code="too_many_tokens")
     tokenizer = context.engine.get_tokenizer()
     if req.messages is not None:
-        field = "messages"
         try:
-            text = tokenizer.apply_chat_template(req.messages, add_generation_prompt=req.add_generation_prompt,
-                                                 tokenize=False)
+            text = await asyncio.to_thread(tokenizer.apply_chat_template, req.messages,
+                                           add_generation_prompt=req.add_generation_prompt, tokenize=False)
         except Exception as exc:  # the template rejects malformed messages
             raise APIError(f"cannot apply the chat template: {exc}", param="messages", code="invalid_request")
-        token_ids = tokenizer.encode(text, add_special_tokens=False)
+        token_ids = await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=False)
     else:
-        field = "prompt"
-        token_ids = tokenizer.encode(req.prompt)
+        token_ids = await asyncio.to_thread(tokenizer.encode, req.prompt)
     if not token_ids:
         raise APIError("the input has no tokens", param=field, code="empty_input")
-    if len(token_ids) >= context.max_model_len:
-        raise APIError(f"the input has {len(token_ids)} tokens; at most {context.max_model_len - 1} can be inspected",
+    if len(token_ids) > max_tokens:
+        raise APIError(f"the input has {len(token_ids)} tokens; at most {max_tokens} can be inspected",
                        param=field, code="too_many_tokens")
     return token_ids, field
 
@@ -167,7 +179,7 @@ async def search(request: Request):
     q = request.query_params
     try:
         limit = _int_param(q, "limit", 20, 1, 100)
-        offset = _int_param(q, "offset", 0, 0, None)
+        offset = _int_param(q, "offset", 0, 0, MAX_SEARCH_OFFSET)
         layer = _int_param(q, "layer", None, None, None)
         if ("q" in q) == ("token" in q):
             raise APIError("give exactly one of `q` (label text) or `token`", param="q", code="invalid_request")
@@ -194,7 +206,10 @@ async def _token_search(context, token: str, layer: int | None, wanted: int) -> 
                        f"{[_token_text(tokenizer, t) for t in ids]}", param="token", code="not_a_single_token")
     layers = [layer] if layer is not None else sorted(context.sae_by_layer)
     key = (ids[0], tuple(layers))
-    cached = context.token_search_cache.get(key)
+    cache = context.token_search_cache
+    cached = cache.get(key)
+    if cached is not None:
+        cache.move_to_end(key)
     if cached is None or len(cached) < wanted:
         per_rank = await context.engine.collective_rpc("steerserve_token_features", args=(ids[0], layers, wanted))
         merged: dict[int, list] = {}
@@ -205,7 +220,9 @@ async def _token_search(context, token: str, layer: int | None, wanted: int) -> 
              for lyr, rows in merged.items() for i, score in rows),
             key=lambda h: (-h["logit"], h["layer"], h["index"]),
         )
-        context.token_search_cache[key] = cached
+        cache[key] = cached
+        while len(cache) > context.limits.token_search_cache_entries:
+            cache.popitem(last=False)
     for hit in cached:
         hit["token"] = _token_text(tokenizer, ids[0])
     return cached

@@ -7,16 +7,16 @@ error objects. There is no second code path to drift apart.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import httpx
 
+from .auth import api_keys
+
 
 def server_api_key(args: Any) -> str | None:
     """The key in-process calls present when the server requires one (--api-key / VLLM_API_KEY)."""
-    keys = [k for k in (getattr(args, "api_key", None) or [os.environ.get("VLLM_API_KEY")]) if k]
-    return keys[0] if keys else None
+    return next(iter(api_keys(args)), None)
 
 
 def in_process_client(app: Any, api_key: str | None = None) -> httpx.AsyncClient:

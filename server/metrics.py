@@ -90,6 +90,14 @@ class _SnapshotCollector:
         waits = CounterMetricFamily("steerserve_config_slot_waits", "Requests that waited for a config slot")
         waits.add_metric([], self.metrics.admission_waits())
         yield waits
+        slots = GaugeMetricFamily("steerserve_config_slots_in_use", "Worker config slots holding a spec (rank 0 worker)")
+        slots.add_metric([], stats.get("active_configs", 0))
+        yield slots
+        rejected = CounterMetricFamily("steerserve_worker_rejected_specs",
+                                       "Steering/capture specs a worker refused to act on (rank 0 worker; the API "
+                                       "never sends one, so anything above 0 deserves a look at the worker log)")
+        rejected.add_metric([], stats.get("rejected_requests_total", 0))
+        yield rejected
         layers = GaugeMetricFamily("steerserve_sae_layers_loaded", "SAE layers loaded")
         layers.add_metric([], len(stats.get("sae_layers", [])))
         yield layers

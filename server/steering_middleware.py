@@ -1,9 +1,12 @@
-"""ASGI middleware that adds `steering` to vLLM's own completion endpoints.
+"""ASGI middleware: guards every JSON request body, and adds `steering` to the completion routes.
 
-It sits in front of vLLM's OpenAI app, so everything vLLM serves (streaming, n, stop, seed,
-logprobs, tools, response formats) keeps working: the request body is validated and translated
-(request_translation.py), and the response, JSON or server-sent events, gets the normalised
-spec echoed back. Unsteered requests pass through untouched apart from a JSON parse.
+Every POST/PUT/PATCH body except multipart uploads is read here once, bounded in size, parsed
+with a bounded depth, and checked for the plugin's reserved `vllm_xargs` keys (request_guard.py),
+so no route of vLLM's or ours can hand the workers an unchecked spec or crash on hostile JSON.
+On the steerable routes the body is then validated and translated (request_translation.py),
+and the response, JSON or server-sent events, gets the normalised spec echoed back; any other
+route refuses a `steering` field rather than ignore it. Unsteered requests pass through with
+their body untouched.
 """
 
 from __future__ import annotations
@@ -14,16 +17,22 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import APIError
+from .request_guard import (
+    check_cache_salt, check_route_takes_steering, check_vllm_xargs, is_steerable, parse_json_body, too_large,
+)
 from .request_translation import translate_request
 
-STEERABLE_PATHS = ("/v1/chat/completions", "/v1/completions")
 
-
-async def _read_body(receive: Receive) -> bytes:
-    chunks = []
+async def _read_body(receive: Receive, limit: int) -> bytes:
+    """The whole body, or a 413 as soon as it grows past `limit` bytes."""
+    chunks, size = [], 0
     while True:
         message = await receive()
-        chunks.append(message.get("body", b""))
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
 
@@ -48,6 +57,23 @@ def _with_length(scope: Scope, body: bytes) -> Scope:
     return {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
 
 
+def _takes_json(scope: Scope) -> bool:
+    """Bodies the guard reads: everything sent with a body except multipart uploads (the
+    upload routes bound those themselves)."""
+    if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+        return False
+    content_type = dict(scope["headers"]).get(b"content-type", b"").lower()
+    return not content_type.startswith(b"multipart/")
+
+
+def _declared_length(scope: Scope) -> int | None:
+    raw = dict(scope["headers"]).get(b"content-length")
+    try:
+        return int(raw) if raw is not None else None
+    except ValueError:
+        return None
+
+
 class SteeringMiddleware:
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -57,30 +83,51 @@ class SteeringMiddleware:
             # A scrape shows the last snapshot of the workers' counters and asks for a new one
             # (debounced), so counters also move while only unsteered traffic runs.
             scope["app"].state.steerserve.metrics.schedule_refresh()
-        if scope["type"] != "http" or scope["method"] != "POST" or not scope["path"].endswith(STEERABLE_PATHS):
+        if not _takes_json(scope):
             await self.app(scope, receive, send)
             return
-        body = await _read_body(receive)
-        try:
-            payload = json.loads(body)
-        except ValueError:
-            payload = None
-        if not isinstance(payload, dict):  # let vLLM report malformed requests its own way
-            await self.app(scope, _replay(body, receive), send)
-            return
         context = scope["app"].state.steerserve
-        had_steering_key = "steering" in payload
         try:
-            translation = translate_request(payload, context.sae_sizes, context.max_features)
+            body, payload = await self._read_checked(scope, receive, context.limits)
         except APIError as error:
-            context.metrics.validation_error(error.code)
             await error.response()(scope, _replay(b"", receive), send)
             return
-        spec = translation.spec
-        if spec is None:  # untouched unless a `"steering": null` had to be dropped
-            forwarded = json.dumps(translation.body).encode() if had_steering_key else body
-            await self.app(_with_length(scope, forwarded), _replay(forwarded, receive), send)
+        translation = None
+        if isinstance(payload, dict) and is_steerable(scope["path"]):
+            try:
+                translation = translate_request(payload, context.sae_sizes, context.max_features,
+                                                context.limits.max_steering_value)
+            except APIError as error:
+                context.metrics.validation_error(error.code)
+                await error.response()(scope, _replay(b"", receive), send)
+                return
+        if translation is None or translation.spec is None:
+            if translation is not None and translation.body_changed:  # a `"steering": null` was dropped
+                body = json.dumps(translation.body).encode()
+            await self.app(_with_length(scope, body), _replay(body, receive), send)
             return
+        await self._steered(scope, receive, send, context, translation)
+
+    async def _read_checked(self, scope: Scope, receive: Receive, limits) -> tuple[bytes, Any]:
+        """The body and its parsed JSON (None when empty), after every check that applies to
+        any route."""
+        declared = _declared_length(scope)
+        if declared is not None and declared > limits.max_request_bytes:
+            raise too_large(limits.max_request_bytes)
+        body = await _read_body(receive, limits.max_request_bytes)
+        if not body.strip():
+            return body, None
+        payload = parse_json_body(body, limits.max_json_depth)
+        if isinstance(payload, dict):
+            check_vllm_xargs(payload)
+            if is_steerable(scope["path"]):
+                check_cache_salt(payload)
+            else:
+                check_route_takes_steering(scope["path"], payload)
+        return body, payload
+
+    async def _steered(self, scope: Scope, receive: Receive, send: Send, context, translation) -> None:
+        spec = translation.spec
         additions: dict[str, Any] = {"steering": spec.echo()}
         if translation.baseline_body is not None:
             baseline = json.dumps(translation.baseline_body).encode()

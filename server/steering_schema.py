@@ -31,9 +31,11 @@ class Steering(BaseModel):
     compare: StrictBool = False  # also return the unsteered completion (not part of the spec)
 
 
-def parse_steering(raw: object, sae_sizes: dict[int, int], max_features: int) -> tuple[SteeringSpec, bool]:
+def parse_steering(
+    raw: object, sae_sizes: dict[int, int], max_features: int, max_value: float
+) -> tuple[SteeringSpec, bool]:
     """Validate user JSON into a normalised spec and the `compare` flag.
-    `sae_sizes` maps loaded layer -> d_sae."""
+    `sae_sizes` maps loaded layer -> d_sae; `max_value` bounds |value| (see server/limits.py)."""
     if not sae_sizes:
         raise APIError(
             "steering is unavailable: this server was started without --sae",
@@ -80,6 +82,9 @@ def parse_steering(raw: object, sae_sizes: dict[int, int], max_features: int) ->
             value = float(f.value)
             if not math.isfinite(value):
                 raise APIError("value must be a finite number", param=f"{at}.value", code="invalid_value")
+            if abs(value) > max_value:
+                raise APIError(f"|value| must be at most {max_value:g} on this server (--max-steering-value)",
+                               param=f"{at}.value", code="value_out_of_range")
         key = (f.layer, f.index)
         if key in seen:
             raise APIError(

@@ -6,8 +6,6 @@ import concurrent.futures
 import json
 import time
 
-import httpx
-
 from tests.conftest import MODEL_NAME, PROMPT
 
 MAX_TOKENS = 16
@@ -38,7 +36,7 @@ def test_saes_endpoint_lists_loaded_layers(http, tiny_model_dir):
         assert d["architecture"] == "qwen-scope/topk"
         assert d["hook_point"] == "resid_post"
         assert d["dtype"] == "bfloat16"
-        assert d["source"] == str(tiny_model_dir / "sae" / f"layer{d['layer']}.sae.pt")
+        assert d["source"] == f"layer{d['layer']}.sae.pt"  # relative: no server paths leak
 
 
 def test_unsteered_chat_has_no_steering_echo(client):
@@ -205,7 +203,12 @@ def post(http, steering):
 def test_standard_openai_endpoints_still_work(http):
     assert http.get("/health").status_code == 200
     assert [m["id"] for m in http.get("/v1/models").json()["data"]] == [MODEL_NAME]
-    assert isinstance(httpx.get(f"{http.base_url}/metrics").text, str)
+    metrics = http.get("/metrics")
+    assert metrics.status_code == 200
+    names = {line.split("{")[0].split(" ")[0] for line in metrics.text.splitlines() if not line.startswith("#")}
+    assert {"vllm:num_requests_running", "steerserve_steered_requests_total", "steerserve_sae_layers_loaded"} <= names
+    tokens = http.post("/tokenize", json={"model": MODEL_NAME, "prompt": "the weather"}).json()
+    assert tokens["count"] == len(tokens["tokens"]) > 0
 
 
 def test_stop_seed_and_response_format_still_work_with_steering(client):

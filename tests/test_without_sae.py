@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-from tests.conftest import MODEL_NAME, PROMPT, serve_args, start_server
+from tests.conftest import AUTH, MODEL_NAME, PROMPT, serve_args, start_server
 
 MAX_TOKENS = 16
 
@@ -29,7 +29,7 @@ def greedy(base_url: str, **extra) -> httpx.Response:
     body = {"model": MODEL_NAME, "messages": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0,
             "return_token_ids": True, "logprobs": True, **extra}
     return httpx.post(f"{base_url}/v1/chat/completions", content=json.dumps(body),
-                      headers={"content-type": "application/json"}, timeout=300)
+                      headers={"content-type": "application/json", **AUTH}, timeout=300)
 
 
 def test_steering_without_sae_is_a_clear_400(plain_server):
@@ -39,7 +39,7 @@ def test_steering_without_sae_is_a_clear_400(plain_server):
         "message": "steering is unavailable: this server was started without --sae",
         "type": "invalid_request_error", "param": "steering", "code": "steering_unavailable",
     }
-    assert httpx.get(f"{plain_server.base_url}/v1/saes").json() == {"object": "list", "data": []}
+    assert httpx.get(f"{plain_server.base_url}/v1/saes", headers=AUTH).json() == {"object": "list", "data": []}
 
 
 def test_unsteered_output_identical_with_and_without_saes(plain_server, server):

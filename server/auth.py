@@ -1,0 +1,60 @@
+"""API-key authentication on every route, not only vLLM's `/v1` ones.
+
+vLLM's own `--api-key` check guards only paths under /v1, /v2, /inference and /cohere, which
+leaves `/invocations` (chat and completions), `/tokenize`, `/metrics`, `/openapi.json` and
+others open. `steerserve serve` therefore takes the keys away from vLLM (cli.py) and this
+middleware checks them on every path except the few named open (`--unauthenticated-paths`,
+default /health and /ping, so load balancers can probe), answering 401 in the OpenAI error
+shape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from argparse import Namespace
+from http import HTTPStatus
+
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .errors import APIError
+
+DEFAULT_OPEN_PATHS = ("/health", "/ping")
+KEYS_ATTRIBUTE = "steerserve_api_keys"  # where cli.py leaves the keys on vLLM's args
+
+
+def api_keys(args: Namespace) -> list[str]:
+    """The keys this server requires: moved aside by `steerserve serve`, else vLLM's own."""
+    keys = getattr(args, KEYS_ATTRIBUTE, None)
+    if keys is None:
+        keys = getattr(args, "api_key", None) or [os.environ.get("VLLM_API_KEY")]
+    return [k for k in keys if k]
+
+
+class AuthMiddleware:
+    def __init__(self, app: ASGIApp, keys: list[str], open_paths: tuple[str, ...] = DEFAULT_OPEN_PATHS):
+        self.app = app
+        self._digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+        self._open_paths = frozenset(open_paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (not self._digests or scope["type"] not in ("http", "websocket") or scope.get("method") == "OPTIONS"
+                or scope["path"].removeprefix(scope.get("root_path", "")) in self._open_paths
+                or self._authorized(Headers(scope=scope))):
+            await self.app(scope, receive, send)
+            return
+        error = APIError("a valid API key is required: send `Authorization: Bearer <key>`",
+                         code="invalid_api_key", status=HTTPStatus.UNAUTHORIZED, type="authentication_error")
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        await error.response()(scope, receive, send)
+
+    def _authorized(self, headers: Headers) -> bool:
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        digest = hashlib.sha256(token.encode()).digest()
+        return any(hmac.compare_digest(digest, d) for d in self._digests)

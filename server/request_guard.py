@@ -1,0 +1,95 @@
+"""Checks every JSON request body passes before any handler sees it: size, nesting depth, the
+plugin's reserved `vllm_xargs` keys, and which routes take `steering`.
+
+Pure functions over bytes and parsed JSON, each raising the APIError a client gets; the
+middleware (steering_middleware.py) decides when to call them.
+"""
+
+from __future__ import annotations
+
+import json
+from http import HTTPStatus
+from typing import Any
+
+from sae_plugins.request_signing import RESERVED_PREFIX, SignatureError, verify
+
+from .errors import APIError
+
+# Routes whose requests the middleware translates (`steering` validated, applied, echoed).
+# `/invocations` is SageMaker's alias that dispatches to chat or text completions by body.
+STEERABLE_PATHS = ("/v1/chat/completions", "/v1/completions", "/invocations")
+# Steerserve's own routes that take `steering` and forward it through a steerable route.
+FORWARDING_PREFIXES = ("/v1/features/",)
+
+
+def too_large(limit: int) -> APIError:
+    return APIError(f"the request body is larger than this server's limit of {limit} bytes",
+                    code="request_too_large", status=HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
+
+
+def parse_json_body(body: bytes, max_depth: int) -> Any:
+    """The parsed body, or a 400 that says why it is not acceptable JSON."""
+    try:
+        payload = json.loads(body)
+    except RecursionError:
+        raise _too_deep(max_depth) from None
+    except UnicodeDecodeError:
+        raise APIError("the request body is not UTF-8 text", code="invalid_json") from None
+    except ValueError as exc:
+        raise APIError(f"the request body is not valid JSON ({exc})", code="invalid_json") from None
+    if _depth(payload) > max_depth:
+        raise _too_deep(max_depth)
+    return payload
+
+
+def _too_deep(max_depth: int) -> APIError:
+    return APIError(f"the request body nests objects and arrays deeper than {max_depth} levels",
+                    code="json_too_deep")
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of objects and arrays, without recursion (the input is hostile)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def check_vllm_xargs(payload: dict) -> None:
+    """`vllm_xargs` keys starting with `steerserve_` carry specs the workers act on: only this
+    server may set them (signed, see sae_plugins/request_signing.py), never a client."""
+    xargs = payload.get("vllm_xargs")
+    if xargs is None:
+        return
+    if not isinstance(xargs, dict):
+        raise APIError("vllm_xargs must be an object", param="vllm_xargs", code="invalid_type")
+    for key, value in xargs.items():
+        if key.startswith(RESERVED_PREFIX):
+            try:
+                verify(value)
+            except SignatureError:
+                raise APIError(f"vllm_xargs.{key} is reserved for steerserve; use the `steering` field",
+                               param=f"vllm_xargs.{key}", code="reserved_field") from None
+
+
+def check_cache_salt(payload: dict) -> None:
+    salt = payload.get("cache_salt")
+    if salt is not None and (not isinstance(salt, str) or not salt):
+        raise APIError("cache_salt must be a non-empty string", param="cache_salt", code="invalid_type")
+
+
+def is_steerable(path: str) -> bool:
+    return path.endswith(STEERABLE_PATHS)
+
+
+def check_route_takes_steering(path: str, payload: dict) -> None:
+    """A `steering` field must never be silently ignored: routes that cannot apply it refuse it."""
+    if payload.get("steering") is None or path.startswith(FORWARDING_PREFIXES):
+        return
+    raise APIError(f"steering is not supported on {path}; use /v1/chat/completions or /v1/completions",
+                   param="steering", code="steering_unsupported_route")

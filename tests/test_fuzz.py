@@ -1,0 +1,153 @@
+"""Schema-driven fuzzing of every steerserve route and the completion routes (issue 10).
+
+Hypothesis builds request bodies from each route's fields, with well-typed, wrongly typed and
+hostile values (reserved `vllm_xargs` keys, forged specs, huge numbers, deep and odd JSON), and
+sends them to the shared server. Every answer must be below 500 in the OpenAI error shape, and
+the engine must outlive the run. Derandomized and bounded, so CI sees the same cases each time.
+"""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import quote
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import MODEL_NAME
+
+EXAMPLES = 60  # per test: ~400 requests in all, about a minute on the CPU default
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+                suppress_health_check=list(HealthCheck))
+
+scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70),
+                    st.floats(allow_nan=False), st.text(max_size=12),
+                    st.sampled_from(["NaN", "Infinity", "-1", "1e400", "", "\u0000", "steer-0"]))
+json_values = st.recursive(scalars, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)), max_leaves=12)
+small_ints = st.one_of(st.integers(min_value=-3, max_value=1100), st.sampled_from([2**31, 2**63, 10**30]))
+
+feature = st.fixed_dictionaries(
+    {"layer": st.one_of(st.sampled_from([1, 2]), small_ints, scalars),
+     "index": st.one_of(st.integers(min_value=0, max_value=1023), small_ints, scalars)},
+    optional={"mode": st.one_of(st.sampled_from(["add", "clamp", "scale", "ablate"]), scalars),
+              "value": st.one_of(st.floats(min_value=-20, max_value=20), scalars),
+              "strength": scalars})
+steering = st.one_of(
+    st.fixed_dictionaries({"features": st.lists(feature, max_size=3)},
+                          optional={"apply_to": st.one_of(st.sampled_from(["all", "prompt", "generation"]), scalars),
+                                    "compare": st.one_of(st.booleans(), scalars)}),
+    json_values)
+forged = st.one_of(scalars, st.just("{}"), st.just('{"features": [], "apply_to": "all"}'),
+                   st.builds(lambda mac, body: f"{mac}.{body}", st.text("0123456789abcdef", min_size=64, max_size=64),
+                             st.sampled_from(["{}", '{"id": "x", "layers": [1], "top_k": 99999}'])))
+xargs = st.one_of(
+    st.dictionaries(st.sampled_from(["steerserve_steering", "steerserve_capture", "steerserve_other", "session_id", "x"]),
+                    forged, max_size=3),
+    json_values)
+common = {  # optional fields of both completion routes, hostile values included
+    "steering": steering, "vllm_xargs": xargs, "cache_salt": scalars, "temperature": scalars, "seed": small_ints,
+    "stream": st.booleans(), "n": st.one_of(st.integers(min_value=-1, max_value=3), scalars),
+    "logprobs": st.one_of(st.booleans(), small_ints), "stop": json_values, "priority": small_ints,
+    "max_tokens": st.one_of(st.integers(min_value=-1, max_value=4), st.sampled_from([10**9, 2**64]), scalars),
+}
+messages = st.one_of(st.just([{"role": "user", "content": "Tell me about the weather."}]), json_values,
+                     st.lists(st.fixed_dictionaries({"role": st.one_of(st.sampled_from(["user", "system"]), scalars),
+                                                     "content": st.one_of(st.text(max_size=40), scalars)}), max_size=2))
+prompt = st.one_of(st.text(max_size=40), st.just("hi"), st.lists(st.integers(min_value=-5, max_value=2000), max_size=8),
+                   json_values)
+chat_body = st.fixed_dictionaries({"model": st.just(MODEL_NAME), "messages": messages}, optional=common)
+completion_body = st.fixed_dictionaries({"model": st.just(MODEL_NAME), "prompt": prompt}, optional=common)
+inspect_body = st.fixed_dictionaries({}, optional={
+    "prompt": prompt, "messages": messages, "layers": st.one_of(st.lists(small_ints, max_size=3), json_values),
+    "top_k": st.one_of(small_ints, scalars), "steering": steering, "add_generation_prompt": scalars,
+    "model": scalars, "extra": scalars})
+batch_body = st.fixed_dictionaries({}, optional={
+    "input_file_id": st.one_of(st.text(max_size=30), scalars), "endpoint": st.one_of(
+        st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]), scalars),
+    "completion_window": st.one_of(st.sampled_from(["24h", "1h", "169h", "0h", "9" * 50 + "h"]), scalars),
+    "metadata": json_values})
+
+
+def bounded(body: dict) -> dict:
+    """Valid requests must stay cheap: no long generations, no large n."""
+    body.setdefault("max_tokens", 3)
+    if "input" in body:  # /v1/responses
+        body.setdefault("max_output_tokens", 3)
+    if isinstance(body.get("max_tokens"), int) and 4 < body["max_tokens"] < 10**6:
+        body["max_tokens"] = 4
+    if isinstance(body.get("n"), int) and body["n"] > 3:
+        body["n"] = 3
+    return body
+
+
+def check(response, anthropic: bool = False) -> None:
+    """Below 500; errors in the OpenAI shape (vLLM's Anthropic route answers its own errors in
+    Anthropic's shape, which its clients expect; steerserve's refusals there are OpenAI's)."""
+    assert response.status_code < 500, response.text[:2000]
+    if response.status_code >= 400:
+        error = response.json()["error"]
+        if anthropic and set(error) == {"type", "message"}:
+            return
+        assert {"message", "type", "param", "code"} <= set(error), error
+
+
+def send(http, path: str, body) -> None:
+    data = json.dumps(body).encode()
+    with http.stream("POST", path, content=data, headers={"content-type": "application/json"}) as response:
+        response.read()
+        check(response, anthropic=path == "/v1/messages")
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/invocations"])
+def test_fuzz_chat(http, path):
+    given(chat_body)(FUZZ(lambda body: send(http, path, bounded(body))))()
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/invocations"])
+def test_fuzz_completions(http, path):
+    given(completion_body)(FUZZ(lambda body: send(http, path, bounded(body))))()
+
+
+def test_fuzz_other_generating_routes(http):
+    routes = st.sampled_from(["/v1/responses", "/v1/messages", "/v1/chat/completions/batch"])
+    body = st.fixed_dictionaries({"model": st.just(MODEL_NAME), "input": prompt, "messages": messages},
+                                 optional=common)
+    given(routes, body)(FUZZ(lambda path, b: send(http, path, bounded(b))))()
+
+
+def test_fuzz_inspect(http):
+    given(inspect_body)(FUZZ(lambda body: send(http, "/v1/features/inspect", body)))()
+
+
+def test_fuzz_batches_and_files(http):
+    def run(body, file_bytes, name, purpose, object_id):
+        send(http, "/v1/batches", body)
+        check(http.post("/v1/files", files={"file": (name, file_bytes)}, data={"purpose": purpose}))
+        for path in (f"/v1/files/{object_id}", f"/v1/files/{object_id}/content", f"/v1/batches/{object_id}"):
+            check(http.get(path))
+        check(http.post(f"/v1/batches/{object_id}/cancel"))
+        check(http.delete(f"/v1/files/{object_id}"))
+
+    ids = st.one_of(st.text(min_size=1, max_size=30).map(lambda t: quote(t, safe="")),
+                    st.sampled_from(["file-" + "0" * 24, "batch_x", "%2e%2e"]))
+    given(batch_body, st.binary(max_size=300), st.text(max_size=20), st.one_of(st.sampled_from(["batch"]), st.text(max_size=8)),
+          ids)(FUZZ(run))()
+
+
+def test_fuzz_feature_lookups(http):
+    query_value = st.one_of(st.text(max_size=10), st.integers(min_value=-(10**40), max_value=10**40).map(str))
+
+    def run(params, layer, index):
+        check(http.get("/v1/features/search", params=params))
+        check(http.get(f"/v1/features/{quote(layer, safe='')}/{quote(index, safe='')}"))
+
+    params = st.dictionaries(st.sampled_from(["q", "token", "layer", "limit", "offset", "x"]), query_value, max_size=4)
+    given(params, query_value, query_value)(FUZZ(run))()
+
+
+def test_engine_survived_the_fuzzing(server, http):
+    assert server.proc.poll() is None
+    response = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "the weather", "max_tokens": 2})
+    assert response.status_code == 200
