@@ -48,12 +48,10 @@ def request_body(i: int, rng: random.Random, distinct_specs: int) -> tuple[str, 
     else:
         path, body["prompt"] = "/v1/completions", rng.choice(PROMPTS)
     if kind == "steered":
-        variant = rng.randrange(distinct_specs)
-        body["steering"] = {"features": [{"layer": 1 + variant % 2, "index": 3 + variant,
-                                          "mode": rng.choice(["add", "clamp", "scale", "ablate"]),
-                                          **({} if variant % 4 == 3 else {"value": 4.0})}]}
-        if body["steering"]["features"][0]["mode"] == "ablate":
-            body["steering"]["features"][0].pop("value", None)
+        variant = rng.randrange(distinct_specs)  # one spec per variant: mode and value follow from it
+        mode = ("add", "clamp", "scale", "ablate")[variant % 4]
+        body["steering"] = {"features": [{"layer": 1 + variant % 2, "index": 3 + variant, "mode": mode,
+                                          **({} if mode == "ablate" else {"value": 4.0})}]}
     elif kind == "hostile":
         body["vllm_xargs"] = rng.choice([{"steerserve_capture": "{}"}, {"steerserve_steering": "x"}])
     return path, body, kind

@@ -92,7 +92,7 @@ def main() -> None:
         for name, spec, kernel in cases:
             runtime = SteeringRuntime(PluginConfig("bench", (0,), steering_kernel=kernel), {0: sae}, device)
             extra = {EXTRA_ARGS_KEY: spec.to_extra_arg()} if spec else {}
-            runtime.begin_step([], RequestView.batch([RequestView("r", extra, rows, 0, rows)]))
+            runtime.begin_step(RequestView.batch([RequestView("r", extra, rows, 0, rows)]))
             hidden = x.clone()
             results[name] = timed(lambda: runtime.apply(0, hidden, residual), device, repeats)
         m = results["mlp"]

@@ -1,7 +1,9 @@
 """Hooks into vLLM's model runners (V1 and Model Runner V2): install steering after load,
 route tokens each step.
 
-Each runner gets three hooks, placed where its own step structure allows:
+Each runner gets four hooks, placed where its own step structure allows:
+  * finished requests: every real `execute_model` first frees the slots of the requests the
+    scheduler reports finished (also on steps that schedule no tokens and return early);
   * routing: once this step's row order is known and before the forward, `begin_step` maps the
     scheduled requests to config slots (V1: before `_prepare_inputs`, after the persistent batch
     is updated; V2: after `prepare_inputs`, from the `InputBatch` it returns);
@@ -93,7 +95,6 @@ def begin_step(runner, scheduler_output, num_scheduled_tokens) -> None:
         return params.extra_args if params is not None else None
 
     _runtime.begin_step(
-        scheduler_output.finished_req_ids,
         StepBatch(
             batch.req_ids,
             num_scheduled_tokens[:n],
@@ -113,10 +114,7 @@ def _begin_step_v2(runner, scheduler_output, input_batch) -> None:
     if _runtime is None:
         return
     extra_args = _v2_extra_args(runner)
-    for req_id in scheduler_output.finished_req_ids:
-        extra_args.pop(req_id, None)
     _runtime.begin_step(
-        scheduler_output.finished_req_ids,
         StepBatch(
             input_batch.req_ids,
             input_batch.num_scheduled_tokens,
@@ -165,6 +163,22 @@ def _verifying_afterwards(method):
     return wrapper
 
 
+def _finishing_requests_first(method):
+    """Every real step reports the requests that finished since the last one; some steps
+    schedule no tokens and return before any other hook (see SteeringRuntime.finish_requests)."""
+    @functools.wraps(method)
+    def wrapper(self, scheduler_output, *args, **kwargs):
+        if _runtime is not None and not kwargs.get("dummy_run"):
+            finished = scheduler_output.finished_req_ids
+            _runtime.finish_requests(finished)
+            extra_args = self.__dict__.get("_steerserve_extra_args")  # V2's store (_v2_extra_args)
+            for req_id in finished if extra_args else ():
+                extra_args.pop(req_id, None)
+        return method(self, scheduler_output, *args, **kwargs)
+
+    return wrapper
+
+
 def _timed(method):
     """Adds the host time of real (non-dummy) steps to the runtime's execute_seconds, the
     denominator of the steering share that bench/steering_overhead.py reports."""
@@ -204,7 +218,7 @@ def _patch_v1_runner() -> None:
     GPUModelRunner._prepare_inputs = _prepare_inputs
     GPUModelRunner._dummy_run = _clearing_routing_first(GPUModelRunner._dummy_run)
     GPUModelRunner._model_forward = _verifying_afterwards(GPUModelRunner._model_forward)
-    GPUModelRunner.execute_model = _timed(GPUModelRunner.execute_model)
+    GPUModelRunner.execute_model = _timed(_finishing_requests_first(GPUModelRunner.execute_model))
     _wrap_load_model(GPUModelRunner)
     from vllm.platforms import current_platform
 
@@ -241,5 +255,6 @@ def _patch_v2_runner() -> None:
     GPUModelRunner.add_requests = _add_requests
     GPUModelRunner.prepare_inputs = _prepare_inputs
     # Dummy runs go through execute_model too; a real batch sets the routing in prepare_inputs.
-    GPUModelRunner.execute_model = _timed(_verifying_afterwards(_clearing_routing_first(GPUModelRunner.execute_model)))
+    GPUModelRunner.execute_model = _timed(_finishing_requests_first(
+        _verifying_afterwards(_clearing_routing_first(GPUModelRunner.execute_model))))
     _wrap_load_model(GPUModelRunner)

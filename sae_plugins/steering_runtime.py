@@ -157,19 +157,24 @@ class SteeringRuntime:
         self.execute_seconds = 0.0  # host time in the runner's execute_model (runner_patch adds it)
 
     # ---- per step (host side) -------------------------------------------------------------
-    def begin_step(self, finished_req_ids, batch: StepBatch) -> None:
-        started = time.perf_counter()
-        try:
-            self._begin_step(finished_req_ids, batch)
-        finally:
-            self.steering_seconds += time.perf_counter() - started
-
-    def _begin_step(self, finished_req_ids, batch: StepBatch) -> None:
-        for req_id in finished_req_ids:
+    def finish_requests(self, req_ids) -> None:
+        """Forget finished (or aborted) requests and free their slots. Called on every step the
+        scheduler sends, empty ones included: the step that reports the last requests of a
+        burst as finished schedules no tokens, so no forward (and no begin_step) follows it."""
+        for req_id in req_ids:
             self._requests.pop(req_id, None)
             freed = self.slots.release(req_id)
             if freed is not None:
                 self._clear_slot(freed)
+
+    def begin_step(self, batch: StepBatch) -> None:
+        started = time.perf_counter()
+        try:
+            self._begin_step(batch)
+        finally:
+            self.steering_seconds += time.perf_counter() - started
+
+    def _begin_step(self, batch: StepBatch) -> None:
         n = len(batch.req_ids)
         num_rows = int(batch.num_scheduled[:n].sum())
         if num_rows > self.max_rows:

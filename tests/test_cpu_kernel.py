@@ -62,7 +62,7 @@ def run_step(kernel: str, sae: SAEWeights, hidden, residual, rows_per_request: l
     for view, n in zip(views, rows_per_request):
         view.num_scheduled, view.num_prompt = n, 6
         view.num_computed = 10 if decoding else 0  # decode rows are generated; prefill rows straddle the prompt
-    runtime.begin_step([], RequestView.batch(views[: len(rows_per_request)]))
+    runtime.begin_step(RequestView.batch(views[: len(rows_per_request)]))
     out = hidden.clone()
     runtime.apply(0, out, residual)
     runtime.verify_applied()
@@ -132,7 +132,7 @@ def test_an_unsteered_step_between_equal_steered_steps_keeps_steering():
     steered = RequestView.batch([RequestView("a", {EXTRA_ARGS_KEY: add.to_extra_arg()}, 1, 4, 2)])
     plain = RequestView.batch([RequestView("b", {}, 1, 4, 2)])
     for batch, expected in ((steered, 2.0 * sae.W_dec[3]), (plain, torch.zeros(D_MODEL)), (steered, 2.0 * sae.W_dec[3])):
-        runtime.begin_step([], batch)
+        runtime.begin_step(batch)
         hidden = torch.zeros(1, D_MODEL)
         runtime.apply(0, hidden, torch.zeros(1, D_MODEL))
         torch.testing.assert_close(hidden[0], expected)

@@ -160,6 +160,27 @@ def test_health_answers_without_the_key(server):
         assert httpx.get(server.base_url + path, timeout=60).status_code == 200
 
 
+def test_config_slots_return_to_zero_when_idle(http):
+    """The step that reports a burst's last requests finished schedules no tokens; its finished
+    ids must still free the workers' slots (they leaked before), aborted streams included."""
+    bodies = [{**GENERATING_ROUTES["/v1/completions"], "max_tokens": 6,
+               "steering": {"features": [{"layer": 1 + i % 2, "index": 40 + i, "mode": "clamp", "value": 3.0}]}}
+              for i in range(6)]
+    for body in bodies:
+        assert http.post("/v1/completions", json=body).status_code == 200
+    with http.stream("POST", "/v1/completions", json={**bodies[0], "stream": True, "max_tokens": 200}) as stream:
+        next(stream.iter_bytes())  # leave mid-stream: the server aborts the request
+    deadline = time.monotonic() + 60
+    while True:
+        metrics = http.get("/metrics").text
+        in_use = [line for line in metrics.splitlines() if line.startswith("steerserve_config_slots_in_use ")]
+        if in_use == ["steerserve_config_slots_in_use 0.0"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert in_use == ["steerserve_config_slots_in_use 0.0"]
+    assert "steerserve_active_steering_configs 0.0" in metrics.splitlines()
+
+
 def test_the_engine_survived_every_hostile_request(server, http):
     """Runs last in this module: everything above went to the same engine."""
     assert server.proc.poll() is None

@@ -126,7 +126,7 @@ def test_runtime_routes_each_row_to_its_own_config():
         RequestView("add", {EXTRA_ARGS_KEY: add_spec.to_extra_arg()}, num_scheduled=2, num_computed=0, num_prompt=2),
         RequestView("clamp", {EXTRA_ARGS_KEY: clamp_spec.to_extra_arg()}, num_scheduled=2, num_computed=3, num_prompt=4),
     ]
-    runtime.begin_step([], RequestView.batch(views))
+    runtime.begin_step(RequestView.batch(views))
     assert runtime.step_slots.tolist() == [0, 0, 1, 1, 0, 2]
     g = torch.Generator().manual_seed(3)
     hidden, residual = torch.randn(6, 8, generator=g), torch.randn(6, 8, generator=g)
@@ -137,7 +137,8 @@ def test_runtime_routes_each_row_to_its_own_config():
     f7 = sae_math.encode(sae, (before[5] + residual[5])[None])[0, 7]
     assert torch.allclose(hidden[5], before[5] + (3.0 - f7) * sae.W_dec[7], atol=1e-5)
     # The next step: "add" finished, its slot is freed and cleared.
-    runtime.begin_step(["add"], RequestView.batch([views[2]]))
+    runtime.finish_requests(["add"])
+    runtime.begin_step(RequestView.batch([views[2]]))
     assert runtime.step_slots.tolist() == [0, 2]  # positions 3 (prompt), 4 (generation)
     assert runtime.slots.active == 1 and not runtime.has_add[0, 1]
 
@@ -152,13 +153,13 @@ def test_a_forward_that_skipped_the_op_fails_loudly():
     runtime = SteeringRuntime(PluginConfig("mem", (0,), max_features=4, max_configs=2), {0: tiny_sae()},
                               torch.device("cpu"))
     steered = RequestView("r", {EXTRA_ARGS_KEY: spec((0, 5, "add", 2.0)).to_extra_arg()}, 2, 0, 2)
-    runtime.begin_step([], RequestView.batch([steered]))
+    runtime.begin_step(RequestView.batch([steered]))
     runtime.apply(0, torch.zeros(2, 8), torch.zeros(2, 8))
     runtime.verify_applied()  # the op ran: fine
-    runtime.begin_step([], RequestView.batch([steered]))
+    runtime.begin_step(RequestView.batch([steered]))
     with pytest.raises(RuntimeError, match=r"did not run at layers \[0\]"):
         runtime.verify_applied()
-    runtime.begin_step([], RequestView.batch([RequestView("plain", {}, 2, 0, 2)]))
+    runtime.begin_step(RequestView.batch([RequestView("plain", {}, 2, 0, 2)]))
     runtime.verify_applied()  # nothing planned, nothing to check
 
 
@@ -197,14 +198,15 @@ def test_reused_routing_is_replanned_when_a_slot_changes_hands():
     runtime = SteeringRuntime(PluginConfig("mem", (0,), max_features=4, max_configs=1), {0: sae}, torch.device("cpu"))
     add_view = RequestView("a", {EXTRA_ARGS_KEY: spec((0, 5, "add", 2.0)).to_extra_arg()}, 1, 4, 2)
     for _ in range(2):  # the second step reuses the first one's plan
-        runtime.begin_step([], RequestView.batch([add_view]))
+        runtime.begin_step(RequestView.batch([add_view]))
         hidden = torch.zeros(1, 8)
         runtime.apply(0, hidden, torch.zeros(1, 8))
         assert torch.allclose(hidden[0], 2.0 * sae.W_dec[5], atol=1e-5)
     residual = torch.randn(1, 8, generator=torch.Generator().manual_seed(7))
     active = int(sae_math.encode(sae, residual)[0].argmax())
     scale_view = RequestView("b", {EXTRA_ARGS_KEY: spec((0, active, "scale", 3.0)).to_extra_arg()}, 1, 4, 2)
-    runtime.begin_step(["a"], RequestView.batch([scale_view]))
+    runtime.finish_requests(["a"])
+    runtime.begin_step(RequestView.batch([scale_view]))
     assert runtime.step_slots.tolist() == [1]  # the same slot, the same routing bytes
     hidden = torch.zeros(1, 8)
     runtime.apply(0, hidden, residual)

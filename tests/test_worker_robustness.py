@@ -40,7 +40,7 @@ def runtime(sae_layers=(0,), local=(0,), max_configs=2) -> SteeringRuntime:
 
 
 def step(rt: SteeringRuntime, views: list[RequestView]) -> tuple[torch.Tensor, torch.Tensor]:
-    rt.begin_step([], RequestView.batch(views))
+    rt.begin_step(RequestView.batch(views))
     hidden = torch.randn(sum(v.num_scheduled for v in views), 8, generator=torch.Generator().manual_seed(0))
     before = hidden.clone()
     for layer in sorted(rt.saes):
