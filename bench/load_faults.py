@@ -14,6 +14,7 @@ Every request goes to loopback; the run is bounded in count and time.
 
     python bench/load_faults.py                       # ~4 minutes on the 2-core CPU machine
     python bench/load_faults.py --requests 600 --concurrency 200
+    python bench/load_faults.py --base-url http://127.0.0.1:8000 --api-key KEY   # load phase only
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-KEY = "load-faults-key"
+KEY = "load-faults-key"  # of the server this script starts; --api-key for one given by --base-url
 PROMPTS = ["Tell me about the weather.", "Write a short poem about the sea.", "How do computers work?", "hi"]
 
 
@@ -74,14 +75,15 @@ async def one_request(client: httpx.AsyncClient, path: str, body: dict, disconne
     return outcome, time.monotonic() - started
 
 
-async def load(base_url: str, requests: int, concurrency: int, distinct_specs: int, seed: int) -> tuple[Counter, list]:
+async def load(base_url: str, key: str, requests: int, concurrency: int, distinct_specs: int,
+               seed: int) -> tuple[Counter, list]:
     rng = random.Random(seed)
     plan = [(*request_body(i, rng, distinct_specs), rng.random() < 0.15) for i in range(requests)]
     outcomes: Counter = Counter()
     latencies: list[float] = []
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=base_url, timeout=600, limits=limits,
-                                 headers={"Authorization": f"Bearer {KEY}"}) as client:
+                                 headers={"Authorization": f"Bearer {key}"}) as client:
         queue = list(reversed(plan))
 
         async def worker() -> None:
@@ -104,10 +106,10 @@ def metric(text: str, name: str) -> float:
     raise KeyError(name)
 
 
-def wait_idle(base_url: str, timeout: float = 60) -> tuple[float, float]:
+def wait_idle(base_url: str, key: str, timeout: float = 60) -> tuple[float, float]:
     """(admitted configs, worker slots in use) once both are 0, or their last values."""
     deadline = time.monotonic() + timeout
-    headers = {"Authorization": f"Bearer {KEY}"}
+    headers = {"Authorization": f"Bearer {key}"}
     while True:
         text = httpx.get(f"{base_url}/metrics", headers=headers, timeout=30).text
         values = metric(text, "steerserve_active_steering_configs"), metric(text, "steerserve_config_slots_in_use")
@@ -163,8 +165,9 @@ def _env() -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base-url", help="a running server (started with --api-key load-faults-key); "
+    parser.add_argument("--base-url", help="a running server (serving the tiny model as `tiny`); "
                                            "skips starting one and the kill -9 phase")
+    parser.add_argument("--api-key", default=KEY, help="the key of the --base-url server")
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--distinct-specs", type=int, default=24)
@@ -192,12 +195,14 @@ def main() -> int:
         base_url = server.base_url
     try:
         started = time.monotonic()
-        outcomes, latencies = asyncio.run(load(base_url, args.requests, args.concurrency, args.distinct_specs,
+        key = args.api_key if args.base_url else KEY
+        outcomes, latencies = asyncio.run(load(base_url, key, args.requests, args.concurrency, args.distinct_specs,
                                                args.seed))
         wall = time.monotonic() - started
         latencies.sort()
+        admitted_at_once = "the server's --max-steering-configs" if args.base_url else args.max_steering_configs
         print(f"\nload: {args.requests} requests, {args.concurrency} in flight, {args.distinct_specs} distinct specs "
-              f"over {args.max_steering_configs} admitted configs, {wall:.1f}s")
+              f"over {admitted_at_once} admitted at once, {wall:.1f}s")
         for outcome, count in sorted(outcomes.items()):
             print(f"  {outcome:<40} {count}")
         if latencies:
@@ -207,7 +212,7 @@ def main() -> int:
         if unexpected:
             failures.append(f"{unexpected} unexpected outcomes")
         healthy = httpx.get(f"{base_url}/health", timeout=30).status_code == 200
-        admitted, slots = wait_idle(base_url)
+        admitted, slots = wait_idle(base_url, key)
         print(f"after the load: /health {'200' if healthy else 'FAILED'}, admitted configs {admitted:.0f}, "
               f"worker slots in use {slots:.0f}")
         if not healthy or admitted or slots:
