@@ -13,7 +13,9 @@ from typing import Literal
 
 import torch
 
-Activation = Literal["topk", "relu", "jumprelu"]
+from .activations import Activation, activation_of
+
+ActivationKind = Literal["topk", "relu", "jumprelu"]
 
 SMALL_ENCODER_BYTES = 4 << 20  # float32 encoders up to this size stay cache-resident on CPU
 
@@ -25,7 +27,7 @@ class SAEWeights:
     b_enc: torch.Tensor  # [d_sae]
     W_dec: torch.Tensor  # [d_sae, d_model]; row i = feature i's direction
     b_dec: torch.Tensor  # [d_model]
-    activation: Activation
+    activation: ActivationKind
     k: int | None  # TopK only
     threshold: torch.Tensor | None  # [d_sae], JumpReLU only
     apply_b_dec_to_input: bool  # subtract b_dec before encoding (SAELens option, sparsify)
@@ -37,6 +39,11 @@ class SAEWeights:
     encoder_compute: tuple[torch.Tensor, torch.Tensor] | None = None
     # The float32 encoder packed for the native CPU kernel (see pack_encoder_panels); None = not.
     encoder_panels: torch.Tensor | None = None
+
+    @property
+    def activation_fn(self) -> Activation:
+        """The activation as defined once for every path (activations.py)."""
+        return activation_of(self.activation, k=self.k, threshold=self.threshold)
 
     @property
     def d_model(self) -> int:

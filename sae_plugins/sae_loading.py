@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from sae_plugins.sae import Activation, SAEWeights
+from sae_plugins.sae import ActivationKind, SAEWeights
 
 __all__ = ["SAELoadError", "describe_format", "discover_sae_layers", "load_sae_layer"]
 
@@ -33,7 +33,7 @@ QWEN_SCOPE, SAELENS, SPARSIFY = "qwen-scope", "saelens", "sparsify"
 _QWEN_FILE = re.compile(r"^layer(\d+)\.sae\.pt$")
 _SPARSIFY_HOOK = re.compile(r"(?:^|\.)(\d+)$")  # "layers.8", "model.layers.8"
 _SAELENS_HOOK = re.compile(r"(?:^|\.)(?:blocks|layers|h)\.(\d+)(?:\.(hook_[a-z_]+))?$")
-_SAELENS_ACTIVATION: dict[str, Activation] = {
+_SAELENS_ACTIVATION: dict[str, ActivationKind] = {
     "standard": "relu",
     "jumprelu": "jumprelu",
     "topk": "topk",

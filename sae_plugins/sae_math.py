@@ -36,32 +36,14 @@ def pre_activation(sae: SAEWeights, x: torch.Tensor) -> torch.Tensor:
 
 def encode(sae: SAEWeights, x: torch.Tensor) -> torch.Tensor:
     """Dense feature activations [rows, d_sae] (float32) of residual-stream rows x [rows, d_model]."""
-    pre = pre_activation(sae, x).float()
-    if sae.activation == "jumprelu":
-        assert sae.threshold is not None
-        return pre * (pre > sae.threshold.float())
-    acts = torch.relu(pre)
-    if sae.activation == "topk":
-        assert sae.k is not None
-        values, indices = acts.topk(sae.k, dim=-1, sorted=False)
-        return torch.zeros_like(acts).scatter_(-1, indices, values)
-    return acts
+    return sae.activation_fn.dense(pre_activation(sae, x))
 
 
 def feature_activations(sae: SAEWeights, x: torch.Tensor, feature_ids: torch.Tensor) -> torch.Tensor:
     """Activations [rows, F] of only the features `feature_ids` [rows, F], equal to
-    `encode(sae, x).gather(-1, feature_ids)` without building the dense [rows, d_sae] code: a
-    TopK feature is active iff its pre-activation reaches the row's k-th largest one."""
-    pre = pre_activation(sae, x)  # the threshold search runs on it as is; only [rows, F] is widened
-    p = pre.gather(-1, feature_ids).float()
-    if sae.activation == "jumprelu":
-        assert sae.threshold is not None
-        return p * (p > sae.threshold.float()[feature_ids])
-    if sae.activation == "topk":
-        assert sae.k is not None
-        kth = pre.topk(sae.k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True).float()
-        p = p.masked_fill_(p < kth, 0.0)
-    return p.relu_()
+    `encode(sae, x).gather(-1, feature_ids)`: the same definition (activations.py), with only
+    [rows, F] widened to float32 and nothing decoded."""
+    return sae.activation_fn.gather(pre_activation(sae, x), feature_ids)
 
 
 def add_vector(sae: SAEWeights, feature_ids: list[int], values: list[float]) -> torch.Tensor:

@@ -11,8 +11,9 @@ Four launches per steered layer:
      encoder rows of its touched features only;
   2. TopK rank counts: the encode GEMM over all d_sae features, row tiles looped up to the live
      count on the device, whose epilogue counts per touched feature how many pre-activations
-     exceed it (its own column excluded). The [rows, d_sae] pre-activation is never stored;
-  3. the edit: active iff fewer than k exceed it (ReLU / JumpReLU otherwise), coefficient
+     are ahead of it (larger, or tied with a lower index: activations.py's rule). The
+     [rows, d_sae] pre-activation is never stored;
+  3. the edit: kept iff fewer than k are ahead (ReLU / JumpReLU otherwise), coefficient
      offset + gain * f, x += sum coef * W_dec[f], written back with one rounding;
   4. `add` vectors, added to their rows.
 
@@ -120,7 +121,9 @@ def _topk_rank_counts(hidden, residual, routing, counts, feature_ids, W_enc, b_e
         for f in range(0, width):
             a = tl.load(act + ms * F_BLOCK + f, mask=mmask, other=0.0)
             fid = tl.load(feature_ids + slots * F + f, mask=mmask, other=0)
-            hit = (pre > a[:, None]) & nmask[None, :] & (ns[None, :] != fid[:, None])
+            # Ahead of the feature: larger, or tied with a lower index (activations.py's rule).
+            ahead = (pre > a[:, None]) | ((pre == a[:, None]) & (ns[None, :] < fid[:, None]))
+            hit = ahead & nmask[None, :] & (ns[None, :] != fid[:, None])
             tl.atomic_add(above + ms * F_BLOCK + f, tl.sum(hit.to(tl.int32), axis=1), mask=mmask)
 
 

@@ -1,6 +1,7 @@
 """The experimental Triton steering kernels against the plain-PyTorch op, in Triton's
 interpreter on CPU (the kernels are never compiled here: there is no GPU). The same request
-mixes as test_cpu_kernel.py; each case runs in a child process, because TRITON_INTERPRET must
+mixes as test_cpu_kernel.py, and the exact cases of test_activations.py held to the activations'
+definition (ties at the k-th value, a negative JumpReLU threshold); each case runs in a child process, because TRITON_INTERPRET must
 be set before the kernels are defined."""
 
 from __future__ import annotations
@@ -19,7 +20,13 @@ CHILD = r"""
 import json, sys, torch
 sys.path[:0] = [{root!r}, {tests!r}]
 from test_cpu_kernel import case_inputs, run_step, unsteered_rows
+from test_activations import by_definition, exact_cases, steer
 results = []
+for name, sae, spec, hidden, residual in exact_cases():  # ties at the k-th value, a negative threshold
+    expected, out = by_definition(sae, spec, hidden, residual), steer("triton", sae, spec, hidden, residual)
+    results.append(dict(case="definition/" + name, steered=not torch.equal(expected, hidden),
+                        max_abs=float((out.float() - expected.float()).abs().max()),
+                        scale=float(expected.float().abs().max()), differing=0.0, plain_untouched=True))
 for activation in ("topk", "relu", "jumprelu"):
     for dtype in (torch.bfloat16, torch.float32):
         for shape in ("decode", "prefill"):
@@ -47,7 +54,7 @@ def test_triton_kernels_equal_the_torch_op_in_the_interpreter():
     assert done.returncode == 0, done.stderr[-4000:]
     line = next(line for line in done.stdout.splitlines() if line.startswith("RESULTS "))
     results = json.loads(line.removeprefix("RESULTS "))
-    assert len(results) == 12
+    assert len(results) == 18
     for r in results:
         assert r["steered"] and r["plain_untouched"], r
         if "bfloat16" in r["case"]:  # at most one rounding step apart, on a few elements (0 seen)

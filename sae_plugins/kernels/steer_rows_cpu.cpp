@@ -48,22 +48,33 @@ void add_rows(at::Tensor& hidden, const int64_t* rows, const int64_t* slots, int
   }
 }
 
-// TopK keeps a pre-activation a iff it reaches the row's k-th largest, i.e. iff fewer than k
-// pre-activations exceed it. One counting pass per touched feature (vectorised compares, early
-// exit) beats selecting the k-th value (a copy and an nth_element over all d_sae) while a row
-// touches few features; with many, one selection serves them all.
+// TopK keeps exactly k features per row; among pre-activations tied with the k-th largest the
+// lowest feature indices win (sae_plugins/activations.py). So feature i, pre-activation a, is
+// kept iff #{j : p_j > a} + #{j < i : p_j == a} < k. One counting pass per touched feature
+// (vectorised compares, early exit) beats selecting the k-th value (a copy and an nth_element
+// over all d_sae) while a row touches few features; with many, one selection serves them all.
 constexpr int64_t kMaxCountedFeatures = 8;
 
-inline bool reaches_top_k(const float* p, int64_t n, float a, int64_t k) {
-  int64_t above = 0;
+inline bool reaches_top_k(const float* p, int64_t n, int64_t id, float a, int64_t k) {
+  int64_t ahead = 0;
   for (int64_t j0 = 0; j0 < n; j0 += 2048) {
     const int64_t j1 = std::min(n, j0 + 2048);
     int32_t count = 0;
-    for (int64_t j = j0; j < j1; ++j) count += p[j] > a;
-    above += count;
-    if (above >= k) return false;
+    for (int64_t j = j0; j < j1; ++j) count += (p[j] > a) | ((p[j] == a) & (j < id));
+    ahead += count;
+    if (ahead >= k) return false;
   }
   return true;
+}
+
+// With the row's k-th largest value kth and `above` = #{j : p_j > kth}: a feature above kth is
+// kept, one below is not, and one equal to it is kept iff fewer than k - above tied features
+// have a lower index.
+inline bool kept_given_kth(const float* p, int64_t id, float a, float kth, int64_t above, int64_t k) {
+  if (a != kth) return a > kth;
+  int64_t lower_ties = 0;
+  for (int64_t j = 0; j < id; ++j) lower_ties += p[j] == kth;
+  return lower_ties < k - above;
 }
 
 // delta[e] = sum_f (offset + gain * f_i(x_e)) * W_dec[i] over the row's slot's table entries.
@@ -92,11 +103,13 @@ void touched_feature_deltas(const at::Tensor& pre, const int64_t* slots, int64_t
         positive += p[id] > 0.0f;
       }
       float kth = -std::numeric_limits<float>::infinity();
+      int64_t above = 0;  // pre-activations strictly above kth
       const bool select_kth = k > 0 && positive > kMaxCountedFeatures;
       if (select_kth) {  // the row's k-th largest pre-activation
         scratch.assign(p, p + d_sae);
         std::nth_element(scratch.begin(), scratch.begin() + (k - 1), scratch.end(), std::greater<float>());
         kth = scratch[k - 1];
+        for (int64_t j = 0; j < d_sae; ++j) above += p[j] > kth;
       }
       float* row_delta = out + e * d;
       for (int64_t f = 0; f < width; ++f) {
@@ -107,7 +120,7 @@ void touched_feature_deltas(const at::Tensor& pre, const int64_t* slots, int64_t
         if (!(a > 0.0f)) {
           a = 0.0f;  // every activation ends in a ReLU
         } else if (k > 0) {
-          if (select_kth ? a < kth : !reaches_top_k(p, d_sae, a, k)) a = 0.0f;
+          if (select_kth ? !kept_given_kth(p, id, a, kth, above, k) : !reaches_top_k(p, d_sae, id, a, k)) a = 0.0f;
         } else if (thr != nullptr && !(a > thr[id])) {
           a = 0.0f;
         }
