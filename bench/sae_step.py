@@ -17,12 +17,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from sae_plugins.plugin_config import PluginConfig  # noqa: E402
 from sae_plugins.sae import SAEWeights  # noqa: E402
-from sae_plugins.steering_runtime import RequestView, SteeringRuntime  # noqa: E402
+from sae_plugins.steering_runtime import StepBatch, SteeringRuntime  # noqa: E402
 from sae_plugins.steering_spec import EXTRA_ARGS_KEY, FeatureEdit, SteeringSpec  # noqa: E402
 
 D_MODEL, D_SAE, D_MLP, K = 5120, 81920, 17408, 50
@@ -92,7 +93,8 @@ def main() -> None:
         for name, spec, kernel in cases:
             runtime = SteeringRuntime(PluginConfig("bench", (0,), steering_kernel=kernel), {0: sae}, device)
             extra = {EXTRA_ARGS_KEY: spec.to_extra_arg()} if spec else {}
-            runtime.begin_step(RequestView.batch([RequestView("r", extra, rows, 0, rows)]))
+            one = np.array([rows])  # one request, all its rows prompt rows
+            runtime.begin_step(StepBatch(["r"], one, np.array([0]), one, {"r": extra}.get))
             hidden = x.clone()
             results[name] = timed(lambda: runtime.apply(0, hidden, residual), device, repeats)
         m = results["mlp"]

@@ -1,10 +1,12 @@
 """Recording which SAE features fire on a request's tokens, inside the serving forward.
 
-An inspect request carries a capture spec in `extra_args[CAPTURE_KEY]`. At each captured layer
-the steering op hands the rows of that request (after any steering edit at that layer) to
-`CaptureStore.record`, which keeps each position's top-k features and running per-feature
-max / sum / count for the aggregate. The API process takes the result by capture id over
-collective RPC once the request has finished. Chunked prefill simply records several times.
+An inspect request carries a capture spec in `extra_args[CAPTURE_KEY]`. Each step the runtime
+tells the store which rows of the step belong to capturing requests (`begin_step`); at each
+captured layer the steering op hands over the stream after any steering edit there
+(`record_layer`), which is encoded in chunks of ENCODE_CHUNK_ROWS rows (a bounded workspace)
+and kept as each position's top-k features plus running per-feature max / sum / count for the
+aggregate. The API process takes the result by capture id over collective RPC once the request
+has finished. Chunked prefill simply records several times.
 """
 
 from __future__ import annotations
@@ -12,14 +14,19 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
-from . import request_signing
+from . import request_signing, sae_math
+from .sae import SAEWeights
 
 CAPTURE_KEY = "steerserve_capture"
 MAX_PENDING_CAPTURES = 256  # results nobody took (client gone) are dropped oldest first
 AGGREGATE_TOP = 20
+# Rows encoded at once (here and by the PyTorch backend): at Qwen3.5-27B shapes (81,920
+# features, 5,120 wide) one chunk needs at most ~0.4 GB of workspace, whatever the step's size.
+ENCODE_CHUNK_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -55,9 +62,36 @@ class _LayerCapture:
     aggregated_positions: int = 0
 
 
+class StepCapture(NamedTuple):
+    """A capturing request's rows in this step."""
+
+    spec: CaptureSpec
+    first_row: int
+    rows: int
+    first_position: int
+
+
 class CaptureStore:
     def __init__(self) -> None:
         self._captures: OrderedDict[str, tuple[CaptureSpec, dict[int, _LayerCapture]]] = OrderedDict()
+        self._step: list[StepCapture] = []
+
+    def begin_step(self, step: list[StepCapture]) -> None:
+        self._step = step
+
+    def layers_this_step(self) -> set[int]:
+        return {layer for capture in self._step for layer in capture.spec.layers}
+
+    def record_layer(self, layer: int, sae: SAEWeights, hidden: torch.Tensor, residual: torch.Tensor) -> None:
+        """Features of this step's capturing rows in the stream `hidden + residual` at `layer`."""
+        for spec, start, n, first_position in self._step:
+            if layer not in spec.layers:
+                continue
+            for lo in range(0, n, ENCODE_CHUNK_ROWS):
+                hi = min(n, lo + ENCODE_CHUNK_ROWS)
+                x = hidden[start + lo : start + hi].float() + residual[start + lo : start + hi].float()
+                positions = list(range(first_position + lo, first_position + hi))
+                self.record(spec, layer, positions, sae_math.encode(sae, x))
 
     def record(self, spec: CaptureSpec, layer: int, positions: list[int], features: torch.Tensor) -> None:
         """features: dense activations [rows, d_sae] of the rows at `positions`."""

@@ -15,19 +15,16 @@ import math
 import torch
 from torch import nn
 
-from .model_patch import DECODER_LAYERS_PATH
+from .architectures import Architecture
 from .sae import SAEWeights
 
 
 class FeatureLens:
-    def __init__(self, model: nn.Module, architecture: str, saes: dict[int, SAEWeights]):
+    def __init__(self, model: nn.Module, architecture: Architecture, saes: dict[int, SAEWeights]):
         self.model = model
         self.saes = saes
-        module: nn.Module = model
-        for name in DECODER_LAYERS_PATH[architecture].split(".")[:-1] + ["norm"]:
-            module = getattr(module, name)
-        self.final_norm = module
-        self.lm_head = _find_lm_head(model)
+        self.final_norm = architecture.final_norm_of(model)
+        self.lm_head = architecture.lm_head_of(model)
         self._inverse_rms: dict[int, torch.Tensor] = {}  # per layer, computed once
 
     @torch.inference_mode()
@@ -85,14 +82,3 @@ class FeatureLens:
     def _dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
 
-
-def _find_lm_head(model: nn.Module) -> nn.Module:
-    for path in ("lm_head", "language_model.lm_head"):
-        module = model
-        try:
-            for name in path.split("."):
-                module = getattr(module, name)
-            return module
-        except AttributeError:
-            continue
-    raise AttributeError(f"{type(model).__name__} has no lm_head")

@@ -1,4 +1,4 @@
-"""Finding a model's decoder layers and making the chosen ones call the steering op.
+"""Making the chosen decoder layers call the steering op (architectures.py finds them).
 
 Each steered layer's class is swapped for a subclass whose forward runs the original and then
 the custom op on its output. The swap happens right after the weights load and before vLLM's
@@ -10,30 +10,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-
-# Architecture -> attribute path from the top-level vLLM model to its decoder layer list.
-DECODER_LAYERS_PATH: dict[str, str] = {
-    "Qwen3_5ForConditionalGeneration": "language_model.model.layers",
-    "Qwen3_5ForCausalLM": "model.layers",
-    "Qwen3ForCausalLM": "model.layers",
-}
-
-
-class UnsupportedArchitecture(RuntimeError):
-    pass
-
-
-def decoder_layers(model: nn.Module, architecture: str) -> nn.ModuleList:
-    path = DECODER_LAYERS_PATH.get(architecture)
-    if path is None:
-        raise UnsupportedArchitecture(
-            f"SAE steering does not support the architecture {architecture!r}; "
-            f"supported architectures: {', '.join(sorted(DECODER_LAYERS_PATH))}"
-        )
-    module: nn.Module = model
-    for name in path.split("."):
-        module = getattr(module, name)
-    return module  # type: ignore[return-value]
 
 
 def is_local_layer(layer: nn.Module) -> bool:

@@ -14,7 +14,7 @@ ADDITIONAL_CONFIG_KEY = "steerserve"
 DEFAULT_MAX_FEATURES = 64
 DEFAULT_MAX_CONFIGS = 64
 # The steering op (--steering-kernel): auto/native/torch pick between the native CPU kernel and
-# the PyTorch op (cpu_kernel.py); triton selects the experimental GPU kernels (triton_kernel.py).
+# the PyTorch op (backends/native_cpu.py); triton selects the experimental GPU kernels (backends/triton.py).
 STEERING_KERNELS = ("auto", "native", "torch", "triton")
 
 

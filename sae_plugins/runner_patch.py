@@ -23,37 +23,27 @@ import logging
 
 from tqdm import tqdm
 
+from . import registry
+from .architectures import architecture
 from .feature_lens import FeatureLens
-from .model_patch import decoder_layers, is_local_layer, steer_layer
+from .model_patch import is_local_layer, steer_layer
 from .plugin_config import PluginConfig
 from .sae_loading import load_sae_layer
-from .steering_op import register_steering_op, set_runtime_lookup
+from .steering_op import register_steering_op
 from .steering_runtime import StepBatch, SteeringRuntime
 
 # A child of vLLM's logger, so our lines go out through the handler vLLM configures.
 logger = logging.getLogger("vllm.steerserve")
 
-_runtime: SteeringRuntime | None = None
-_lens: FeatureLens | None = None
-
-
-def current_runtime() -> SteeringRuntime | None:
-    return _runtime
-
-
-def current_lens() -> FeatureLens | None:
-    return _lens
-
 
 def install_steering(runner) -> None:
     """Load the SAEs and patch the steered layers of `runner.model` (no-op without --sae)."""
-    global _runtime, _lens
     config = PluginConfig.from_additional_config(runner.vllm_config.additional_config)
     if config is None:
         return
     model_config = runner.vllm_config.model_config
-    architecture = model_config.architectures[0]
-    layers = decoder_layers(runner.model, architecture)
+    arch = architecture(model_config.architectures[0])
+    layers = arch.decoder_layers_of(runner.model)
     d_model = model_config.hf_text_config.hidden_size
     local = [n for n in config.sae_layers if n < len(layers) and is_local_layer(layers[n])]
     missing = [n for n in config.sae_layers if n >= len(layers)]
@@ -68,9 +58,8 @@ def install_steering(runner) -> None:
             saes[n].choose_cpu_encoder()
     register_steering_op()
     max_rows = runner.vllm_config.scheduler_config.max_num_batched_tokens
-    _runtime = SteeringRuntime(config, saes, runner.device, max_rows=max_rows)
-    set_runtime_lookup(current_runtime)
-    _lens = FeatureLens(runner.model, architecture, saes)
+    runtime = SteeringRuntime(config, saes, runner.device, max_rows=max_rows)
+    registry.install(runtime, FeatureLens(runner.model, arch, saes))
     for n in local:
         steer_layer(layers[n], n)
     total = sum(s.nbytes() for s in saes.values())
@@ -78,14 +67,15 @@ def install_steering(runner) -> None:
         "steerserve: SAE steering on layers %s (SAEs %.1f MiB; %d config slots for %d distinct specs per API "
         "process, tables and routing %.1f MiB; workspace up to %.1f MiB, reserved in the memory profile; "
         "steering op: %s)",
-        local, total / 2**20, _runtime.slots.num_slots, config.max_configs, _runtime.table_bytes() / 2**20,
-        _runtime.workspace_bytes() / 2**20, _runtime.kernel_name,
+        local, total / 2**20, runtime.slots.num_slots, config.max_configs, runtime.table_bytes() / 2**20,
+        runtime.workspace_bytes() / 2**20, runtime.kernel_name,
     )
 
 
 def begin_step(runner, scheduler_output, num_scheduled_tokens) -> None:
     """V1: the persistent batch's arrays are already in this step's row order."""
-    if _runtime is None:
+    runtime = registry.runtime()
+    if runtime is None:
         return
     batch = runner.input_batch
     n = batch.num_reqs
@@ -94,7 +84,7 @@ def begin_step(runner, scheduler_output, num_scheduled_tokens) -> None:
         params = runner.requests[req_id].sampling_params
         return params.extra_args if params is not None else None
 
-    _runtime.begin_step(
+    runtime.begin_step(
         StepBatch(
             batch.req_ids,
             num_scheduled_tokens[:n],
@@ -111,10 +101,11 @@ def _v2_extra_args(runner) -> dict:
 
 
 def _begin_step_v2(runner, scheduler_output, input_batch) -> None:
-    if _runtime is None:
+    runtime = registry.runtime()
+    if runtime is None:
         return
     extra_args = _v2_extra_args(runner)
-    _runtime.begin_step(
+    runtime.begin_step(
         StepBatch(
             input_batch.req_ids,
             input_batch.num_scheduled_tokens,
@@ -142,11 +133,12 @@ def _wrap_load_model(cls) -> None:
 def _clearing_routing_first(method):
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        if _runtime is not None:
-            _runtime.clear_step()
+        runtime = registry.runtime()
+        if runtime is not None:
+            runtime.clear_step()
         output = method(self, *args, **kwargs)
-        if _runtime is not None and kwargs.get("is_profile"):
-            _runtime.reserve_workspace()  # inside profile_run: its peak counts (see the runtime)
+        if runtime is not None and kwargs.get("is_profile"):
+            runtime.reserve_workspace()  # inside profile_run: its peak counts (see the runtime)
         return output
 
     return wrapper
@@ -156,8 +148,9 @@ def _verifying_afterwards(method):
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         output = method(self, *args, **kwargs)
-        if _runtime is not None:
-            _runtime.verify_applied()
+        runtime = registry.runtime()
+        if runtime is not None:
+            runtime.verify_applied()
         return output
 
     return wrapper
@@ -168,9 +161,10 @@ def _finishing_requests_first(method):
     schedule no tokens and return before any other hook (see SteeringRuntime.finish_requests)."""
     @functools.wraps(method)
     def wrapper(self, scheduler_output, *args, **kwargs):
-        if _runtime is not None and not kwargs.get("dummy_run"):
+        runtime = registry.runtime()
+        if runtime is not None and not kwargs.get("dummy_run"):
             finished = scheduler_output.finished_req_ids
-            _runtime.finish_requests(finished)
+            runtime.finish_requests(finished)
             extra_args = self.__dict__.get("_steerserve_extra_args")  # V2's store (_v2_extra_args)
             for req_id in finished if extra_args else ():
                 extra_args.pop(req_id, None)
@@ -184,13 +178,14 @@ def _timed(method):
     denominator of the steering share that bench/steering_overhead.py reports."""
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        if _runtime is None or kwargs.get("dummy_run"):
+        runtime = registry.runtime()
+        if runtime is None or kwargs.get("dummy_run"):
             return method(self, *args, **kwargs)
         started = time.perf_counter()
         try:
             return method(self, *args, **kwargs)
         finally:
-            _runtime.execute_seconds += time.perf_counter() - started
+            runtime.execute_seconds += time.perf_counter() - started
 
     return wrapper
 
@@ -238,7 +233,7 @@ def _patch_v2_runner() -> None:
 
     @functools.wraps(add_requests)
     def _add_requests(self, scheduler_output, *args, **kwargs):
-        if _runtime is not None:
+        if registry.runtime() is not None:
             store = _v2_extra_args(self)
             for new in scheduler_output.scheduled_new_reqs:
                 params = new.sampling_params

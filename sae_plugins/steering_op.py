@@ -9,20 +9,13 @@ The op edits the layer's output `hidden` in place: the residual stream after the
 `hidden + residual`, and adding the edit to `hidden` edits that sum.
 """
 
-from typing import Callable
-
 import torch
 
-_runtime_lookup: Callable[[], object | None] = lambda: None
-
-
-def set_runtime_lookup(fn: Callable[[], object | None]) -> None:
-    global _runtime_lookup
-    _runtime_lookup = fn
+from . import registry
 
 
 def _steer_residual(hidden: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
-    runtime = _runtime_lookup()
+    runtime = registry.runtime()
     if runtime is not None:
         runtime.apply(layer, hidden, residual)
 

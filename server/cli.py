@@ -134,10 +134,28 @@ def configure_steering(args: argparse.Namespace) -> None:
     )
     args.additional_config = {**(args.additional_config or {}), ADDITIONAL_CONFIG_KEY: config.to_dict()}
     args.worker_extension_cls = WORKER_EXTENSION_CLS
+    _refuse_unverified_row_layouts(args)
     _choose_model_runner()
     if not _is_cpu_build():
         _keep_steering_out_of_cuda_graphs(args)
         _explain_tensor_parallel_fusion(args)
+
+
+def _refuse_unverified_row_layouts(args: argparse.Namespace) -> None:
+    """Steering routes each flattened row of a step by its request and position. Engine features
+    that add rows the routing does not model, or split a step's rows into pieces the op sees
+    separately, would steer the wrong rows, so --sae refuses them until they are verified:
+      * speculative decoding: draft tokens are extra rows, and the draft model's own forward
+        (MTP, EAGLE) runs unsteered layers;
+      * dual-batch overlap (--enable-dbo): each micro-batch is a forward over a slice of the rows.
+    Asynchronous scheduling, vLLM's default, is verified: the routing reads each row's position
+    when the step's inputs are prepared, and the differential tests run with it on."""
+    if getattr(args, "speculative_config", None):
+        sys.exit("error: --sae cannot be combined with --speculative-config: steering of draft tokens is not "
+                 "verified (drafts are extra rows per request and draft models run unsteered layers)")
+    if getattr(args, "enable_dbo", False):
+        sys.exit("error: --sae cannot be combined with --enable-dbo: each micro-batch would run the steering op "
+                 "over a slice of the step's rows with the whole step's routing")
 
 
 def _choose_model_runner() -> None:
@@ -196,7 +214,7 @@ def _preflight_local_model(model: str, sae_dir: str, layers: list[int]) -> None:
 
     import torch
 
-    from sae_plugins.model_patch import DECODER_LAYERS_PATH
+    from sae_plugins.architectures import ARCHITECTURES
     from sae_plugins.sae_loading import SAELoadError, load_sae_layer
 
     config_path = Path(model) / "config.json"
@@ -204,12 +222,13 @@ def _preflight_local_model(model: str, sae_dir: str, layers: list[int]) -> None:
         return
     config = json.loads(config_path.read_text())
     architectures = config.get("architectures") or []
-    if not any(a in DECODER_LAYERS_PATH for a in architectures):
+    supported = [ARCHITECTURES[a] for a in architectures if a in ARCHITECTURES]
+    if not supported:
         sys.exit(
             f"error: {model}: SAE steering does not support the architecture {architectures}; "
-            f"supported architectures: {', '.join(sorted(DECODER_LAYERS_PATH))}"
+            f"supported architectures: {', '.join(sorted(ARCHITECTURES))}"
         )
-    d_model = config.get("hidden_size") or config.get("text_config", {}).get("hidden_size")
+    d_model = supported[0].hidden_size(config)
     if d_model is None:
         return
     for layer in layers:

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, Va
 
 from sae_plugins.feature_capture import CAPTURE_KEY, CaptureSpec
 
-from .errors import APIError, json_path
+from .errors import APIError, errors_as_json, from_validation
 
 router = APIRouter()
 MAX_TOP_K = 100
@@ -74,34 +74,30 @@ def _require_saes(context) -> None:
 
 
 @router.post("/v1/features/inspect")
+@errors_as_json
 async def inspect(request: Request):
     context = _context(request)
     try:
-        try:
-            raw = await request.json()
-        except ValueError:
-            raise APIError("the request body is not valid JSON", code="invalid_json")
-        try:
-            req = InspectRequest.model_validate(raw)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            message = f"unknown key {first['loc'][-1]!r}" if first["type"] == "extra_forbidden" else first["msg"]
-            raise APIError(f"invalid request: {message}", param=json_path(first["loc"]), code="invalid_request")
-        _require_saes(context)
-        if isinstance(req.steering, dict) and req.steering.get("compare"):
-            raise APIError("inspect takes no steering.compare: inspect the steered and unsteered text in two calls",
-                           param="steering.compare", code="invalid_steering")
-        layers = req.layers if req.layers is not None else sorted(context.sae_by_layer)
-        for i, layer in enumerate(layers):
-            _loaded_layer(context, layer, f"layers[{i}]")
-        if not layers:
-            raise APIError("layers must name at least one loaded layer", param="layers", code="invalid_request")
-        if not 1 <= req.top_k <= MAX_TOP_K:
-            raise APIError(f"top_k must be between 1 and {MAX_TOP_K}", param="top_k", code="invalid_top_k")
-        token_ids, field = await _tokenize(context, req)
-        return await _run_inspection(context, req, sorted(set(layers)), token_ids, field)
-    except APIError as error:
-        return error.response()
+        raw = await request.json()
+    except ValueError:
+        raise APIError("the request body is not valid JSON", code="invalid_json")
+    try:
+        req = InspectRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise from_validation(exc, prefix="invalid request", code="invalid_request") from None
+    _require_saes(context)
+    if isinstance(req.steering, dict) and req.steering.get("compare"):
+        raise APIError("inspect takes no steering.compare: inspect the steered and unsteered text in two calls",
+                       param="steering.compare", code="invalid_steering")
+    layers = req.layers if req.layers is not None else sorted(context.sae_by_layer)
+    for i, layer in enumerate(layers):
+        _loaded_layer(context, layer, f"layers[{i}]")
+    if not layers:
+        raise APIError("layers must name at least one loaded layer", param="layers", code="invalid_request")
+    if not 1 <= req.top_k <= MAX_TOP_K:
+        raise APIError(f"top_k must be between 1 and {MAX_TOP_K}", param="top_k", code="invalid_top_k")
+    token_ids, field = await _tokenize(context, req)
+    return await _run_inspection(context, req, sorted(set(layers)), token_ids, field)
 
 
 async def _tokenize(context, req: InspectRequest) -> tuple[list[int], str]:
@@ -174,28 +170,26 @@ async def _run_inspection(context, req: InspectRequest, layers: list[int], token
 
 
 @router.get("/v1/features/search")
+@errors_as_json
 async def search(request: Request):
     context = _context(request)
     q = request.query_params
-    try:
-        limit = _int_param(q, "limit", 20, 1, 100)
-        offset = _int_param(q, "offset", 0, 0, MAX_SEARCH_OFFSET)
-        layer = _int_param(q, "layer", None, None, None)
-        if ("q" in q) == ("token" in q):
-            raise APIError("give exactly one of `q` (label text) or `token`", param="q", code="invalid_request")
-        if "q" in q:
-            hits = [{"layer": f.layer, "index": f.index, "label": f.label, "description": f.description,
-                     "score": score} for score, f in context.labels.search(q["q"], layer)]
-        else:
-            _require_saes(context)
-            if layer is not None:
-                _loaded_layer(context, layer, "layer")
-            hits = await _token_search(context, q["token"], layer, offset + limit)
-        page = hits[offset : offset + limit]
-        return {"object": "list", "data": page, "total": len(hits), "limit": limit, "offset": offset,
-                "has_more": offset + limit < len(hits)}
-    except APIError as error:
-        return error.response()
+    limit = _int_param(q, "limit", 20, 1, 100)
+    offset = _int_param(q, "offset", 0, 0, MAX_SEARCH_OFFSET)
+    layer = _int_param(q, "layer", None, None, None)
+    if ("q" in q) == ("token" in q):
+        raise APIError("give exactly one of `q` (label text) or `token`", param="q", code="invalid_request")
+    if "q" in q:
+        hits = [{"layer": f.layer, "index": f.index, "label": f.label, "description": f.description,
+                 "score": score} for score, f in context.labels.search(q["q"], layer)]
+    else:
+        _require_saes(context)
+        if layer is not None:
+            _loaded_layer(context, layer, "layer")
+        hits = await _token_search(context, q["token"], layer, offset + limit)
+    page = hits[offset : offset + limit]
+    return {"object": "list", "data": page, "total": len(hits), "limit": limit, "offset": offset,
+            "has_more": offset + limit < len(hits)}
 
 
 async def _token_search(context, token: str, layer: int | None, wanted: int) -> list[dict]:
@@ -247,23 +241,21 @@ def _int_param(q, name: str, default, low, high):
 
 
 @router.get("/v1/features/{layer}/{index}")
+@errors_as_json
 async def feature(layer: int, index: int, request: Request):
     context = _context(request)
-    try:
-        _require_saes(context)
-        info = _loaded_layer(context, layer, "layer", status=HTTPStatus.NOT_FOUND)
-        if not 0 <= index < info["d_sae"]:
-            raise APIError(f"feature index {index} is out of range for layer {layer} (0..{info['d_sae'] - 1})",
-                           param="index", code="index_out_of_range", status=HTTPStatus.NOT_FOUND)
-        report = _first(await context.engine.collective_rpc("steerserve_feature_report", args=(layer, index, LENS_TOP)))
-        tokenizer = context.engine.get_tokenizer()
-        lens = {
-            side: [{"token_id": t, "token": _token_text(tokenizer, t), "logit": v} for t, v in report[side]]
-            for side in ("promoted", "suppressed")
-        }
-        return {"object": "feature", "layer": layer, "index": index, "d_model": info["d_model"],
-                "decoder_norm": report["decoder_norm"], "encoder_norm": report["encoder_norm"],
-                "encoder_decoder_cosine": report["encoder_decoder_cosine"], "logit_lens": lens,
-                **_label_fields(context, layer, index)}
-    except APIError as error:
-        return error.response()
+    _require_saes(context)
+    info = _loaded_layer(context, layer, "layer", status=HTTPStatus.NOT_FOUND)
+    if not 0 <= index < info["d_sae"]:
+        raise APIError(f"feature index {index} is out of range for layer {layer} (0..{info['d_sae'] - 1})",
+                       param="index", code="index_out_of_range", status=HTTPStatus.NOT_FOUND)
+    report = _first(await context.engine.collective_rpc("steerserve_feature_report", args=(layer, index, LENS_TOP)))
+    tokenizer = context.engine.get_tokenizer()
+    lens = {
+        side: [{"token_id": t, "token": _token_text(tokenizer, t), "logit": v} for t, v in report[side]]
+        for side in ("promoted", "suppressed")
+    }
+    return {"object": "feature", "layer": layer, "index": index, "d_model": info["d_model"],
+            "decoder_norm": report["decoder_norm"], "encoder_norm": report["encoder_norm"],
+            "encoder_decoder_cosine": report["encoder_decoder_cosine"], "logit_lens": lens,
+            **_label_fields(context, layer, index)}

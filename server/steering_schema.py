@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from sae_plugins.steering_spec import FeatureEdit, SteeringSpec
 
-from .errors import APIError, json_path
+from .errors import APIError, from_validation
 
 
 class FeatureSteering(BaseModel):
@@ -45,11 +45,7 @@ def parse_steering(
     try:
         steering = Steering.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        message = first["msg"]
-        if first["type"] == "extra_forbidden":
-            message = f"unknown key {first['loc'][-1]!r}"
-        raise APIError(f"invalid steering: {message}", param=json_path(first["loc"], root="steering"), code="invalid_steering")
+        raise from_validation(exc, prefix="invalid steering", code="invalid_steering", root="steering") from None
     if len(steering.features) > max_features:
         raise APIError(
             f"steering has {len(steering.features)} features; this server allows at most {max_features}",

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["TinySettings", "SETTINGS", "INFO_FILE", "build_tiny_model", "is_built", "load_info", "successors"]
+__all__ = ["TinySettings", "SETTINGS", "INFO_FILE", "build_tiny_model", "is_built", "successors"]
 
 MARKER = ".tiny_model_complete"
 INFO_FILE = "tiny_model_info.json"  # circuit constants and SAE feature meanings, for tests
@@ -660,11 +660,6 @@ def _save_info(s: TinySettings, seed: int, default_token: int, features: list[di
         "sae_features": features,
     }
     (out / INFO_FILE).write_text(json.dumps(info) + "\n")
-
-
-def load_info(out_dir: str | Path) -> dict:
-    """The tiny_model_info.json of a build (see _save_info)."""
-    return json.loads((Path(out_dir) / INFO_FILE).read_text())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,7 +15,7 @@ from sae_plugins.plugin_config import PluginConfig
 from sae_plugins.sae import SAEWeights
 from sae_plugins.steering_runtime import SteeringRuntime
 from sae_plugins.steering_spec import EXTRA_ARGS_KEY, FeatureEdit, SteeringSpec
-from tests.test_cpu_kernel import RequestView
+from tests.request_views import RequestView
 
 D_MODEL, D_SAE = 64, 512
 

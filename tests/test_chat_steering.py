@@ -103,13 +103,18 @@ def test_every_mode_changes_output(client, active_features):
         "scale": {"layer": 1, "index": f1, "mode": "scale", "value": 8.0},
         "ablate": {"layer": 1, "index": f1, "mode": "ablate"},
     }
-    outputs = {}
+    plain_logprobs = [t.logprob for t in chat(client, logprobs=True).choices[0].logprobs.content]
+    outputs, logprobs = {}, {}
     for mode, feature in specs.items():
-        response = chat(client, {"features": [feature]})
+        response = chat(client, {"features": [feature]}, logprobs=True)
         assert response.model_extra["steering"]["features"][0]["mode"] == mode
         outputs[mode] = token_ids(response)
+        logprobs[mode] = [t.logprob for t in response.choices[0].logprobs.content]
     for mode in ("add", "clamp", "scale"):
         assert outputs[mode] != plain, mode
+    # Ablating the most active feature of the tiny circuit moves the distribution without
+    # flipping a greedy token: the same tokens come with other logprobs.
+    assert outputs["ablate"] != plain or max(abs(a - b) for a, b in zip(logprobs["ablate"], plain_logprobs)) > 1e-3
 
 
 def test_apply_to_generation_keeps_first_token_and_prompt_changes_it(client):
@@ -158,17 +163,38 @@ def metric(text: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
+def poll_metrics(http, until, timeout: float = 60) -> str:
+    """/metrics once `until(text)` holds: worker counters arrive in snapshots that a scrape asks
+    for (at most one per second), so a reading is polled for instead of waited for."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = http.get("/metrics").text
+        if until(text) or time.monotonic() > deadline:
+            return text
+        time.sleep(0.3)
+
+
+def settled_metrics(http, name: str) -> str:
+    """/metrics once `name` reads the same in two snapshots (earlier traffic fully counted)."""
+    last = []
+
+    def unchanged(text: str) -> bool:
+        last.append(metric(text, name))
+        return len(last) >= 5 and last[-1] == last[-5]  # the same over > 1 s of snapshots
+
+    return poll_metrics(http, unchanged)
+
+
 def test_steering_metrics_are_exported(http, client):
-    time.sleep(2.5)  # let the refresh that earlier tests' steered requests scheduled settle
-    before = http.get("/metrics").text
+    before = settled_metrics(http, "steerserve_steered_tokens_total")
     response = chat(client, add(1, 3, 8.125))  # a spec no other test uses: no prefix-cache hits
     post(http, {"features": [{"layer": 7, "index": 0, "mode": "add", "value": 1}]})
-    time.sleep(2.5)  # worker counters are refreshed at most once per second after a request
-    after = http.get("/metrics").text
     prompt_len = len(response.model_extra["prompt_token_ids"])
     # every prompt position and every generated token fed back in (all but the last one)
     steered = prompt_len + response.usage.completion_tokens - 1
-    assert metric(after, "steerserve_steered_tokens_total") - metric(before, "steerserve_steered_tokens_total") == steered
+    tokens = "steerserve_steered_tokens_total"
+    after = poll_metrics(http, lambda text: metric(text, tokens) - metric(before, tokens) >= steered)
+    assert metric(after, tokens) - metric(before, tokens) == steered
     assert metric(after, "steerserve_steered_requests_total") - metric(before, "steerserve_steered_requests_total") == 1
     assert metric(after, 'steerserve_steering_validation_errors_total{reason="layer_not_loaded"}') >= 1
     stored = 2 * 1024 * 128 * 2 + (1024 + 128) * 2  # W_enc, W_dec, b_enc, b_dec in bf16
@@ -185,14 +211,10 @@ def test_steering_metrics_are_exported(http, client):
 
 
 def test_a_metrics_scrape_refreshes_worker_counters_without_steered_traffic(http, client):
-    http.get("/metrics")
-    time.sleep(1.5)
-    before = metric(http.get("/metrics").text, "steerserve_model_execute_host_seconds_total")
-    chat(client)  # unsteered: the steering middleware schedules no refresh for it
-    http.get("/metrics")  # asks for a new snapshot
-    time.sleep(1.5)
-    after = metric(http.get("/metrics").text, "steerserve_model_execute_host_seconds_total")
-    assert after > before
+    name = "steerserve_model_execute_host_seconds_total"
+    before = metric(settled_metrics(http, name), name)
+    chat(client)  # unsteered: the steering middleware schedules no refresh for it; the scrapes do
+    assert metric(poll_metrics(http, lambda text: metric(text, name) > before), name) > before
 
 
 def post(http, steering):

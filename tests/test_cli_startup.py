@@ -73,6 +73,18 @@ def test_sae_needs_layers(fake_model, tiny_model_dir):
     assert "--sae needs --sae-layers" in result.stderr
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}'],
+     "--sae cannot be combined with --speculative-config"),
+    (["--enable-dbo"], "--sae cannot be combined with --enable-dbo"),
+])
+def test_unverified_row_layouts_are_refused_with_sae(fake_model, tiny_model_dir, flags, message):
+    """Features that change which rows a step holds, not verified against the routing."""
+    result = serve(str(fake_model), "--sae", str(tiny_model_dir / "sae"), "--sae-layers", "1", *flags)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
 def test_make_tiny_is_idempotent(tiny_model_dir):
     result = subprocess.run(
         [sys.executable, "-m", "server", "make-tiny", str(tiny_model_dir)],

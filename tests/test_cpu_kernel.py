@@ -12,10 +12,11 @@ import logging
 import pytest
 import torch
 
-from sae_plugins import cpu_kernel
+from sae_plugins.backends import native_cpu, select_backend
 from sae_plugins.plugin_config import PluginConfig
 from sae_plugins.sae import SAEWeights
-from sae_plugins.steering_runtime import RequestView, SteeringRuntime
+from sae_plugins.steering_runtime import SteeringRuntime
+from tests.request_views import RequestView
 from sae_plugins.steering_spec import EXTRA_ARGS_KEY, FeatureEdit, SteeringSpec
 
 D_MODEL, D_SAE = 64, 512
@@ -138,17 +139,17 @@ def test_an_unsteered_step_between_equal_steered_steps_keeps_steering():
         torch.testing.assert_close(hidden[0], expected)
 
 
-def test_kernel_choice(monkeypatch, caplog):
+def test_backend_choice(monkeypatch, caplog):
     cpu = torch.device("cpu")
-    assert cpu_kernel.select("torch", cpu) is None
-    assert cpu_kernel.select("auto", torch.device("meta")) is None  # only CPU tensors have a native kernel
-    assert cpu_kernel.select("native", cpu) is torch.ops.steerserve_cpu.steer_rows
+    assert select_backend("torch", cpu, 16, 4).name == "torch"
+    assert select_backend("auto", torch.device("meta"), 16, 4).name == "torch"  # native is CPU-only
+    assert select_backend("native", cpu, 16, 4).name == "native-cpu"
     with pytest.raises(ValueError, match="--steering-kernel must be one of"):
-        cpu_kernel.select("fast", cpu)
-    monkeypatch.setattr(cpu_kernel, "_loaded", False)
-    monkeypatch.setattr(cpu_kernel, "_failure", "RuntimeError: no C++ compiler (c++ / g++) on PATH")
+        select_backend("fast", cpu, 16, 4)
+    monkeypatch.setattr(native_cpu, "_loaded", False)
+    monkeypatch.setattr(native_cpu, "_failure", "RuntimeError: no C++ compiler (c++ / g++) on PATH")
     with caplog.at_level(logging.WARNING, logger="vllm.steerserve"):
-        assert cpu_kernel.select("auto", cpu) is None
+        assert select_backend("auto", cpu, 16, 4).name == "torch"
     assert "no C++ compiler" in caplog.text
     with pytest.raises(RuntimeError, match="did not build: RuntimeError: no C\\+\\+ compiler"):
-        cpu_kernel.select("native", cpu)
+        select_backend("native", cpu, 16, 4)

@@ -114,7 +114,8 @@ def test_admission_waits_for_a_free_config_and_shares_equal_ids():
 
 def test_runtime_routes_each_row_to_its_own_config():
     from sae_plugins.plugin_config import PluginConfig
-    from sae_plugins.steering_runtime import RequestView, SteeringRuntime
+    from sae_plugins.steering_runtime import SteeringRuntime
+    from tests.request_views import RequestView
     from sae_plugins.steering_spec import EXTRA_ARGS_KEY
 
     sae = tiny_sae()
@@ -140,14 +141,15 @@ def test_runtime_routes_each_row_to_its_own_config():
     runtime.finish_requests(["add"])
     runtime.begin_step(RequestView.batch([views[2]]))
     assert runtime.step_slots.tolist() == [0, 2]  # positions 3 (prompt), 4 (generation)
-    assert runtime.slots.active == 1 and not runtime.has_add[0, 1]
+    assert runtime.slots.active == 1 and not runtime.tables.has_add[0, 1]
 
 
 def test_a_forward_that_skipped_the_op_fails_loudly():
     """If a captured graph replayed the op (its Python never ran), the step must fail rather
     than sample unsteered tokens."""
     from sae_plugins.plugin_config import PluginConfig
-    from sae_plugins.steering_runtime import RequestView, SteeringRuntime
+    from sae_plugins.steering_runtime import SteeringRuntime
+    from tests.request_views import RequestView
     from sae_plugins.steering_spec import EXTRA_ARGS_KEY
 
     runtime = SteeringRuntime(PluginConfig("mem", (0,), max_features=4, max_configs=2), {0: tiny_sae()},
@@ -191,7 +193,8 @@ def test_reused_routing_is_replanned_when_a_slot_changes_hands():
     """A decode step that routes like the last one reuses its plan; a slot freed and re-used by
     a different spec (same slot number, same routing bytes) must not."""
     from sae_plugins.plugin_config import PluginConfig
-    from sae_plugins.steering_runtime import RequestView, SteeringRuntime
+    from sae_plugins.steering_runtime import SteeringRuntime
+    from tests.request_views import RequestView
     from sae_plugins.steering_spec import EXTRA_ARGS_KEY
 
     sae = tiny_sae()

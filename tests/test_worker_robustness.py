@@ -11,7 +11,8 @@ import torch
 from sae_plugins import request_signing
 from sae_plugins.feature_capture import CAPTURE_KEY, CaptureSpec
 from sae_plugins.plugin_config import PluginConfig
-from sae_plugins.steering_runtime import RequestView, SteeringRuntime
+from sae_plugins.steering_runtime import SteeringRuntime
+from tests.request_views import RequestView
 from sae_plugins.steering_spec import EXTRA_ARGS_KEY
 from tests.test_steering_units import spec, tiny_sae
 

@@ -13,8 +13,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..errors import APIError
-from .files_api import errors_as_json, list_page, not_found, parse_limit, service_of, stored_or_404
+from ..errors import APIError, errors_as_json, from_validation
+from .files_api import list_page, not_found, parse_limit, service_of, stored_or_404
 from .lines import SUPPORTED_ENDPOINTS
 from .store import BatchRecord, Store, now
 
@@ -65,10 +65,8 @@ async def _parse_create(request: Request) -> CreateBatch:
     try:
         return CreateBatch.model_validate(raw)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = ".".join(str(p) for p in first["loc"]) or None
-        raise APIError(f"invalid {param or 'body'}: {first['msg']}", param=param,
-                       code="missing_required_parameter" if first["type"] == "missing" else "invalid_value") from None
+        raise from_validation(exc, prefix="invalid request", code="invalid_value",
+                              missing_code="missing_required_parameter") from None
 
 
 @router.post("/v1/batches")

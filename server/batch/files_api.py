@@ -11,7 +11,6 @@ and deletes what it spooled, so neither memory nor disk ever holds more than the
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import re
 import shutil
@@ -24,7 +23,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.datastructures import FormData
 from starlette.types import Message
 
-from ..errors import APIError
+from ..errors import APIError, errors_as_json
 from .store import FileInUse, FileRecord, Store, new_file_id, now
 
 router = APIRouter()
@@ -74,19 +73,6 @@ def parse_limit(raw: str | None, default: int, maximum: int) -> int:
     if not 1 <= limit <= maximum:
         raise APIError(f"limit must be between 1 and {maximum}, got {limit}", param="limit", code="invalid_limit")
     return limit
-
-
-def errors_as_json(handler):
-    """Route decorator: an APIError becomes its JSON response (vLLM's handlers would reshape it)."""
-
-    @functools.wraps(handler)
-    async def wrapped(*args, **kwargs):
-        try:
-            return await handler(*args, **kwargs)
-        except APIError as error:
-            return error.response()
-
-    return wrapped
 
 
 class _UploadTooLarge(Exception):

@@ -86,7 +86,6 @@ ADDED_COLUMNS = {
 }
 
 ACTIVE_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
-TERMINAL_STATUSES = ("failed", "completed", "expired", "cancelled")
 TIMESTAMP_FIELDS = (
     "created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at",
     "failed_at", "expired_at", "cancelling_at", "cancelled_at",

@@ -1,4 +1,4 @@
-"""The steering step as Triton kernels for GPUs: capture-safe by construction. EXPERIMENTAL.
+"""The Triton steering backend for GPUs: capture-safe by construction. EXPERIMENTAL.
 
 The same edit as the native CPU kernel (kernels/steer_rows_cpu.cpp), from the same fixed
 buffers, but with nothing read back to the host: every grid is fixed by shapes alone (the
@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .base import KernelBackend
 
 
 def _interpreted() -> bool:
@@ -169,17 +170,20 @@ def _add_vectors(hidden, routing, counts, add_table, max_rows, d, stride_h, BLOC
             tl.store(hidden + row * stride_h + js, out.to(hidden.dtype.element_ty), mask=jmask)
 
 
-class TritonSteering:
-    """Callable with the native CPU kernel's signature; owns the per-row scratch (touched
-    activations and rank counts), allocated once and shared by the layers, which run in turn."""
+class TritonSteering(KernelBackend):
+    """Owns the per-row scratch (touched activations and rank counts), allocated once and
+    shared by the layers, which run in turn."""
+
+    name = "triton"
 
     def __init__(self, max_rows: int, max_features: int, device: torch.device):
+        super().__init__()
         self.f_block = max(16, triton.next_power_of_2(max_features))
         self.act = torch.zeros((max_rows, self.f_block), dtype=torch.float32, device=device)
         self.above = torch.zeros((max_rows, self.f_block), dtype=torch.int32, device=device)
 
-    def __call__(self, hidden, residual, routing, counts, add_table, feature_ids, coefficients, W_enc,
-                 encoder_panels, b_enc, b_dec_in, W_dec, threshold, k) -> None:
+    def launch(self, hidden, residual, routing, counts, add_table, feature_ids, coefficients, W_enc,
+                encoder_panels, b_enc, b_dec_in, W_dec, threshold, k) -> None:
         n, d = hidden.shape
         d_sae, max_rows, width = W_enc.shape[0], routing.shape[1], feature_ids.shape[1]
         assert W_enc.is_contiguous() and W_dec.is_contiguous() and hidden.stride(1) == residual.stride(1) == 1

@@ -1,10 +1,10 @@
-// The steering step at one layer as a single native CPU op (see sae_plugins/cpu_kernel.py).
+// The steering step at one layer as a single native CPU op (see sae_plugins/backends/native_cpu.py).
 //
-// It does what SteeringRuntime's plain-PyTorch path does (the reference), reading everything
+// It does what the PyTorch reference backend (torch_reference.py) does, reading everything
 // from the runtime's fixed buffers: this layer's routing [4, max_rows] and its live counts
 // [3] = (rows with an add vector, rows to encode, feature-table width in use). Nothing branches
 // on request data in Python; a step with nothing planned here returns after reading 3 ints.
-// The PyTorch path costs ~20 eager kernels (~100 us for one row on a small SAE); here the
+// The reference costs ~20 eager kernels (~100 us for one row on a small SAE); here the
 // encode is one matmul (register-tiled for a few float32 rows, else ATen's addmm) and the
 // rest (top-k threshold, touched-feature coefficients, decode, write-back) is one pass per row.
 
@@ -21,7 +21,7 @@
 
 namespace {
 
-// Rows of a layer's routing buffer (steering_runtime.py: _STEER_ROWS, ...).
+// Rows of a layer's routing buffer (step_plan.py: STEER_ROWS, ...).
 constexpr int64_t kSteerRows = 0, kSteerSlots = 1, kEncodeRows = 2, kEncodeSlots = 3;
 
 void check_rows(const int64_t* rows, int64_t n, int64_t num_tokens) {

@@ -1,11 +1,10 @@
-"""The steering step's native CPU kernel (kernels/steer_rows_cpu.cpp), built on first use.
+"""The native CPU steering backend: kernels/steer_rows_cpu.cpp, built on first use.
 
-On CPU the plain-PyTorch step is ~20 eager kernels whose dispatch costs more than their math
+On CPU the PyTorch reference is ~20 eager kernels whose dispatch costs more than their math
 for a few rows; the native op does the same edit in one call, reading the runtime's fixed
-buffers. It is compiled once per machine with PyTorch's C++ extension toolchain (a C++
-compiler; ~25 s) into torch's extension cache, which every later process loads in
-milliseconds. The PyTorch path in steering_runtime.py stays the reference it is tested against
-and the path on GPUs.
+buffers (counts included), so nothing in the forward branches on request data. It is compiled
+once per machine with PyTorch's C++ extension toolchain (a C++ compiler; ~25 s) into torch's
+extension cache, which every later process loads in milliseconds.
 
 `--steering-kernel` picks: "auto" (native when it builds, else PyTorch with a logged reason),
 "native" (fail start-up if it cannot build), "torch" (never build).
@@ -19,6 +18,8 @@ import shutil
 from pathlib import Path
 
 import torch
+
+from .base import KernelBackend, LayerBuffers
 
 logger = logging.getLogger("vllm.steerserve")
 
@@ -68,10 +69,25 @@ def failure() -> str:
     return _failure
 
 
-def select(choice: str, device: torch.device):
-    """The native op to use on `device` under `--steering-kernel choice`, or None for PyTorch."""
+class NativeCPUSteering(KernelBackend):
+    name = "native-cpu"
+
+    def __init__(self, op):
+        super().__init__()
+        self._op = op  # torch.ops.steerserve_cpu.steer_rows
+
+    def launch(self, hidden, residual, *arguments) -> None:
+        self._op(hidden, residual, *arguments)
+
+    def prepare(self, layer: LayerBuffers) -> None:
+        layer.sae.pack_encoder_panels()  # before the arguments are taken: they include the panels
+        super().prepare(layer)
+
+
+def native_backend(choice: str, device: torch.device) -> NativeCPUSteering | None:
+    """The native backend on `device` under `--steering-kernel choice`, or None for PyTorch."""
     if choice not in KERNEL_CHOICES:
-        raise ValueError(f"--steering-kernel must be one of {KERNEL_CHOICES}, not {choice!r}")
+        raise ValueError(f"--steering-kernel must be one of {KERNEL_CHOICES + ('triton',)}, not {choice!r}")
     if choice == "torch" or device.type != "cpu":
         return None
     op = native_steer_rows()
@@ -79,4 +95,5 @@ def select(choice: str, device: torch.device):
         if choice == "native":
             raise RuntimeError(f"steerserve: the native CPU steering kernel did not build: {_failure}")
         logger.warning("steerserve: native CPU steering kernel unavailable (%s); using the PyTorch op", _failure)
-    return op
+        return None
+    return NativeCPUSteering(op)

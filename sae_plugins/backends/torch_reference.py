@@ -1,0 +1,38 @@
+"""The steering edit in plain PyTorch: the reference the kernels are tested against, and the
+GPU default (it slices by the plan's host-side counts, which is safe because the steering op
+runs between captured CUDA graph pieces, and needs no device-to-host synchronisation)."""
+
+from __future__ import annotations
+
+import torch
+
+from .. import sae_math
+from ..feature_capture import ENCODE_CHUNK_ROWS
+from ..step_plan import LayerPlan
+from .base import LayerBuffers, SteeringBackend
+
+
+class TorchSteering(SteeringBackend):
+    name = "torch"
+
+    def apply(self, layer: LayerBuffers, plan: LayerPlan | None, hidden: torch.Tensor, residual: torch.Tensor) -> None:
+        if plan is None:
+            return
+        steer_rows, steer_slots, encode_rows, encode_slots = layer.routing.unbind(0)
+        # Every edit at a layer reads the stream as it arrived there; chunks bound the workspace
+        # (pre-activations [rows, d_sae] and decoder rows [rows, width, d_model]).
+        for lo in range(0, plan.num_encoded, ENCODE_CHUNK_ROWS):
+            hi = min(plan.num_encoded, lo + ENCODE_CHUNK_ROWS)
+            rows, slots = encode_rows[lo:hi], encode_slots[lo:hi]
+            h = hidden.index_select(0, rows).float()
+            delta = sae_math.encoded_delta(
+                layer.sae,
+                h + residual.index_select(0, rows),
+                layer.feature_ids.index_select(0, slots)[:, : plan.width],
+                *layer.coefficients.index_select(0, slots)[:, : plan.width].unbind(-1),
+            )
+            # Encoded rows are distinct, so write them back (one rounding) rather than add.
+            hidden.index_copy_(0, rows, h.add_(delta).to(hidden.dtype))
+        if plan.num_steered:
+            rows, slots = steer_rows[: plan.num_steered], steer_slots[: plan.num_steered]
+            hidden.index_add_(0, rows, layer.add_vectors.index_select(0, slots).to(hidden.dtype))

@@ -1,0 +1,67 @@
+"""What each config slot does at each steered layer: device tables written once per config.
+
+Like LoRA's stacked adapter weights: one row per (layer, slot), allocated at start-up and
+written in place, so the steering op always reads the same addresses. Slot 0 stays zero (no
+steering). Which request holds which slot is config_slots.py's business; this module only
+holds the tables' contents, plus host mirrors of their shape so the step planner never reads
+the device.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import sae_math
+from .sae import SAEWeights
+from .steering_spec import SteeringSpec
+
+
+class SlotTables:
+    def __init__(self, saes: dict[int, SAEWeights], num_slots: int, max_features: int, device: torch.device):
+        self.saes = saes
+        self.layer_pos = {layer: i for i, layer in enumerate(sorted(saes))}  # this worker's layers
+        num_layers = len(saes)
+        d_model = next(iter(saes.values())).d_model if saes else 0
+        # add: one precomputed vector per (layer, slot).
+        self.add_vectors = torch.zeros((num_layers, num_slots, d_model), dtype=torch.float32, device=device)
+        # clamp/scale/ablate: feature ids and the coefficient rule offset + gain * f_i on each
+        # feature's decoder row (sae_math.edit_coefficients); (0, 0) marks padding.
+        shape = (num_layers, num_slots, max_features)
+        self.feature_ids = torch.zeros(shape, dtype=torch.int64, device=device)
+        self.coefficients = torch.zeros((*shape, 2), dtype=torch.float32, device=device)
+        # Host mirrors, read by the step planner.
+        self.has_add = np.zeros((num_layers, num_slots), dtype=bool)
+        self.needs_encode = np.zeros((num_layers, num_slots), dtype=bool)
+        self.encode_counts = np.zeros((num_layers, num_slots), dtype=np.int64)
+        self.version = 0  # bumped on every change: a cached step plan is only valid for one version
+
+    def write(self, slot: int, spec: SteeringSpec) -> None:
+        """Only this worker's layers: with pipeline parallelism the other stages write theirs."""
+        self.version += 1
+        for layer, li in self.layer_pos.items():
+            adds = [f for f in spec.features if f.layer == layer and f.mode == "add"]
+            encoded = [f for f in spec.features if f.layer == layer and f.mode != "add"]
+            if adds:
+                self.add_vectors[li, slot] = sae_math.add_vector(
+                    self.saes[layer], [f.index for f in adds], [f.value for f in adds]
+                )
+            n = len(encoded)
+            if n:
+                coefficients = torch.tensor([sae_math.edit_coefficients(f.mode, f.value) for f in encoded])
+                self.feature_ids[li, slot, :n] = torch.tensor([f.index for f in encoded])
+                self.coefficients[li, slot, :n] = coefficients
+            self.encode_counts[li, slot] = n
+            self.needs_encode[li, slot] = n > 0
+            self.has_add[li, slot] = bool(adds)
+
+    def clear(self, slot: int) -> None:
+        self.version += 1
+        self.add_vectors[:, slot].zero_()
+        self.coefficients[:, slot].zero_()
+        self.needs_encode[:, slot] = False
+        self.has_add[:, slot] = False
+        self.encode_counts[:, slot] = 0
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.add_vectors, self.feature_ids, self.coefficients))
