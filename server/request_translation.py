@@ -3,12 +3,13 @@
 The spec travels to the workers in `vllm_xargs` (which vLLM copies into
 `SamplingParams.extra_args`), signed so the workers know the API validated it, and the steering
 id is folded into `cache_salt` so steered requests never share prefix-cache blocks with
-unsteered or differently steered ones.
+unsteered or differently steered ones (see `cache_salt` for position-dependent steering).
 """
 
 from __future__ import annotations
 
 import copy
+import uuid
 from dataclasses import dataclass
 
 from sae_plugins.steering_spec import EXTRA_ARGS_KEY, SteeringSpec
@@ -40,6 +41,18 @@ def translate_request(body: dict, sae_sizes: dict[int, int], max_features: int, 
         baseline = copy.deepcopy(body)
     xargs = body.get("vllm_xargs") or {}
     body["vllm_xargs"] = {**xargs, EXTRA_ARGS_KEY: spec.to_extra_arg()}
-    salt = body.get("cache_salt")
-    body["cache_salt"] = f"{salt}:{spec.id}" if salt else spec.id
+    body["cache_salt"] = cache_salt(body.get("cache_salt"), spec)
     return Translation(body, spec, baseline)
+
+
+def cache_salt(client_salt: str | None, spec: SteeringSpec) -> str:
+    """The prefix-cache namespace of a steered request (vLLM folds it into every block hash).
+
+    With `apply_to: "all"` a token's cached state depends only on the tokens before it and the
+    spec, so requests with equal specs share blocks. With "prompt" or "generation" it also
+    depends on whether the token was a prompt or a generated token *of the request that
+    computed it*: a later request whose prompt contains an earlier one's output must not reuse
+    those blocks, so each such request gets a namespace of its own (no prefix caching for it).
+    """
+    namespace = spec.id if spec.apply_to == "all" else f"{spec.id}:{uuid.uuid4().hex}"
+    return f"{client_salt}:{namespace}" if client_salt else namespace
