@@ -143,19 +143,28 @@ def configure_steering(args: argparse.Namespace) -> None:
 
 def _refuse_unverified_row_layouts(args: argparse.Namespace) -> None:
     """Steering routes each flattened row of a step by its request and position. Engine features
-    that add rows the routing does not model, or split a step's rows into pieces the op sees
-    separately, would steer the wrong rows, so --sae refuses them until they are verified:
+    that add rows the routing does not model, split a step's rows into pieces the op sees
+    separately, or plan a step before the previous one's positions are final are refused with
+    --sae until a differential test verifies them (none of them runs on vLLM's CPU build):
       * speculative decoding: draft tokens are extra rows, and the draft model's own forward
         (MTP, EAGLE) runs unsteered layers;
-      * dual-batch overlap (--enable-dbo): each micro-batch is a forward over a slice of the rows.
-    Asynchronous scheduling, vLLM's default, is verified: the routing reads each row's position
-    when the step's inputs are prepared, and the differential tests run with it on."""
+      * dual-batch overlap (--enable-dbo): each micro-batch is a forward over a slice of the rows;
+      * asynchronous scheduling: vLLM turns it on by default on GPUs (its CPU build forces it
+        off), so --sae turns it off there, and refuses an explicit --async-scheduling."""
     if getattr(args, "speculative_config", None):
         sys.exit("error: --sae cannot be combined with --speculative-config: steering of draft tokens is not "
                  "verified (drafts are extra rows per request and draft models run unsteered layers)")
     if getattr(args, "enable_dbo", False):
         sys.exit("error: --sae cannot be combined with --enable-dbo: each micro-batch would run the steering op "
                  "over a slice of the step's rows with the whole step's routing")
+    if getattr(args, "async_scheduling", None):
+        sys.exit("error: --sae cannot be combined with --async-scheduling: steering routes rows by positions "
+                 "read while the step is prepared, which is not verified with asynchronous scheduling")
+    if hasattr(args, "async_scheduling"):
+        args.async_scheduling = False
+        if not _is_cpu_build():
+            print("steerserve: SAE steering on: asynchronous scheduling turned off (not yet verified with "
+                  "per-row steering)", file=sys.stderr)
 
 
 def _choose_model_runner() -> None:

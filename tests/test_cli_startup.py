@@ -77,6 +77,7 @@ def test_sae_needs_layers(fake_model, tiny_model_dir):
     (["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}'],
      "--sae cannot be combined with --speculative-config"),
     (["--enable-dbo"], "--sae cannot be combined with --enable-dbo"),
+    (["--async-scheduling"], "--sae cannot be combined with --async-scheduling"),
 ])
 def test_unverified_row_layouts_are_refused_with_sae(fake_model, tiny_model_dir, flags, message):
     """Features that change which rows a step holds, not verified against the routing."""
