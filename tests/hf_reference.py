@@ -1,12 +1,13 @@
 """Independent plain-PyTorch reference for SAE steering, used to check the vLLM server.
 
-Deliberately shares no code with `sae_plugins` or `server`: it reads the Qwen-Scope `.pt` files
-itself, applies the steering formulas with a forward hook on the Hugging Face model, and decodes
+Deliberately shares no code with `sae_plugins` or `server`: it reads the SAE files itself (Qwen-Scope
+`.pt`, SAELens and sparsify safetensors, each encoded by its format's own definition), applies
+the steering formulas with a forward hook on the Hugging Face model, and decodes
 greedily by re-running the whole sequence every step (no KV cache), so which positions a hook
 touches is never in doubt.
 
 Steering formulas, at the residual stream after decoder layer n (Qwen-Scope `resid_post`,
-i.e. the output of `model.model.layers[n]`), with d_i = W_dec[:, i] and f = encode(x):
+i.e. the output of `model.model.layers[n]`), with d_i feature i's decoder direction and f = encode(x):
 
     add:    x += value * d_i
     clamp:  x += (value - f_i) * d_i
@@ -82,32 +83,23 @@ def as_feature(spec: FeatureLike) -> Feature:
 
 
 class ReferenceSAE:
-    """A Qwen-Scope TopK SAE: f = TopK_k(ReLU(x @ W_enc.T + b_enc)); feature i = W_dec[:, i]."""
+    """An SAE as its format defines it. Weights are rounded to the serving dtype once (as the
+    server stores them), then everything is computed in float32. Subclasses give `encode` from
+    their format's own definition and the decoder `directions` [d_sae, d_model]."""
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor], k: int, weight_dtype: torch.dtype) -> None:
-        # Round to the serving dtype once (as the server stores them), compute in float32.
-        def cast(name: str) -> torch.Tensor:
-            return tensors[name].to(weight_dtype).to(torch.float32)
-
-        self.W_enc = cast("W_enc")  # [d_sae, d_model]
-        self.b_enc = cast("b_enc")  # [d_sae]
-        self.W_dec = cast("W_dec")  # [d_model, d_sae]
-        self.b_dec = cast("b_dec")  # [d_model]
-        self.k = k
+    directions: torch.Tensor
+    b_dec: torch.Tensor
 
     @property
     def d_sae(self) -> int:
-        return self.W_enc.shape[0]
+        return self.directions.shape[0]
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Feature activations [..., d_sae] in float32 for residual vectors x [..., d_model]."""
-        pre = torch.relu(x.to(torch.float32) @ self.W_enc.T + self.b_enc)
-        top = torch.topk(pre, self.k, dim=-1)
-        return torch.zeros_like(pre).scatter_(-1, top.indices, top.values)
+        raise NotImplementedError
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
-        """Reconstruction x_hat = f @ W_dec.T + b_dec (float32)."""
-        return f.to(torch.float32) @ self.W_dec.T + self.b_dec
+        """Reconstruction x_hat = f @ directions + b_dec (float32)."""
+        return f.to(torch.float32) @ self.directions + self.b_dec
 
     def steering_delta(self, x: torch.Tensor, features: Sequence[Feature]) -> torch.Tensor:
         """Summed edit [..., d_model] (float32) for features of this layer, all read from x."""
@@ -117,8 +109,89 @@ class ReferenceSAE:
             if not 0 <= feat.index < self.d_sae:
                 raise IndexError(f"feature {feat.index} out of range for d_sae={self.d_sae}")
             coef = _coefficient(feat, f[..., feat.index])
-            delta = delta + coef.unsqueeze(-1) * self.W_dec[:, feat.index]
+            delta = delta + coef.unsqueeze(-1) * self.directions[feat.index]
         return delta
+
+
+def _cast(tensors: Mapping[str, torch.Tensor], name: str, dtype: torch.dtype) -> torch.Tensor:
+    return tensors[name].to(dtype).to(torch.float32)
+
+
+def _topk_then_relu(pre: torch.Tensor, k: int) -> torch.Tensor:
+    top = torch.topk(pre, k, dim=-1)
+    return torch.zeros_like(pre).scatter_(-1, top.indices, torch.relu(top.values))
+
+
+class QwenScopeSAE(ReferenceSAE):
+    """Qwen-Scope: f = TopK_k(ReLU(x @ W_enc.T + b_enc)); feature i = W_dec[:, i]."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], k: int, dtype: torch.dtype) -> None:
+        self.W_enc = _cast(tensors, "W_enc", dtype)  # [d_sae, d_model]
+        self.b_enc = _cast(tensors, "b_enc", dtype)
+        self.directions = _cast(tensors, "W_dec", dtype).T  # file: [d_model, d_sae]
+        self.b_dec = _cast(tensors, "b_dec", dtype)
+        self.k = k
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        pre = torch.relu(x.to(torch.float32) @ self.W_enc.T + self.b_enc)
+        return _topk_then_relu(pre, self.k)
+
+
+class SAELensSAE(ReferenceSAE):
+    """SAELens (standard / jumprelu / topk): pre = (x - b_dec if apply_b_dec_to_input) @ W_enc
+    + b_enc with W_enc [d_in, d_sae]; standard relu(pre), jumprelu relu(pre) * (pre > threshold),
+    topk: top-k of pre, then ReLU. Feature i = W_dec[i] (W_dec [d_sae, d_in])."""
+
+    def __init__(self, cfg: Mapping, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
+        self.architecture = cfg["architecture"]
+        self.apply_b_dec = bool(cfg.get("apply_b_dec_to_input", False))
+        self.k = cfg.get("k")
+        self.W_enc = _cast(tensors, "W_enc", dtype)
+        self.b_enc = _cast(tensors, "b_enc", dtype)
+        self.directions = _cast(tensors, "W_dec", dtype)
+        self.b_dec = _cast(tensors, "b_dec", dtype)
+        self.threshold = _cast(tensors, "threshold", dtype) if self.architecture == "jumprelu" else None
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.float32)
+        pre = (x - self.b_dec if self.apply_b_dec else x) @ self.W_enc + self.b_enc
+        if self.architecture == "jumprelu":
+            return torch.relu(pre) * (pre > self.threshold)
+        if self.architecture == "topk":
+            return _topk_then_relu(pre, int(self.k))
+        return torch.relu(pre)
+
+
+class SparsifySAE(ReferenceSAE):
+    """EleutherAI sparsify: f = topk(relu(encoder(x - b_dec))); feature i = W_dec[i]."""
+
+    def __init__(self, cfg: Mapping, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> None:
+        self.weight = _cast(tensors, "encoder.weight", dtype)  # [d_sae, d_in]
+        self.bias = _cast(tensors, "encoder.bias", dtype)
+        self.directions = _cast(tensors, "W_dec", dtype)
+        self.b_dec = _cast(tensors, "b_dec", dtype)
+        self.k = int(cfg["k"])
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        pre = torch.relu((x.to(torch.float32) - self.b_dec) @ self.weight.T + self.bias)
+        return _topk_then_relu(pre, self.k)
+
+
+def read_reference_sae(sae_dir: Path, layer: int, dtype: torch.dtype) -> ReferenceSAE:
+    """The SAE of `layer` in whichever published layout sae_dir has (read here, independently
+    of the server's loaders)."""
+    from safetensors.torch import load_file
+
+    if (sae_dir / "config.json").is_file():  # Qwen-Scope
+        config = json.loads((sae_dir / "config.json").read_text())
+        return QwenScopeSAE(torch.load(sae_dir / f"layer{layer}.sae.pt", weights_only=True), int(config["k"]), dtype)
+    saelens = sae_dir / f"blocks.{layer}.hook_resid_post"
+    if (saelens / "sae_weights.safetensors").is_file():
+        cfg = json.loads((saelens / "cfg.json").read_text())
+        return SAELensSAE(cfg, load_file(str(saelens / "sae_weights.safetensors")), dtype)
+    sparsify = sae_dir / f"layers.{layer}"
+    cfg = json.loads((sparsify / "cfg.json").read_text())
+    return SparsifySAE(cfg, load_file(str(sparsify / "sae.safetensors")), dtype)
 
 
 def _coefficient(feat: Feature, f_i: torch.Tensor) -> torch.Tensor:
@@ -133,7 +206,7 @@ def _coefficient(feat: Feature, f_i: torch.Tensor) -> torch.Tensor:
 
 
 class ReferenceModel:
-    """HF Qwen3.5 model + tokenizer + lazily loaded Qwen-Scope SAEs, all on CPU."""
+    """HF Qwen3.5 model + tokenizer + lazily loaded SAEs (Qwen-Scope, SAELens or sparsify), on CPU."""
 
     def __init__(self, model, tokenizer, model_dir: Path, sae_dir: Path) -> None:
         self.model = model
@@ -154,13 +227,11 @@ class ReferenceModel:
     # ------------------------------------------------------------------ SAEs
 
     def sae(self, layer: int) -> ReferenceSAE:
-        """The SAE of `layer`, read from sae_dir/layer{n}.sae.pt on first use."""
+        """The SAE of `layer`, read from sae_dir on first use (any supported format)."""
         if layer not in self._saes:
             if not 0 <= layer < self.num_layers:
                 raise IndexError(f"layer {layer} out of range (model has {self.num_layers})")
-            config = json.loads((self.sae_dir / "config.json").read_text())
-            tensors = torch.load(self.sae_dir / f"layer{layer}.sae.pt", weights_only=True)
-            self._saes[layer] = ReferenceSAE(tensors, int(config["k"]), self.dtype)
+            self._saes[layer] = read_reference_sae(self.sae_dir, layer, self.dtype)
         return self._saes[layer]
 
     def encode(self, layer: int, x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ starts at the second generated token.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -108,3 +109,11 @@ def test_reference_cases_really_steer(reference, all_cases, client):
         assert tokens != plain, name
         if steering.get("apply_to") == "generation":
             assert tokens[0] == plain[0], name
+
+
+def test_the_server_really_compiled(server):
+    """A silently eager server must not pass as the compiled one: vLLM logs its compiled
+    artifact (saved after compiling, or loaded from its compile cache)."""
+    log = server.log_tail(10**7)
+    assert "enforce_eager=False" in log
+    assert re.search(r"saved AOT compiled function|Directly load AOT compilation", log)

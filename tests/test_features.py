@@ -123,7 +123,7 @@ def test_feature_lookup_logit_lens_matches_plain_pytorch(http, reference):
     layer, index = 1, 40
     result = http.get(f"/v1/features/{layer}/{index}").json()
     sae = reference.sae(layer)
-    direction = sae.W_dec[:, index]  # reference SAE: W_dec [d_model, d_sae], W_enc [d_sae, d_model]
+    direction = sae.directions[index]  # reference SAE: directions [d_sae, d_model], W_enc [d_sae, d_model]
     with torch.no_grad():
         logits = reference.model.lm_head(reference.model.model.norm(direction.to(torch.bfloat16)[None]))[0].float()
     promoted = [t["token_id"] for t in result["logit_lens"]["promoted"]]
@@ -175,7 +175,7 @@ def test_token_search_matches_plain_pytorch(http, reference):
     with torch.no_grad():
         for layer in (1, 2):
             sae = reference.sae(layer)
-            rows = sae.W_dec.T.to(torch.bfloat16)
+            rows = sae.directions.to(torch.bfloat16)
             logits = norm(rows).float() @ unembed
             scores += [(float(v), layer, i) for i, v in enumerate(logits)]
     scores.sort(key=lambda s: (-s[0], s[1], s[2]))
