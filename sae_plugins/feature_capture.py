@@ -35,11 +35,12 @@ class CaptureSpec:
     layers: tuple[int, ...]
     top_k: int
     exclude_from_aggregate: frozenset[int] = frozenset()  # positions (e.g. special tokens)
+    quality: bool = False  # also accumulate reconstruction statistics (see _Quality)
 
     def to_extra_arg(self) -> str:
         return request_signing.sign(json.dumps(
             {"id": self.id, "layers": list(self.layers), "top_k": self.top_k,
-             "exclude_from_aggregate": sorted(self.exclude_from_aggregate)}
+             "exclude_from_aggregate": sorted(self.exclude_from_aggregate), "quality": self.quality}
         ))
 
     @staticmethod
@@ -47,8 +48,39 @@ class CaptureSpec:
         data = json.loads(request_signing.verify(raw))
         return CaptureSpec(
             str(data["id"]), tuple(int(x) for x in data["layers"]), int(data["top_k"]),
-            frozenset(int(p) for p in data.get("exclude_from_aggregate", ())),
+            frozenset(int(p) for p in data.get("exclude_from_aggregate", ())), bool(data.get("quality", False)),
         )
+
+
+@dataclass
+class _Quality:
+    """Sums from which the reconstruction quality of a set of tokens follows (so results of
+    several requests can be added up): FVU = sse / (sum_squares - |sum_x|^2 / tokens)."""
+
+    tokens: int = 0
+    sse: float = 0.0  # sum over tokens of |x - x_hat|^2
+    sum_squares: float = 0.0  # sum of |x|^2
+    sum_x: torch.Tensor | None = None  # [d_model] float64
+    l0_sum: int = 0  # active features summed over tokens
+    fired: torch.Tensor | None = None  # [d_sae] bool: active on at least one token
+
+    def add(self, x: torch.Tensor, features: torch.Tensor, sae: SAEWeights) -> None:
+        x = x.float()
+        x_hat = sae_math.decode(sae, features)
+        self.tokens += x.shape[0]
+        self.sse += float((x - x_hat).pow(2).sum())
+        self.sum_squares += float(x.pow(2).sum())
+        row_sum = x.sum(dim=0).double()
+        self.sum_x = row_sum if self.sum_x is None else self.sum_x + row_sum
+        active = features > 0
+        self.l0_sum += int(active.sum())
+        fired = active.any(dim=0)
+        self.fired = fired if self.fired is None else self.fired | fired
+
+    def result(self) -> dict:
+        return {"tokens": self.tokens, "sse": self.sse, "sum_squares": self.sum_squares,
+                "sum_x": self.sum_x.tolist() if self.sum_x is not None else [], "l0_sum": self.l0_sum,
+                "fired": self.fired.nonzero().flatten().tolist() if self.fired is not None else []}
 
 
 @dataclass
@@ -60,6 +92,7 @@ class _LayerCapture:
     sum: torch.Tensor | None = None
     count: torch.Tensor | None = None
     aggregated_positions: int = 0
+    quality: _Quality | None = None
 
 
 class StepCapture(NamedTuple):
@@ -91,10 +124,12 @@ class CaptureStore:
                 hi = min(n, lo + ENCODE_CHUNK_ROWS)
                 x = hidden[start + lo : start + hi].float() + residual[start + lo : start + hi].float()
                 positions = list(range(first_position + lo, first_position + hi))
-                self.record(spec, layer, positions, sae_math.encode(sae, x))
+                self.record(spec, layer, positions, sae_math.encode(sae, x), x if spec.quality else None, sae)
 
-    def record(self, spec: CaptureSpec, layer: int, positions: list[int], features: torch.Tensor) -> None:
-        """features: dense activations [rows, d_sae] of the rows at `positions`."""
+    def record(self, spec: CaptureSpec, layer: int, positions: list[int], features: torch.Tensor,
+               x: torch.Tensor | None = None, sae: SAEWeights | None = None) -> None:
+        """features: dense activations [rows, d_sae] of the rows at `positions`; x: those rows'
+        residual stream, given when the capture accumulates reconstruction quality."""
         if spec.id not in self._captures:
             self._captures[spec.id] = (spec, {})
             while len(self._captures) > MAX_PENDING_CAPTURES:
@@ -109,6 +144,9 @@ class CaptureStore:
         if entry.max is None:
             zeros = torch.zeros(features.shape[-1], device=features.device)
             entry.max, entry.sum, entry.count = zeros.clone(), zeros.clone(), zeros.clone()
+        if x is not None and sae is not None and counted.shape[0]:
+            entry.quality = entry.quality or _Quality()
+            entry.quality.add(x[keep], counted, sae)
         if counted.shape[0]:
             entry.max = torch.maximum(entry.max, counted.max(dim=0).values)
             entry.sum += counted.sum(dim=0)
@@ -141,4 +179,5 @@ def _layer_result(entry: _LayerCapture) -> dict:
         "indices": [entry.indices[i] for i in order],
         "values": [entry.values[i] for i in order],
         "aggregate": {"num_tokens": entry.aggregated_positions, "by_max": top(entry.max), "by_mean": top(mean)},
+        **({"quality": entry.quality.result()} if entry.quality is not None else {}),
     }

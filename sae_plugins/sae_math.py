@@ -39,6 +39,11 @@ def encode(sae: SAEWeights, x: torch.Tensor) -> torch.Tensor:
     return sae.activation_fn.dense(pre_activation(sae, x))
 
 
+def decode(sae: SAEWeights, features: torch.Tensor) -> torch.Tensor:
+    """The SAE's reconstruction x_hat = f @ W_dec + b_dec (float32 [rows, d_model])."""
+    return torch.addmm(sae.b_dec.float(), features.float(), sae.W_dec.float())
+
+
 def feature_activations(sae: SAEWeights, x: torch.Tensor, feature_ids: torch.Tensor) -> torch.Tensor:
     """Activations [rows, F] of only the features `feature_ids` [rows, F], equal to
     `encode(sae, x).gather(-1, feature_ids)`: the same definition (activations.py), with only

@@ -287,6 +287,10 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["make-tiny"]:
         make_tiny(argv[1:])
         return
+    if argv[:1] == ["eval"]:
+        from server.eval import main as eval_main
+
+        sys.exit(eval_main(argv[1:]))
     if argv[:1] == ["run-batch"]:
         from server.batch.offline import run_batch
 

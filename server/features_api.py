@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, Va
 from sae_plugins.feature_capture import CAPTURE_KEY, CaptureSpec
 
 from .errors import APIError, errors_as_json, from_validation
+from .sae_quality import QualitySums
 
 router = APIRouter()
 MAX_TOP_K = 100
@@ -39,6 +40,7 @@ class InspectRequest(BaseModel):
     layers: list[StrictInt] | None = None
     top_k: StrictInt = 10
     steering: Any = None
+    quality: StrictBool = False  # also report how well each layer's SAE reconstructs this text
 
 
 def _context(request: Request):
@@ -136,7 +138,7 @@ async def _run_inspection(context, req: InspectRequest, layers: list[int], token
     special = [t in special_ids for t in token_ids]
     capture = CaptureSpec(
         id=uuid.uuid4().hex, layers=tuple(layers), top_k=req.top_k,
-        exclude_from_aggregate=frozenset(i for i, s in enumerate(special) if s),
+        exclude_from_aggregate=frozenset(i for i, s in enumerate(special) if s), quality=req.quality,
     )
     body = {"model": context.served_model, "prompt": token_ids, "max_tokens": 1, "temperature": 0,
             "vllm_xargs": {CAPTURE_KEY: capture.to_extra_arg()},
@@ -165,8 +167,15 @@ async def _run_inspection(context, req: InspectRequest, layers: list[int], token
                 {"index": i, "activation": v} for i, v in zip(indices, values)]
         aggregate[str(layer)] = result["aggregate"]
     steering_echo = response.json().get("steering")
-    return {"object": "feature_inspection", "model": context.served_model, "layers": layers, "top_k": req.top_k,
-            "steering": steering_echo, "tokens": tokens, "aggregate": aggregate}
+    result = {"object": "feature_inspection", "model": context.served_model, "layers": layers, "top_k": req.top_k,
+              "steering": steering_echo, "tokens": tokens, "aggregate": aggregate}
+    if req.quality:  # summary plus the raw sums, which add up over requests (server/sae_quality.py)
+        result["quality"] = {
+            str(layer): QualitySums.from_capture(captured[layer]["quality"]).summary(context.sae_by_layer[layer]["d_sae"])
+            | {"sums": captured[layer]["quality"]}
+            for layer in layers if "quality" in captured[layer]
+        }
+    return result
 
 
 @router.get("/v1/features/search")

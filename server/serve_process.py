@@ -21,6 +21,21 @@ class ServerStartError(RuntimeError):
     pass
 
 
+def has_option(argv: list[str], name: str) -> bool:
+    """Whether serve arguments set `name` (as `--name value` or `--name=value`)."""
+    return any(a == name or a.startswith(name + "=") for a in argv)
+
+
+def api_key_of(argv: list[str]) -> str | None:
+    """The API key serve arguments give the server (or VLLM_API_KEY): what its clients send."""
+    for i, a in enumerate(argv):
+        if a == "--api-key" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--api-key="):
+            return a.split("=", 1)[1]
+    return os.environ.get("VLLM_API_KEY") or None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

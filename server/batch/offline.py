@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from ..serve_process import ServeProcess, ServerStartError
+from ..serve_process import ServeProcess, ServerStartError, api_key_of, has_option
 
 DESCRIPTION = "run a JSONL file of OpenAI batch requests through a temporary steerserve server"
 EPILOG = (
@@ -61,7 +61,7 @@ def run_batch(argv: list[str]) -> int:
     endpoint = args.batch_endpoint or _endpoint_of(args.input_file)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="steerserve-run-batch-") as tmp:
-        extra = [] if _has_option(serve_args, "--data-dir") else ["--data-dir", os.path.join(tmp, "data")]
+        extra = [] if has_option(serve_args, "--data-dir") else ["--data-dir", os.path.join(tmp, "data")]
         log_path = args.server_log or Path(tmp) / "server.log"
         server = ServeProcess(serve_args + extra, log_path)
         print(f"run-batch: starting steerserve (log: {log_path})", file=sys.stderr)
@@ -70,7 +70,7 @@ def run_batch(argv: list[str]) -> int:
             ready = time.monotonic()
             print(f"run-batch: server ready in {ready - started:.1f}s", file=sys.stderr)
             with httpx.Client(base_url=server.base_url, timeout=600) as http:
-                batch = _run(http, args.input_file, endpoint, _api_key(serve_args))
+                batch = _run(http, args.input_file, endpoint, api_key_of(serve_args))
                 _download(http, batch.get("output_file_id"), args.output_file)
                 _download(http, batch.get("error_file_id"), errors_file)
         except KeyboardInterrupt:
@@ -94,19 +94,6 @@ def run_batch(argv: list[str]) -> int:
 
 class _Failure(Exception):
     pass
-
-
-def _has_option(argv: list[str], name: str) -> bool:
-    return any(a == name or a.startswith(name + "=") for a in argv)
-
-
-def _api_key(argv: list[str]) -> str | None:
-    for i, a in enumerate(argv):
-        if a == "--api-key" and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith("--api-key="):
-            return a.split("=", 1)[1]
-    return os.environ.get("VLLM_API_KEY") or None
 
 
 def _endpoint_of(path: Path) -> str:

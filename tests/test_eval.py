@@ -1,0 +1,70 @@
+"""`steerserve eval` against the shared server, its numbers checked independently: FVU and L0
+recomputed in plain PyTorch from the reference model's residual stream (tests/hf_reference.py)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import API_KEY, ROOT, SAE_LAYERS
+
+TEXTS = ["The weather report for today says rain in the north and sun in the south.",
+         "To bake bread, mix flour, water, salt and yeast, then let the dough rise.",
+         "The train to the city leaves at eight, but on Sundays it only runs every two hours."]
+
+
+@pytest.fixture(scope="module")
+def report(server, tmp_path_factory):
+    work = tmp_path_factory.mktemp("eval")
+    (work / "texts.txt").write_text("\n".join(TEXTS) + "\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "server", "eval", "--base-url", server.base_url, "--api-key", API_KEY,
+         "--data", str(work / "texts.txt"), "--features", "1:3", "--modes", "clamp,ablate", "--values", "0,8",
+         "--output-dir", str(work / "out")],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "SAE quality on 3 texts" in run.stdout
+    return work / "out", json.loads((work / "out" / "report.json").read_text())
+
+
+def independent_quality(reference, layer: int) -> tuple[float, float]:
+    """(FVU, L0) over the texts' tokens, from the reference's own stream and SAE."""
+    xs, fs = [], []
+    for text in TEXTS:
+        ids = reference.tokenizer.encode(text)
+        x = reference.residual_stream(ids)[layer]
+        xs.append(x)
+        fs.append(reference.encode(layer, x))
+    x, f = torch.cat(xs), torch.cat(fs)
+    x_hat = reference.sae(layer).decode(f)
+    fvu = float((x - x_hat).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum())
+    return fvu, float((f > 0).sum(dim=-1).float().mean())
+
+
+@pytest.mark.parametrize("layer", SAE_LAYERS)
+def test_quality_matches_an_independent_computation(report, reference, layer):
+    _, data = report
+    quality = data["sae_quality"][str(layer)]
+    fvu, l0 = independent_quality(reference, layer)
+    assert quality["tokens"] == sum(len(reference.tokenizer.encode(t)) for t in TEXTS)
+    assert quality["fvu"] == pytest.approx(fvu, rel=0.05)
+    assert quality["l0"] == pytest.approx(l0, abs=0.1)
+    assert 0 <= quality["dead_fraction"] < 1
+
+
+def test_steering_sweep_and_outputs(report):
+    out, data = report
+    rows = {(s["mode"], s["value"]): s for s in data["steering"]}
+    assert set(rows) == {("clamp", 0.0), ("clamp", 8.0), ("ablate", 0.0), ("ablate", 8.0)}
+    # clamping an inactive feature to 0 changes nothing; to 8 it fires, costs and changes text
+    assert rows[("clamp", 0.0)]["achieved_activation"] == 0 and rows[("clamp", 0.0)]["nll_increase"] == 0
+    assert rows[("clamp", 8.0)]["achieved_activation"] > 4 and rows[("clamp", 8.0)]["nll_increase"] > 0
+    assert rows[("clamp", 8.0)]["greedy_changed"] > 0
+    assert rows[("ablate", 8.0)]["achieved_activation"] == 0  # ablate ignores the value
+    for name in ("report.json", "sae_quality.png", "steering_L1_3.png"):
+        assert (out / name).stat().st_size > 0
