@@ -36,11 +36,13 @@ class CaptureSpec:
     top_k: int
     exclude_from_aggregate: frozenset[int] = frozenset()  # positions (e.g. special tokens)
     quality: bool = False  # also accumulate reconstruction statistics (see _Quality)
+    splice: bool = False  # replace the stream at the captured layers by the SAE's reconstruction
 
     def to_extra_arg(self) -> str:
         return request_signing.sign(json.dumps(
             {"id": self.id, "layers": list(self.layers), "top_k": self.top_k,
-             "exclude_from_aggregate": sorted(self.exclude_from_aggregate), "quality": self.quality}
+             "exclude_from_aggregate": sorted(self.exclude_from_aggregate), "quality": self.quality,
+             "splice": self.splice}
         ))
 
     @staticmethod
@@ -49,6 +51,7 @@ class CaptureSpec:
         return CaptureSpec(
             str(data["id"]), tuple(int(x) for x in data["layers"]), int(data["top_k"]),
             frozenset(int(p) for p in data.get("exclude_from_aggregate", ())), bool(data.get("quality", False)),
+            bool(data.get("splice", False)),
         )
 
 
@@ -116,15 +119,20 @@ class CaptureStore:
         return {layer for capture in self._step for layer in capture.spec.layers}
 
     def record_layer(self, layer: int, sae: SAEWeights, hidden: torch.Tensor, residual: torch.Tensor) -> None:
-        """Features of this step's capturing rows in the stream `hidden + residual` at `layer`."""
+        """Features of this step's capturing rows in the stream `hidden + residual` at `layer`;
+        for a splicing capture, those rows' stream then becomes the SAE's reconstruction (what
+        the model computes downstream of an SAE that replaced the layer's output)."""
         for spec, start, n, first_position in self._step:
             if layer not in spec.layers:
                 continue
-            for lo in range(0, n, ENCODE_CHUNK_ROWS):
-                hi = min(n, lo + ENCODE_CHUNK_ROWS)
-                x = hidden[start + lo : start + hi].float() + residual[start + lo : start + hi].float()
-                positions = list(range(first_position + lo, first_position + hi))
-                self.record(spec, layer, positions, sae_math.encode(sae, x), x if spec.quality else None, sae)
+            for lo in range(start, start + n, ENCODE_CHUNK_ROWS):
+                hi = min(start + n, lo + ENCODE_CHUNK_ROWS)
+                x = hidden[lo:hi].float() + residual[lo:hi].float()
+                features = sae_math.encode(sae, x)
+                positions = list(range(first_position + lo - start, first_position + hi - start))
+                self.record(spec, layer, positions, features, x if spec.quality else None, sae)
+                if spec.splice:
+                    hidden[lo:hi] = (sae_math.decode(sae, features) - residual[lo:hi].float()).to(hidden.dtype)
 
     def record(self, spec: CaptureSpec, layer: int, positions: list[int], features: torch.Tensor,
                x: torch.Tensor | None = None, sae: SAEWeights | None = None) -> None:

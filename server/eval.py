@@ -4,7 +4,9 @@ Runs on a real server (started like `run-batch`, or one given by --base-url), so
 measures the tiny default on a laptop and Qwen3.5-27B with Qwen-Scope on GPUs:
   * SAE quality per loaded layer over a text set (one text per line of --data, default a
     built-in sample): FVU, L0 and the fraction of features that never fired (the sums come
-    from the workers' captures, server/sae_quality.py);
+    from the workers' captures, server/sae_quality.py), and the downstream cost of splicing
+    the SAE in (the NLL of the texts with the layer's output replaced by its reconstruction,
+    minus without);
   * per chosen feature, mode and value (a dose-response sweep): the activation the feature has
     when the edited stream is re-encoded at its layer (does a clamp reach its target?), the
     cross-entropy cost on the text set (mean next-token NLL of the texts' own tokens, steered
@@ -102,20 +104,29 @@ def run_eval(http: httpx.Client, texts: list[str], sweeps: list[FeatureSweep]) -
     """The report as a dict (what report.json holds)."""
     saes = {info["layer"]: info for info in _ok(http.get("/v1/saes"))["data"]}
     model = _ok(http.get("/v1/models"))["data"][0]["id"]
-    steps = len(texts) * (2 + sum(len(s.modes) * len(s.values) * 2 for s in sweeps)) + sum(
+    steps = len(texts) * (2 + len(saes) + sum(len(s.modes) * len(s.values) * 2 for s in sweeps)) + sum(
         len(s.modes) * len(s.values) * len(PROMPTS) for s in sweeps) + len(PROMPTS)
     progress = tqdm(total=steps, desc="steerserve eval", unit="request", file=sys.stderr)
     sums = {layer: QualitySums() for layer in saes}
+    unspliced_nll = []
     for text in texts:
         result = _ok(http.post("/v1/features/inspect", json={"prompt": text, "top_k": 1, "quality": True}))
         for layer, quality in result.get("quality", {}).items():
             sums[int(layer)] = sums[int(layer)] + QualitySums.from_capture(quality["sums"])
+        unspliced_nll.append(result["nll"])
         progress.update()
+    splice_cost = {}  # per layer: NLL with the layer's output replaced by its SAE reconstruction, minus without
+    for layer in saes:
+        spliced = [_ok(http.post("/v1/features/inspect", json={
+            "prompt": text, "layers": [layer], "top_k": 1, "quality": True, "splice": True}))["nll"]
+            for text in _counted(texts, progress)]
+        splice_cost[layer] = _mean(spliced) - _mean(unspliced_nll)
     baseline_nll = [_text_nll(http, model, text, None) for text in _counted(texts, progress)]
     baseline_greedy = [_greedy(http, model, prompt, None) for prompt in _counted(PROMPTS, progress)]
     report: dict[str, Any] = {
         "model": model, "texts": len(texts),
-        "sae_quality": {str(layer): sums[layer].summary(saes[layer]["d_sae"]) for layer in sorted(saes)},
+        "sae_quality": {str(layer): sums[layer].summary(saes[layer]["d_sae"]) | {"splice_nll_increase": splice_cost[layer]}
+                        for layer in sorted(saes)},
         "baseline_nll": _mean(baseline_nll), "steering": [],
     }
     for sweep in sweeps:
@@ -182,10 +193,11 @@ def _greedy(http: httpx.Client, model: str, prompt: str, steering: dict | None) 
 
 def format_table(report: dict) -> str:
     lines = [f"SAE quality on {report['texts']} texts ({report['model']}):",
-             f"{'layer':>6} {'tokens':>7} {'FVU':>8} {'L0':>8} {'dead':>7}"]
+             f"{'layer':>6} {'tokens':>7} {'FVU':>8} {'L0':>8} {'dead':>7} {'splice dNLL':>12}"]
     for layer, q in report["sae_quality"].items():
         fvu = f"{q['fvu']:.4f}" if q["fvu"] is not None else "-"
-        lines.append(f"{layer:>6} {q['tokens']:>7} {fvu:>8} {q['l0']:>8.2f} {q['dead_fraction']:>7.1%}")
+        lines.append(f"{layer:>6} {q['tokens']:>7} {fvu:>8} {q['l0']:>8.2f} {q['dead_fraction']:>7.1%} "
+                     f"{q['splice_nll_increase']:>12.3f}")
     if report["steering"]:
         lines += ["", f"Steering (baseline NLL {report['baseline_nll']:.3f}):",
                   f"{'feature':>10} {'mode':>6} {'value':>7} {'achieved':>9} {'dNLL':>8} {'ppl x':>9} {'greedy':>7}"]
@@ -206,8 +218,9 @@ def write_report(report: dict, out: Path) -> list[Path]:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     written = [out / "report.json"]
     layers = list(report["sae_quality"])
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
-    for ax, key, title in zip(axes, ("fvu", "l0", "dead_fraction"), ("FVU", "L0", "dead fraction")):
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
+    for ax, key, title in zip(axes, ("fvu", "l0", "dead_fraction", "splice_nll_increase"),
+                              ("FVU", "L0", "dead fraction", "NLL increase when spliced")):
         ax.bar(layers, [report["sae_quality"][layer][key] or 0 for layer in layers], color="#4C72B0")
         ax.set_title(title)
         ax.set_xlabel("layer")

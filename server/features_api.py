@@ -41,6 +41,7 @@ class InspectRequest(BaseModel):
     top_k: StrictInt = 10
     steering: Any = None
     quality: StrictBool = False  # also report how well each layer's SAE reconstructs this text
+    splice: StrictBool = False  # run the text with each inspected layer replaced by its SAE's reconstruction
 
 
 def _context(request: Request):
@@ -139,10 +140,13 @@ async def _run_inspection(context, req: InspectRequest, layers: list[int], token
     capture = CaptureSpec(
         id=uuid.uuid4().hex, layers=tuple(layers), top_k=req.top_k,
         exclude_from_aggregate=frozenset(i for i, s in enumerate(special) if s), quality=req.quality,
+        splice=req.splice,
     )
     body = {"model": context.served_model, "prompt": token_ids, "max_tokens": 1, "temperature": 0,
             "vllm_xargs": {CAPTURE_KEY: capture.to_extra_arg()},
             "cache_salt": f"inspect-{capture.id}"}  # every position must really be computed
+    if req.quality:
+        body["prompt_logprobs"] = 0  # the text's own next-token log-likelihoods
     if req.steering is not None:
         body["steering"] = req.steering
     response = await context.client.post("/v1/completions", content=json.dumps(body),
@@ -170,12 +174,19 @@ async def _run_inspection(context, req: InspectRequest, layers: list[int], token
     result = {"object": "feature_inspection", "model": context.served_model, "layers": layers, "top_k": req.top_k,
               "steering": steering_echo, "tokens": tokens, "aggregate": aggregate}
     if req.quality:  # summary plus the raw sums, which add up over requests (server/sae_quality.py)
+        result["nll"] = _mean_nll(response.json()["choices"][0]["prompt_logprobs"], token_ids)
         result["quality"] = {
             str(layer): QualitySums.from_capture(captured[layer]["quality"]).summary(context.sae_by_layer[layer]["d_sae"])
             | {"sums": captured[layer]["quality"]}
             for layer in layers if "quality" in captured[layer]
         }
     return result
+
+
+def _mean_nll(prompt_logprobs: list, token_ids: list[int]) -> float | None:
+    """Mean negative log-likelihood of the text's tokens after the first (under any splice)."""
+    nll = [-entry[str(t)]["logprob"] for t, entry in zip(token_ids[1:], prompt_logprobs[1:])]
+    return sum(nll) / len(nll) if nll else None
 
 
 @router.get("/v1/features/search")

@@ -68,3 +68,44 @@ def test_steering_sweep_and_outputs(report):
     assert rows[("ablate", 8.0)]["achieved_activation"] == 0  # ablate ignores the value
     for name in ("report.json", "sae_quality.png", "steering_L1_3.png"):
         assert (out / name).stat().st_size > 0
+
+
+def reference_nll(reference, ids: list[int], splice_layer: int | None) -> float:
+    """Mean NLL of the text's tokens after the first, optionally with `splice_layer`'s output
+    replaced by its SAE reconstruction (a plain forward hook on the Hugging Face model).
+
+    vLLM carries the stream as bf16 `hidden + residual`, so the server can only write the
+    reconstruction as bf16(x_hat - residual) on top of the residual. The tiny circuit is very
+    sensitive to that rounding once spliced (at layer 2 the NLL increase is ~48 nats with x_hat
+    rounded directly, ~32 with it rounded as a difference), so the reference rounds the same way,
+    with the stream standing in for vLLM's residual."""
+    handle = None
+    if splice_layer is not None:
+        sae = reference.sae(splice_layer)
+
+        def splice(module, inputs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            x = hidden[0].float()
+            x_hat = sae.decode(sae.encode(x))
+            x_hat = ((x_hat - x).to(hidden.dtype).float() + x).to(hidden.dtype)[None]
+            return (x_hat, *output[1:]) if isinstance(output, tuple) else x_hat
+
+        handle = reference.layers[splice_layer].register_forward_hook(splice)
+    try:
+        with torch.no_grad():
+            logits = reference.model(input_ids=torch.tensor([ids])).logits[0].float()
+    finally:
+        if handle is not None:
+            handle.remove()
+    logprobs = torch.log_softmax(logits[:-1], dim=-1)
+    return float(-logprobs.gather(-1, torch.tensor(ids[1:])[:, None]).mean())
+
+
+@pytest.mark.parametrize("layer", SAE_LAYERS)
+def test_splice_cost_matches_an_independent_computation(report, reference, layer):
+    _, data = report
+    ids = [reference.tokenizer.encode(text) for text in TEXTS]
+    spliced = sum(reference_nll(reference, i, layer) for i in ids) / len(ids)
+    plain = sum(reference_nll(reference, i, None) for i in ids) / len(ids)
+    assert data["sae_quality"][str(layer)]["splice_nll_increase"] == pytest.approx(spliced - plain, rel=0.05, abs=0.15)
+    assert abs(spliced - plain) > 0.15  # the check is not vacuous: splicing this SAE costs something
