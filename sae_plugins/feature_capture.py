@@ -37,12 +37,13 @@ class CaptureSpec:
     exclude_from_aggregate: frozenset[int] = frozenset()  # positions (e.g. special tokens)
     quality: bool = False  # also accumulate reconstruction statistics (see _Quality)
     splice: bool = False  # replace the stream at the captured layers by the SAE's reconstruction
+    watch: tuple[int, ...] = ()  # features whose activation is recorded at every position, top-k or not
 
     def to_extra_arg(self) -> str:
         return request_signing.sign(json.dumps(
             {"id": self.id, "layers": list(self.layers), "top_k": self.top_k,
              "exclude_from_aggregate": sorted(self.exclude_from_aggregate), "quality": self.quality,
-             "splice": self.splice}
+             "splice": self.splice, "watch": list(self.watch)}
         ))
 
     @staticmethod
@@ -51,7 +52,7 @@ class CaptureSpec:
         return CaptureSpec(
             str(data["id"]), tuple(int(x) for x in data["layers"]), int(data["top_k"]),
             frozenset(int(p) for p in data.get("exclude_from_aggregate", ())), bool(data.get("quality", False)),
-            bool(data.get("splice", False)),
+            bool(data.get("splice", False)), tuple(int(i) for i in data.get("watch", ())),
         )
 
 
@@ -91,6 +92,7 @@ class _LayerCapture:
     positions: list[int] = field(default_factory=list)
     indices: list[list[int]] = field(default_factory=list)
     values: list[list[float]] = field(default_factory=list)
+    watched: list[list[float]] = field(default_factory=list)  # per position, the watched features
     max: torch.Tensor | None = None
     sum: torch.Tensor | None = None
     count: torch.Tensor | None = None
@@ -147,6 +149,8 @@ class CaptureStore:
         entry.positions += positions
         entry.indices += indices.tolist()
         entry.values += values.float().tolist()
+        if spec.watch:
+            entry.watched += features[:, list(spec.watch)].float().tolist()
         keep = torch.tensor([p not in spec.exclude_from_aggregate for p in positions], device=features.device)
         counted = features[keep].float()
         if entry.max is None:
@@ -186,6 +190,7 @@ def _layer_result(entry: _LayerCapture) -> dict:
         "positions": [entry.positions[i] for i in order],
         "indices": [entry.indices[i] for i in order],
         "values": [entry.values[i] for i in order],
+        **({"watched": [entry.watched[i] for i in order]} if entry.watched else {}),
         "aggregate": {"num_tokens": entry.aggregated_positions, "by_max": top(entry.max), "by_mean": top(mean)},
         **({"quality": entry.quality.result()} if entry.quality is not None else {}),
     }

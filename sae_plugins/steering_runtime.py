@@ -185,6 +185,8 @@ class SteeringRuntime:
             sae = self.saes.get(layer)
             if sae is not None and not 1 <= capture.top_k <= sae.d_sae:
                 raise ValueError(f"capture top_k {capture.top_k} out of range at layer {layer}")
+            if sae is not None and not all(0 <= i < sae.d_sae for i in capture.watch):
+                raise ValueError(f"capture watches a feature out of range at layer {layer}")
         return _RequestSteering(spec, capture)
 
     def _slot_for(self, req_id: str, spec: SteeringSpec) -> int:

@@ -36,7 +36,6 @@ from .serve_process import ServeProcess, ServerStartError, api_key_of, has_optio
 
 DEFAULT_TEXTS = Path(__file__).with_name("data") / "eval_texts.txt"
 PROMPTS = ["Tell me about the weather.", "Write a short poem about the sea.", "How do computers work?"]
-ACTIVATION_TOP_K = 100  # a steered feature's re-encoded activation is read among the top 100
 GREEDY_TOKENS = 16
 
 
@@ -177,11 +176,10 @@ def _text_nll(http: httpx.Client, model: str, text: str, steering: dict | None) 
 
 def _achieved(http: httpx.Client, text: str, sweep: FeatureSweep, steering: dict) -> float:
     """The feature's mean activation over the text when the stream edited at its layer is
-    re-encoded (inspect reads features after the edit); 0 where it is not among the top 100."""
+    re-encoded (inspect reads features after the edit, and reports watched ones at every token)."""
     result = _ok(http.post("/v1/features/inspect", json={
-        "prompt": text, "layers": [sweep.layer], "top_k": ACTIVATION_TOP_K, "steering": steering}))
-    values = [next((f["activation"] for f in token["features"][str(sweep.layer)] if f["index"] == sweep.index), 0.0)
-              for token in result["tokens"] if not token["special"]]
+        "prompt": text, "layers": [sweep.layer], "top_k": 1, "watch": [sweep.index], "steering": steering}))
+    values = [token["watched"][str(sweep.layer)][0]["activation"] for token in result["tokens"] if not token["special"]]
     return _mean(values)
 
 

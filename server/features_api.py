@@ -42,6 +42,7 @@ class InspectRequest(BaseModel):
     steering: Any = None
     quality: StrictBool = False  # also report how well each layer's SAE reconstructs this text
     splice: StrictBool = False  # run the text with each inspected layer replaced by its SAE's reconstruction
+    watch: list[StrictInt] = []  # feature indices reported at every token of every inspected layer
 
 
 def _context(request: Request):
@@ -99,6 +100,13 @@ async def inspect(request: Request):
         raise APIError("layers must name at least one loaded layer", param="layers", code="invalid_request")
     if not 1 <= req.top_k <= MAX_TOP_K:
         raise APIError(f"top_k must be between 1 and {MAX_TOP_K}", param="top_k", code="invalid_top_k")
+    if len(req.watch) > MAX_TOP_K:
+        raise APIError(f"watch takes at most {MAX_TOP_K} features", param="watch", code="invalid_request")
+    for i, index in enumerate(req.watch):
+        for layer in layers:
+            if not 0 <= index < context.sae_by_layer[layer]["d_sae"]:
+                raise APIError(f"feature index {index} is out of range for layer {layer}", param=f"watch[{i}]",
+                               code="index_out_of_range")
     token_ids, field = await _tokenize(context, req)
     return await _run_inspection(context, req, sorted(set(layers)), token_ids, field)
 
@@ -140,7 +148,7 @@ async def _run_inspection(context, req: InspectRequest, layers: list[int], token
     capture = CaptureSpec(
         id=uuid.uuid4().hex, layers=tuple(layers), top_k=req.top_k,
         exclude_from_aggregate=frozenset(i for i, s in enumerate(special) if s), quality=req.quality,
-        splice=req.splice,
+        splice=req.splice, watch=tuple(req.watch),
     )
     body = {"model": context.served_model, "prompt": token_ids, "max_tokens": 1, "temperature": 0,
             "vllm_xargs": {CAPTURE_KEY: capture.to_extra_arg()},
@@ -169,6 +177,9 @@ async def _run_inspection(context, req: InspectRequest, layers: list[int], token
         for position, indices, values in zip(result["positions"], result["indices"], result["values"]):
             tokens[position]["features"][str(layer)] = [
                 {"index": i, "activation": v} for i, v in zip(indices, values)]
+        for position, values in zip(result["positions"], result.get("watched", ())):
+            tokens[position].setdefault("watched", {})[str(layer)] = [
+                {"index": i, "activation": v} for i, v in zip(req.watch, values)]
         aggregate[str(layer)] = result["aggregate"]
     steering_echo = response.json().get("steering")
     result = {"object": "feature_inspection", "model": context.served_model, "layers": layers, "top_k": req.top_k,

@@ -66,6 +66,25 @@ def test_inspect_matches_plain_pytorch_encode(http, reference):
         assert [h["mean_activation"] for h in by_mean] == sorted((h["mean_activation"] for h in by_mean), reverse=True)
 
 
+def test_inspect_reports_watched_features_at_every_token(http, reference):
+    """`watch` reports chosen features whether or not they are in a token's top-k: exact
+    values from the same encode, including zeros."""
+    dense = reference_activations(reference, reference.chat_prompt_ids(MESSAGES), 2)
+    watch = [int(dense[-1].argmax()), 700, 1000]  # one feature active at the last token, two others
+    result = inspect(http, messages=MESSAGES, top_k=1, layers=[2], watch=watch)
+    nonzero = 0
+    for token in result["tokens"]:
+        watched = token["watched"]["2"]
+        assert [w["index"] for w in watched] == watch
+        for w in watched:
+            ref = float(dense[token["position"], w["index"]])
+            assert abs(w["activation"] - ref) < ACT_TOLERANCE * max(1.0, ref)
+            nonzero += w["activation"] > 0
+    assert nonzero > 0  # not only zeros: the check compares real activations
+    bad = post(http, "/v1/features/inspect", {"messages": MESSAGES, "layers": [2], "watch": [5000]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "watch[0]"
+
+
 def test_inspect_a_steered_forward(http, reference):
     steering = {"features": [{"layer": 1, "index": 600, "mode": "add", "value": 8.0}]}
     result = inspect(http, messages=MESSAGES, top_k=5, steering=steering)

@@ -62,7 +62,8 @@ completion_body = st.fixed_dictionaries({"model": st.just(MODEL_NAME), "prompt":
 inspect_body = st.fixed_dictionaries({}, optional={
     "prompt": prompt, "messages": messages, "layers": st.one_of(st.lists(small_ints, max_size=3), json_values),
     "top_k": st.one_of(small_ints, scalars), "steering": steering, "add_generation_prompt": scalars,
-    "model": scalars, "extra": scalars})
+    "model": scalars, "extra": scalars, "watch": st.one_of(st.lists(small_ints, max_size=3), json_values),
+    "quality": scalars, "splice": scalars})
 batch_body = st.fixed_dictionaries({}, optional={
     "input_file_id": st.one_of(st.text(max_size=30), scalars), "endpoint": st.one_of(
         st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/embeddings"]), scalars),
