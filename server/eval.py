@@ -103,24 +103,21 @@ def run_eval(http: httpx.Client, texts: list[str], sweeps: list[FeatureSweep]) -
     """The report as a dict (what report.json holds)."""
     saes = {info["layer"]: info for info in _ok(http.get("/v1/saes"))["data"]}
     model = _ok(http.get("/v1/models"))["data"][0]["id"]
-    steps = len(texts) * (2 + len(saes) + sum(len(s.modes) * len(s.values) * 2 for s in sweeps)) + sum(
+    steps = len(texts) * (1 + len(saes) + sum(len(s.modes) * len(s.values) for s in sweeps)) + sum(
         len(s.modes) * len(s.values) * len(PROMPTS) for s in sweeps) + len(PROMPTS)
     progress = tqdm(total=steps, desc="steerserve eval", unit="request", file=sys.stderr)
     sums = {layer: QualitySums() for layer in saes}
-    unspliced_nll = []
-    for text in texts:
-        result = _ok(http.post("/v1/features/inspect", json={"prompt": text, "top_k": 1, "quality": True}))
+    baseline_nll = []
+    for text in _counted(texts, progress):
+        result = _inspect(http, {"prompt": text, "top_k": 1, "quality": True})
         for layer, quality in result.get("quality", {}).items():
             sums[int(layer)] = sums[int(layer)] + QualitySums.from_capture(quality["sums"])
-        unspliced_nll.append(result["nll"])
-        progress.update()
+        baseline_nll.append(result["nll"])
     splice_cost = {}  # per layer: NLL with the layer's output replaced by its SAE reconstruction, minus without
     for layer in saes:
-        spliced = [_ok(http.post("/v1/features/inspect", json={
-            "prompt": text, "layers": [layer], "top_k": 1, "quality": True, "splice": True}))["nll"]
-            for text in _counted(texts, progress)]
-        splice_cost[layer] = _mean(spliced) - _mean(unspliced_nll)
-    baseline_nll = [_text_nll(http, model, text, None) for text in _counted(texts, progress)]
+        spliced = [_inspect(http, {"prompt": text, "layers": [layer], "top_k": 1, "quality": True, "splice": True})["nll"]
+                   for text in _counted(texts, progress)]
+        splice_cost[layer] = _mean(spliced) - _mean(baseline_nll)
     baseline_greedy = [_greedy(http, model, prompt, None) for prompt in _counted(PROMPTS, progress)]
     report: dict[str, Any] = {
         "model": model, "texts": len(texts),
@@ -133,15 +130,15 @@ def run_eval(http: httpx.Client, texts: list[str], sweeps: list[FeatureSweep]) -
             for value in sweep.values:
                 steering = {"features": [{"layer": sweep.layer, "index": sweep.index, "mode": mode}
                                          | ({} if mode == "ablate" else {"value": value})]}
-                achieved = _mean([_achieved(http, text, sweep, steering) for text in _counted(texts, progress)])
-                nll = [_text_nll(http, model, text, steering) for text in _counted(texts, progress)]
+                steered = [_steered_text(http, text, sweep, steering) for text in _counted(texts, progress)]
+                achieved, nll = _mean([a for a, _ in steered]), _mean([n for _, n in steered])
                 greedy = [_greedy(http, model, prompt, steering) for prompt in _counted(PROMPTS, progress)]
                 changed = [sum(a != b for a, b in zip(g, base)) / max(1, len(base))
                            for g, base in zip(greedy, baseline_greedy)]
                 report["steering"].append({
                     "layer": sweep.layer, "index": sweep.index, "mode": mode, "value": value,
-                    "achieved_activation": achieved, "nll_increase": _mean(nll) - report["baseline_nll"],
-                    "perplexity_ratio": math.exp(_mean(nll) - report["baseline_nll"]),
+                    "achieved_activation": achieved, "nll_increase": nll - report["baseline_nll"],
+                    "perplexity_ratio": math.exp(nll - report["baseline_nll"]),
                     "greedy_changed": _mean(changed),
                 })
     progress.close()
@@ -164,23 +161,18 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def _text_nll(http: httpx.Client, model: str, text: str, steering: dict | None) -> float:
-    """Mean negative log-likelihood of the text's own tokens (after the first) under the model."""
-    body = {"model": model, "prompt": text, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 0,
-            "return_token_ids": True, "steering": steering}
-    choice = _ok(http.post("/v1/completions", json=body))["choices"][0]
-    ids, logprobs = choice["prompt_token_ids"], choice["prompt_logprobs"]
-    nll = [-entry[str(token)]["logprob"] for token, entry in zip(ids[1:], logprobs[1:])]
-    return _mean(nll)
+def _inspect(http: httpx.Client, body: dict) -> dict:
+    return _ok(http.post("/v1/features/inspect", json=body))
 
 
-def _achieved(http: httpx.Client, text: str, sweep: FeatureSweep, steering: dict) -> float:
-    """The feature's mean activation over the text when the stream edited at its layer is
-    re-encoded (inspect reads features after the edit, and reports watched ones at every token)."""
-    result = _ok(http.post("/v1/features/inspect", json={
-        "prompt": text, "layers": [sweep.layer], "top_k": 1, "watch": [sweep.index], "steering": steering}))
+def _steered_text(http: httpx.Client, text: str, sweep: FeatureSweep, steering: dict) -> tuple[float, float]:
+    """(the feature's mean activation over the text when the stream edited at its layer is
+    re-encoded, the text's NLL under the steering), from one steered inspect: it reads features
+    after the edit, reports watched ones at every token, and with `quality` the text's NLL."""
+    result = _inspect(http, {"prompt": text, "layers": [sweep.layer], "top_k": 1, "watch": [sweep.index],
+                             "quality": True, "steering": steering})
     values = [token["watched"][str(sweep.layer)][0]["activation"] for token in result["tokens"] if not token["special"]]
-    return _mean(values)
+    return _mean(values), result["nll"]
 
 
 def _greedy(http: httpx.Client, model: str, prompt: str, steering: dict | None) -> list[int]:
