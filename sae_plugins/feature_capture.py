@@ -68,9 +68,7 @@ class _Quality:
     l0_sum: int = 0  # active features summed over tokens
     fired: torch.Tensor | None = None  # [d_sae] bool: active on at least one token
 
-    def add(self, x: torch.Tensor, features: torch.Tensor, sae: SAEWeights) -> None:
-        x = x.float()
-        x_hat = sae_math.decode(sae, features)
+    def add(self, x: torch.Tensor, x_hat: torch.Tensor, features: torch.Tensor) -> None:
         self.tokens += x.shape[0]
         self.sse += float((x - x_hat).pow(2).sum())
         self.sum_squares += float(x.pow(2).sum())
@@ -131,15 +129,17 @@ class CaptureStore:
                 hi = min(start + n, lo + ENCODE_CHUNK_ROWS)
                 x = hidden[lo:hi].float() + residual[lo:hi].float()
                 features = sae_math.encode(sae, x)
+                x_hat = sae_math.decode(sae, features) if spec.quality or spec.splice else None
                 positions = list(range(first_position + lo - start, first_position + hi - start))
-                self.record(spec, layer, positions, features, x if spec.quality else None, sae)
+                self.record(spec, layer, positions, features, (x, x_hat) if spec.quality else None)
                 if spec.splice:
-                    hidden[lo:hi] = (sae_math.decode(sae, features) - residual[lo:hi].float()).to(hidden.dtype)
+                    hidden[lo:hi] = (x_hat - residual[lo:hi].float()).to(hidden.dtype)
 
     def record(self, spec: CaptureSpec, layer: int, positions: list[int], features: torch.Tensor,
-               x: torch.Tensor | None = None, sae: SAEWeights | None = None) -> None:
-        """features: dense activations [rows, d_sae] of the rows at `positions`; x: those rows'
-        residual stream, given when the capture accumulates reconstruction quality."""
+               streams: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """features: dense activations [rows, d_sae] of the rows at `positions`; streams: those
+        rows' residual stream and its SAE reconstruction, given when the capture accumulates
+        reconstruction quality."""
         if spec.id not in self._captures:
             self._captures[spec.id] = (spec, {})
             while len(self._captures) > MAX_PENDING_CAPTURES:
@@ -156,9 +156,10 @@ class CaptureStore:
         if entry.max is None:
             zeros = torch.zeros(features.shape[-1], device=features.device)
             entry.max, entry.sum, entry.count = zeros.clone(), zeros.clone(), zeros.clone()
-        if x is not None and sae is not None and counted.shape[0]:
+        if streams is not None and counted.shape[0]:
             entry.quality = entry.quality or _Quality()
-            entry.quality.add(x[keep], counted, sae)
+            x, x_hat = streams
+            entry.quality.add(x[keep], x_hat[keep], counted)
         if counted.shape[0]:
             entry.max = torch.maximum(entry.max, counted.max(dim=0).values)
             entry.sum += counted.sum(dim=0)

@@ -40,8 +40,11 @@ def encode(sae: SAEWeights, x: torch.Tensor) -> torch.Tensor:
 
 
 def decode(sae: SAEWeights, features: torch.Tensor) -> torch.Tensor:
-    """The SAE's reconstruction x_hat = f @ W_dec + b_dec (float32 [rows, d_model])."""
-    return torch.addmm(sae.b_dec.float(), features.float(), sae.W_dec.float())
+    """The SAE's reconstruction x_hat = f @ W_dec + b_dec (float32 [rows, d_model]), from the
+    decoder rows of the features active on some row only (at 27B shapes a float32 copy of the
+    whole decoder would be 1.6 GB per call)."""
+    used = features.any(dim=0).nonzero().flatten()
+    return torch.addmm(sae.b_dec.float(), features[:, used].float(), sae.W_dec[used].float())
 
 
 def feature_activations(sae: SAEWeights, x: torch.Tensor, feature_ids: torch.Tensor) -> torch.Tensor:
