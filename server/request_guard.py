@@ -8,6 +8,7 @@ middleware (steering_middleware.py) decides when to call them.
 from __future__ import annotations
 
 import json
+import re
 from http import HTTPStatus
 from typing import Any
 
@@ -20,6 +21,14 @@ from .errors import APIError
 STEERABLE_PATHS = ("/v1/chat/completions", "/v1/completions", "/invocations")
 # Steerserve's own routes that take `steering` and forward it through a steerable route.
 FORWARDING_PREFIXES = ("/v1/features/",)
+
+
+def declared_over(content_length: str | None, limit: int) -> bool:
+    """Whether a Content-Length header alone says the body is over `limit` bytes (more than 19
+    digits is over any limit, and int() refuses numbers of more than 4300 digits); a missing or
+    malformed header says nothing, and the bytes are counted as they arrive instead."""
+    return (content_length is not None and re.fullmatch(r"[0-9]+", content_length) is not None
+            and (len(content_length) > 19 or int(content_length) > limit))
 
 
 def too_large(limit: int) -> APIError:

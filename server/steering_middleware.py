@@ -18,7 +18,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import APIError
 from .request_guard import (
-    check_cache_salt, check_route_takes_steering, check_vllm_xargs, is_steerable, parse_json_body, too_large,
+    check_cache_salt, check_route_takes_steering, check_vllm_xargs, declared_over, is_steerable, parse_json_body,
+    too_large,
 )
 from .request_translation import translate_request
 
@@ -66,14 +67,6 @@ def _takes_json(scope: Scope) -> bool:
     return not content_type.startswith(b"multipart/")
 
 
-def _declared_length(scope: Scope) -> int | None:
-    raw = dict(scope["headers"]).get(b"content-length")
-    try:
-        return int(raw) if raw is not None else None
-    except ValueError:
-        return None
-
-
 class SteeringMiddleware:
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -111,8 +104,8 @@ class SteeringMiddleware:
     async def _read_checked(self, scope: Scope, receive: Receive, limits) -> tuple[bytes, Any]:
         """The body and its parsed JSON (None when empty), after every check that applies to
         any route."""
-        declared = _declared_length(scope)
-        if declared is not None and declared > limits.max_request_bytes:
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared_over(declared.decode("latin-1") if declared is not None else None, limits.max_request_bytes):
             raise too_large(limits.max_request_bytes)
         body = await _read_body(receive, limits.max_request_bytes)
         if not body.strip():

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import shutil
 from http import HTTPStatus
 from pathlib import Path
@@ -24,6 +23,7 @@ from starlette.datastructures import FormData
 from starlette.types import Message
 
 from ..errors import APIError, errors_as_json
+from ..request_guard import declared_over
 from .store import FileInUse, FileRecord, Store, new_file_id, now
 
 router = APIRouter()
@@ -84,13 +84,6 @@ def _too_large(limit: int) -> APIError:
                     code="file_too_large", status=HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
 
 
-def _declared_over(request: Request, limit: int) -> bool:
-    """Whether the Content-Length header alone says the body is over the limit (more than 19
-    digits is over any limit, and int() refuses numbers of more than 4300 digits)."""
-    declared = request.headers.get("content-length", "")
-    return re.fullmatch(r"[0-9]+", declared) is not None and (len(declared) > 19 or int(declared) > limit)
-
-
 def _bounded(request: Request, limit: int) -> Request:
     """The same request, but its body stream fails once more than `limit` bytes have arrived."""
     received = 0
@@ -107,7 +100,7 @@ def _bounded(request: Request, limit: int) -> Request:
 
 
 async def _read_form(request: Request, limit: int) -> FormData:
-    if _declared_over(request, limit):
+    if declared_over(request.headers.get("content-length"), limit):
         raise _too_large(limit)
     content_type = request.headers.get("content-type", "").lower()
     if not content_type.startswith("multipart/form-data"):  # checked first: a form body would be read into memory
