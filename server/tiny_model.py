@@ -31,26 +31,13 @@ from pathlib import Path
 
 import torch
 
+from server.chatml_tokenizer import SPECIAL_TOKENS, save_tokenizer, train_tokenizer
+from server.qwen35_checkpoint import save_checkpoint, text_config
+
 __all__ = ["TinySettings", "SETTINGS", "INFO_FILE", "build_tiny_model", "is_built", "successors"]
 
 MARKER = ".tiny_model_complete"
 INFO_FILE = "tiny_model_info.json"  # circuit constants and SAE feature meanings, for tests
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
-
-# Same pre-tokenizer as the real Qwen3.5 tokenizer, so `Qwen3_5Tokenizer` (which transformers
-# picks for model_type qwen3_5_text) and the raw tokenizer.json agree byte for byte.
-PRETOKENIZE_REGEX = (
-    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"""
-    r"""| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
-)
-
 CORPUS = """\
 The river starts high in the mountains, where snow melts slowly in the spring. Small streams
 join together and run down through the forest, past old stone bridges and quiet villages.
@@ -161,8 +148,10 @@ def is_built(out_dir: str | Path, seed: int | None = None) -> bool:
 
 
 def _build_id() -> str:
-    """Hash of this file: builds made by an older builder are stale."""
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    """Hash of this file and the modules that write its files: builds made by an older builder are stale."""
+    here = Path(__file__).parent
+    sources = (Path(__file__), here / "chatml_tokenizer.py", here / "qwen35_checkpoint.py")
+    return hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
 
 
 def build_tiny_model(out_dir: str | Path, *, seed: int = 0, force: bool = False) -> Path:
@@ -192,11 +181,11 @@ def _make_readable(path: Path) -> None:
 
 def _write_build(tmp: Path, name: str, seed: int) -> None:
     s = SETTINGS
-    tokenizer = _train_tokenizer(s.vocab_size)
-    _save_tokenizer(tokenizer, tmp)
+    tokenizer = train_tokenizer([CORPUS] * 4, s.vocab_size)
+    save_tokenizer(tokenizer, tmp)
     ranking = _corpus_ranking(tokenizer)
     state = _model_weights(s, seed, default_token=int(ranking[0]))
-    _save_model(_model_config(s, tokenizer), state, tmp)
+    save_checkpoint(text_config(s, tokenizer), state, tmp)
     features = _save_saes(s, state, tmp, name, seed, ranking)
     _save_info(s, seed, int(ranking[0]), features, tmp)
     (tmp / MARKER).write_text(json.dumps({"seed": seed, "build": _build_id()}) + "\n")
@@ -214,109 +203,7 @@ def _install(tmp: Path, out: Path) -> None:
         os.replace(item, dest)
 
 
-# ----------------------------------------------------------------------------- tokenizer
-
-
-def _train_tokenizer(vocab_size: int):
-    """Byte-level BPE trained on CORPUS; special tokens take ids 0..2."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([CORPUS] * 4, trainer=trainer)
-    if tok.get_vocab_size() != vocab_size:  # every model row must decode to a real token
-        raise RuntimeError(f"tokenizer has {tok.get_vocab_size()} tokens, expected {vocab_size}")
-    return tok
-
-
-def _save_tokenizer(tok, out: Path) -> None:
-    """tokenizer.json plus a Qwen-style tokenizer_config.json with the ChatML template."""
-    tok.save(str(out / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "Qwen3_5Tokenizer",
-        "model_max_length": 4096,
-        "bos_token": None,
-        "eos_token": "<|im_end|>",
-        "pad_token": "<|endoftext|>",
-        "unk_token": None,
-        "add_bos_token": False,
-        "add_prefix_space": False,
-        "clean_up_tokenization_spaces": False,
-        "errors": "replace",
-        "split_special_tokens": False,
-        "chat_template": CHAT_TEMPLATE,
-        "added_tokens_decoder": {
-            str(tok.token_to_id(t)): {
-                "content": t,
-                "lstrip": False,
-                "normalized": False,
-                "rstrip": False,
-                "single_word": False,
-                "special": True,
-            }
-            for t in SPECIAL_TOKENS
-        },
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-
 # ----------------------------------------------------------------------------- model
-
-
-def _model_config(s: TinySettings, tok) -> dict:
-    """HF config.json for a text-only Qwen3.5 (what vLLM serves as Qwen3_5ForCausalLM)."""
-    layer_types = [
-        "full_attention" if (i + 1) % s.full_attention_interval == 0 else "linear_attention"
-        for i in range(s.num_layers)
-    ]
-    return {
-        "architectures": ["Qwen3_5ForCausalLM"],
-        "model_type": "qwen3_5_text",
-        "vocab_size": s.vocab_size,
-        "hidden_size": s.hidden_size,
-        "intermediate_size": s.intermediate_size,
-        "num_hidden_layers": s.num_layers,
-        "num_attention_heads": s.num_heads,
-        "num_key_value_heads": s.num_kv_heads,
-        "head_dim": s.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": 4096,
-        "initializer_range": 0.02,
-        "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": False,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "layer_types": layer_types,
-        "full_attention_interval": s.full_attention_interval,
-        "linear_conv_kernel_dim": s.conv_kernel,
-        "linear_key_head_dim": s.linear_head_dim,
-        "linear_value_head_dim": s.linear_head_dim,
-        "linear_num_key_heads": s.linear_key_heads,
-        "linear_num_value_heads": s.linear_value_heads,
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": s.rope_theta,
-            "partial_rotary_factor": s.partial_rotary_factor,
-        },
-        "bos_token_id": None,
-        "eos_token_id": tok.token_to_id("<|im_end|>"),
-        "pad_token_id": tok.token_to_id("<|endoftext|>"),
-        "dtype": "bfloat16",
-        "use_cache": True,
-    }
 
 
 def _param_shapes(s: TinySettings) -> dict[str, tuple[int, ...]]:
@@ -534,20 +421,6 @@ def _name_seed(seed: int, name: str) -> int:
     for byte in f"{seed}:{name}".encode():
         h = ((h ^ byte) * 1099511628211) % (1 << 63)
     return h
-
-
-def _save_model(config: dict, state: dict[str, torch.Tensor], out: Path) -> None:
-    """config.json, generation_config.json and model.safetensors."""
-    from safetensors.torch import save_file
-
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    generation = {
-        "eos_token_id": [config["eos_token_id"], config["pad_token_id"]],
-        "pad_token_id": config["pad_token_id"],
-        "do_sample": False,
-    }
-    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
 # ----------------------------------------------------------------------------- SAEs and info

@@ -1,0 +1,84 @@
+"""Hugging Face checkpoints of small text-only Qwen3.5 models (what vLLM serves as
+Qwen3_5ForCausalLM), shared by the hand-built test fixture and the trained default model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+
+class Qwen35Shape(Protocol):
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    full_attention_interval: int  # every n-th layer is gated full attention, the rest Gated DeltaNet
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    linear_key_heads: int
+    linear_value_heads: int
+    linear_head_dim: int
+    conv_kernel: int
+    rope_theta: float
+    partial_rotary_factor: float
+
+
+def text_config(shape: Qwen35Shape, tok, max_positions: int = 4096) -> dict:
+    """config.json; ChatML's <|im_end|> ends a turn, <|endoftext|> pads."""
+    layer_types = [
+        "full_attention" if (i + 1) % shape.full_attention_interval == 0 else "linear_attention"
+        for i in range(shape.num_layers)
+    ]
+    return {
+        "architectures": ["Qwen3_5ForCausalLM"],
+        "model_type": "qwen3_5_text",
+        "vocab_size": shape.vocab_size,
+        "hidden_size": shape.hidden_size,
+        "intermediate_size": shape.intermediate_size,
+        "num_hidden_layers": shape.num_layers,
+        "num_attention_heads": shape.num_heads,
+        "num_key_value_heads": shape.num_kv_heads,
+        "head_dim": shape.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": max_positions,
+        "initializer_range": 0.02,
+        "rms_norm_eps": 1e-6,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "layer_types": layer_types,
+        "full_attention_interval": shape.full_attention_interval,
+        "linear_conv_kernel_dim": shape.conv_kernel,
+        "linear_key_head_dim": shape.linear_head_dim,
+        "linear_value_head_dim": shape.linear_head_dim,
+        "linear_num_key_heads": shape.linear_key_heads,
+        "linear_num_value_heads": shape.linear_value_heads,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": shape.rope_theta,
+            "partial_rotary_factor": shape.partial_rotary_factor,
+        },
+        "bos_token_id": None,
+        "eos_token_id": tok.token_to_id("<|im_end|>"),
+        "pad_token_id": tok.token_to_id("<|endoftext|>"),
+        "dtype": "bfloat16",
+        "use_cache": True,
+    }
+
+
+def save_checkpoint(config: dict, state: dict[str, torch.Tensor], out: Path) -> None:
+    """config.json, generation_config.json (greedy, stops at either special) and model.safetensors."""
+    from safetensors.torch import save_file
+
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = {
+        "eos_token_id": [config["eos_token_id"], config["pad_token_id"]],
+        "pad_token_id": config["pad_token_id"],
+        "do_sample": False,
+    }
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
