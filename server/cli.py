@@ -1,4 +1,5 @@
-"""`steerserve` command line: `serve` (vLLM's own serve, plus SAE options) and `make-tiny`.
+"""`steerserve` command line: `serve` (vLLM's own serve, plus SAE options), `make-tiny`, `eval`,
+`run-batch` and `build-default-model`.
 
 `serve` reuses vLLM's serve parser, so every engine argument and `--config FILE.yaml` (keys
 are long option names; command-line flags override the file) work exactly as in `vllm serve`.
@@ -286,6 +287,11 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["make-tiny"]:
         make_tiny(argv[1:])
+        return
+    if argv[:1] == ["build-default-model"]:
+        from server.default_model.build import main as build_main
+
+        build_main(argv[1:])
         return
     if argv[:1] == ["eval"]:
         from server.eval import main as eval_main

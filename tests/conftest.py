@@ -11,6 +11,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -74,6 +76,16 @@ def start_server(args: list[str], log_path: Path) -> ServeProcess:
         running.stop()
         raise
     return running
+
+
+@contextmanager
+def serving(args: list[str], log_path: Path) -> Iterator[ServeProcess]:
+    """A module's own server: started ready, stopped on exit."""
+    running = start_server(args, log_path)
+    try:
+        yield running
+    finally:
+        running.stop()
 
 
 @pytest.fixture(scope="session")

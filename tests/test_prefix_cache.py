@@ -20,7 +20,7 @@ import httpx
 import pytest
 import torch
 
-from tests.conftest import API_KEY, AUTH, server_env
+from tests.conftest import API_KEY, AUTH, serving
 
 PROMPT_TOKENS = 300
 GENERATED = 100
@@ -45,19 +45,13 @@ def build_dense_model(tiny: Path, out: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def dense_server(tiny_model_dir, tmp_path_factory):
-    from server.serve_process import ServeProcess
-
     work = tmp_path_factory.mktemp("dense")
     model = build_dense_model(tiny_model_dir, work / "model")
     args = [str(model), "--sae", str(model / "sae"), "--sae-layers", "1,2", "--dtype", "bfloat16",
             "--max-model-len", "1024", "--gpu-memory-utilization", "0.05", "--served-model-name", "dense",
             "--enforce-eager", "--seed", "0", "--api-key", API_KEY, "--data-dir", str(work / "data")]
-    running = ServeProcess(args, work / "server.log", env=server_env())
-    try:
-        running.wait_ready(900)
+    with serving(args, work / "server.log") as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture(scope="module")

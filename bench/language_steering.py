@@ -1,0 +1,75 @@
+"""Language steering on the shipped default model: for each corpus language, clamp its language
+feature (found by label search, as a user would) and count how many of 20 greedy answers to
+prompts in another language come out in it, judged by `langid`.
+
+Starts `steerserve serve` exactly as `make serve` does (unless --base-url is given) and prints,
+per target language and clamp value, the share of answers in the prompts' language unsteered
+and the share in the target language steered.
+
+    python bench/language_steering.py                  # ~3 minutes on the 2-core CPU machine
+    python bench/language_steering.py --multipliers 2,3,4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+MODEL = ROOT / "models" / "fortunes-qwen3.5"
+NAME = "fortunes-qwen3.5"
+KEY = "language-steering-key"
+
+
+def main() -> int:
+    from server.default_model.corpus import LANGUAGE_NAMES
+    from server.default_model.language_steering import PROMPTS_FOR_TARGET, measure
+    from server.serve_process import ServeProcess
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base-url")
+    parser.add_argument("--api-key", default=KEY)
+    parser.add_argument("--multipliers", default="3", help="clamp values as multiples of the feature's mean activation")
+    parser.add_argument("--examples", type=int, default=2, help="answers to print per target language")
+    args = parser.parse_args()
+    report = json.loads((MODEL / "build_report.json").read_text())["labels"]["language_features"]
+    server = None
+    if args.base_url is None:
+        work = Path(tempfile.mkdtemp(prefix="steerserve-lang-"))
+        env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+        server = ServeProcess([str(MODEL), "--config", str(ROOT / "configs" / "default.yaml"), "--sae", str(MODEL / "sae"),
+                               "--feature-labels", str(MODEL / "sae" / "labels.jsonl"), "--api-key", KEY,
+                               "--data-dir", str(work / "data")], work / "server.log", env=env, cwd=ROOT)
+        print(f"server ready in {server.wait_ready(900):.0f}s")
+    base_url = args.base_url or server.base_url
+    try:
+        with httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {args.api_key}"}) as http:
+            print(f"{'target':>8} {'feature':>8} {'value':>6} {'prompts':>8} {'unsteered: prompt lang':>23} "
+                  f"{'steered: target lang':>21}")
+            for target, (prompt_lang, prompts) in PROMPTS_FOR_TARGET.items():
+                name = LANGUAGE_NAMES[target]
+                hit = http.get("/v1/features/search", params={"q": name}).raise_for_status().json()["data"][0]
+                stats = report[str(hit["layer"])][target]
+                for multiplier in (float(m) for m in args.multipliers.split(",")):
+                    value = round(multiplier * stats["mean_activation"], 1)
+                    result = measure(base_url, NAME, hit["layer"], hit["index"], value, target, prompts=prompts,
+                                     api_key=args.api_key)
+                    print(f"{target:>8} {hit['layer']}:{hit['index']:<6} {value:>6g} {prompt_lang:>8} "
+                          f"{result.share('unsteered', prompt_lang):>23.0%} {result.share('steered', target):>21.0%}")
+                    for example in result.examples[: args.examples]:
+                        print(f"           {json.dumps(example, ensure_ascii=False)}")
+    finally:
+        if server is not None:
+            server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
