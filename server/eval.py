@@ -6,11 +6,13 @@ measures the tiny default on a laptop and Qwen3.5-27B with Qwen-Scope on GPUs:
     built-in sample): FVU, L0 and the fraction of features that never fired (the sums come
     from the workers' captures, server/sae_quality.py), and the downstream cost of splicing
     the SAE in (the NLL of the texts with the layer's output replaced by its reconstruction,
-    minus without);
+    minus without, and the mean per-token KL divergence of the next-token distributions from
+    the unspliced model's, estimated from each run's top 20: sae_quality.kl_top_k);
   * per chosen feature, mode and value (a dose-response sweep): the activation the feature has
     when the edited stream is re-encoded at its layer (does a clamp reach its target?), the
     cross-entropy cost on the text set (mean next-token NLL of the texts' own tokens, steered
-    minus unsteered; exp of it is the perplexity ratio), and the share of greedy tokens that
+    minus unsteered; exp of it is the perplexity ratio), the KL divergence from the unsteered
+    next-token distributions (same estimate), and the share of greedy tokens that
     change on a few prompts.
 Writes report.json and PNG plots into --output-dir, prints a table. `run_eval` is the Python API.
 """
@@ -31,12 +33,13 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
-from .sae_quality import QualitySums
+from .sae_quality import QualitySums, kl_top_k
 from .serve_process import ServeProcess, ServerStartError, api_key_of, has_option
 
 DEFAULT_TEXTS = Path(__file__).with_name("data") / "eval_texts.txt"
 PROMPTS = ["Tell me about the weather.", "Write a short poem about the sea.", "How do computers work?"]
 GREEDY_TOKENS = 16
+KL_TOP_K = 20  # next-token log-probabilities per position that KL is estimated from (sae_quality.kl_top_k)
 
 
 @dataclass(frozen=True)
@@ -107,21 +110,24 @@ def run_eval(http: httpx.Client, texts: list[str], sweeps: list[FeatureSweep]) -
         len(s.modes) * len(s.values) * len(PROMPTS) for s in sweeps) + len(PROMPTS)
     progress = tqdm(total=steps, desc="steerserve eval", unit="request", file=sys.stderr)
     sums = {layer: QualitySums() for layer in saes}
-    baseline_nll = []
+    baseline_nll, baseline_logprobs = [], []
     for text in _counted(texts, progress):
-        result = _inspect(http, {"prompt": text, "top_k": 1, "quality": True})
+        result = _inspect(http, {"prompt": text, "top_k": 1, "quality": True, "next_token_logprobs": KL_TOP_K})
         for layer, quality in result.get("quality", {}).items():
             sums[int(layer)] = sums[int(layer)] + QualitySums.from_capture(quality["sums"])
         baseline_nll.append(result["nll"])
-    splice_cost = {}  # per layer: NLL with the layer's output replaced by its SAE reconstruction, minus without
+        baseline_logprobs.append(result["next_token_logprobs"])
+    splice_cost, splice_kl = {}, {}  # per layer: the layer's output replaced by its SAE reconstruction vs not
     for layer in saes:
-        spliced = [_inspect(http, {"prompt": text, "layers": [layer], "top_k": 1, "quality": True, "splice": True})["nll"]
-                   for text in _counted(texts, progress)]
-        splice_cost[layer] = _mean(spliced) - _mean(baseline_nll)
+        spliced = [_inspect(http, {"prompt": text, "layers": [layer], "top_k": 1, "quality": True, "splice": True,
+                                   "next_token_logprobs": KL_TOP_K}) for text in _counted(texts, progress)]
+        splice_cost[layer] = _mean([r["nll"] for r in spliced]) - _mean(baseline_nll)
+        splice_kl[layer] = _mean_kl(baseline_logprobs, [r["next_token_logprobs"] for r in spliced])
     baseline_greedy = [_greedy(http, model, prompt, None) for prompt in _counted(PROMPTS, progress)]
     report: dict[str, Any] = {
         "model": model, "texts": len(texts),
-        "sae_quality": {str(layer): sums[layer].summary(saes[layer]["d_sae"]) | {"splice_nll_increase": splice_cost[layer]}
+        "sae_quality": {str(layer): sums[layer].summary(saes[layer]["d_sae"])
+                        | {"splice_nll_increase": splice_cost[layer], "splice_kl": splice_kl[layer]}
                         for layer in sorted(saes)},
         "baseline_nll": _mean(baseline_nll), "steering": [],
     }
@@ -131,14 +137,15 @@ def run_eval(http: httpx.Client, texts: list[str], sweeps: list[FeatureSweep]) -
                 steering = {"features": [{"layer": sweep.layer, "index": sweep.index, "mode": mode}
                                          | ({} if mode == "ablate" else {"value": value})]}
                 steered = [_steered_text(http, text, sweep, steering) for text in _counted(texts, progress)]
-                achieved, nll = _mean([a for a, _ in steered]), _mean([n for _, n in steered])
+                achieved, nll = _mean([a for a, _, _ in steered]), _mean([n for _, n, _ in steered])
+                kl = _mean_kl(baseline_logprobs, [lp for _, _, lp in steered])
                 greedy = [_greedy(http, model, prompt, steering) for prompt in _counted(PROMPTS, progress)]
                 changed = [sum(a != b for a, b in zip(g, base)) / max(1, len(base))
                            for g, base in zip(greedy, baseline_greedy)]
                 report["steering"].append({
                     "layer": sweep.layer, "index": sweep.index, "mode": mode, "value": value,
                     "achieved_activation": achieved, "nll_increase": nll - report["baseline_nll"],
-                    "perplexity_ratio": math.exp(nll - report["baseline_nll"]),
+                    "perplexity_ratio": math.exp(nll - report["baseline_nll"]), "kl": kl,
                     "greedy_changed": _mean(changed),
                 })
     progress.close()
@@ -165,14 +172,19 @@ def _inspect(http: httpx.Client, body: dict) -> dict:
     return _ok(http.post("/v1/features/inspect", json=body))
 
 
-def _steered_text(http: httpx.Client, text: str, sweep: FeatureSweep, steering: dict) -> tuple[float, float]:
+def _steered_text(http: httpx.Client, text: str, sweep: FeatureSweep, steering: dict) -> tuple[float, float, list]:
     """(the feature's mean activation over the text when the stream edited at its layer is
-    re-encoded, the text's NLL under the steering), from one steered inspect: it reads features
-    after the edit, reports watched ones at every token, and with `quality` the text's NLL."""
+    re-encoded, the text's NLL under the steering, its next-token log-probabilities), from one
+    steered inspect: it reads features after the edit and reports watched ones at every token."""
     result = _inspect(http, {"prompt": text, "layers": [sweep.layer], "top_k": 1, "watch": [sweep.index],
-                             "quality": True, "steering": steering})
+                             "next_token_logprobs": KL_TOP_K, "steering": steering})
     values = [token["watched"][str(sweep.layer)][0]["activation"] for token in result["tokens"] if not token["special"]]
-    return _mean(values), result["nll"]
+    return _mean(values), result["nll"], result["next_token_logprobs"]
+
+
+def _mean_kl(baseline: list[list[dict]], other: list[list[dict]]) -> float:
+    """Mean per-token KL(baseline || other) over every position of every text."""
+    return _mean([kl_top_k(p, q, KL_TOP_K) for p_text, q_text in zip(baseline, other) for p, q in zip(p_text, q_text)])
 
 
 def _greedy(http: httpx.Client, model: str, prompt: str, steering: dict | None) -> list[int]:
@@ -183,17 +195,19 @@ def _greedy(http: httpx.Client, model: str, prompt: str, steering: dict | None) 
 
 def format_table(report: dict) -> str:
     lines = [f"SAE quality on {report['texts']} texts ({report['model']}):",
-             f"{'layer':>6} {'tokens':>7} {'FVU':>8} {'L0':>8} {'dead':>7} {'splice dNLL':>12}"]
+             f"{'layer':>6} {'tokens':>7} {'FVU':>8} {'L0':>8} {'dead':>7} {'splice dNLL':>12} {'splice KL':>10}"]
     for layer, q in report["sae_quality"].items():
         fvu = f"{q['fvu']:.4f}" if q["fvu"] is not None else "-"
         lines.append(f"{layer:>6} {q['tokens']:>7} {fvu:>8} {q['l0']:>8.2f} {q['dead_fraction']:>7.1%} "
-                     f"{q['splice_nll_increase']:>12.3f}")
+                     f"{q['splice_nll_increase']:>12.3f} {q['splice_kl']:>10.3f}")
     if report["steering"]:
         lines += ["", f"Steering (baseline NLL {report['baseline_nll']:.3f}):",
-                  f"{'feature':>10} {'mode':>6} {'value':>7} {'achieved':>9} {'dNLL':>8} {'ppl x':>9} {'greedy':>7}"]
+                  f"{'feature':>10} {'mode':>6} {'value':>7} {'achieved':>9} {'dNLL':>8} {'ppl x':>9} {'KL':>8} "
+                  f"{'greedy':>7}"]
         for s in report["steering"]:
             lines.append(f"{s['layer']}:{s['index']:<8} {s['mode']:>6} {s['value']:>7g} {s['achieved_activation']:>9.3f} "
-                         f"{s['nll_increase']:>8.3f} {s['perplexity_ratio']:>9.3g} {s['greedy_changed']:>7.1%}")
+                         f"{s['nll_increase']:>8.3f} {s['perplexity_ratio']:>9.3g} {s['kl']:>8.3f} "
+                         f"{s['greedy_changed']:>7.1%}")
     return "\n".join(lines)
 
 
@@ -208,9 +222,9 @@ def write_report(report: dict, out: Path) -> list[Path]:
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     written = [out / "report.json"]
     layers = list(report["sae_quality"])
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2))
-    for ax, key, title in zip(axes, ("fvu", "l0", "dead_fraction", "splice_nll_increase"),
-                              ("FVU", "L0", "dead fraction", "NLL increase when spliced")):
+    fig, axes = plt.subplots(1, 5, figsize=(17, 3.2))
+    for ax, key, title in zip(axes, ("fvu", "l0", "dead_fraction", "splice_nll_increase", "splice_kl"),
+                              ("FVU", "L0", "dead fraction", "NLL increase when spliced", "KL when spliced")):
         ax.bar(layers, [report["sae_quality"][layer][key] or 0 for layer in layers], color="#4C72B0")
         ax.set_title(title)
         ax.set_xlabel("layer")
@@ -220,15 +234,17 @@ def write_report(report: dict, out: Path) -> list[Path]:
     written.append(out / "sae_quality.png")
     for layer, index in sorted({(s["layer"], s["index"]) for s in report["steering"]}):
         rows = [s for s in report["steering"] if (s["layer"], s["index"]) == (layer, index)]
-        fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+        fig, (left, right, kl_ax) = plt.subplots(1, 3, figsize=(13, 3.2))
         for mode in dict.fromkeys(s["mode"] for s in rows):
             points = [s for s in rows if s["mode"] == mode]
             values = [s["value"] for s in points]
             left.plot(values, [s["achieved_activation"] for s in points], marker="o", label=mode)
             right.plot(values, [s["nll_increase"] for s in points], marker="o", label=mode)
+            kl_ax.plot(values, [s["kl"] for s in points], marker="o", label=mode)
         left.plot(values, values, linestyle=":", color="grey", label="target")
         left.set(title=f"feature {layer}:{index}: achieved activation", xlabel="value")
         right.set(title="NLL increase on the texts", xlabel="value")
+        kl_ax.set(title="KL from the unsteered model", xlabel="value")
         left.legend()
         fig.tight_layout()
         path = out / f"steering_L{layer}_{index}.png"

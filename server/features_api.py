@@ -18,7 +18,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from sae_plugins.feature_capture import CAPTURE_KEY, CaptureSpec
 
@@ -28,6 +28,7 @@ from .sae_quality import QualitySums
 router = APIRouter()
 MAX_TOP_K = 100
 LENS_TOP = 20
+MAX_NEXT_TOKEN_LOGPROBS = 20  # vLLM's default --max-logprobs
 MAX_SEARCH_OFFSET = 10_000  # token search ranks features on the workers: bounded work per request
 
 
@@ -43,6 +44,8 @@ class InspectRequest(BaseModel):
     quality: StrictBool = False  # also report how well each layer's SAE reconstructs this text
     splice: StrictBool = False  # run the text with each inspected layer replaced by its SAE's reconstruction
     watch: list[StrictInt] = []  # feature indices reported at every token of every inspected layer
+    # the top-k next-token log-probabilities at every position (eval's KL); implies `nll`
+    next_token_logprobs: StrictInt = Field(default=0, ge=0, le=MAX_NEXT_TOKEN_LOGPROBS)
 
 
 def _context(request: Request):
@@ -153,8 +156,8 @@ async def _run_inspection(context, req: InspectRequest, layers: list[int], token
     body = {"model": context.served_model, "prompt": token_ids, "max_tokens": 1, "temperature": 0,
             "vllm_xargs": {CAPTURE_KEY: capture.to_extra_arg()},
             "cache_salt": f"inspect-{capture.id}"}  # every position must really be computed
-    if req.quality:
-        body["prompt_logprobs"] = 0  # the text's own next-token log-likelihoods
+    if req.quality or req.next_token_logprobs:
+        body["prompt_logprobs"] = req.next_token_logprobs  # the text's own next-token log-likelihoods
     if req.steering is not None:
         body["steering"] = req.steering
     response = await context.client.post("/v1/completions", content=json.dumps(body),
@@ -184,8 +187,13 @@ async def _run_inspection(context, req: InspectRequest, layers: list[int], token
     steering_echo = response.json().get("steering")
     result = {"object": "feature_inspection", "model": context.served_model, "layers": layers, "top_k": req.top_k,
               "steering": steering_echo, "tokens": tokens, "aggregate": aggregate}
+    if "prompt_logprobs" in body:
+        prompt_logprobs = response.json()["choices"][0]["prompt_logprobs"]
+        result["nll"] = _mean_nll(prompt_logprobs, token_ids)
+        if req.next_token_logprobs:  # predictions of tokens 1.. (vLLM also lists the actual token)
+            result["next_token_logprobs"] = [{t: e["logprob"] for t, e in entry.items()}
+                                             for entry in prompt_logprobs[1:]]
     if req.quality:  # summary plus the raw sums, which add up over requests (server/sae_quality.py)
-        result["nll"] = _mean_nll(response.json()["choices"][0]["prompt_logprobs"], token_ids)
         result["quality"] = {
             str(layer): QualitySums.from_capture(captured[layer]["quality"]).summary(context.sae_by_layer[layer]["d_sae"])
             | {"sums": captured[layer]["quality"]}

@@ -11,6 +11,7 @@ text set's with the same code:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -42,3 +43,24 @@ class QualitySums:
     def summary(self, d_sae: int) -> dict:
         return {"tokens": self.tokens, "fvu": self.fvu(), "l0": self.l0_sum / self.tokens if self.tokens else None,
                 "features_fired": len(self.fired), "dead_fraction": 1 - len(self.fired) / d_sae}
+
+
+def kl_top_k(p: dict[str, float], q: dict[str, float], k: int) -> float:
+    """KL(P || Q) in nats at one position, from each run's top-k next-token log-probabilities
+    (vLLM returns only the top k, plus the actual token).
+
+    P's listed tokens count exactly where Q lists them too; where Q does not, the token gets
+    Q's k-th log-probability (the most it can have, so that term is not overestimated); P's
+    unlisted mass is one bucket against Q's remaining mass. Exact when P's top k hold all its
+    mass and Q lists them; an estimate otherwise, good when the distributions are peaked.
+    """
+    q_floor = sorted(q.values(), reverse=True)[min(k, len(q)) - 1]
+    kl, p_rest, q_rest = 0.0, 1.0, 1.0
+    for token, lp in p.items():
+        lq = q.get(token, q_floor)
+        kl += math.exp(lp) * (lp - lq)
+        p_rest -= math.exp(lp)
+        q_rest -= math.exp(lq)
+    if p_rest > 1e-9:
+        kl += p_rest * math.log(p_rest / max(q_rest, 1e-12))
+    return max(kl, 0.0)
