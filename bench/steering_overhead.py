@@ -6,8 +6,10 @@ a running server, then measures, on that same engine:
     and 100% of requests steered, steering 1 or 4 layers, at concurrency 1, 8 and 32, as ratios
     to the unsteered run at the same concurrency;
   * throughput with K = 1, 8, 32, 64 distinct steering configs in flight, relative to K = 1.
-Each cell is the median over paired runs (baseline then variant, repeated) after a warm-up pass
-over every shape, because a shared CPU machine drifts by more than the effects measured. Each
+Each cell interleaves baseline and variant arms (AB BA AB BA), every arm at least --arm-seconds
+long, after a warm-up pass over every shape, because a shared CPU machine drifts by more than
+the effects measured; the ratio is over the summed tokens and seconds, and the spread of the
+per-pair ratios and the 0%-vs-0% rows show the bench's own noise floor. Each
 cell also reports the steering share: the fraction of the workers' model-execution host time
 spent in steering (routing + the op), measured inside the same steps, so it does not drift;
 the 0% row is the unsteered overhead (routing only), and its throughput ratio shows how much
@@ -27,7 +29,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,10 +43,9 @@ def clamp_spec(layers: list[int], variant: int) -> dict:
                          for layer in layers]}
 
 
-async def run_load(base_url: str, specs: list[dict | None], concurrency: int, max_tokens: int,
-                   elapsed_out: list | None = None) -> tuple[float, float]:
+async def run_load(base_url: str, specs: list[dict | None], concurrency: int, max_tokens: int) -> tuple[int, int, float]:
     """Sends len(specs) requests (spec i for request i) with `concurrency` in flight.
-    Returns (completion tokens/s, total tokens/s); appends the wall time to elapsed_out."""
+    Returns (completion tokens, total tokens, wall seconds)."""
     queue = list(enumerate(specs))
     completion = prompt = 0
 
@@ -68,9 +68,17 @@ async def run_load(base_url: str, specs: list[dict | None], concurrency: int, ma
         start = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
-    if elapsed_out is not None:
-        elapsed_out.append(elapsed)
-    return completion / elapsed, (completion + prompt) / elapsed
+    return completion, completion + prompt, elapsed
+
+
+async def timed_load(base_url: str, specs: list[dict | None], concurrency: int, args) -> tuple[int, int, float]:
+    """run_load repeated until the arm has run --arm-seconds: a short run on a tiny model is
+    mostly scheduling jitter. Returns summed (completion tokens, total tokens, seconds)."""
+    completion = total = seconds = 0.0
+    while seconds < args.arm_seconds:
+        c, t, e = await run_load(base_url, specs, concurrency, args.max_tokens)
+        completion, total, seconds = completion + c, total + t, seconds + e
+    return completion, total, seconds
 
 
 async def worker_metrics(base_url: str) -> dict[str, float]:
@@ -95,24 +103,33 @@ async def worker_seconds(base_url: str) -> tuple[float, float]:
 
 
 async def paired_ratio(base_url: str, base: list, variant: list, concurrency: int, args) -> tuple[float, ...]:
-    """Runs base and variant back to back `args.repeats` times (ABAB...) so drift on a noisy
-    machine hits both alike. Returns medians of: the variant/base throughput ratios (decode,
-    total), the variant throughputs (decode, total), and the steering time of the variant runs,
-    which the workers measure inside the same steps and so does not drift with the machine, as
-    a share of their model-execution time and of the runs' wall time. On CPU the steering time
-    is the steering cost itself, so its share of the wall time is the throughput it costs."""
-    columns = [[] for _ in range(6)]
-    for _ in range(args.repeats):
-        base_decode, base_total = await run_load(base_url, base, concurrency, args.max_tokens)
-        steer0, exec0 = await worker_seconds(base_url)
-        elapsed = []
-        decode, total = await run_load(base_url, variant, concurrency, args.max_tokens, elapsed)
-        steer1, exec1 = await worker_seconds(base_url)
-        values = (decode / base_decode, total / base_total, decode, total,
-                  (steer1 - steer0) / max(exec1 - exec0, 1e-9), (steer1 - steer0) / elapsed[0])
-        for column, value in zip(columns, values):
-            column.append(value)
-    return tuple(statistics.median(column) for column in columns)
+    """Runs base and variant as `args.repeats` interleaved pairs, alternating which goes first
+    (AB BA AB ...), each arm at least --arm-seconds, so drift on a noisy machine hits both alike.
+
+    Returns: the variant/base throughput ratios (decode, total) over all pairs' summed tokens
+    and seconds, the spread of the per-pair decode ratios (max - min), the variant throughputs
+    (decode, total), and the steering time of the variant arms, which the workers measure inside
+    the same steps and so does not drift with the machine, as a share of their model-execution
+    time and of the arms' wall time. On CPU the steering time is the steering cost itself, so
+    its share of the wall time is the throughput it costs."""
+    sums = {"base": [0.0, 0.0, 0.0], "variant": [0.0, 0.0, 0.0]}
+    pair_ratios, steer, execute = [], 0.0, 0.0
+    for repeat in range(args.repeats):
+        arms = ("base", "variant") if repeat % 2 == 0 else ("variant", "base")
+        rates = {}
+        for arm in arms:
+            steer0, exec0 = await worker_seconds(base_url)
+            c, t, e = await timed_load(base_url, base if arm == "base" else variant, concurrency, args)
+            if arm == "variant":
+                steer1, exec1 = await worker_seconds(base_url)
+                steer, execute = steer + steer1 - steer0, execute + exec1 - exec0
+            for i, value in enumerate((c, t, e)):
+                sums[arm][i] += value
+            rates[arm] = c / e
+        pair_ratios.append(rates["variant"] / rates["base"])
+    b, v = sums["base"], sums["variant"]
+    return (v[0] / v[2] / (b[0] / b[2]), v[1] / v[2] / (b[1] / b[2]), max(pair_ratios) - min(pair_ratios),
+            v[0] / v[2], v[1] / v[2], steer / max(execute, 1e-9), steer / v[2])
 
 
 def steering_matrix(layers: list[int], n: int) -> list[tuple[str, str, list]]:
@@ -136,28 +153,34 @@ async def measure(args, base_url: str) -> None:
         await run_load(base_url, [None] * n, concurrency, args.max_tokens)
         for _, _, specs in steering_matrix(layers, n):
             await run_load(base_url, specs, concurrency, args.max_tokens)
-    print(f"\nsteered fraction x steered layers x concurrency: median of {args.repeats} paired runs, "
-          f"ratio to 0% steered ({args.max_tokens} tokens/request)")
+    print(f"\nsteered fraction x steered layers x concurrency: {args.repeats} interleaved pairs of "
+          f">= {args.arm_seconds:g} s arms, ratio to 0% steered ({args.max_tokens} tokens/request); "
+          f"spread = max - min of the per-pair decode ratios")
     print(f"{'conc':>5} {'layers':>7} {'steered':>8} {'decode tok/s':>13} {'total tok/s':>12} "
-          f"{'decode ratio':>13} {'total ratio':>12} {'steer/execute':>14} {'steer/wall':>11}")
+          f"{'decode ratio':>13} {'spread':>7} {'total ratio':>12} {'steer/execute':>14} {'steer/wall':>11}")
+    noise = []
     for concurrency in (1, 8, 32):
         n = max(2 * concurrency, args.min_requests)
         cells = [("-", "0%", [None] * n), *steering_matrix(layers, n)]
         for layer_label, label, specs in cells:
-            decode_ratio, total_ratio, decode, total, share, wall = await paired_ratio(
+            decode_ratio, total_ratio, spread, decode, total, share, wall = await paired_ratio(
                 base_url, [None] * n, specs, concurrency, args)
+            if label == "0%":
+                noise.append(decode_ratio)
             print(f"{concurrency:>5} {layer_label:>7} {label:>8} {decode:>13.1f} {total:>12.1f} "
-                  f"{decode_ratio:>13.3f} {total_ratio:>12.3f} {share:>14.1%} {wall:>11.1%}")
+                  f"{decode_ratio:>13.3f} {spread:>7.3f} {total_ratio:>12.3f} {share:>14.1%} {wall:>11.1%}")
+    print(f"noise floor (0% steered against itself): decode ratios {min(noise):.3f} .. {max(noise):.3f}, "
+          f"so differences within {max(abs(r - 1) for r in noise):.1%} of 1.00 are not resolved")
     print(f"\ndistinct steering configs in flight (concurrency 32, 1 layer, all requests steered): "
-          f"median of {args.repeats} paired runs against K=1")
-    print(f"{'K':>4} {'decode tok/s':>13} {'ratio to K=1':>13} {'steer/execute':>14} {'steer/wall':>11}")
+          f"{args.repeats} interleaved pairs against K=1 (the K=1 row is the noise floor here)")
+    print(f"{'K':>4} {'decode tok/s':>13} {'ratio to K=1':>13} {'spread':>7} {'steer/execute':>14} {'steer/wall':>11}")
     n = max(64, args.min_requests)
     reference = [clamp_spec(layers[:1], 0) for _ in range(n)]
     for k in (1, 8, 32, 64):
         specs = [clamp_spec(layers[:1], i % k) for i in range(n)]
         await run_load(base_url, specs, 32, args.max_tokens)  # warm-up: install the K configs once
-        decode_ratio, _, decode, _, share, wall = await paired_ratio(base_url, reference, specs, 32, args)
-        print(f"{k:>4} {decode:>13.1f} {decode_ratio:>13.3f} {share:>14.1%} {wall:>11.1%}")
+        decode_ratio, _, spread, decode, _, share, wall = await paired_ratio(base_url, reference, specs, 32, args)
+        print(f"{k:>4} {decode:>13.1f} {decode_ratio:>13.3f} {spread:>7.3f} {share:>14.1%} {wall:>11.1%}")
 
 
 def main() -> None:
@@ -168,7 +191,8 @@ def main() -> None:
     parser.add_argument("--base-url", default=None, help="use a running server (started with these --layers)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--min-requests", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3, help="paired runs per cell (median reported)")
+    parser.add_argument("--repeats", type=int, default=4, help="interleaved pairs per cell")
+    parser.add_argument("--arm-seconds", type=float, default=3.0, help="minimum wall time of each arm of a pair")
     parser.add_argument("--log", default="/tmp/steerserve-bench.log")
     parser.add_argument("engine_args", nargs="*", help="extra `steerserve serve` arguments after --")
     args = parser.parse_args()
