@@ -1,5 +1,6 @@
 """Hugging Face checkpoints of small text-only Qwen3.5 models (what vLLM serves as
-Qwen3_5ForCausalLM), shared by the hand-built test fixture and the trained default model."""
+Qwen3_5ForCausalLM) and their SAE sets in the Qwen-Scope layout, shared by the hand-built test
+fixture and the trained default model."""
 
 from __future__ import annotations
 
@@ -82,3 +83,25 @@ def save_checkpoint(config: dict, state: dict[str, torch.Tensor], out: Path) -> 
     }
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def save_qwen_scope_layer(sae_dir: Path, layer: int, tensors: dict[str, torch.Tensor]) -> None:
+    """layer{n}.sae.pt: a plain dict of fp32 W_enc [d_sae, d_model], W_dec [d_model, d_sae],
+    b_enc [d_sae], b_dec [d_model], as Qwen-Scope publishes them."""
+    torch.save(tensors, sae_dir / f"layer{layer}.sae.pt")
+
+
+def save_qwen_scope_config(sae_dir: Path, *, base_model: str, d_model: int, d_sae: int, k: int,
+                           num_layers: int) -> None:
+    """config.json beside the layer files: what the loaders read to recognise the format."""
+    config = {
+        "model_type": "topk_sae",
+        "base_model": base_model,
+        "d_model": d_model,
+        "d_sae": d_sae,
+        "k": k,
+        "num_layers": num_layers,
+        "hook_point": "resid_post",
+        "dtype": "float32",
+    }
+    (sae_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from server.chatml_tokenizer import SPECIAL_TOKENS, save_tokenizer, train_tokenizer
-from server.qwen35_checkpoint import save_checkpoint, text_config
+from server.qwen35_checkpoint import save_checkpoint, save_qwen_scope_config, save_qwen_scope_layer, text_config
 
 __all__ = ["TinySettings", "SETTINGS", "INFO_FILE", "build_tiny_model", "is_built", "successors"]
 
@@ -441,19 +441,10 @@ def _save_saes(
     for layer in range(s.num_layers):
         token_ids, code_ids = _feature_tokens(s, rng, layer, ranking)
         tensors = _sae_tensors(s, directions, rng.gen(f"sae.{layer}"), token_ids, code_ids)
-        torch.save(tensors, sae_dir / f"layer{layer}.sae.pt")
+        save_qwen_scope_layer(sae_dir, layer, tensors)
         features.append({"token_features": token_ids.tolist(), "code_features": code_ids.tolist()})
-    config = {
-        "model_type": "topk_sae",
-        "base_model": name,
-        "d_model": s.hidden_size,
-        "d_sae": s.d_sae,
-        "k": s.sae_k,
-        "num_layers": s.num_layers,
-        "hook_point": "resid_post",
-        "dtype": "float32",
-    }
-    (sae_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_qwen_scope_config(sae_dir, base_model=name, d_model=s.hidden_size, d_sae=s.d_sae, k=s.sae_k,
+                           num_layers=s.num_layers)
     return features
 
 

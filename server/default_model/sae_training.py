@@ -8,7 +8,6 @@ features learn from the residual error, and b_dec started at the activations' me
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 
 from server.default_model.corpus import Document
+from server.qwen35_checkpoint import save_qwen_scope_config, save_qwen_scope_layer
 
 SAE_LAYERS = (1, 2, 3)  # language is mostly assembled by the full-attention layer 3
 
@@ -74,16 +74,23 @@ def encode(sae: dict[str, torch.Tensor], x: torch.Tensor, k: int) -> torch.Tenso
     return torch.zeros_like(pre).scatter_(-1, top.indices, top.values)
 
 
-def fvu(sae: dict[str, torch.Tensor], x: torch.Tensor, k: int) -> float:
-    """Fraction of variance unexplained on x (chunked)."""
+def quality(sae: dict[str, torch.Tensor], x: torch.Tensor, k: int) -> dict[str, float]:
+    """Fraction of variance unexplained, L0 and the share of features that never fired on x
+    (one encode, chunked)."""
     err = total = 0.0
+    active = 0
+    fired = torch.zeros(sae["W_enc"].shape[0], dtype=torch.bool)
     mean = x.mean(0)
     with torch.no_grad():
         for chunk in x.split(8192):
-            x_hat = encode(sae, chunk, k) @ sae["W_dec"].T + sae["b_dec"]
+            f = encode(sae, chunk, k)
+            x_hat = f @ sae["W_dec"].T + sae["b_dec"]
             err += float(((chunk - x_hat) ** 2).sum())
             total += float(((chunk - mean) ** 2).sum())
-    return err / total
+            active += int((f > 0).sum())
+            fired |= (f > 0).any(0)
+    return {"held_out_fvu": round(err / total, 4), "l0": round(active / len(x), 2),
+            "dead_fraction": round(float((~fired).float().mean()), 4)}
 
 
 def train_sae(x: torch.Tensor, settings: SaeSettings, log: Callable[[str], None]) -> dict[str, torch.Tensor]:
@@ -165,25 +172,10 @@ def train_saes(model_dir: Path, docs: list[Document], log: Callable[[str], None]
     for layer in SAE_LAYERS:
         log(f"SAE at layer {layer}")
         sae = train_sae(acts[layer], settings, log)
-        torch.save(sae, sae_dir / f"layer{layer}.sae.pt")
-        with torch.no_grad():
-            f = torch.cat([encode(sae, c, settings.k) for c in held[layer].split(8192)])
-        report["layers"][str(layer)] = {
-            "held_out_fvu": round(fvu(sae, held[layer], settings.k), 4),
-            "l0": round(float((f > 0).sum(-1).float().mean()), 2),
-            "dead_fraction": round(float(((f > 0).sum(0) == 0).float().mean()), 4),
-        }
+        save_qwen_scope_layer(sae_dir, layer, sae)
+        report["layers"][str(layer)] = quality(sae, held[layer], settings.k)
         log(f"  layer {layer}: {report['layers'][str(layer)]}")
-    config = {
-        "model_type": "topk_sae",
-        "base_model": model_dir.name,
-        "d_model": acts[SAE_LAYERS[0]].shape[1],
-        "d_sae": settings.d_sae,
-        "k": settings.k,
-        "num_layers": model.config.num_hidden_layers,
-        "hook_point": "resid_post",
-        "dtype": "float32",
-    }
-    (sae_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_qwen_scope_config(sae_dir, base_model=model_dir.name, d_model=acts[SAE_LAYERS[0]].shape[1],
+                           d_sae=settings.d_sae, k=settings.k, num_layers=model.config.num_hidden_layers)
     report["seconds"] = round(time.monotonic() - started, 1)
     return report
