@@ -30,7 +30,7 @@ KEY = "language-steering-key"
 
 def main() -> int:
     from server.default_model.corpus import LANGUAGE_NAMES
-    from server.default_model.language_steering import PROMPTS_FOR_TARGET, measure
+    from server.default_model.language_steering import PROMPTS_FOR_TARGET, clamp_value, measure
     from server.serve_process import ServeProcess
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -39,7 +39,7 @@ def main() -> int:
     parser.add_argument("--multipliers", default="3", help="clamp values as multiples of the feature's mean activation")
     parser.add_argument("--examples", type=int, default=2, help="answers to print per target language")
     args = parser.parse_args()
-    report = json.loads((MODEL / "build_report.json").read_text())["labels"]["language_features"]
+    report = json.loads((MODEL / "build_report.json").read_text())
     server = None
     if args.base_url is None:
         work = Path(tempfile.mkdtemp(prefix="steerserve-lang-"))
@@ -56,9 +56,8 @@ def main() -> int:
             for target, (prompt_lang, prompts) in PROMPTS_FOR_TARGET.items():
                 name = LANGUAGE_NAMES[target]
                 hit = http.get("/v1/features/search", params={"q": name}).raise_for_status().json()["data"][0]
-                stats = report[str(hit["layer"])][target]
                 for multiplier in (float(m) for m in args.multipliers.split(",")):
-                    value = round(multiplier * stats["mean_activation"], 1)
+                    value = clamp_value(report, hit["layer"], target, multiplier)
                     result = measure(base_url, NAME, hit["layer"], hit["index"], value, target, prompts=prompts,
                                      api_key=args.api_key)
                     print(f"{target:>8} {hit['layer']}:{hit['index']:<6} {value:>6g} {prompt_lang:>8} "

@@ -97,10 +97,13 @@ def language_feature(http, name: str) -> dict:
     return hits[0]
 
 
-def clamp_value(feature: dict) -> float:
-    lang = {"English": "en", "German": "de", "Spanish": "es", "Italian": "it"}[feature["label"]]
-    stats = REPORT["labels"]["language_features"][str(feature["layer"])][lang]
-    return round(5 * stats["mean_activation"], 1)  # bench/language_steering.py: 2x and 3x move few answers
+def five_times_mean(feature: dict) -> float:
+    """The clamp that switches most answers (bench/language_steering.py: 2x and 3x move few)."""
+    from server.default_model.corpus import LANGUAGE_NAMES
+    from server.default_model.language_steering import clamp_value
+
+    language = next(code for code, name in LANGUAGE_NAMES.items() if name == feature["label"])
+    return clamp_value(REPORT, feature["layer"], language, 5)
 
 
 def chat(http, content: str, steering=None, **extra) -> dict:
@@ -115,7 +118,7 @@ def test_clamping_a_language_feature_switches_the_answer_language(default_server
     from server.default_model.language_steering import ENGLISH_PROMPTS, measure
 
     feature = language_feature(http, "German")
-    result = measure(default_server.base_url, NAME, feature["layer"], feature["index"], clamp_value(feature), "de",
+    result = measure(default_server.base_url, NAME, feature["layer"], feature["index"], five_times_mean(feature), "de",
                      api_key=API_KEY, max_tokens=24)
     print(json.dumps(result.examples[:3], ensure_ascii=False, indent=1))
     assert len(result.steered) == len(ENGLISH_PROMPTS) == 20
@@ -126,7 +129,7 @@ def test_clamping_a_language_feature_switches_the_answer_language(default_server
 def test_steering_is_isolated_and_streams_the_same(http):
     feature = language_feature(http, "Spanish")
     steering = {"features": [{"layer": feature["layer"], "index": feature["index"], "mode": "clamp",
-                              "value": clamp_value(feature)}]}
+                              "value": five_times_mean(feature)}]}
     alone_plain = chat(http, "Tell me a joke.")["choices"][0]["message"]["content"]
     alone_steered = chat(http, "Tell me a joke.", steering)["choices"][0]["message"]["content"]
     assert alone_plain != alone_steered

@@ -44,6 +44,13 @@ class LanguageSteeringResult:
         return sum(a == language for a in answers) / max(1, len(answers))
 
 
+def clamp_value(build_report: dict, layer: int, language: str, multiplier: float) -> float:
+    """`multiplier` times the language feature's mean activation when it fires (from the build
+    report's labelling numbers), rounded to 0.1: the scale the steering tables are quoted in."""
+    stats = build_report["labels"]["language_features"][str(layer)][language]
+    return round(multiplier * stats["mean_activation"], 1)
+
+
 def identify(text: str) -> str:
     import langid
 
