@@ -85,6 +85,24 @@ def test_inspect_reports_watched_features_at_every_token(http, reference):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "watch[0]"
 
 
+def test_inspect_next_token_logprobs_match_the_reference(http, reference):
+    """Position i lists the top 5 predictions of token i+1 plus that token, as the reference's
+    log-softmax gives them (the circuit decides with margins of several logits)."""
+    result = inspect(http, messages=MESSAGES, top_k=1, layers=[1], next_token_logprobs=5)
+    ids = [t["token_id"] for t in result["tokens"]]
+    with torch.no_grad():
+        logprobs = torch.log_softmax(reference.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+    listed = result["next_token_logprobs"]
+    assert len(listed) == len(ids) - 1
+    for i, entry in enumerate(listed):
+        top5 = logprobs[i].topk(5).indices.tolist()
+        assert str(ids[i + 1]) in entry and str(top5[0]) in entry and 5 <= len(entry) <= 6
+        for token, value in entry.items():  # bf16 logits: steps of 0.125 at |logit| 16-32
+            expected = float(logprobs[i, int(token)])
+            assert value == pytest.approx(expected, abs=max(0.1, 0.02 * abs(expected)))
+    assert result["nll"] == pytest.approx(-sum(entry[str(t)] for entry, t in zip(listed, ids[1:])) / len(listed))
+
+
 def test_inspect_a_steered_forward(http, reference):
     steering = {"features": [{"layer": 1, "index": 600, "mode": "add", "value": 8.0}]}
     result = inspect(http, messages=MESSAGES, top_k=5, steering=steering)
@@ -127,6 +145,10 @@ def test_concurrent_inspections_each_equal_alone(http):
     ({}, 400, "messages", "invalid_request"),
     ({"prompt": "hi", "colour": "red"}, 400, "colour", "invalid_request"),
     ({"prompt": "hi", "top_k": "5"}, 400, "top_k", "invalid_request"),
+    ({"prompt": "hi", "next_token_logprobs": 21}, 400, "next_token_logprobs", "invalid_request"),
+    ({"prompt": "hi", "next_token_logprobs": -1}, 400, "next_token_logprobs", "invalid_request"),
+    ({"prompt": "hi", "next_token_logprobs": "5"}, 400, "next_token_logprobs", "invalid_request"),
+    ({"prompt": "hi", "next_token_logprobs": True}, 400, "next_token_logprobs", "invalid_request"),
     ({"prompt": " weather" * 1100}, 400, "prompt", "too_many_tokens"),
     ({"prompt": "hi", "steering": {"features": [{"layer": 3, "index": 1, "mode": "add", "value": 1}]}},
      400, "steering.features[0].layer", "layer_not_loaded"),
