@@ -5,7 +5,9 @@ a running server, then measures, on that same engine:
   * decode (completion tokens/s) and total (prompt+completion tokens/s) throughput with 0%, 50%
     and 100% of requests steered, steering 1 or 4 layers, at concurrency 1, 8 and 32, as ratios
     to the unsteered run at the same concurrency;
-  * throughput with K = 1, 8, 32, 64 distinct steering configs in flight, relative to K = 1.
+  * throughput with K = 1, 8, 32, 64 distinct steering configs in flight, relative to K = 1;
+  * gated steering (`when`) against the same edits ungated: the gate on the edited layer, and
+    on another layer (which then needs an encode of its own).
 Each cell interleaves baseline and variant arms (AB BA AB BA), every arm at least --arm-seconds
 long, after a warm-up pass over every shape, because a shared CPU machine drifts by more than
 the effects measured; the ratio is over the summed tokens and seconds, and the spread of the
@@ -38,47 +40,52 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def clamp_spec(layers: list[int], variant: int) -> dict:
-    return {"features": [{"layer": layer, "index": (7 + 13 * variant) % 512, "mode": "clamp", "value": 4.0}
+def clamp_spec(layers: list[int], variant: int, gate_layer: int | None = None) -> dict:
+    """A clamp of one feature per layer; with `gate_layer`, each gated by feature 11 there."""
+    gate = {} if gate_layer is None else {"when": {"layer": gate_layer, "index": 11, "above": 0.5}}
+    return {"features": [{"layer": layer, "index": (7 + 13 * variant) % 512, "mode": "clamp", "value": 4.0} | gate
                          for layer in layers]}
 
 
-async def run_load(base_url: str, specs: list[dict | None], concurrency: int, max_tokens: int) -> tuple[int, int, float]:
-    """Sends len(specs) requests (spec i for request i) with `concurrency` in flight.
-    Returns (completion tokens, total tokens, wall seconds)."""
-    queue = list(enumerate(specs))
-    completion = prompt = 0
+async def send(client: httpx.AsyncClient, base_url: str, i: int, spec: dict | None, max_tokens: int) -> tuple[int, int]:
+    """One completion request; returns its (completion, prompt) tokens."""
+    body = {"model": "bench", "prompt": f"Request {i}: the weather report for today says",
+            "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    if spec is not None:
+        body["steering"] = spec
+    response = await client.post(f"{base_url}/v1/completions", content=json.dumps(body),
+                                 headers={"content-type": "application/json"})
+    response.raise_for_status()
+    usage = response.json()["usage"]
+    return usage["completion_tokens"], usage["prompt_tokens"]
 
-    async def worker(client: httpx.AsyncClient) -> None:
-        nonlocal completion, prompt
-        while queue:
-            i, spec = queue.pop()
-            body = {"model": "bench", "prompt": f"Request {i}: the weather report for today says",
-                    "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
-            if spec is not None:
-                body["steering"] = spec
-            response = await client.post(f"{base_url}/v1/completions", content=json.dumps(body),
-                                         headers={"content-type": "application/json"})
-            response.raise_for_status()
-            usage = response.json()["usage"]
-            completion += usage["completion_tokens"]
-            prompt += usage["prompt_tokens"]
+
+async def run_load(base_url: str, specs: list[dict | None], concurrency: int, max_tokens: int,
+                   seconds: float = 0.0) -> tuple[int, int, float]:
+    """`concurrency` closed-loop clients, request i carrying specs[i % len(specs)]: each sends
+    its next request as soon as the last one returns, until len(specs) requests were sent and
+    `seconds` have passed, so the batch stays full and an arm has one ramp-up and one drain.
+    Returns (completion tokens, total tokens, wall seconds)."""
+    sent = completion = prompt = 0
+    start = time.perf_counter()
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        nonlocal sent, completion, prompt
+        while sent < len(specs) or time.perf_counter() - start < seconds:
+            i = sent
+            sent += 1
+            c, p = await send(client, base_url, i, specs[i % len(specs)], max_tokens)
+            completion, prompt = completion + c, prompt + p
 
     async with httpx.AsyncClient(timeout=600) as client:
-        start = time.perf_counter()
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-        elapsed = time.perf_counter() - start
-    return completion, completion + prompt, elapsed
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+    return completion, completion + prompt, time.perf_counter() - start
 
 
 async def timed_load(base_url: str, specs: list[dict | None], concurrency: int, args) -> tuple[int, int, float]:
-    """run_load repeated until the arm has run --arm-seconds: a short run on a tiny model is
-    mostly scheduling jitter. Returns summed (completion tokens, total tokens, seconds)."""
-    completion = total = seconds = 0.0
-    while seconds < args.arm_seconds:
-        c, t, e = await run_load(base_url, specs, concurrency, args.max_tokens)
-        completion, total, seconds = completion + c, total + t, seconds + e
-    return completion, total, seconds
+    """One arm: run_load for at least --arm-seconds (a short run on a tiny model is mostly
+    scheduling jitter). Returns (completion tokens, total tokens, seconds)."""
+    return await run_load(base_url, specs, concurrency, args.max_tokens, args.arm_seconds)
 
 
 async def worker_metrics(base_url: str) -> dict[str, float]:
@@ -147,6 +154,16 @@ async def measure(args, base_url: str) -> None:
     prefix = 'steerserve_steering_kernel{kernel="'
     kernels = [name[len(prefix):-2] for name in await worker_metrics(base_url) if name.startswith(prefix)]
     print(f"steering op: {', '.join(kernels) or 'unknown'}")
+    sections = set(args.sections.split(","))
+    if "steering" in sections:
+        await steering_section(args, base_url, layers)
+    if "configs" in sections:
+        await configs_section(args, base_url, layers)
+    if "gated" in sections:
+        await gated_section(args, base_url, layers)
+
+
+async def steering_section(args, base_url: str, layers: list[int]) -> None:
     print("warm-up: every batch shape and steering mix once (CPU matmul kernels are built per shape)")
     for concurrency in (1, 8, 32):
         n = max(2 * concurrency, args.min_requests)
@@ -171,6 +188,9 @@ async def measure(args, base_url: str) -> None:
                   f"{decode_ratio:>13.3f} {spread:>7.3f} {total_ratio:>12.3f} {share:>14.1%} {wall:>11.1%}")
     print(f"noise floor (0% steered against itself): decode ratios {min(noise):.3f} .. {max(noise):.3f}, "
           f"so differences within {max(abs(r - 1) for r in noise):.1%} of 1.00 are not resolved")
+
+
+async def configs_section(args, base_url: str, layers: list[int]) -> None:
     print(f"\ndistinct steering configs in flight (concurrency 32, 1 layer, all requests steered): "
           f"{args.repeats} interleaved pairs against K=1 (the K=1 row is the noise floor here)")
     print(f"{'K':>4} {'decode tok/s':>13} {'ratio to K=1':>13} {'spread':>7} {'steer/execute':>14} {'steer/wall':>11}")
@@ -183,6 +203,26 @@ async def measure(args, base_url: str) -> None:
         print(f"{k:>4} {decode:>13.1f} {decode_ratio:>13.3f} {spread:>7.3f} {share:>14.1%} {wall:>11.1%}")
 
 
+async def gated_section(args, base_url: str, layers: list[int]) -> None:
+    """Gated against the same edits ungated, all requests steered; the ungated-vs-ungated row
+    is this section's noise floor."""
+    print(f"\ngated vs ungated steering (all requests steered; gate: feature 11 of layer {layers[0]} above 0.5): "
+          f"{args.repeats} interleaved pairs")
+    print(f"{'conc':>5} {'case':>26} {'decode tok/s':>13} {'ratio':>7} {'spread':>7} {'steer/execute':>14} "
+          f"{'steer/wall':>11}")
+    cases = [("ungated vs itself", layers[:1], None), ("gate on the edited layer", layers[:1], layers[0]),
+             ("4 layers, gate on the 1st", layers[:4], layers[0]), ("gate on an unedited layer", layers[-1:], layers[0])]
+    for concurrency in (8, 32):
+        n = max(2 * concurrency, args.min_requests)
+        for name, edited, gate_layer in cases:
+            base = [clamp_spec(edited, 0)] * n
+            variant = [clamp_spec(edited, 0, gate_layer)] * n
+            await run_load(base_url, variant, concurrency, args.max_tokens)  # warm-up
+            decode_ratio, _, spread, decode, _, share, wall = await paired_ratio(base_url, base, variant, concurrency, args)
+            print(f"{concurrency:>5} {name:>26} {decode:>13.1f} {decode_ratio:>7.3f} {spread:>7.3f} {share:>14.1%} "
+                  f"{wall:>11.1%}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / ".state" / "tiny-qwen3.5"))
@@ -193,6 +233,8 @@ def main() -> None:
     parser.add_argument("--min-requests", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=4, help="interleaved pairs per cell")
     parser.add_argument("--arm-seconds", type=float, default=3.0, help="minimum wall time of each arm of a pair")
+    parser.add_argument("--sections", default="steering,configs,gated",
+                        help="comma-separated subset of: steering, configs, gated")
     parser.add_argument("--log", default="/tmp/steerserve-bench.log")
     parser.add_argument("engine_args", nargs="*", help="extra `steerserve serve` arguments after --")
     args = parser.parse_args()

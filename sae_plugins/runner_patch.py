@@ -9,8 +9,9 @@ Each runner gets four hooks, placed where its own step structure allows:
     is updated; V2: after `prepare_inputs`, from the `InputBatch` it returns);
   * dummy runs (profiling, warm-up, compile, graph capture) clear the routing, so no stale slot
     ever steers a dummy batch and padding rows are never steered;
-  * after the forward, `verify_applied` checks the op ran at every planned layer, so a replayed
-    full CUDA graph fails the step loudly instead of sampling unsteered tokens.
+  * after the forward, `end_step` checks the op ran at every planned layer, so a replayed full
+    CUDA graph fails the step loudly instead of sampling unsteered tokens, and counts gated
+    tokens for the requests that asked.
 V2 keeps no per-request sampling params on the runner, so its `add_requests` hook keeps each
 new request's `extra_args` until the request finishes.
 """
@@ -144,13 +145,13 @@ def _clearing_routing_first(method):
     return wrapper
 
 
-def _verifying_afterwards(method):
+def _ending_step_afterwards(method):
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         output = method(self, *args, **kwargs)
         runtime = registry.runtime()
         if runtime is not None:
-            runtime.verify_applied()
+            runtime.end_step()
         return output
 
     return wrapper
@@ -212,7 +213,7 @@ def _patch_v1_runner() -> None:
     _prepare_inputs._steerserve = True
     GPUModelRunner._prepare_inputs = _prepare_inputs
     GPUModelRunner._dummy_run = _clearing_routing_first(GPUModelRunner._dummy_run)
-    GPUModelRunner._model_forward = _verifying_afterwards(GPUModelRunner._model_forward)
+    GPUModelRunner._model_forward = _ending_step_afterwards(GPUModelRunner._model_forward)
     GPUModelRunner.execute_model = _timed(_finishing_requests_first(GPUModelRunner.execute_model))
     _wrap_load_model(GPUModelRunner)
     from vllm.platforms import current_platform
@@ -251,5 +252,5 @@ def _patch_v2_runner() -> None:
     GPUModelRunner.prepare_inputs = _prepare_inputs
     # Dummy runs go through execute_model too; a real batch sets the routing in prepare_inputs.
     GPUModelRunner.execute_model = _timed(_finishing_requests_first(
-        _verifying_afterwards(_clearing_routing_first(GPUModelRunner.execute_model))))
+        _ending_step_afterwards(_clearing_routing_first(GPUModelRunner.execute_model))))
     _wrap_load_model(GPUModelRunner)

@@ -2,7 +2,7 @@
 
 Only the features a request touches are decoded: for the clamp family the edit is
 `x += sum_i (target_i - f_i(x)) * d_i`, which keeps the SAE's reconstruction error intact,
-and `add` needs no encode at all. For TopK SAEs f_i still depends on the k-th largest
+and an ungated `add` needs no encode at all. For TopK SAEs f_i still depends on the k-th largest
 pre-activation, so rows that need an encode get the full pre-activation.
 """
 
@@ -14,15 +14,17 @@ from .sae import SAEWeights
 
 # The clamp family as one affine rule on the feature's activation f: the edit's coefficient on
 # d_i is `offset + gain * f`. clamp (and ablate, clamp to 0): target - f; scale by s: (s - 1) * f.
-# An empty table entry is (0, 0). `add` has no entry: it never needs an encode and is folded into
-# one precomputed vector per config (see add_vector).
+# An empty table entry is (0, 0). An ungated `add` has no entry: it needs no encode and is folded
+# into one precomputed vector per config (see add_vector); a gated one is (value, 0).
 def edit_coefficients(mode: str, value: float) -> tuple[float, float]:
-    """(offset, gain) of a clamp/scale/ablate edit; coefficient on d_i = offset + gain * f_i."""
+    """(offset, gain) of an encoded edit; coefficient on d_i = offset + gain * f_i."""
     if mode in ("clamp", "ablate"):
         return (0.0 if mode == "ablate" else value), -1.0
     if mode == "scale":
         return 0.0, value - 1.0
-    raise ValueError(f"{mode!r} needs no encode")
+    if mode == "add":  # only gated adds go through the table: value whatever f is
+        return value, 0.0
+    raise ValueError(f"unknown mode {mode!r}")
 
 
 def pre_activation(sae: SAEWeights, x: torch.Tensor) -> torch.Tensor:
@@ -71,5 +73,10 @@ def encoded_delta(
     gain: torch.Tensor,  # [rows, F] float32 (0 for padding)
 ) -> torch.Tensor:
     """The clamp/scale edit [rows, d_model] (float32); decodes only the touched features."""
-    coef = torch.addcmul(offset, gain, feature_activations(sae, x, feature_ids))
+    return decode_edits(sae, feature_ids, torch.addcmul(offset, gain, feature_activations(sae, x, feature_ids)))
+
+
+def decode_edits(sae: SAEWeights, feature_ids: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """sum_i coef[:, i] * d_{feature_ids[:, i]}: [rows, d_model] float32 from [rows, F] ids and
+    coefficients."""
     return torch.bmm(coef.unsqueeze(1), sae.W_dec[feature_ids].float()).squeeze(1)

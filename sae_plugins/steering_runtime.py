@@ -6,6 +6,7 @@
   * slot_tables.py: what each slot does at each layer (device tables written once per config);
   * step_plan.py: this step's rows per layer, in fixed device buffers;
   * feature_capture.py: the rows of requests that record features;
+  * gating.py: how many tokens passed each gate of the requests that want a report;
   * backends/: the edit itself (PyTorch reference, native CPU kernel, Triton).
 The custom op (steering_op.py) finds the runtime in registry.py and calls `apply` at each
 steered layer; runner_patch.py calls the per-step methods.
@@ -33,7 +34,7 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from . import sae_math
+from . import gating, sae_math
 from .backends import LayerBuffers, select_backend
 from .config_slots import ConfigSlots, ConfigSlotsExhausted
 from .feature_capture import CAPTURE_KEY, ENCODE_CHUNK_ROWS, CaptureSpec, CaptureStore, StepCapture
@@ -62,6 +63,7 @@ class StepBatch:
 class _RequestSteering(NamedTuple):
     spec: SteeringSpec | None
     capture: CaptureSpec | None
+    gate_report: str | None = None  # report id: count the tokens that pass the spec's gates
 
 
 _UNSTEERED = _RequestSteering(None, None)
@@ -77,10 +79,13 @@ class SteeringRuntime:
         self.tables = SlotTables(saes, config.num_slots, config.max_features, device)
         self.planner = StepPlanner(self.tables, max_rows, device)
         self.captures = CaptureStore()
+        self.gate_reports = gating.GateReports()
         self.backend = select_backend(config.steering_kernel, device, max_rows, config.max_features)
         self._layers = {
             layer: LayerBuffers(layer, saes[layer], self.planner.routing[li], self.planner.plan_counts[li],
-                                self.tables.add_vectors[li], self.tables.feature_ids[li], self.tables.coefficients[li])
+                                self.tables.add_vectors[li], self.tables.feature_ids[li], self.tables.coefficients[li],
+                                self.tables.edit_gates[li], self.tables.gate_ids[li], self.tables.gate_bounds[li],
+                                self.planner.gate_state)
             for layer, li in self.tables.layer_pos.items()
         }
         for layer in self._layers.values():
@@ -123,14 +128,15 @@ class SteeringRuntime:
                              f"({self.planner.max_rows})")
         req_slots = apply_to = None
         captures: list[StepCapture] = []
+        gated: list[gating.GatedRows] = []
         for i, req_id in enumerate(batch.req_ids):
             steering = self._requests.get(req_id)
             if steering is None:
                 steering = self._read_request(req_id, batch.extra_args_of(req_id))
             if steering is _UNSTEERED:
                 continue
+            first_row = int(batch.num_scheduled[:i].sum()) if steering.capture or steering.gate_report else 0
             if steering.capture is not None:
-                first_row = int(batch.num_scheduled[:i].sum())
                 captures.append(StepCapture(steering.capture, first_row, int(batch.num_scheduled[i]),
                                             int(batch.num_computed[i])))
             if steering.spec is not None:
@@ -138,6 +144,9 @@ class SteeringRuntime:
                     req_slots, apply_to = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
                 req_slots[i] = self._slot_for(req_id, steering.spec)
                 apply_to[i] = APPLY_CODES[steering.spec.apply_to]
+                if steering.gate_report is not None and req_slots[i]:
+                    gated.append(gating.GatedRows(steering.gate_report, len(steering.spec.gates), first_row,
+                                                  int(batch.num_scheduled[i])))
         if req_slots is None:  # the common step: nobody steered, nothing to plan
             rows = np.zeros(num_rows, dtype=np.int32)
         else:
@@ -147,6 +156,7 @@ class SteeringRuntime:
             self.steered_tokens_total += int(np.count_nonzero(rows))
         self.planner.plan(rows)
         self.captures.begin_step(captures)
+        self.gate_reports.begin_step(gated)
         self.step_slots = rows
         layer_pos = self.tables.layer_pos
         self._unapplied = self.planner.planned_layers() | {
@@ -172,13 +182,28 @@ class SteeringRuntime:
             return _UNSTEERED
         spec = SteeringSpec.from_extra_arg(raw_spec) if raw_spec is not None else None
         capture = CaptureSpec.from_extra_arg(raw_capture) if raw_capture is not None else None
+        raw_report = extra_args.get(gating.GATE_REPORT_KEY)
+        report = gating.report_id_from_extra_arg(raw_report) if raw_report is not None and spec and spec.gates else None
         all_layers = set(self.config.sae_layers)  # every pipeline stage's, not only this one's
+        if spec is not None and len(spec.features) > self.config.max_features:
+            raise ValueError(f"{len(spec.features)} features; the tables hold {self.config.max_features}")
         for f in spec.features if spec else ():
             if f.layer not in all_layers:
                 raise ValueError(f"layer {f.layer} has no SAE loaded")
             sae = self.saes.get(f.layer)
             if sae is not None and not 0 <= f.index < sae.d_sae:
                 raise ValueError(f"feature index {f.index} out of range at layer {f.layer}")
+            gate = f.when
+            if gate is None:
+                continue
+            if gate.layer not in all_layers:
+                raise ValueError(f"gate at layer {gate.layer}, which has no SAE loaded")
+            if (f.layer in self.saes) != (gate.layer in self.saes):
+                raise ValueError(f"gate at layer {gate.layer} and its edit at layer {f.layer} sit on "
+                                 "different pipeline stages")
+            gate_sae = self.saes.get(gate.layer)
+            if gate_sae is not None and not 0 <= gate.index < gate_sae.d_sae:
+                raise ValueError(f"gate feature index {gate.index} out of range at layer {gate.layer}")
         for layer in capture.layers if capture else ():
             if layer not in all_layers:
                 raise ValueError(f"capture at layer {layer}, which has no SAE loaded")
@@ -187,7 +212,7 @@ class SteeringRuntime:
                 raise ValueError(f"capture top_k {capture.top_k} out of range at layer {layer}")
             if sae is not None and not all(0 <= i < sae.d_sae for i in capture.watch):
                 raise ValueError(f"capture watches a feature out of range at layer {layer}")
-        return _RequestSteering(spec, capture)
+        return _RequestSteering(spec, capture, report)
 
     def _slot_for(self, req_id: str, spec: SteeringSpec) -> int:
         """The request's config slot; 0 (unsteered, logged) if the tables are full, which the
@@ -210,11 +235,17 @@ class SteeringRuntime:
         self.step_slots = np.zeros(0, dtype=np.int32)
         self.planner.clear()
         self.captures.begin_step([])
+        self.gate_reports.begin_step([])
         self._unapplied = set()
 
+    def end_step(self) -> None:
+        """After the forward: check it steered, then count the tokens that passed each gate."""
+        self.verify_applied()
+        self.gate_reports.end_step(self.planner.gate_state, self.step_slots)
+
     def verify_applied(self) -> None:
-        """After the forward: every layer planned for this step must have run the op. If a
-        captured graph replayed it instead, fail the step rather than sample unsteered tokens."""
+        """Every layer planned for this step must have run the op. If a captured graph
+        replayed it instead, fail the step rather than sample unsteered tokens."""
         if self._unapplied:
             layers = sorted(layer for layer, li in self.tables.layer_pos.items() if li in self._unapplied)
             self._unapplied = set()

@@ -22,6 +22,10 @@ class SteeringWorkerExtension:
         runtime = registry.runtime()
         return runtime.captures.take(capture_id) if runtime is not None else None
 
+    def steerserve_take_gate_report(self, report_id: str) -> dict | None:
+        runtime = registry.runtime()
+        return runtime.gate_reports.take(report_id) if runtime is not None else None
+
     def steerserve_feature_report(self, layer: int, index: int, top_n: int) -> dict | None:
         lens = registry.lens()
         return lens.feature_report(layer, index, top_n) if lens is not None and layer in lens.saes else None

@@ -17,6 +17,7 @@ class SteeringContext:
     saes: list[dict]  # per loaded layer, as reported by the workers (GET /v1/saes)
     max_features: int
     admission: ConfigAdmission
+    sae_stages: tuple[frozenset[int], ...] = ()  # the layer sets the workers hold (one per pipeline stage)
     engine: Any = None  # vLLM's EngineClient: tokenizer and collective RPC
     client: Any = None  # in-process client of this server's own app (server/in_process.py)
     served_model: str = ""

@@ -51,11 +51,13 @@ class SteerserveEndpointPlugin:
     async def init_state(self, engine_client, state: State, args: Namespace) -> None:
         config = PluginConfig.from_additional_config(getattr(args, "additional_config", None))
         saes: list[dict] = []
+        stages: set[frozenset[int]] = set()
         if config is not None and engine_client is not None:
             per_rank = await engine_client.collective_rpc("steerserve_sae_info")
             # Pipeline stages each load only their own layers: merge what all ranks hold.
             by_layer = {info["layer"]: info for rank in per_rank for info in rank}
             saes = [by_layer[layer] for layer in sorted(by_layer)]
+            stages = {frozenset(info["layer"] for info in rank) for rank in per_rank if rank}
             if not saes:  # never serve "steerable" requests that nothing would steer
                 raise RuntimeError(
                     "steerserve: --sae was given but no worker installed SAE steering "
@@ -64,6 +66,7 @@ class SteerserveEndpointPlugin:
         context = SteeringContext(
             saes=saes,
             max_features=config.max_features if config else DEFAULT_MAX_FEATURES,
+            sae_stages=tuple(stages),
             admission=ConfigAdmission(config.max_configs if config else DEFAULT_MAX_CONFIGS),
             engine=engine_client,
             client=in_process_client(self._app, server_api_key(args)) if hasattr(self, "_app") else None,

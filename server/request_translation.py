@@ -3,7 +3,8 @@
 The spec travels to the workers in `vllm_xargs` (which vLLM copies into
 `SamplingParams.extra_args`), signed so the workers know the API validated it, and the steering
 id is folded into `cache_salt` so steered requests never share prefix-cache blocks with
-unsteered or differently steered ones (see `cache_salt` for position-dependent steering).
+unsteered or differently steered ones (see `cache_salt` for position-dependent steering). A spec
+with gates also gets a report id, under which the workers count the tokens that passed each gate.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import copy
 import uuid
 from dataclasses import dataclass
 
+from sae_plugins.gating import GATE_REPORT_KEY, report_extra_arg
 from sae_plugins.steering_spec import EXTRA_ARGS_KEY, SteeringSpec
 
 from .errors import APIError
@@ -24,25 +26,30 @@ class Translation:
     spec: SteeringSpec | None  # None: the request is unsteered
     baseline_body: dict | None = None  # the same request unsteered, when `steering.compare` is set
     body_changed: bool = False  # an unsteered body that differs from what the client sent
+    gate_report: str | None = None  # the workers' gate report id, for a spec with gates
 
 
-def translate_request(body: dict, sae_sizes: dict[int, int], max_features: int, max_value: float) -> Translation:
+def translate_request(body: dict, sae_sizes: dict[int, int], max_features: int, max_value: float,
+                      stages: tuple[frozenset[int], ...] = ()) -> Translation:
     """`body` has passed request_guard's checks (reserved keys, vllm_xargs, cache_salt)."""
     if body.get("steering") is None:
         had_key = "steering" in body
         body.pop("steering", None)
         return Translation(body, None, body_changed=had_key)
-    spec, compare = parse_steering(body.pop("steering"), sae_sizes, max_features, max_value)
+    spec, compare = parse_steering(body.pop("steering"), sae_sizes, max_features, max_value, stages)
     baseline = None
     if compare:
         if body.get("stream"):
             raise APIError("steering.compare cannot be combined with stream", param="steering.compare",
                            code="invalid_steering")
         baseline = copy.deepcopy(body)
-    xargs = body.get("vllm_xargs") or {}
-    body["vllm_xargs"] = {**xargs, EXTRA_ARGS_KEY: spec.to_extra_arg()}
+    xargs = {**(body.get("vllm_xargs") or {}), EXTRA_ARGS_KEY: spec.to_extra_arg()}
+    report = f"gates-{uuid.uuid4().hex}" if spec.gates else None
+    if report is not None:
+        xargs[GATE_REPORT_KEY] = report_extra_arg(report)
+    body["vllm_xargs"] = xargs
     body["cache_salt"] = cache_salt(body.get("cache_salt"), spec)
-    return Translation(body, spec, baseline)
+    return Translation(body, spec, baseline, gate_report=report)
 
 
 def cache_salt(client_salt: str | None, spec: SteeringSpec) -> str:

@@ -6,13 +6,14 @@ so no route of vLLM's or ours can hand the workers an unchecked spec or crash on
 On the steerable routes the body is then validated and translated (request_translation.py),
 and the response, JSON or server-sent events, gets the normalised spec echoed back; any other
 route refuses a `steering` field rather than ignore it. Unsteered requests pass through with
-their body untouched.
+their body untouched. For a spec with gates, the echo at the end of the response (the JSON body,
+or one last chunk before a stream's `[DONE]`) also says how many tokens each gate let through.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -89,7 +90,7 @@ class SteeringMiddleware:
         if isinstance(payload, dict) and is_steerable(scope["path"]):
             try:
                 translation = translate_request(payload, context.sae_sizes, context.max_features,
-                                                context.limits.max_steering_value)
+                                                context.limits.max_steering_value, context.sae_stages)
             except APIError as error:
                 context.metrics.validation_error(error.code)
                 await error.response()(scope, _replay(b"", receive), send)
@@ -132,9 +133,11 @@ class SteeringMiddleware:
             additions["baseline"] = json.loads(content)
         new_body = json.dumps(translation.body).encode()
         context.metrics.steered_request()
+        final = _gated_echo(context, spec, translation.gate_report) if translation.gate_report else None
         try:
             async with context.admission.admit(spec.id):
-                await self.app(_with_length(scope, new_body), _replay(new_body, receive), _EchoingSend(send, additions))
+                await self.app(_with_length(scope, new_body), _replay(new_body, receive),
+                               _EchoingSend(send, additions, final))
         finally:
             context.metrics.schedule_refresh()
 
@@ -150,16 +153,41 @@ class SteeringMiddleware:
         return start, b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
 
 
+def _gated_echo(context, spec, report_id: str) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """The end-of-response echo of a gated spec: the workers' gate report (taken once the
+    request is done) folded into it."""
+
+    async def final() -> dict[str, Any]:
+        per_rank = await context.engine.collective_rpc("steerserve_take_gate_report", args=(report_id,))
+        return {"steering": spec.echo(_merged_gate_reports(per_rank))}
+
+    return final
+
+
+def _merged_gate_reports(per_rank: list[dict | None]) -> dict:
+    """One report from every rank's: with tensor parallelism the ranks agree; with pipeline
+    parallelism each stage counts the gates on its own layers (the others read 0)."""
+    reports = [r for r in per_rank if r]
+    if not reports:
+        return {"tokens": 0, "passed": []}
+    return {"tokens": max(r["tokens"] for r in reports),
+            "passed": [max(counts) for counts in zip(*(r["passed"] for r in reports))]}
+
+
 class _EchoingSend:
     """Adds `additions` (the `steering` echo, and `baseline` for compare) to a JSON body or to
-    every `data:` event of a stream."""
+    every `data:` event of a stream. `final`, when given, makes the additions of the end of the
+    response: merged into the JSON body, or sent as one more chunk before the stream's `[DONE]`."""
 
-    def __init__(self, send: Send, additions: dict[str, Any]):
+    def __init__(self, send: Send, additions: dict[str, Any],
+                 final: Callable[[], Awaitable[dict[str, Any]]] | None = None):
         self._send = send
         self._additions = additions
+        self._final = final
         self._start: Message | None = None
         self._mode = "passthrough"
         self._buffer = b""
+        self._last_chunk: dict[str, Any] = {}  # the stream's last data event
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -180,6 +208,8 @@ class _EchoingSend:
         if self._mode == "json":
             if more:
                 return
+            if self._final is not None:
+                self._additions = {**self._additions, **await self._final()}
             body = self._with_additions(self._buffer)
             assert self._start is not None
             headers = [(k, v) for k, v in self._start["headers"] if k.lower() != b"content-length"]
@@ -189,9 +219,9 @@ class _EchoingSend:
             return
         events, _, rest = self._buffer.rpartition(b"\n\n")
         self._buffer = rest
-        out = b"".join(self._sse_event(e) + b"\n\n" for e in events.split(b"\n\n")) if events else b""
+        out = b"".join([await self._sse_event(e) + b"\n\n" for e in events.split(b"\n\n")]) if events else b""
         if not more and rest:
-            out += self._sse_event(rest)
+            out += await self._sse_event(rest)
             self._buffer = b""
         await self._send({"type": "http.response.body", "body": out, "more_body": more})
 
@@ -201,11 +231,19 @@ class _EchoingSend:
         except ValueError:
             return raw
         if isinstance(data, dict):
+            self._last_chunk = data
             data.update(self._additions)
         return json.dumps(data).encode()
 
-    def _sse_event(self, event: bytes) -> bytes:
+    async def _sse_event(self, event: bytes) -> bytes:
         prefix = b"data: "
-        if event.startswith(prefix) and event[len(prefix):].strip() != b"[DONE]":
+        if not event.startswith(prefix):
+            return event
+        if event[len(prefix):].strip() != b"[DONE]":
             return prefix + self._with_additions(event[len(prefix):])
-        return event
+        if self._final is None:
+            return event
+        # One last chunk, like a usage chunk: no choices, the end-of-response additions.
+        last = {key: self._last_chunk[key] for key in ("id", "object", "created", "model") if key in self._last_chunk}
+        final = json.dumps({**last, "choices": [], **self._additions, **await self._final()}).encode()
+        return prefix + final + b"\n\n" + event

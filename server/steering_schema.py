@@ -11,9 +11,19 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
 
-from sae_plugins.steering_spec import FeatureEdit, SteeringSpec
+from sae_plugins.steering_spec import FeatureEdit, Gate, SteeringSpec
 
 from .errors import APIError, from_validation
+
+
+class FeatureGate(BaseModel):
+    """`when`: the edit applies only at tokens where this feature is > above and < below."""
+
+    model_config = ConfigDict(extra="forbid")
+    layer: StrictInt
+    index: StrictInt
+    above: StrictFloat | None = None
+    below: StrictFloat | None = None
 
 
 class FeatureSteering(BaseModel):
@@ -22,6 +32,7 @@ class FeatureSteering(BaseModel):
     index: StrictInt
     mode: Literal["add", "clamp", "scale", "ablate"]
     value: StrictFloat | None = None  # strict: ints are accepted, strings and bools are not
+    when: FeatureGate | None = None
 
 
 class Steering(BaseModel):
@@ -32,10 +43,12 @@ class Steering(BaseModel):
 
 
 def parse_steering(
-    raw: object, sae_sizes: dict[int, int], max_features: int, max_value: float
+    raw: object, sae_sizes: dict[int, int], max_features: int, max_value: float,
+    stages: tuple[frozenset[int], ...] = (),
 ) -> tuple[SteeringSpec, bool]:
     """Validate user JSON into a normalised spec and the `compare` flag.
-    `sae_sizes` maps loaded layer -> d_sae; `max_value` bounds |value| (see server/limits.py)."""
+    `sae_sizes` maps loaded layer -> d_sae; `max_value` bounds |value| (see server/limits.py);
+    `stages` are the layer sets of the pipeline stages (a gate must share its edit's)."""
     if not sae_sizes:
         raise APIError(
             "steering is unavailable: this server was started without --sae",
@@ -89,5 +102,34 @@ def parse_steering(
                 code="duplicate_feature",
             )
         seen[key] = i
-        edits.append(FeatureEdit(f.layer, f.index, f.mode, value))
+        gate = _gate(f.when, f.layer, sae_sizes, stages, f"{at}.when") if f.when is not None else None
+        edits.append(FeatureEdit(f.layer, f.index, f.mode, value, gate))
     return SteeringSpec.create(edits, steering.apply_to), steering.compare
+
+
+def _gate(when: FeatureGate, edit_layer: int, sae_sizes: dict[int, int], stages: tuple[frozenset[int], ...],
+          at: str) -> Gate:
+    """The gate of an edit at `edit_layer`: a loaded layer at or before it on the same pipeline
+    stage, a feature in range, and a non-empty open interval of finite bounds."""
+    if when.layer not in sae_sizes:
+        raise APIError(f"no SAE is loaded at layer {when.layer}; loaded layers: {sorted(sae_sizes)}",
+                       param=f"{at}.layer", code="layer_not_loaded")
+    if when.layer > edit_layer:
+        raise APIError(f"a gate must read a layer at or before its edit's (layer {edit_layer}), not {when.layer}: "
+                       "the gate is computed in the same forward pass", param=f"{at}.layer", code="invalid_gate")
+    if stages and not any(when.layer in stage and edit_layer in stage for stage in stages):
+        raise APIError(f"layers {when.layer} and {edit_layer} run on different pipeline stages: a gate must be "
+                       "on its edit's stage", param=f"{at}.layer", code="invalid_gate")
+    if not 0 <= when.index < sae_sizes[when.layer]:
+        raise APIError(f"feature index {when.index} is out of range for layer {when.layer} "
+                       f"(0..{sae_sizes[when.layer] - 1})", param=f"{at}.index", code="index_out_of_range")
+    if when.above is None and when.below is None:
+        raise APIError("a gate needs `above`, `below` or both", param=at, code="invalid_gate")
+    for name in ("above", "below"):
+        bound = getattr(when, name)
+        if bound is not None and not math.isfinite(bound):
+            raise APIError(f"{name} must be a finite number", param=f"{at}.{name}", code="invalid_gate")
+    if when.above is not None and when.below is not None and not when.above < when.below:
+        raise APIError(f"no activation is above {when.above:g} and below {when.below:g}", param=f"{at}.below",
+                       code="invalid_gate")
+    return Gate(when.layer, when.index, when.above, when.below)

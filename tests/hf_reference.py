@@ -16,6 +16,11 @@ i.e. the output of `model.model.layers[n]`), with d_i feature i's decoder direct
 
 All features of one layer read f from the same unedited x; their edits are summed.
 
+Gates (`when`): an edit with `when = {layer: L, index: j, above: a, below: b}` is multiplied,
+per position, by 1 if a < f_j < b (a missing bound is unbounded) else 0, where f_j is computed
+from the residual stream after layer L as it arrived there, before layer L's own edits (so
+it includes the edits of layers before L).
+
 `apply_to` picks the sequence positions that get edited: "all", "prompt" (positions before the
 prompt length) or "generation" (positions of generated tokens fed back in). So with
 "generation" the first generated token is never steered: it is predicted from the prompt's
@@ -55,13 +60,32 @@ APPLY_TO = ("all", "prompt", "generation")
 
 
 @dataclass(frozen=True)
+class When:
+    """A gate: feature `index` of the SAE at `layer` strictly between above and below."""
+
+    layer: int
+    index: int
+    above: float | None = None
+    below: float | None = None
+
+    def passes(self, f_j: torch.Tensor) -> torch.Tensor:
+        ok = torch.ones_like(f_j, dtype=torch.bool)
+        if self.above is not None:
+            ok &= f_j > self.above
+        if self.below is not None:
+            ok &= f_j < self.below
+        return ok
+
+
+@dataclass(frozen=True)
 class Feature:
-    """One steering instruction: edit SAE feature `index` at layer `layer`."""
+    """One steering instruction: edit SAE feature `index` at layer `layer` (where `when` passes)."""
 
     layer: int
     index: int
     mode: Mode
     value: float = 0.0
+    when: When | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -77,7 +101,9 @@ def as_feature(spec: FeatureLike) -> Feature:
         return spec
     if isinstance(spec, Mapping):
         value = spec.get("value", spec.get("strength", 0.0))
-        return Feature(int(spec["layer"]), int(spec["index"]), spec["mode"], float(value or 0.0))
+        when = spec.get("when")
+        return Feature(int(spec["layer"]), int(spec["index"]), spec["mode"], float(value or 0.0),
+                       When(**when) if when is not None else None)
     layer, index, mode, *rest = spec
     return Feature(int(layer), int(index), mode, float(rest[0]) if rest and rest[0] is not None else 0.0)
 
@@ -101,14 +127,18 @@ class ReferenceSAE:
         """Reconstruction x_hat = f @ directions + b_dec (float32)."""
         return f.to(torch.float32) @ self.directions + self.b_dec
 
-    def steering_delta(self, x: torch.Tensor, features: Sequence[Feature]) -> torch.Tensor:
-        """Summed edit [..., d_model] (float32) for features of this layer, all read from x."""
+    def steering_delta(self, x: torch.Tensor, features: Sequence[Feature],
+                       gates: Mapping[When, torch.Tensor] | None = None) -> torch.Tensor:
+        """Summed edit [..., d_model] (float32) for features of this layer, all read from x;
+        `gates` holds each gated feature's pass/fail per position."""
         f = self.encode(x)
         delta = torch.zeros(x.shape, dtype=torch.float32)
         for feat in features:
             if not 0 <= feat.index < self.d_sae:
                 raise IndexError(f"feature {feat.index} out of range for d_sae={self.d_sae}")
             coef = _coefficient(feat, f[..., feat.index])
+            if feat.when is not None:
+                coef = coef * gates[feat.when].to(torch.float32)
             delta = delta + coef.unsqueeze(-1) * self.directions[feat.index]
         return delta
 
@@ -268,11 +298,13 @@ class ReferenceModel:
         length = len(token_ids)
         mask = _position_mask(length, len(token_ids) if prompt_len is None else prompt_len, apply_to)
         captured: list[torch.Tensor] = [torch.empty(0)] * self.num_layers
+        gates: dict[When, torch.Tensor] = {}  # filled at each gate's layer, read at its edits'
         handles = []
         for layer in range(self.num_layers):
             layer_feats = [f for f in features if f.layer == layer]
-            if layer_feats or capture:
-                hook = self._make_hook(layer, layer_feats, mask, captured if capture else None)
+            layer_gates = {f.when for f in features if f.when is not None and f.when.layer == layer}
+            if layer_feats or layer_gates or capture:
+                hook = self._make_hook(layer, layer_feats, mask, captured if capture else None, layer_gates, gates)
                 handles.append(self.layers[layer].register_forward_hook(hook))
         try:
             ids = torch.tensor([list(token_ids)], dtype=torch.long)
@@ -282,14 +314,18 @@ class ReferenceModel:
                 h.remove()
         return out.logits[0].to(torch.float32), captured if capture else []
 
-    def _make_hook(self, layer: int, feats: list[Feature], mask: torch.Tensor, captured: list | None):
-        """Forward hook on decoder layer `layer`: edit its output (the residual stream)."""
+    def _make_hook(self, layer: int, feats: list[Feature], mask: torch.Tensor, captured: list | None,
+                   layer_gates: set[When] = frozenset(), gates: dict | None = None):
+        """Forward hook on decoder layer `layer`: evaluate the gates read here, then edit its
+        output (the residual stream)."""
 
         def hook(module, inputs, output):
             hidden = output[0] if isinstance(output, tuple) else output  # [1, T, d]
+            for gate in layer_gates:  # on the stream as it arrived, before this layer's edits
+                gates[gate] = gate.passes(self.sae(layer).encode(hidden[0])[..., gate.index])
             if feats:
                 x = hidden[0]
-                delta = self.sae(layer).steering_delta(x, feats)
+                delta = self.sae(layer).steering_delta(x, feats, gates)
                 edited = (x.to(torch.float32) + delta).to(hidden.dtype)
                 edited = torch.where(mask.unsqueeze(-1), edited, x).unsqueeze(0)
                 hidden = edited

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import FEATURE_LABELS, MODEL_NAME, PROMPT
+from tests.conftest import MODEL_NAME, PROMPT
 
 ACT_TOLERANCE = 0.05  # bf16 residual stream, two kernel stacks (observed ~1e-3 relative)
 MESSAGES = [{"role": "user", "content": "What is the weather like today? It is cold and windy."}]

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import torch
 
-from tests.conftest import AUTH, API_KEY, server_env, start_server
+from tests.conftest import AUTH, API_KEY, server_env
 
 # A random model is nearly uniform (top-2 margins ~0.2 nats, under the bf16 noise of TP's
 # all-reduce order): a sharper unembedding makes most greedy choices clear. Its bf16 logits

@@ -1,7 +1,8 @@
 """The experimental Triton steering kernels against the plain-PyTorch op, in Triton's
 interpreter on CPU (the kernels are never compiled here: there is no GPU). The same request
 mixes as test_cpu_kernel.py, and the exact cases of test_activations.py held to the activations'
-definition (ties at the k-th value, a negative JumpReLU threshold); each case runs in a child process, because TRITON_INTERPRET must
+definition (ties at the k-th value, a negative JumpReLU threshold), and test_gating.py's gated
+edits held to their definition; the cases run in a child process, because TRITON_INTERPRET must
 be set before the kernels are defined."""
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ for activation in ("topk", "relu", "jumprelu"):
                 plain_untouched=bool(torch.equal(triton_out[plain], hidden[plain])),
             ))
 print("RESULTS " + json.dumps(results))
+from test_gating import gated_results
+print("GATED " + json.dumps(gated_results("triton")))
 """
 
 
@@ -61,3 +64,8 @@ def test_triton_kernels_equal_the_torch_op_in_the_interpreter():
             assert r["max_abs"] <= 2 ** -7 * r["scale"] and r["differing"] < 0.01, r
         else:  # float32: only the summation order differs
             assert r["max_abs"] <= 1e-5, r
+    line = next(line for line in done.stdout.splitlines() if line.startswith("GATED "))
+    gated = json.loads(line.removeprefix("GATED "))
+    assert [r["activation"] for r in gated] == ["topk", "relu", "jumprelu"]
+    for r in gated:
+        assert r["max_abs"] <= 1e-4 and r["counts"] == r["expected_counts"] and r["plain_untouched"], r

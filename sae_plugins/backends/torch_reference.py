@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import sae_math
+from .. import gating, sae_math
 from ..feature_capture import ENCODE_CHUNK_ROWS
 from ..step_plan import LayerPlan
 from .base import LayerBuffers, SteeringBackend
@@ -19,18 +19,27 @@ class TorchSteering(SteeringBackend):
         if plan is None:
             return
         steer_rows, steer_slots, encode_rows, encode_slots = layer.routing.unbind(0)
-        # Every edit at a layer reads the stream as it arrived there; chunks bound the workspace
-        # (pre-activations [rows, d_sae] and decoder rows [rows, width, d_model]).
+        width, gate_width = plan.width, plan.gate_width
+        # Every edit and gate at a layer reads the stream as it arrived there; chunks bound the
+        # workspace (pre-activations [rows, d_sae] and decoder rows [rows, width, d_model]).
         for lo in range(0, plan.num_encoded, ENCODE_CHUNK_ROWS):
             hi = min(plan.num_encoded, lo + ENCODE_CHUNK_ROWS)
             rows, slots = encode_rows[lo:hi], encode_slots[lo:hi]
             h = hidden.index_select(0, rows).float()
-            delta = sae_math.encoded_delta(
-                layer.sae,
-                h + residual.index_select(0, rows),
-                layer.feature_ids.index_select(0, slots)[:, : plan.width],
-                *layer.coefficients.index_select(0, slots)[:, : plan.width].unbind(-1),
-            )
+            ids = layer.feature_ids.index_select(0, slots)[:, :width]
+            probes = layer.gate_ids.index_select(0, slots)[:, :gate_width]
+            acts = sae_math.feature_activations(
+                layer.sae, h + residual.index_select(0, rows), torch.cat([ids, probes.clamp(min=0)], dim=1))
+            state = layer.gate_state.index_select(0, rows)
+            if gate_width:
+                fresh = gating.passes(acts[:, width:], layer.gate_bounds.index_select(0, slots)[:, :gate_width])
+                state[:, :gate_width] = torch.where(probes >= 0, fresh, state[:, :gate_width])
+                layer.gate_state.index_copy_(0, rows, state)
+            if not width:
+                continue
+            offset, gain = layer.coefficients.index_select(0, slots)[:, :width].unbind(-1)
+            gate = state.gather(1, layer.edit_gates.index_select(0, slots)[:, :width])
+            delta = sae_math.decode_edits(layer.sae, ids, torch.addcmul(offset, gain, acts[:, :width]) * gate)
             # Encoded rows are distinct, so write them back (one rounding) rather than add.
             hidden.index_copy_(0, rows, h.add_(delta).to(hidden.dtype))
         if plan.num_steered:

@@ -6,16 +6,19 @@ forward's row count N, d_sae), and each program reads the live counts from `plan
 the device and exits early past them. That is what a replayed CUDA graph needs: the host only
 rewrites the buffers in place before each step.
 
-Four launches per steered layer:
+Five launches per steered layer:
   1. touched pre-activations: per encoded row, x = hidden + residual (- b_dec) against the
-     encoder rows of its touched features only;
+     encoder rows of its touched features only (edited features in lanes [0, F_BLOCK), gate
+     probes in lanes [F_BLOCK, 2 F_BLOCK));
   2. TopK rank counts: the encode GEMM over all d_sae features, row tiles looped up to the live
      count on the device, whose epilogue counts per touched feature how many pre-activations
      are ahead of it (larger, or tied with a lower index: activations.py's rule). The
      [rows, d_sae] pre-activation is never stored;
-  3. the edit: kept iff fewer than k are ahead (ReLU / JumpReLU otherwise), coefficient
-     offset + gain * f, x += sum coef * W_dec[f], written back with one rounding;
-  4. `add` vectors, added to their rows.
+  3. gates: each probed gate's activation (kept iff fewer than k are ahead; ReLU / JumpReLU
+     otherwise) against its bounds, into the row's gate_state column (gating.py);
+  4. the edit: the same activation rule, coefficient gate * (offset + gain * f),
+     x += sum coef * W_dec[f], written back with one rounding;
+  5. `add` vectors, added to their rows.
 
 Status: checked against the PyTorch op in Triton's interpreter on CPU
 (tests/test_triton_kernel.py); never compiled or timed on a GPU, so `--steering-kernel triton`
@@ -64,14 +67,35 @@ def _encoded_row(routing, counts, feature_ids, max_rows, e, F, F_BLOCK: tl.const
 
 
 @triton.jit
-def _touched_pre_activations(hidden, residual, routing, counts, feature_ids, W_enc, b_enc, b_dec, act, above,
-                             max_rows, d, stride_h, stride_r, F,
+def _gate_probes(counts, gate_ids, slot, F, F_BLOCK: tl.constexpr):
+    """(gate lanes, live-lane mask, probed feature ids, probed-here mask) of a row's slot."""
+    cs = tl.arange(0, F_BLOCK)
+    cmask = cs < tl.load(counts + 3)
+    probe = tl.load(gate_ids + slot * F + cs, mask=cmask, other=-1)
+    return cs, cmask, tl.maximum(probe, 0), cmask & (probe >= 0)
+
+
+@triton.jit
+def _kept(a, ahead, ids, threshold, k, mask, TOPK: tl.constexpr, HAS_THRESHOLD: tl.constexpr):
+    """A touched feature's activation from its pre-activation `a` and TopK rank `ahead`."""
+    if TOPK:
+        a = tl.where(ahead < k, a, 0.0)
+    if HAS_THRESHOLD:
+        a = tl.where(a > tl.load(threshold + ids, mask=mask, other=0.0), a, 0.0)
+    return tl.maximum(a, 0.0)
+
+
+@triton.jit
+def _touched_pre_activations(hidden, residual, routing, counts, feature_ids, gate_ids, W_enc, b_enc, b_dec, act,
+                             above, max_rows, d, stride_h, stride_r, F,
                              HAS_B_DEC: tl.constexpr, F_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
     e = tl.program_id(0)
     num_encoded = tl.load(counts + 1)
     if e < num_encoded:
         row, slot, fs, fmask, ids = _encoded_row(routing, counts, feature_ids, max_rows, e, F, F_BLOCK)
+        cs, cmask, probes, _ = _gate_probes(counts, gate_ids, slot, F, F_BLOCK)
         acc = tl.zeros([F_BLOCK], dtype=tl.float32)
+        gacc = tl.zeros([F_BLOCK], dtype=tl.float32)
         for j0 in range(0, d, BLOCK_D):
             js = j0 + tl.arange(0, BLOCK_D)
             jmask = js < d
@@ -82,14 +106,21 @@ def _touched_pre_activations(hidden, residual, routing, counts, feature_ids, W_e
             x = _rounded(x, W_enc.dtype.element_ty)
             w = tl.load(W_enc + ids[:, None] * d + js[None, :], mask=fmask[:, None] & jmask[None, :], other=0.0)
             acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
-        a = acc + tl.load(b_enc + ids, mask=fmask, other=0.0).to(tl.float32)
-        a = _rounded(a, W_enc.dtype.element_ty)  # the encoder's output dtype, as its GEMM rounds
-        tl.store(act + e * F_BLOCK + fs, a, mask=fmask)
-        tl.store(above + e * F_BLOCK + fs, tl.zeros([F_BLOCK], dtype=tl.int32), mask=fmask)
+            g = tl.load(W_enc + probes[:, None] * d + js[None, :], mask=cmask[:, None] & jmask[None, :], other=0.0)
+            gacc += tl.sum(g.to(tl.float32) * x[None, :], axis=1)
+        # the encoder's output dtype, as its GEMM rounds
+        a = _rounded(acc + tl.load(b_enc + ids, mask=fmask, other=0.0).to(tl.float32), W_enc.dtype.element_ty)
+        ga = _rounded(gacc + tl.load(b_enc + probes, mask=cmask, other=0.0).to(tl.float32), W_enc.dtype.element_ty)
+        lanes = act + e * 2 * F_BLOCK
+        tl.store(lanes + fs, a, mask=fmask)
+        tl.store(lanes + F_BLOCK + cs, ga, mask=cmask)
+        zeros = tl.zeros([F_BLOCK], dtype=tl.int32)
+        tl.store(above + e * 2 * F_BLOCK + fs, zeros, mask=fmask)
+        tl.store(above + e * 2 * F_BLOCK + F_BLOCK + cs, zeros, mask=cmask)
 
 
 @triton.jit
-def _topk_rank_counts(hidden, residual, routing, counts, feature_ids, W_enc, b_enc, b_dec, act, above,
+def _topk_rank_counts(hidden, residual, routing, counts, feature_ids, gate_ids, W_enc, b_enc, b_dec, act, above,
                       max_rows, d, d_sae, stride_h, stride_r, F,
                       HAS_B_DEC: tl.constexpr, F_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_IN_FP32: tl.constexpr):
@@ -97,6 +128,7 @@ def _topk_rank_counts(hidden, residual, routing, counts, feature_ids, W_enc, b_e
     nmask = ns < d_sae
     num_encoded = tl.load(counts + 1)
     width = tl.load(counts + 2)
+    gate_width = tl.load(counts + 3)
     bias = tl.load(b_enc + ns, mask=nmask, other=0.0).to(tl.float32)
     for m0 in range(0, num_encoded, BLOCK_M):
         ms = m0 + tl.arange(0, BLOCK_M)
@@ -120,31 +152,57 @@ def _topk_rank_counts(hidden, residual, routing, counts, feature_ids, W_enc, b_e
                 acc = tl.dot(x.to(W_enc.dtype.element_ty), tl.trans(w), acc, input_precision="ieee")
         pre = _rounded(acc + bias[None, :], W_enc.dtype.element_ty)
         for f in range(0, width):
-            a = tl.load(act + ms * F_BLOCK + f, mask=mmask, other=0.0)
             fid = tl.load(feature_ids + slots * F + f, mask=mmask, other=0)
-            # Ahead of the feature: larger, or tied with a lower index (activations.py's rule).
-            ahead = (pre > a[:, None]) | ((pre == a[:, None]) & (ns[None, :] < fid[:, None]))
-            hit = ahead & nmask[None, :] & (ns[None, :] != fid[:, None])
-            tl.atomic_add(above + ms * F_BLOCK + f, tl.sum(hit.to(tl.int32), axis=1), mask=mmask)
+            _count_ahead(pre, ns, nmask, ms, mmask, fid, act, above, f, F_BLOCK)
+        for c in range(0, gate_width):
+            fid = tl.maximum(tl.load(gate_ids + slots * F + c, mask=mmask, other=0), 0)
+            _count_ahead(pre, ns, nmask, ms, mmask, fid, act, above, F_BLOCK + c, F_BLOCK)
 
 
 @triton.jit
-def _apply_encoded_edits(hidden, routing, counts, feature_ids, coefficients, W_dec, threshold, act, above,
-                         max_rows, d, stride_h, F, k,
+def _count_ahead(pre, ns, nmask, ms, mmask, fid, act, above, lane, F_BLOCK: tl.constexpr):
+    """Adds to lane `lane` of each row's rank count the pre-activations of this tile ahead of
+    the lane's feature: larger, or tied with a lower index (activations.py's rule)."""
+    a = tl.load(act + ms * 2 * F_BLOCK + lane, mask=mmask, other=0.0)
+    ahead = (pre > a[:, None]) | ((pre == a[:, None]) & (ns[None, :] < fid[:, None]))
+    hit = ahead & nmask[None, :] & (ns[None, :] != fid[:, None])
+    tl.atomic_add(above + ms * 2 * F_BLOCK + lane, tl.sum(hit.to(tl.int32), axis=1), mask=mmask)
+
+
+@triton.jit
+def _write_gates(routing, counts, gate_ids, gate_bounds, gate_state, threshold, act, above, max_rows, F, k,
+                 TOPK: tl.constexpr, HAS_THRESHOLD: tl.constexpr, F_BLOCK: tl.constexpr):
+    e = tl.program_id(0)
+    if e < tl.load(counts + 1):
+        row = tl.load(routing + 2 * max_rows + e)
+        slot = tl.load(routing + 3 * max_rows + e)
+        cs, cmask, probes, here = _gate_probes(counts, gate_ids, slot, F, F_BLOCK)
+        lanes = e * 2 * F_BLOCK + F_BLOCK + cs
+        a = _kept(tl.load(act + lanes, mask=cmask, other=0.0), tl.load(above + lanes, mask=cmask, other=0),
+                  probes, threshold, k, cmask, TOPK, HAS_THRESHOLD)
+        lower = tl.load(gate_bounds + (slot * F + cs) * 2, mask=cmask, other=0.0)
+        upper = tl.load(gate_bounds + (slot * F + cs) * 2 + 1, mask=cmask, other=0.0)
+        passed = ((a > lower) & (a < upper)).to(tl.float32)
+        tl.store(gate_state + row * (F + 1) + cs, passed, mask=here)
+
+
+@triton.jit
+def _apply_encoded_edits(hidden, routing, counts, feature_ids, coefficients, edit_gates, gate_state, W_dec,
+                         threshold, act, above, max_rows, d, stride_h, F, k,
                          TOPK: tl.constexpr, HAS_THRESHOLD: tl.constexpr, F_BLOCK: tl.constexpr,
                          BLOCK_D: tl.constexpr):
     e = tl.program_id(0)
     num_encoded = tl.load(counts + 1)
-    if e < num_encoded:
+    if (e < num_encoded) & (tl.load(counts + 2) > 0):
         row, slot, fs, fmask, ids = _encoded_row(routing, counts, feature_ids, max_rows, e, F, F_BLOCK)
         offset = tl.load(coefficients + (slot * F + fs) * 2, mask=fmask, other=0.0)
         gain = tl.load(coefficients + (slot * F + fs) * 2 + 1, mask=fmask, other=0.0)
-        a = tl.load(act + e * F_BLOCK + fs, mask=fmask, other=0.0)
-        if TOPK:
-            a = tl.where(tl.load(above + e * F_BLOCK + fs, mask=fmask, other=0) < k, a, 0.0)
-        if HAS_THRESHOLD:
-            a = tl.where(a > tl.load(threshold + ids, mask=fmask, other=0.0), a, 0.0)
-        coef = offset + gain * tl.maximum(a, 0.0)  # padding entries are (0, 0)
+        a = _kept(tl.load(act + e * 2 * F_BLOCK + fs, mask=fmask, other=0.0),
+                  tl.load(above + e * 2 * F_BLOCK + fs, mask=fmask, other=0), ids, threshold, k, fmask,
+                  TOPK, HAS_THRESHOLD)
+        column = tl.load(edit_gates + slot * F + fs, mask=fmask, other=F)
+        gate = tl.load(gate_state + row * (F + 1) + column, mask=fmask, other=0.0)
+        coef = gate * (offset + gain * a)  # padding entries are (0, 0)
         for j0 in range(0, d, BLOCK_D):
             js = j0 + tl.arange(0, BLOCK_D)
             jmask = js < d
@@ -179,28 +237,32 @@ class TritonSteering(KernelBackend):
     def __init__(self, max_rows: int, max_features: int, device: torch.device):
         super().__init__()
         self.f_block = max(16, triton.next_power_of_2(max_features))
-        self.act = torch.zeros((max_rows, self.f_block), dtype=torch.float32, device=device)
-        self.above = torch.zeros((max_rows, self.f_block), dtype=torch.int32, device=device)
+        # per encoded row: lanes [0, f_block) edited features, [f_block, 2 f_block) gate probes
+        self.act = torch.zeros((max_rows, 2 * self.f_block), dtype=torch.float32, device=device)
+        self.above = torch.zeros((max_rows, 2 * self.f_block), dtype=torch.int32, device=device)
 
-    def launch(self, hidden, residual, routing, counts, add_table, feature_ids, coefficients, W_enc,
-                encoder_panels, b_enc, b_dec_in, W_dec, threshold, k) -> None:
+    def launch(self, hidden, residual, routing, counts, add_table, feature_ids, coefficients, edit_gates, gate_ids,
+               gate_bounds, gate_state, W_enc, encoder_panels, b_enc, b_dec_in, W_dec, threshold, k) -> None:
         n, d = hidden.shape
         d_sae, max_rows, width = W_enc.shape[0], routing.shape[1], feature_ids.shape[1]
         assert W_enc.is_contiguous() and W_dec.is_contiguous() and hidden.stride(1) == residual.stride(1) == 1
+        assert gate_state.shape == (max_rows, width + 1) and gate_ids.shape == edit_gates.shape == feature_ids.shape
         b_dec = b_dec_in if b_dec_in is not None else b_enc  # unread without HAS_B_DEC
         encode = dict(HAS_B_DEC=b_dec_in is not None, F_BLOCK=self.f_block)
+        rule = dict(TOPK=k > 0, HAS_THRESHOLD=threshold is not None, F_BLOCK=self.f_block)
+        threshold = threshold if threshold is not None else b_enc  # unread without HAS_THRESHOLD
         _touched_pre_activations[(n,)](
-            hidden, residual, routing, counts, feature_ids, W_enc, b_enc, b_dec, self.act, self.above,
+            hidden, residual, routing, counts, feature_ids, gate_ids, W_enc, b_enc, b_dec, self.act, self.above,
             max_rows, d, hidden.stride(0), residual.stride(0), width, BLOCK_D=128, **encode)
         if k > 0:
             _topk_rank_counts[(triton.cdiv(d_sae, 64),)](
-                hidden, residual, routing, counts, feature_ids, W_enc, b_enc, b_dec, self.act, self.above,
+                hidden, residual, routing, counts, feature_ids, gate_ids, W_enc, b_enc, b_dec, self.act, self.above,
                 max_rows, d, d_sae, hidden.stride(0), residual.stride(0), width,
                 BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, DOT_IN_FP32=W_enc.dtype == torch.float32 or _interpreted(),
                 **encode)
+        _write_gates[(n,)](routing, counts, gate_ids, gate_bounds, gate_state, threshold, self.act, self.above,
+                           max_rows, width, k, **rule)
         _apply_encoded_edits[(n,)](
-            hidden, routing, counts, feature_ids, coefficients, W_dec,
-            threshold if threshold is not None else b_enc, self.act, self.above,
-            max_rows, d, hidden.stride(0), width, k,
-            TOPK=k > 0, HAS_THRESHOLD=threshold is not None, F_BLOCK=self.f_block, BLOCK_D=128)
+            hidden, routing, counts, feature_ids, coefficients, edit_gates, gate_state, W_dec, threshold,
+            self.act, self.above, max_rows, d, hidden.stride(0), width, k, BLOCK_D=128, **rule)
         _add_vectors[(n,)](hidden, routing, counts, add_table, max_rows, d, hidden.stride(0), BLOCK_D=128)

@@ -2,8 +2,11 @@
 //
 // It does what the PyTorch reference backend (torch_reference.py) does, reading everything
 // from the runtime's fixed buffers: this layer's routing [4, max_rows] and its live counts
-// [3] = (rows with an add vector, rows to encode, feature-table width in use). Nothing branches
-// on request data in Python; a step with nothing planned here returns after reading 3 ints.
+// [4] = (rows with an add vector, rows to encode, feature-table width in use, gate probes in
+// use). Nothing branches on request data in Python; a step with nothing planned here returns
+// after reading 4 ints. Gates (sae_plugins/gating.py): a row's gate probes here write its
+// gate_state columns from the stream as it arrived, before any edit; every encoded entry's
+// coefficient is multiplied by the gate_state column it names (the last column is all ones).
 // The reference costs ~20 eager kernels (~100 us for one row on a small SAE); here the
 // encode is one matmul (register-tiled for a few float32 rows, else ATen's addmm) and the
 // rest (top-k threshold, touched-feature coefficients, decode, write-back) is one pass per row.
@@ -77,13 +80,24 @@ inline bool kept_given_kth(const float* p, int64_t id, float a, float kth, int64
   return lower_ties < k - above;
 }
 
-// delta[e] = sum_f (offset + gain * f_i(x_e)) * W_dec[i] over the row's slot's table entries.
+// The gate tables of this layer (see slot_tables.py), and the forward's per-row gate state.
+struct Gates {
+  const int64_t* edit_gates;  // [slots, F]: gate column of each table entry
+  const int64_t* probe_ids;   // [slots, F]: per gate column, the feature probed here (-1: none)
+  const float* bounds;        // [slots, F, 2]: (above, below)
+  float* state;               // [max_rows, F + 1]
+  int64_t columns;            // F + 1
+  int64_t width;              // gate columns probed at this layer (live count)
+};
+
+// delta[e] = sum_f gate * (offset + gain * f_i(x_e)) * W_dec[i] over the row's slot's table
+// entries, after the row's gate probes here have written its gate_state columns.
 template <typename dec_t>
-void touched_feature_deltas(const at::Tensor& pre, const int64_t* slots, int64_t width,
-                            const at::Tensor& feature_ids, const at::Tensor& coefficients,
+void touched_feature_deltas(const at::Tensor& pre, const int64_t* rows, const int64_t* slots, int64_t width,
+                            const at::Tensor& feature_ids, const at::Tensor& coefficients, const Gates& gates,
                             const at::Tensor& W_dec, const c10::optional<at::Tensor>& threshold,
                             int64_t k, at::Tensor& delta) {
-  const int64_t rows = pre.size(0), d_sae = pre.size(1), d = delta.size(1);
+  const int64_t num_rows = pre.size(0), d_sae = pre.size(1), d = delta.size(1);
   const int64_t table_width = feature_ids.size(1);
   const float* pre_data = pre.data_ptr<float>();
   const int64_t* ids = feature_ids.data_ptr<int64_t>();
@@ -91,7 +105,7 @@ void touched_feature_deltas(const at::Tensor& pre, const int64_t* slots, int64_t
   const dec_t* dec = W_dec.data_ptr<dec_t>();
   const float* thr = threshold.has_value() ? threshold->data_ptr<float>() : nullptr;
   float* out = delta.data_ptr<float>();
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, num_rows, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch;
     for (int64_t e = begin; e < end; ++e) {
       const float* p = pre_data + e * d_sae;
@@ -102,6 +116,11 @@ void touched_feature_deltas(const at::Tensor& pre, const int64_t* slots, int64_t
         TORCH_CHECK(id >= 0 && id < d_sae, "steerserve: feature id ", id, " out of range");
         positive += p[id] > 0.0f;
       }
+      for (int64_t c = 0; c < gates.width; ++c) {
+        const int64_t id = gates.probe_ids[entry + c];
+        TORCH_CHECK(id >= -1 && id < d_sae, "steerserve: gate feature id ", id, " out of range");
+        positive += id >= 0 && p[id] > 0.0f;
+      }
       float kth = -std::numeric_limits<float>::infinity();
       int64_t above = 0;  // pre-activations strictly above kth
       const bool select_kth = k > 0 && positive > kMaxCountedFeatures;
@@ -111,20 +130,31 @@ void touched_feature_deltas(const at::Tensor& pre, const int64_t* slots, int64_t
         kth = scratch[k - 1];
         for (int64_t j = 0; j < d_sae; ++j) above += p[j] > kth;
       }
+      auto activation = [&](int64_t id) {
+        const float a = p[id];
+        if (!(a > 0.0f)) return 0.0f;  // every activation ends in a ReLU
+        if (k > 0) {
+          return (select_kth ? kept_given_kth(p, id, a, kth, above, k) : reaches_top_k(p, d_sae, id, a, k)) ? a : 0.0f;
+        }
+        return thr != nullptr && !(a > thr[id]) ? 0.0f : a;
+      };
+      float* state = gates.state + rows[e] * gates.columns;
+      for (int64_t c = 0; c < gates.width; ++c) {
+        const int64_t id = gates.probe_ids[entry + c];
+        if (id < 0) continue;  // this gate reads another layer
+        const float a = activation(id);
+        state[c] = a > gates.bounds[2 * (entry + c)] && a < gates.bounds[2 * (entry + c) + 1] ? 1.0f : 0.0f;
+      }
       float* row_delta = out + e * d;
       for (int64_t f = 0; f < width; ++f) {
         const float offset = coef[2 * (entry + f)], gain = coef[2 * (entry + f) + 1];
         if (offset == 0.0f && gain == 0.0f) continue;  // padding entry
+        const int64_t column = gates.edit_gates[entry + f];
+        TORCH_CHECK(column >= 0 && column < gates.columns, "steerserve: gate column ", column, " out of range");
+        const float gate = state[column];
+        if (gate == 0.0f) continue;
         const int64_t id = ids[entry + f];
-        float a = p[id];
-        if (!(a > 0.0f)) {
-          a = 0.0f;  // every activation ends in a ReLU
-        } else if (k > 0) {
-          if (select_kth ? !kept_given_kth(p, id, a, kth, above, k) : !reaches_top_k(p, d_sae, id, a, k)) a = 0.0f;
-        } else if (thr != nullptr && !(a > thr[id])) {
-          a = 0.0f;
-        }
-        const float c = offset + gain * a;
+        const float c = gate * (offset + gain * (gain == 0.0f ? 0.0f : activation(id)));
         const dec_t* direction = dec + id * d;
         for (int64_t j = 0; j < d; ++j) row_delta[j] += c * static_cast<float>(direction[j]);
       }
@@ -203,7 +233,7 @@ void tiled_float_encode(const float* x, int64_t rows, int64_t d, const at::Tenso
 template <typename hidden_t>
 void encode_and_edit(at::Tensor& hidden, const at::Tensor& residual, const int64_t* rows, const int64_t* slots,
                      int64_t n, int64_t width, const at::Tensor& feature_ids, const at::Tensor& coefficients,
-                     const at::Tensor& W_enc, const c10::optional<at::Tensor>& panels, const at::Tensor& b_enc,
+                     const Gates& gates, const at::Tensor& W_enc, const c10::optional<at::Tensor>& panels, const at::Tensor& b_enc,
                      const c10::optional<at::Tensor>& b_dec_in, const at::Tensor& W_dec,
                      const c10::optional<at::Tensor>& threshold, int64_t k) {
   const int64_t d = hidden.size(1), d_sae = W_enc.size(0);
@@ -237,8 +267,10 @@ void encode_and_edit(at::Tensor& hidden, const at::Tensor& residual, const int64
   }
   at::Tensor delta = at::zeros({n, d}, float_opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, W_dec.scalar_type(), "steer_rows_decode", [&] {
-    touched_feature_deltas<scalar_t>(pre, slots, width, feature_ids, coefficients, W_dec, threshold, k, delta);
+    touched_feature_deltas<scalar_t>(pre, rows, slots, width, feature_ids, coefficients, gates, W_dec, threshold, k,
+                                     delta);
   });
+  if (width == 0) return;  // only gate probes here: the stream is unchanged
   const float* dp = delta.data_ptr<float>();
   for (int64_t e = 0; e < n; ++e) {  // rows are distinct: written back with one rounding
     hidden_t* hr = hid + rows[e] * hidden.stride(0);
@@ -248,12 +280,13 @@ void encode_and_edit(at::Tensor& hidden, const at::Tensor& residual, const int64
 
 void steer_rows(at::Tensor hidden, const at::Tensor& residual, const at::Tensor& routing,
                 const at::Tensor& counts, const at::Tensor& add_table, const at::Tensor& feature_ids,
-                const at::Tensor& coefficients, const at::Tensor& W_enc,
+                const at::Tensor& coefficients, const at::Tensor& edit_gates, const at::Tensor& gate_ids,
+                const at::Tensor& gate_bounds, at::Tensor gate_state, const at::Tensor& W_enc,
                 const c10::optional<at::Tensor>& panels, const at::Tensor& b_enc,
                 const c10::optional<at::Tensor>& b_dec_in, const at::Tensor& W_dec,
                 const c10::optional<at::Tensor>& threshold, int64_t k) {
   const int64_t* live = counts.data_ptr<int64_t>();
-  const int64_t num_steered = live[0], num_encoded = live[1], width = live[2];
+  const int64_t num_steered = live[0], num_encoded = live[1], width = live[2], gate_width = live[3];
   if (num_steered == 0 && num_encoded == 0) return;
   TORCH_CHECK(hidden.dim() == 2 && hidden.stride(1) == 1, "steerserve: hidden must be [rows, d_model] with unit stride");
   TORCH_CHECK(routing.is_contiguous() && routing.size(0) == 4, "steerserve: bad routing buffer");
@@ -262,16 +295,25 @@ void steer_rows(at::Tensor hidden, const at::Tensor& residual, const at::Tensor&
                   coefficients.scalar_type() == at::kFloat && feature_ids.scalar_type() == at::kLong,
               "steerserve: steering tables must be contiguous (float32 add/coefficients, int64 ids)");
   const int64_t max_rows = routing.size(1), num_tokens = hidden.size(0);
-  TORCH_CHECK(num_steered <= max_rows && num_encoded <= max_rows && width <= feature_ids.size(1),
+  TORCH_CHECK(num_steered <= max_rows && num_encoded <= max_rows && width <= feature_ids.size(1) &&
+                  gate_width <= gate_ids.size(1),
               "steerserve: routing counts exceed the buffers");
+  TORCH_CHECK(edit_gates.is_contiguous() && gate_ids.is_contiguous() && gate_bounds.is_contiguous() &&
+                  gate_state.is_contiguous() && edit_gates.sizes() == feature_ids.sizes() &&
+                  gate_ids.sizes() == feature_ids.sizes() && gate_state.scalar_type() == at::kFloat &&
+                  gate_bounds.scalar_type() == at::kFloat && gate_state.size(0) == max_rows &&
+                  gate_state.size(1) == feature_ids.size(1) + 1,
+              "steerserve: gate tables must be contiguous and match the feature table");
+  const Gates gates{edit_gates.data_ptr<int64_t>(), gate_ids.data_ptr<int64_t>(), gate_bounds.data_ptr<float>(),
+                    gate_state.data_ptr<float>(), gate_state.size(1), gate_width};
   const int64_t* route = routing.data_ptr<int64_t>();
 
   if (num_encoded > 0) {  // every edit at a layer reads the stream as it arrived there
     const int64_t* rows = route + kEncodeRows * max_rows;
-    check_rows(rows, num_encoded, num_tokens);
+    check_rows(rows, num_encoded, std::min(num_tokens, max_rows));  // gate_state has max_rows rows
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "steer_rows_encode", [&] {
       encode_and_edit<scalar_t>(hidden, residual, rows, route + kEncodeSlots * max_rows, num_encoded, width,
-                                feature_ids, coefficients, W_enc, panels, b_enc, b_dec_in, W_dec, threshold, k);
+                                feature_ids, coefficients, gates, W_enc, panels, b_enc, b_dec_in, W_dec, threshold, k);
     });
   }
   if (num_steered > 0) {
@@ -288,7 +330,8 @@ void steer_rows(at::Tensor hidden, const at::Tensor& residual, const at::Tensor&
 TORCH_LIBRARY(steerserve_cpu, m) {
   m.def(
       "steer_rows(Tensor(a!) hidden, Tensor residual, Tensor routing, Tensor counts, Tensor add_table, "
-      "Tensor feature_ids, Tensor coefficients, Tensor W_enc, Tensor? encoder_panels, Tensor b_enc, Tensor? b_dec_in, Tensor W_dec, "
+      "Tensor feature_ids, Tensor coefficients, Tensor edit_gates, Tensor gate_ids, Tensor gate_bounds, "
+      "Tensor(b!) gate_state, Tensor W_enc, Tensor? encoder_panels, Tensor b_enc, Tensor? b_dec_in, Tensor W_dec, "
       "Tensor? threshold, int k) -> ()");
   m.impl("steer_rows", c10::DispatchKey::CPU, TORCH_FN(steer_rows));
 }
