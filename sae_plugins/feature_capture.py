@@ -1,12 +1,17 @@
 """Recording which SAE features fire on a request's tokens, inside the serving forward.
 
-An inspect request carries a capture spec in `extra_args[CAPTURE_KEY]`. Each step the runtime
+An inspect request, or a completion that asks for a `trace`, carries a capture spec in
+`extra_args[CAPTURE_KEY]`. Each step the runtime
 tells the store which rows of the step belong to capturing requests (`begin_step`); at each
 captured layer the steering op hands over the stream after any steering edit there
 (`record_layer`), which is encoded in chunks of ENCODE_CHUNK_ROWS rows (a bounded workspace)
 and kept as each position's top-k features plus running per-feature max / sum / count for the
 aggregate. The API process takes the result by capture id over collective RPC once the request
 has finished. Chunked prefill simply records several times.
+
+A trace records while the request generates: only from the last prompt position on when it
+asks for `generation_only`, no aggregate, and one result per choice (with `n > 1` vLLM runs a
+child request per choice, all with the same capture spec), under `trace_key(id, choice)`.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from . import request_signing, sae_math
 from .sae import SAEWeights
 
 CAPTURE_KEY = "steerserve_capture"
-MAX_PENDING_CAPTURES = 256  # results nobody took (client gone) are dropped oldest first
+MAX_PENDING_CAPTURES = 4096  # results nobody took (client gone) are dropped oldest first
 AGGREGATE_TOP = 20
 # Rows encoded at once (here and by the PyTorch backend): at Qwen3.5-27B shapes (81,920
 # features, 5,120 wide) one chunk needs at most ~0.4 GB of workspace, whatever the step's size.
@@ -38,12 +43,15 @@ class CaptureSpec:
     quality: bool = False  # also accumulate reconstruction statistics (see _Quality)
     splice: bool = False  # replace the stream at the captured layers by the SAE's reconstruction
     watch: tuple[int, ...] = ()  # features whose activation is recorded at every position, top-k or not
+    trace: bool = False  # a completion's trace: per choice, no aggregate
+    generation_only: bool = False  # record from the last prompt position on (the generated tokens' predictors)
 
     def to_extra_arg(self) -> str:
         return request_signing.sign(json.dumps(
             {"id": self.id, "layers": list(self.layers), "top_k": self.top_k,
              "exclude_from_aggregate": sorted(self.exclude_from_aggregate), "quality": self.quality,
-             "splice": self.splice, "watch": list(self.watch)}
+             "splice": self.splice, "watch": list(self.watch), "trace": self.trace,
+             "generation_only": self.generation_only}
         ))
 
     @staticmethod
@@ -53,7 +61,18 @@ class CaptureSpec:
             str(data["id"]), tuple(int(x) for x in data["layers"]), int(data["top_k"]),
             frozenset(int(p) for p in data.get("exclude_from_aggregate", ())), bool(data.get("quality", False)),
             bool(data.get("splice", False)), tuple(int(i) for i in data.get("watch", ())),
+            bool(data.get("trace", False)), bool(data.get("generation_only", False)),
         )
+
+
+def trace_key(capture_id: str, choice: int) -> str:
+    return f"{capture_id}/{choice}"
+
+
+def choice_index(req_id: str) -> int:
+    """Which choice a request is: vLLM names the child requests of `n > 1` "{index}_{parent id}"."""
+    head, sep, _ = req_id.partition("_")
+    return int(head) if sep and head.isdigit() else 0
 
 
 @dataclass
@@ -105,6 +124,19 @@ class StepCapture(NamedTuple):
     first_row: int
     rows: int
     first_position: int
+    key: str  # where the result is kept: the capture id, or a trace's trace_key
+
+    @staticmethod
+    def of_request(spec: CaptureSpec, req_id: str, first_row: int, rows: int, first_position: int,
+                   num_prompt: int) -> "StepCapture | None":
+        """The rows this step records for a request (None: none of them)."""
+        if spec.generation_only:
+            skip = max(0, min(rows, num_prompt - 1 - first_position))
+            first_row, rows, first_position = first_row + skip, rows - skip, first_position + skip
+        if rows <= 0:
+            return None
+        return StepCapture(spec, first_row, rows, first_position,
+                           trace_key(spec.id, choice_index(req_id)) if spec.trace else spec.id)
 
 
 class CaptureStore:
@@ -122,7 +154,7 @@ class CaptureStore:
         """Features of this step's capturing rows in the stream `hidden + residual` at `layer`;
         for a splicing capture, those rows' stream then becomes the SAE's reconstruction (what
         the model computes downstream of an SAE that replaced the layer's output)."""
-        for spec, start, n, first_position in self._step:
+        for spec, start, n, first_position, key in self._step:
             if layer not in spec.layers:
                 continue
             for lo in range(start, start + n, ENCODE_CHUNK_ROWS):
@@ -131,26 +163,29 @@ class CaptureStore:
                 features = sae_math.encode(sae, x)
                 x_hat = sae_math.decode(sae, features) if spec.quality or spec.splice else None
                 positions = list(range(first_position + lo - start, first_position + hi - start))
-                self.record(spec, layer, positions, features, (x, x_hat) if spec.quality else None)
+                self.record(spec, layer, positions, features, (x, x_hat) if spec.quality else None, key)
                 if spec.splice:
                     hidden[lo:hi] = (x_hat - residual[lo:hi].float()).to(hidden.dtype)
 
     def record(self, spec: CaptureSpec, layer: int, positions: list[int], features: torch.Tensor,
-               streams: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+               streams: tuple[torch.Tensor, torch.Tensor] | None = None, key: str | None = None) -> None:
         """features: dense activations [rows, d_sae] of the rows at `positions`; streams: those
         rows' residual stream and its SAE reconstruction, given when the capture accumulates
-        reconstruction quality."""
-        if spec.id not in self._captures:
-            self._captures[spec.id] = (spec, {})
+        reconstruction quality; key: where to keep it (default: the capture id)."""
+        key = key or spec.id
+        if key not in self._captures:
+            self._captures[key] = (spec, {})
             while len(self._captures) > MAX_PENDING_CAPTURES:
                 self._captures.popitem(last=False)
-        entry = self._captures[spec.id][1].setdefault(layer, _LayerCapture())
+        entry = self._captures[key][1].setdefault(layer, _LayerCapture())
         values, indices = features.topk(spec.top_k, dim=-1)
         entry.positions += positions
         entry.indices += indices.tolist()
         entry.values += values.float().tolist()
         if spec.watch:
             entry.watched += features[:, list(spec.watch)].float().tolist()
+        if spec.trace:  # no aggregate
+            return
         keep = torch.tensor([p not in spec.exclude_from_aggregate for p in positions], device=features.device)
         counted = features[keep].float()
         if entry.max is None:
@@ -177,6 +212,9 @@ class CaptureStore:
 
 def _layer_result(entry: _LayerCapture) -> dict:
     order = sorted(range(len(entry.positions)), key=entry.positions.__getitem__)
+    if entry.max is None:  # a trace: no aggregate
+        return {"positions": [entry.positions[i] for i in order], "indices": [entry.indices[i] for i in order],
+                "values": [entry.values[i] for i in order]}
     n = max(entry.aggregated_positions, 1)
     mean = entry.sum / n
 

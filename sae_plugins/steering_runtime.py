@@ -137,8 +137,10 @@ class SteeringRuntime:
                 continue
             first_row = int(batch.num_scheduled[:i].sum()) if steering.capture or steering.gate_report else 0
             if steering.capture is not None:
-                captures.append(StepCapture(steering.capture, first_row, int(batch.num_scheduled[i]),
-                                            int(batch.num_computed[i])))
+                capture = StepCapture.of_request(steering.capture, req_id, first_row, int(batch.num_scheduled[i]),
+                                                 int(batch.num_computed[i]), int(batch.num_prompt[i]))
+                if capture is not None:
+                    captures.append(capture)
             if steering.spec is not None:
                 if req_slots is None:
                     req_slots, apply_to = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)

@@ -7,6 +7,7 @@ loaded and for counters, never touching worker internals itself.
 from __future__ import annotations
 
 from . import registry
+from .feature_capture import trace_key
 
 
 class SteeringWorkerExtension:
@@ -21,6 +22,14 @@ class SteeringWorkerExtension:
     def steerserve_take_capture(self, capture_id: str) -> dict | None:
         runtime = registry.runtime()
         return runtime.captures.take(capture_id) if runtime is not None else None
+
+    def steerserve_take_trace(self, capture_id: str, choices: int) -> dict[int, dict] | None:
+        """Per choice (0 .. choices - 1), the trace recorded under trace_key (missing: none)."""
+        runtime = registry.runtime()
+        if runtime is None:
+            return None
+        taken = {choice: runtime.captures.take(trace_key(capture_id, choice)) for choice in range(choices)}
+        return {choice: result for choice, result in taken.items() if result is not None}
 
     def steerserve_take_gate_report(self, report_id: str) -> dict | None:
         runtime = registry.runtime()

@@ -97,8 +97,11 @@ def is_steerable(path: str) -> bool:
 
 
 def check_route_takes_steering(path: str, payload: dict) -> None:
-    """A `steering` field must never be silently ignored: routes that cannot apply it refuse it."""
-    if payload.get("steering") is None or path.startswith(FORWARDING_PREFIXES):
+    """A `steering` (or `trace`) field must never be silently ignored: routes that cannot apply
+    it refuse it."""
+    if path.startswith(FORWARDING_PREFIXES):
         return
-    raise APIError(f"steering is not supported on {path}; use /v1/chat/completions or /v1/completions",
-                   param="steering", code="steering_unsupported_route")
+    for name in ("steering", "trace"):
+        if payload.get(name) is not None:
+            raise APIError(f"{name} is not supported on {path}; use /v1/chat/completions or /v1/completions",
+                           param=name, code="steering_unsupported_route")

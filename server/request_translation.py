@@ -1,4 +1,4 @@
-"""Turning an OpenAI request with a `steering` field into a stock vLLM request.
+"""Turning an OpenAI request with `steering` and/or `trace` fields into a stock vLLM request.
 
 The spec travels to the workers in `vllm_xargs` (which vLLM copies into
 `SamplingParams.extra_args`), signed so the workers know the API validated it, and the steering
@@ -13,11 +13,13 @@ import copy
 import uuid
 from dataclasses import dataclass
 
+from sae_plugins.feature_capture import CaptureSpec
 from sae_plugins.gating import GATE_REPORT_KEY, report_extra_arg
 from sae_plugins.steering_spec import EXTRA_ARGS_KEY, SteeringSpec
 
 from .errors import APIError
 from .steering_schema import parse_steering
+from .traces import attach_trace, parse_trace
 
 
 @dataclass
@@ -27,29 +29,41 @@ class Translation:
     baseline_body: dict | None = None  # the same request unsteered, when `steering.compare` is set
     body_changed: bool = False  # an unsteered body that differs from what the client sent
     gate_report: str | None = None  # the workers' gate report id, for a spec with gates
+    trace: CaptureSpec | None = None  # the request's trace (server/traces.py)
+    baseline_trace: CaptureSpec | None = None  # the baseline's own trace, when both are asked for
+
+    @property
+    def extended(self) -> bool:
+        """The response needs more than vLLM writes: a steering echo or a trace."""
+        return self.spec is not None or self.trace is not None
 
 
 def translate_request(body: dict, sae_sizes: dict[int, int], max_features: int, max_value: float,
                       stages: tuple[frozenset[int], ...] = ()) -> Translation:
     """`body` has passed request_guard's checks (reserved keys, vllm_xargs, cache_salt)."""
+    had_fields = "steering" in body or "trace" in body
+    raw_trace = body.pop("trace", None)
+    trace = parse_trace(raw_trace, sae_sizes, body) if raw_trace is not None else None
     if body.get("steering") is None:
-        had_key = "steering" in body
         body.pop("steering", None)
-        return Translation(body, None, body_changed=had_key)
+        capture = attach_trace(body, trace) if trace is not None else None
+        return Translation(body, None, body_changed=had_fields, trace=capture)
     spec, compare = parse_steering(body.pop("steering"), sae_sizes, max_features, max_value, stages)
-    baseline = None
+    baseline = baseline_trace = None
     if compare:
         if body.get("stream"):
             raise APIError("steering.compare cannot be combined with stream", param="steering.compare",
                            code="invalid_steering")
         baseline = copy.deepcopy(body)
+        baseline_trace = attach_trace(baseline, trace) if trace is not None else None
     xargs = {**(body.get("vllm_xargs") or {}), EXTRA_ARGS_KEY: spec.to_extra_arg()}
     report = f"gates-{uuid.uuid4().hex}" if spec.gates else None
     if report is not None:
         xargs[GATE_REPORT_KEY] = report_extra_arg(report)
     body["vllm_xargs"] = xargs
     body["cache_salt"] = cache_salt(body.get("cache_salt"), spec)
-    return Translation(body, spec, baseline, gate_report=report)
+    capture = attach_trace(body, trace) if trace is not None else None
+    return Translation(body, spec, baseline, gate_report=report, trace=capture, baseline_trace=baseline_trace)
 
 
 def cache_salt(client_salt: str | None, spec: SteeringSpec) -> str:

@@ -7,12 +7,14 @@ On the steerable routes the body is then validated and translated (request_trans
 and the response, JSON or server-sent events, gets the normalised spec echoed back; any other
 route refuses a `steering` field rather than ignore it. Unsteered requests pass through with
 their body untouched. For a spec with gates, the echo at the end of the response (the JSON body,
-or one last chunk before a stream's `[DONE]`) also says how many tokens each gate let through.
+or one last chunk before a stream's `[DONE]`) also says how many tokens each gate let through;
+a `trace` (server/traces.py) arrives there too, per choice.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -23,6 +25,7 @@ from .request_guard import (
     too_large,
 )
 from .request_translation import translate_request
+from .traces import num_choices, take_traces
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes:
@@ -95,12 +98,12 @@ class SteeringMiddleware:
                 context.metrics.validation_error(error.code)
                 await error.response()(scope, _replay(b"", receive), send)
                 return
-        if translation is None or translation.spec is None:
+        if translation is None or not translation.extended:
             if translation is not None and translation.body_changed:  # a `"steering": null` was dropped
                 body = json.dumps(translation.body).encode()
             await self.app(_with_length(scope, body), _replay(body, receive), send)
             return
-        await self._steered(scope, receive, send, context, translation)
+        await self._extended(scope, receive, send, context, translation)
 
     async def _read_checked(self, scope: Scope, receive: Receive, limits) -> tuple[bytes, Any]:
         """The body and its parsed JSON (None when empty), after every check that applies to
@@ -120,9 +123,11 @@ class SteeringMiddleware:
                 check_route_takes_steering(scope["path"], payload)
         return body, payload
 
-    async def _steered(self, scope: Scope, receive: Receive, send: Send, context, translation) -> None:
+    async def _extended(self, scope: Scope, receive: Receive, send: Send, context, translation) -> None:
+        """A steered and/or traced request: the response gets the echo, the baseline, the gate
+        report and the traces."""
         spec = translation.spec
-        additions: dict[str, Any] = {"steering": spec.echo()}
+        additions: dict[str, Any] = {"steering": spec.echo()} if spec is not None else {}
         if translation.baseline_body is not None:
             baseline = json.dumps(translation.baseline_body).encode()
             start, content = await self._collect(_with_length(scope, baseline), _replay(baseline, receive))
@@ -131,13 +136,19 @@ class SteeringMiddleware:
                 await send({"type": "http.response.body", "body": content, "more_body": False})
                 return
             additions["baseline"] = json.loads(content)
+            if translation.baseline_trace is not None:
+                traces = await take_traces(context, translation.baseline_trace, num_choices(translation.baseline_body))
+                for choice in additions["baseline"].get("choices", []):
+                    choice["trace"] = traces.get(choice.get("index"), [])
         new_body = json.dumps(translation.body).encode()
+        echoing = _EchoingSend(send, additions, _response_end(context, translation))
+        if spec is None:
+            await self.app(_with_length(scope, new_body), _replay(new_body, receive), echoing)
+            return
         context.metrics.steered_request()
-        final = _gated_echo(context, spec, translation.gate_report) if translation.gate_report else None
         try:
             async with context.admission.admit(spec.id):
-                await self.app(_with_length(scope, new_body), _replay(new_body, receive),
-                               _EchoingSend(send, additions, final))
+                await self.app(_with_length(scope, new_body), _replay(new_body, receive), echoing)
         finally:
             context.metrics.schedule_refresh()
 
@@ -153,15 +164,33 @@ class SteeringMiddleware:
         return start, b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
 
 
-def _gated_echo(context, spec, report_id: str) -> Callable[[], Awaitable[dict[str, Any]]]:
-    """The end-of-response echo of a gated spec: the workers' gate report (taken once the
-    request is done) folded into it."""
+@dataclass
+class _ResponseEnd:
+    """What only the end of a response can say: top-level fields, and fields per choice index."""
 
-    async def final() -> dict[str, Any]:
-        per_rank = await context.engine.collective_rpc("steerserve_take_gate_report", args=(report_id,))
-        return {"steering": spec.echo(_merged_gate_reports(per_rank))}
+    fields: dict[str, Any] = field(default_factory=dict)
+    per_choice: dict[int, dict[str, Any]] = field(default_factory=dict)
 
-    return final
+
+def _response_end(context, translation) -> Callable[[], Awaitable[_ResponseEnd]] | None:
+    """Taken from the workers once the request is done: a gated spec's gate report, folded into
+    its echo, and the request's trace per choice."""
+    spec, report, trace = translation.spec, translation.gate_report, translation.trace
+    if report is None and trace is None:
+        return None
+    choices = num_choices(translation.body)
+
+    async def end() -> _ResponseEnd:
+        result = _ResponseEnd()
+        if report is not None:
+            per_rank = await context.engine.collective_rpc("steerserve_take_gate_report", args=(report,))
+            result.fields["steering"] = spec.echo(_merged_gate_reports(per_rank))
+        if trace is not None:
+            traces = await take_traces(context, trace, choices)
+            result.per_choice = {i: {"trace": traces.get(i, [])} for i in range(choices)}
+        return result
+
+    return end
 
 
 def _merged_gate_reports(per_rank: list[dict | None]) -> dict:
@@ -180,7 +209,7 @@ class _EchoingSend:
     response: merged into the JSON body, or sent as one more chunk before the stream's `[DONE]`."""
 
     def __init__(self, send: Send, additions: dict[str, Any],
-                 final: Callable[[], Awaitable[dict[str, Any]]] | None = None):
+                 final: Callable[[], Awaitable[_ResponseEnd]] | None = None):
         self._send = send
         self._additions = additions
         self._final = final
@@ -208,9 +237,9 @@ class _EchoingSend:
         if self._mode == "json":
             if more:
                 return
-            if self._final is not None:
-                self._additions = {**self._additions, **await self._final()}
-            body = self._with_additions(self._buffer)
+            end = await self._final() if self._final is not None else _ResponseEnd()
+            self._additions = {**self._additions, **end.fields}
+            body = self._with_additions(self._buffer, end.per_choice)
             assert self._start is not None
             headers = [(k, v) for k, v in self._start["headers"] if k.lower() != b"content-length"]
             headers.append((b"content-length", str(len(body)).encode()))
@@ -225,7 +254,7 @@ class _EchoingSend:
             self._buffer = b""
         await self._send({"type": "http.response.body", "body": out, "more_body": more})
 
-    def _with_additions(self, raw: bytes) -> bytes:
+    def _with_additions(self, raw: bytes, per_choice: dict[int, dict[str, Any]] | None = None) -> bytes:
         try:
             data = json.loads(raw)
         except ValueError:
@@ -233,6 +262,8 @@ class _EchoingSend:
         if isinstance(data, dict):
             self._last_chunk = data
             data.update(self._additions)
+            for choice in data.get("choices", []) if per_choice else ():
+                choice.update(per_choice.get(choice.get("index"), {}))
         return json.dumps(data).encode()
 
     async def _sse_event(self, event: bytes) -> bytes:
@@ -243,7 +274,11 @@ class _EchoingSend:
             return prefix + self._with_additions(event[len(prefix):])
         if self._final is None:
             return event
-        # One last chunk, like a usage chunk: no choices, the end-of-response additions.
+        # One last chunk, like a usage chunk: the end-of-response fields, and per choice an empty
+        # delta (or text) carrying that choice's trace.
         last = {key: self._last_chunk[key] for key in ("id", "object", "created", "model") if key in self._last_chunk}
-        final = json.dumps({**last, "choices": [], **self._additions, **await self._final()}).encode()
+        end = await self._final()
+        empty = {"delta": {}} if last.get("object") == "chat.completion.chunk" else {"text": ""}
+        choices = [{"index": i, **empty, "finish_reason": None, **fields} for i, fields in sorted(end.per_choice.items())]
+        final = json.dumps({**last, "choices": choices, **self._additions, **end.fields}).encode()
         return prefix + final + b"\n\n" + event

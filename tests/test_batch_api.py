@@ -201,3 +201,21 @@ def test_files_retrieve_list_delete(client):
     assert deleted.deleted and deleted.id == f.id
     with pytest.raises(openai.NotFoundError):
         client.files.retrieve(f.id)
+
+
+def test_a_batch_line_may_gate_and_trace(client, http, active_features):
+    """A line with a gated edit and a trace gets the same body as the interactive request:
+    tokens, the gate report in the echo, and the trace."""
+    body = chat_body(steering={"features": [{"layer": 2, "index": 9, "mode": "add", "value": 6.0,
+                                             "when": {"layer": 1, "index": active_features[1][1], "below": 0.5}}]},
+                     trace={"layers": [1, 2], "top_k": 3}, ignore_eos=True)
+    batch = wait(client, submit(client, [request_line("gated-traced", body)]).id)
+    assert batch.status == "completed" and batch.request_counts.completed == 1
+    (line,) = lines_of(client, batch.output_file_id)
+    from_batch = line["response"]["body"]
+    interactive = http.post(CHAT, json=body).json()
+    assert from_batch["choices"][0]["token_ids"] == interactive["choices"][0]["token_ids"]
+    assert from_batch["choices"][0]["trace"] == interactive["choices"][0]["trace"]
+    assert len(from_batch["choices"][0]["trace"]) == 12
+    echo = from_batch["steering"]
+    assert echo == interactive["steering"] and echo["steered_tokens"] > echo["features"][0]["edited_tokens"] > 0

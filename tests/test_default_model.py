@@ -158,3 +158,45 @@ def test_bad_steering_is_a_400(http):
     assert response.json()["error"]["code"] == "layer_not_loaded"
     body["steering"]["features"][0] |= {"layer": 1, "index": 2048}
     assert http.post("/v1/chat/completions", json=body).json()["error"]["code"] == "index_out_of_range"
+
+
+def test_gated_clamp_and_trace_through_the_openai_client(default_server):
+    """Conditional steering and a trace on the default model through the official client:
+    clamp German only where the English feature is active. The trace (after the edit) shows
+    German at the clamp value on exactly the tokens the gate report counts; concurrent gated,
+    traced and plain requests each get what they get alone."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{default_server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=300)
+    with httpx.Client(base_url=default_server.base_url, headers=AUTH, timeout=300) as http:
+        german, english = language_feature(http, "German"), language_feature(http, "English")
+    value = five_times_mean(german)
+    steering = {"features": [{"layer": german["layer"], "index": german["index"], "mode": "clamp", "value": value,
+                              "when": {"layer": english["layer"], "index": english["index"], "above": 1.0}}]}
+    trace = {"layers": [german["layer"]], "top_k": 5, "positions": "all"}
+
+    def ask(steered: bool, traced: bool):
+        extra = {"steering": steering} if steered else {}
+        return client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=24, temperature=0,
+            extra_body=extra | ({"trace": trace} if traced else {}))
+
+    gated = ask(True, True)
+    echo = gated.model_extra["steering"]
+    edited, steered_tokens = echo["features"][0]["edited_tokens"], echo["steered_tokens"]
+    assert 0 < edited < steered_tokens, echo
+    entries = gated.choices[0].model_extra["trace"]
+    assert len(entries) == steered_tokens  # positions "all": every computed position
+    clamped = [e for e in entries
+               if any(x["index"] == german["index"] and x["activation"] > 0.7 * value
+                      for x in e["features"][str(german["layer"])])]
+    assert len(clamped) == edited
+    plain = ask(False, False).choices[0].message.content
+    ungated = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=24, temperature=0,
+        extra_body={"steering": {"features": [{k: v for k, v in steering["features"][0].items() if k != "when"}]}})
+    assert gated.choices[0].message.content not in (plain, ungated.choices[0].message.content)
+    with ThreadPoolExecutor(6) as pool:
+        jobs = [pool.submit(ask, i % 2 == 0, i % 3 == 0) for i in range(6)]
+        outs = [j.result().choices[0].message.content for j in jobs]
+    assert outs == [gated.choices[0].message.content if i % 2 == 0 else plain for i in range(6)]

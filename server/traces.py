@@ -1,0 +1,106 @@
+"""The `trace` field of chat/text completions: each token's top SAE features while it generates.
+
+`"trace": {"layers": [...], "top_k": 5, "positions": "generation" | "all"}` rides to the workers
+as a capture spec (sae_plugins/feature_capture.py) next to any steering, so the features are
+those of the stream the request really ran, after any steering edit at each traced layer, and
+only the traced requests' rows are encoded. A position's features are recorded when the
+position is computed: position p holds the token at p as input and predicts token p + 1. So
+trace entry i of "generation" is the position that predicted generated token i (the last prompt
+position for the first), one entry per generated token; "all" adds the prompt positions before
+it, so its last entries align with the generated tokens the same way. The API takes the trace
+per choice once the response is complete.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+
+from sae_plugins.feature_capture import CAPTURE_KEY, CaptureSpec
+
+from .errors import APIError, from_validation
+
+MAX_TRACE_TOP_K = 100
+MAX_CHOICES = 128  # choices whose traces are taken back (vLLM bounds `n` itself)
+
+
+class TraceRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    layers: list[StrictInt] = Field(min_length=1)
+    top_k: StrictInt = 5
+    positions: Literal["generation", "all"] = "generation"
+
+
+def parse_trace(raw: object, sae_sizes: dict[int, int], body: dict) -> TraceRequest:
+    if not sae_sizes:
+        raise APIError("trace is unavailable: this server was started without --sae", param="trace",
+                       code="steering_unavailable")
+    try:
+        trace = TraceRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise from_validation(exc, prefix="invalid trace", code="invalid_trace", root="trace") from None
+    for i, layer in enumerate(trace.layers):
+        if layer not in sae_sizes:
+            raise APIError(f"no SAE is loaded at layer {layer}; loaded layers: {sorted(sae_sizes)}",
+                           param=f"trace.layers[{i}]", code="layer_not_loaded")
+        if layer in trace.layers[:i]:
+            raise APIError(f"layer {layer} is listed twice", param=f"trace.layers[{i}]", code="invalid_trace")
+    if not 1 <= trace.top_k <= min(MAX_TRACE_TOP_K, *(sae_sizes[layer] for layer in trace.layers)):
+        raise APIError(f"top_k must be between 1 and {MAX_TRACE_TOP_K} (and at most d_sae)", param="trace.top_k",
+                       code="invalid_trace")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        raise APIError("trace takes one prompt per request (a string or a list of token ids)", param="prompt",
+                       code="invalid_trace")
+    return trace
+
+
+def attach_trace(body: dict, trace: TraceRequest) -> CaptureSpec:
+    """Adds the trace's capture spec to `body` (the vLLM request); returns it."""
+    capture = CaptureSpec(id=uuid.uuid4().hex, layers=tuple(trace.layers), top_k=trace.top_k, trace=True,
+                          generation_only=trace.positions == "generation")
+    body["vllm_xargs"] = {**(body.get("vllm_xargs") or {}), CAPTURE_KEY: capture.to_extra_arg()}
+    if trace.positions == "all":  # every prompt position must really be computed, not read from the cache
+        body["cache_salt"] = f"{body['cache_salt']}:trace-{capture.id}" if body.get("cache_salt") else \
+            f"trace-{capture.id}"
+    return capture
+
+
+def num_choices(body: dict) -> int:
+    n = body.get("n")
+    return min(n, MAX_CHOICES) if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+
+
+async def take_traces(context, capture: CaptureSpec, choices: int) -> dict[int, list[dict]]:
+    """Per choice index, the trace entries in position order: {"position", "features": {layer:
+    [{"index", "activation", "label"?}]}}."""
+    per_rank = await context.engine.collective_rpc("steerserve_take_trace", args=(capture.id, choices))
+    by_choice: dict[int, dict[int, dict]] = {}  # choice -> layer -> the worker's result
+    for rank in per_rank:  # pipeline stages each hold their own layers; TP ranks agree
+        for choice, layers in (rank or {}).items():
+            by_choice.setdefault(int(choice), {}).update({int(layer): result for layer, result in layers.items()})
+    positions: dict[int, dict[int, dict]] = {}  # choice -> position -> entry
+    for choice, layers in by_choice.items():
+        entries = positions.setdefault(choice, {})
+        for layer, result in layers.items():
+            for position, indices, values in zip(result["positions"], result["indices"], result["values"]):
+                entry = entries.setdefault(position, {"position": position, "features": {}})
+                entry["features"][str(layer)] = [_feature(context, layer, i, v) for i, v in zip(indices, values)]
+    if not capture.generation_only and len(positions) > 1:
+        # The choices share the prompt: prompt positions one choice read from the prefix cache
+        # (all those before its first computed one) another choice computed, with equal features.
+        shared: dict[int, dict] = {}
+        for entries in positions.values():
+            for position, entry in entries.items():
+                shared.setdefault(position, entry)
+        for entries in positions.values():
+            first = min(entries)
+            entries.update({position: entry for position, entry in shared.items() if position < first})
+    return {choice: [entries[p] for p in sorted(entries)] for choice, entries in positions.items()}
+
+
+def _feature(context, layer: int, index: int, activation: float) -> dict:
+    label = context.labels.get(layer, index)
+    return {"index": index, "activation": activation} | ({"label": label.label} if label is not None else {})

@@ -1,0 +1,154 @@
+"""Feature traces while generating (`trace` on chat/text completions), end to end on the shared
+compiled server, against the independent reference: for the tokens the server generated, the
+reference recomputes each traced position's features (after any steering edit at that layer)
+and the trace must be their top-k. Also: positions "all", n > 1, streams, compare, labels,
+completions, and the 400s."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import FEATURE_LABELS, MODEL_NAME, PROMPT
+
+MAX_TOKENS = 8
+TOLERANCE = 0.06  # bf16 stream, two kernel stacks: activations agree to a few percent
+LABELS = {(row["layer"], row["index"]): row["label"] for row in FEATURE_LABELS}
+
+
+def chat(client, trace, steering=None, **kwargs):
+    extra = {"trace": trace, "return_token_ids": True, "ignore_eos": True}
+    if steering is not None:
+        extra["steering"] = steering
+    kwargs.setdefault("temperature", 0)
+    return client.chat.completions.create(model=MODEL_NAME, messages=PROMPT, max_tokens=MAX_TOKENS,
+                                          extra_body=extra, **kwargs)
+
+
+def assert_trace_matches_reference(reference, trace, prompt_ids, tokens, layers, top_k, steering=None,
+                                   first_position=None):
+    """Each entry's features are the reference's top-k at its position: the values agree, and
+    no feature outside the list is clearly larger than the list's smallest."""
+    sequence = prompt_ids + tokens[:-1]  # every position the server computed
+    first = len(prompt_ids) - 1 if first_position is None else first_position
+    assert [e["position"] for e in trace] == list(range(first, len(sequence)))
+    _, streams = reference.forward(sequence, (steering or {}).get("features"), capture=True)
+    for layer in layers:
+        f = reference.encode(layer, streams[layer])
+        for entry in trace:
+            features = entry["features"][str(layer)]
+            assert len(features) == top_k
+            row = f[entry["position"]]
+            values = [x["activation"] for x in features]
+            assert values == sorted(values, reverse=True)
+            for x in features:
+                assert abs(row[x["index"]] - x["activation"]) <= TOLERANCE * max(1.0, x["activation"]), (entry, layer)
+                assert x.get("label") == LABELS.get((layer, x["index"]))
+            others = row.clone()
+            others[[x["index"] for x in features]] = -1
+            assert float(others.max()) <= values[-1] + TOLERANCE * max(1.0, values[-1]), (entry, layer)
+
+
+def test_a_trace_is_the_reference_features_of_the_generated_tokens(client, reference):
+    response = chat(client, {"layers": [1, 2], "top_k": 5})
+    choice = response.choices[0]
+    tokens = list(choice.model_extra["token_ids"])
+    trace = choice.model_extra["trace"]
+    assert len(trace) == len(tokens) == MAX_TOKENS  # one entry per generated token: where it was predicted
+    assert_trace_matches_reference(reference, trace, response.model_extra["prompt_token_ids"], tokens, [1, 2], 5)
+    assert "steering" not in response.model_extra
+
+
+def test_a_steered_trace_shows_the_edited_stream(client, reference, active_features):
+    steering = {"features": [{"layer": 1, "index": 3, "mode": "add", "value": 8.0},
+                             {"layer": 2, "index": active_features[2][0], "mode": "clamp", "value": 20.0}]}
+    response = chat(client, {"layers": [2], "top_k": 3}, steering)
+    choice = response.choices[0]
+    tokens = list(choice.model_extra["token_ids"])
+    trace = choice.model_extra["trace"]
+    assert_trace_matches_reference(reference, trace, response.model_extra["prompt_token_ids"], tokens, [2], 3,
+                                   steering)
+    clamped = [next((x for x in e["features"]["2"] if x["index"] == active_features[2][0]), None) for e in trace]
+    assert all(x is not None and abs(x["activation"] - 20.0) < 1.0 for x in clamped)  # after the edit
+    assert response.model_extra["steering"]["features"][0]["index"] == 3
+
+
+def test_positions_all_covers_the_prompt(client, reference):
+    response = chat(client, {"layers": [1], "top_k": 2, "positions": "all"})
+    prompt_ids = response.model_extra["prompt_token_ids"]
+    tokens = list(response.choices[0].model_extra["token_ids"])
+    trace = response.choices[0].model_extra["trace"]
+    assert len(trace) == len(prompt_ids) + len(tokens) - 1
+    assert_trace_matches_reference(reference, trace, prompt_ids, tokens, [1], 2, first_position=0)
+
+
+def test_each_choice_has_its_own_trace(client, reference):
+    response = chat(client, {"layers": [1], "top_k": 3}, n=4, temperature=2.0)  # no seed: the children differ
+    assert len({tuple(c.model_extra["token_ids"]) for c in response.choices}) > 1  # the choices differ
+    for choice in response.choices:
+        tokens = list(choice.model_extra["token_ids"])
+        assert len(choice.model_extra["trace"]) == len(tokens)
+        assert_trace_matches_reference(reference, choice.model_extra["trace"], response.model_extra["prompt_token_ids"],
+                                       tokens, [1], 3)
+
+
+def test_a_stream_ends_with_the_trace(client):
+    trace = {"layers": [1, 2], "top_k": 4}
+    whole = chat(client, trace)
+    chunks = list(client.chat.completions.create(
+        model=MODEL_NAME, messages=PROMPT, max_tokens=MAX_TOKENS, temperature=0, stream=True,
+        extra_body={"trace": trace, "ignore_eos": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks[:-1] if c.choices)
+    assert text == whole.choices[0].message.content
+    last = chunks[-1]
+    assert [c.index for c in last.choices] == [0] and last.choices[0].delta.content is None
+    streamed = last.choices[0].model_extra["trace"]
+    assert [e["position"] for e in streamed] == [e["position"] for e in whole.choices[0].model_extra["trace"]]
+    assert [[x["index"] for x in e["features"]["1"]] for e in streamed] == \
+        [[x["index"] for x in e["features"]["1"]] for e in whole.choices[0].model_extra["trace"]]
+
+
+def test_compare_traces_both_answers(client):
+    steering = {"features": [{"layer": 1, "index": 3, "mode": "add", "value": 8.0}], "compare": True}
+    response = chat(client, {"layers": [1], "top_k": 2}, steering)
+    steered, baseline = response.choices[0].model_extra["trace"], response.model_extra["baseline"]["choices"][0]["trace"]
+    assert len(steered) == len(baseline) == MAX_TOKENS
+    plain = chat(client, {"layers": [1], "top_k": 2}).choices[0].model_extra["trace"]
+    assert baseline == plain and steered != plain
+
+
+def test_completions_trace_and_labels(http):
+    response = http.post("/v1/completions", json={
+        "model": MODEL_NAME, "prompt": "The weather today is", "max_tokens": 4, "temperature": 0, "ignore_eos": True,
+        "trace": {"layers": [1], "top_k": 8}})
+    assert response.status_code == 200, response.text
+    trace = response.json()["choices"][0]["trace"]
+    assert len(trace) == 4
+    labelled = [x for e in trace for x in e["features"]["1"] if "label" in x]
+    assert all(x["label"] == LABELS[(1, x["index"])] for x in labelled)
+
+
+@pytest.mark.parametrize("body,param,code", [
+    ({"trace": {"layers": []}}, "trace.layers", "invalid_trace"),
+    ({"trace": {"layers": [3]}}, "trace.layers[0]", "layer_not_loaded"),
+    ({"trace": {"layers": [1, 1]}}, "trace.layers[1]", "invalid_trace"),
+    ({"trace": {"layers": [1], "top_k": 0}}, "trace.top_k", "invalid_trace"),
+    ({"trace": {"layers": [1], "top_k": 101}}, "trace.top_k", "invalid_trace"),
+    ({"trace": {"layers": [1], "positions": "prompt"}}, "trace.positions", "invalid_trace"),
+    ({"trace": {"layers": ["1"]}}, "trace.layers[0]", "invalid_trace"),
+    ({"trace": {"layers": [1], "residual": True}}, "trace.residual", "invalid_trace"),
+    ({"trace": [1]}, "trace", "invalid_trace"),
+])
+def test_bad_traces_get_a_400_naming_the_field(http, body, param, code):
+    response = http.post("/v1/chat/completions", json={"model": MODEL_NAME, "messages": PROMPT, "max_tokens": 2, **body})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"], error["type"]) == (param, code, "invalid_request_error"), error
+
+
+def test_trace_refuses_several_prompts_and_other_routes(http):
+    response = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": ["a", "b"], "max_tokens": 2,
+                                                  "trace": {"layers": [1]}})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+    response = http.post("/v1/responses", json={"model": MODEL_NAME, "input": "hi", "trace": {"layers": [1]}})
+    assert response.status_code == 400
+    assert (response.json()["error"]["param"], response.json()["error"]["code"]) == ("trace", "steering_unsupported_route")
