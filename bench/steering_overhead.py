@@ -7,7 +7,10 @@ a running server, then measures, on that same engine:
     to the unsteered run at the same concurrency;
   * throughput with K = 1, 8, 32, 64 distinct steering configs in flight, relative to K = 1;
   * gated steering (`when`) against the same edits ungated: the gate on the edited layer, and
-    on another layer (which then needs an encode of its own).
+    on another layer (which then needs an encode of its own);
+  * traces: untraced requests' throughput beside traced ones (half the clients trace every
+    layer), as a ratio to the same untraced requests beside untraced ones; and all clients
+    tracing against none.
 Each cell interleaves baseline and variant arms (AB BA AB BA), every arm at least --arm-seconds
 long, after a warm-up pass over every shape, because a shared CPU machine drifts by more than
 the effects measured; the ratio is over the summed tokens and seconds, and the spread of the
@@ -47,10 +50,11 @@ def clamp_spec(layers: list[int], variant: int, gate_layer: int | None = None) -
                          for layer in layers]}
 
 
-async def send(client: httpx.AsyncClient, base_url: str, i: int, spec: dict | None, max_tokens: int) -> tuple[int, int]:
-    """One completion request; returns its (completion, prompt) tokens."""
+async def send(client: httpx.AsyncClient, base_url: str, i: int, spec: dict | None, max_tokens: int,
+               extra: dict | None = None) -> tuple[int, int]:
+    """One completion request (with `extra` body fields); returns its (completion, prompt) tokens."""
     body = {"model": "bench", "prompt": f"Request {i}: the weather report for today says",
-            "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+            "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, **(extra or {})}
     if spec is not None:
         body["steering"] = spec
     response = await client.post(f"{base_url}/v1/completions", content=json.dumps(body),
@@ -61,31 +65,37 @@ async def send(client: httpx.AsyncClient, base_url: str, i: int, spec: dict | No
 
 
 async def run_load(base_url: str, specs: list[dict | None], concurrency: int, max_tokens: int,
-                   seconds: float = 0.0) -> tuple[int, int, float]:
+                   seconds: float = 0.0, client_extras: list[dict | None] = (None,)) -> tuple[int, int, float]:
     """`concurrency` closed-loop clients, request i carrying specs[i % len(specs)]: each sends
     its next request as soon as the last one returns, until len(specs) requests were sent and
     `seconds` have passed, so the batch stays full and an arm has one ramp-up and one drain.
+    Client j adds client_extras[j % len] to its bodies; only the tokens of clients whose extras
+    are client_extras[0] count (the others are load beside them).
     Returns (completion tokens, total tokens, wall seconds)."""
     sent = completion = prompt = 0
     start = time.perf_counter()
 
-    async def client_loop(client: httpx.AsyncClient) -> None:
+    async def client_loop(client: httpx.AsyncClient, j: int) -> None:
         nonlocal sent, completion, prompt
+        extra = client_extras[j % len(client_extras)]
         while sent < len(specs) or time.perf_counter() - start < seconds:
             i = sent
             sent += 1
-            c, p = await send(client, base_url, i, specs[i % len(specs)], max_tokens)
-            completion, prompt = completion + c, prompt + p
+            c, p = await send(client, base_url, i, specs[i % len(specs)], max_tokens, extra)
+            if j % len(client_extras) == 0:
+                completion, prompt = completion + c, prompt + p
 
     async with httpx.AsyncClient(timeout=600) as client:
-        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        await asyncio.gather(*(client_loop(client, j) for j in range(concurrency)))
     return completion, completion + prompt, time.perf_counter() - start
 
 
-async def timed_load(base_url: str, specs: list[dict | None], concurrency: int, args) -> tuple[int, int, float]:
-    """One arm: run_load for at least --arm-seconds (a short run on a tiny model is mostly
-    scheduling jitter). Returns (completion tokens, total tokens, seconds)."""
-    return await run_load(base_url, specs, concurrency, args.max_tokens, args.arm_seconds)
+async def timed_load(base_url: str, arm, concurrency: int, args) -> tuple[int, int, float]:
+    """One arm, `arm` = specs or (specs, client_extras): run_load for at least --arm-seconds (a
+    short run on a tiny model is mostly scheduling jitter). Returns (completion tokens, total
+    tokens, seconds)."""
+    specs, extras = arm if isinstance(arm, tuple) else (arm, (None,))
+    return await run_load(base_url, specs, concurrency, args.max_tokens, args.arm_seconds, extras)
 
 
 async def worker_metrics(base_url: str) -> dict[str, float]:
@@ -109,10 +119,11 @@ async def worker_seconds(base_url: str) -> tuple[float, float]:
     return samples["steerserve_steering_host_seconds_total"], samples["steerserve_model_execute_host_seconds_total"]
 
 
-async def paired_ratio(base_url: str, base: list, variant: list, concurrency: int, args) -> tuple[float, ...]:
+async def paired_ratio(base_url: str, base, variant, concurrency: int, args) -> tuple[float, ...]:
     """Runs base and variant as `args.repeats` interleaved pairs, alternating which goes first
     (AB BA AB ...), each arm at least --arm-seconds, so drift on a noisy machine hits both alike.
 
+    base and variant: the specs of each arm, or (specs, client_extras) (see run_load).
     Returns: the variant/base throughput ratios (decode, total) over all pairs' summed tokens
     and seconds, the spread of the per-pair decode ratios (max - min), the variant throughputs
     (decode, total), and the steering time of the variant arms, which the workers measure inside
@@ -161,6 +172,8 @@ async def measure(args, base_url: str) -> None:
         await configs_section(args, base_url, layers)
     if "gated" in sections:
         await gated_section(args, base_url, layers)
+    if "traced" in sections:
+        await traced_section(args, base_url, layers)
 
 
 async def steering_section(args, base_url: str, layers: list[int]) -> None:
@@ -233,8 +246,8 @@ def main() -> None:
     parser.add_argument("--min-requests", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=4, help="interleaved pairs per cell")
     parser.add_argument("--arm-seconds", type=float, default=3.0, help="minimum wall time of each arm of a pair")
-    parser.add_argument("--sections", default="steering,configs,gated",
-                        help="comma-separated subset of: steering, configs, gated")
+    parser.add_argument("--sections", default="steering,configs,gated,traced",
+                        help="comma-separated subset of: steering, configs, gated, traced")
     parser.add_argument("--log", default="/tmp/steerserve-bench.log")
     parser.add_argument("engine_args", nargs="*", help="extra `steerserve serve` arguments after --")
     args = parser.parse_args()
@@ -267,3 +280,21 @@ def main() -> None:
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     main()
+
+
+async def traced_section(args, base_url: str, layers: list[int]) -> None:
+    """The untraced clients' throughput with traced neighbours (half the clients) against the
+    same clients with untraced neighbours; then every client tracing against none."""
+    trace = {"trace": {"layers": layers, "top_k": 5}}
+    print(f"\ntraces (top 5 at layers {layers}): {args.repeats} interleaved pairs; the untraced-beside-"
+          "untraced row is this section's noise floor")
+    print(f"{'conc':>5} {'case':>34} {'decode tok/s':>13} {'ratio':>7} {'spread':>7}")
+    cases = [("untraced beside untraced", (None, None)), ("untraced beside traced (half)", (None, trace)),
+             ("all traced vs none (all counted)", (trace,))]
+    for concurrency in (8, 32):
+        n = max(2 * concurrency, args.min_requests)
+        for name, extras in cases:
+            base, variant = ([None] * n, (None,) * len(extras)), ([None] * n, extras)
+            await run_load(base_url, [None] * n, concurrency, args.max_tokens, 0.0, extras)  # warm-up
+            decode_ratio, _, spread, decode, *_ = await paired_ratio(base_url, base, variant, concurrency, args)
+            print(f"{concurrency:>5} {name:>34} {decode:>13.1f} {decode_ratio:>7.3f} {spread:>7.3f}")

@@ -30,6 +30,9 @@ class Limits:
     max_inspect_chars_per_token: int = _limit(
         32, "inspect refuses, before tokenizing, inputs longer than this many characters per token of "
             "context (the token count is checked after tokenizing too)")
+    max_trace_features: int = _limit(
+        256, "most features a `trace` returns per position, layers x top_k (400 above): a trace's size "
+             "grows with its positions times this")
     token_search_cache_entries: int = _limit(
         1024, "entries of the features API's token-search cache (least recently used dropped)")
 

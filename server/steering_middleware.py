@@ -93,7 +93,8 @@ class SteeringMiddleware:
         if isinstance(payload, dict) and is_steerable(scope["path"]):
             try:
                 translation = translate_request(payload, context.sae_sizes, context.max_features,
-                                                context.limits.max_steering_value, context.sae_stages)
+                                                context.limits.max_steering_value, context.sae_stages,
+                                                context.limits.max_trace_features)
             except APIError as error:
                 context.metrics.validation_error(error.code)
                 await error.response()(scope, _replay(b"", receive), send)

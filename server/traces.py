@@ -33,7 +33,8 @@ class TraceRequest(BaseModel):
     positions: Literal["generation", "all"] = "generation"
 
 
-def parse_trace(raw: object, sae_sizes: dict[int, int], body: dict) -> TraceRequest:
+def parse_trace(raw: object, sae_sizes: dict[int, int], body: dict, max_features: int) -> TraceRequest:
+    """The validated trace; `max_features` bounds layers x top_k (--max-trace-features)."""
     if not sae_sizes:
         raise APIError("trace is unavailable: this server was started without --sae", param="trace",
                        code="steering_unavailable")
@@ -50,6 +51,9 @@ def parse_trace(raw: object, sae_sizes: dict[int, int], body: dict) -> TraceRequ
     if not 1 <= trace.top_k <= min(MAX_TRACE_TOP_K, *(sae_sizes[layer] for layer in trace.layers)):
         raise APIError(f"top_k must be between 1 and {MAX_TRACE_TOP_K} (and at most d_sae)", param="trace.top_k",
                        code="invalid_trace")
+    if len(trace.layers) * trace.top_k > max_features:
+        raise APIError(f"a trace returns at most {max_features} features per position (layers x top_k) on this "
+                       "server (--max-trace-features)", param="trace.top_k", code="invalid_trace")
     prompt = body.get("prompt")
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
         raise APIError("trace takes one prompt per request (a string or a list of token ids)", param="prompt",

@@ -152,3 +152,15 @@ def test_trace_refuses_several_prompts_and_other_routes(http):
     response = http.post("/v1/responses", json={"model": MODEL_NAME, "input": "hi", "trace": {"layers": [1]}})
     assert response.status_code == 400
     assert (response.json()["error"]["param"], response.json()["error"]["code"]) == ("trace", "steering_unsupported_route")
+
+
+def test_a_trace_over_the_per_position_limit_is_refused():
+    from server.errors import APIError
+    from server.traces import parse_trace
+
+    sizes = {1: 1024, 2: 1024}
+    assert parse_trace({"layers": [1, 2], "top_k": 5}, sizes, {}, 10).top_k == 5
+    with pytest.raises(APIError) as refused:
+        parse_trace({"layers": [1, 2], "top_k": 6}, sizes, {}, 10)
+    assert (refused.value.param, refused.value.code) == ("trace.top_k", "invalid_trace")
+    assert "--max-trace-features" in str(refused.value)
