@@ -55,7 +55,11 @@ def main() -> int:
                   f"{'steered: target lang':>21}")
             for target, (prompt_lang, prompts) in PROMPTS_FOR_TARGET.items():
                 name = LANGUAGE_NAMES[target]
-                hit = http.get("/v1/features/search", params={"q": name}).raise_for_status().json()["data"][0]
+                hits = http.get("/v1/features/search", params={"q": name}).raise_for_status().json()["data"]
+                # a language's name labels its best feature at every layer: steer the one that qualifies
+                qualifying = [int(layer) for layer, found in report["labels"]["language_features"].items()
+                              if found[target]["qualifies"]]
+                hit = next((h for h in hits if h["label"] == name and h["layer"] in qualifying), hits[0])
                 for multiplier in (float(m) for m in args.multipliers.split(",")):
                     value = clamp_value(report, hit["layer"], target, multiplier)
                     result = measure(base_url, NAME, hit["layer"], hit["index"], value, target, prompts=prompts,

@@ -236,6 +236,24 @@ async def gated_section(args, base_url: str, layers: list[int]) -> None:
                   f"{wall:>11.1%}")
 
 
+async def traced_section(args, base_url: str, layers: list[int]) -> None:
+    """The untraced clients' throughput with traced neighbours (half the clients) against the
+    same clients with untraced neighbours; then every client tracing against none."""
+    trace = {"trace": {"layers": layers, "top_k": 5}}
+    print(f"\ntraces (top 5 at layers {layers}): {args.repeats} interleaved pairs; the untraced-beside-"
+          "untraced row is this section's noise floor")
+    print(f"{'conc':>5} {'case':>34} {'decode tok/s':>13} {'ratio':>7} {'spread':>7}")
+    cases = [("untraced beside untraced", (None, None)), ("untraced beside traced (half)", (None, trace)),
+             ("all traced vs none (all counted)", (trace,))]
+    for concurrency in (8, 32):
+        n = max(2 * concurrency, args.min_requests)
+        for name, extras in cases:
+            base, variant = ([None] * n, (None,) * len(extras)), ([None] * n, extras)
+            await run_load(base_url, [None] * n, concurrency, args.max_tokens, 0.0, extras)  # warm-up
+            decode_ratio, _, spread, decode, *_ = await paired_ratio(base_url, base, variant, concurrency, args)
+            print(f"{concurrency:>5} {name:>34} {decode:>13.1f} {decode_ratio:>7.3f} {spread:>7.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(ROOT / ".state" / "tiny-qwen3.5"))
@@ -281,20 +299,3 @@ if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
     main()
 
-
-async def traced_section(args, base_url: str, layers: list[int]) -> None:
-    """The untraced clients' throughput with traced neighbours (half the clients) against the
-    same clients with untraced neighbours; then every client tracing against none."""
-    trace = {"trace": {"layers": layers, "top_k": 5}}
-    print(f"\ntraces (top 5 at layers {layers}): {args.repeats} interleaved pairs; the untraced-beside-"
-          "untraced row is this section's noise floor")
-    print(f"{'conc':>5} {'case':>34} {'decode tok/s':>13} {'ratio':>7} {'spread':>7}")
-    cases = [("untraced beside untraced", (None, None)), ("untraced beside traced (half)", (None, trace)),
-             ("all traced vs none (all counted)", (trace,))]
-    for concurrency in (8, 32):
-        n = max(2 * concurrency, args.min_requests)
-        for name, extras in cases:
-            base, variant = ([None] * n, (None,) * len(extras)), ([None] * n, extras)
-            await run_load(base_url, [None] * n, concurrency, args.max_tokens, 0.0, extras)  # warm-up
-            decode_ratio, _, spread, decode, *_ = await paired_ratio(base_url, base, variant, concurrency, args)
-            print(f"{concurrency:>5} {name:>34} {decode:>13.1f} {decode_ratio:>7.3f} {spread:>7.3f}")

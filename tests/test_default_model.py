@@ -32,7 +32,7 @@ def test_files_are_the_qwen_scope_format():
     for layer in LAYERS:
         raw = torch.load(MODEL_DIR / "sae" / f"layer{layer}.sae.pt", weights_only=True)
         assert {k: tuple(v.shape) for k, v in raw.items()} == {
-            "W_enc": (2048, 256), "W_dec": (256, 2048), "b_enc": (2048,), "b_dec": (256,)}
+            "W_enc": (1024, 256), "W_dec": (256, 1024), "b_enc": (1024,), "b_dec": (256,)}
         load_sae_layer(MODEL_DIR / "sae", layer, d_model=256, dtype=torch.float32, device="cpu")
 
 
@@ -43,7 +43,7 @@ def test_build_report_meets_the_quality_bar():
         assert REPORT["saes"]["layers"][str(layer)]["held_out_fvu"] < 0.2
     found = REPORT["labels"]["language_features"]
     qualified = [lang for lang in ("en", "de", "es", "it") if any(found[str(layer)][lang]["qualifies"] for layer in LAYERS)]
-    assert len(qualified) >= 3, found
+    assert len(qualified) == 4, found
 
 
 def test_fvu_recomputed_from_the_shipped_files():
@@ -156,7 +156,7 @@ def test_bad_steering_is_a_400(http):
     response = http.post("/v1/chat/completions", json=body)
     assert response.status_code == 400
     assert response.json()["error"]["code"] == "layer_not_loaded"
-    body["steering"]["features"][0] |= {"layer": 1, "index": 2048}
+    body["steering"]["features"][0] |= {"layer": 1, "index": 1024}
     assert http.post("/v1/chat/completions", json=body).json()["error"]["code"] == "index_out_of_range"
 
 

@@ -24,7 +24,7 @@ SAE_LAYERS = (1, 2, 3)  # language is mostly assembled by the full-attention lay
 
 @dataclass(frozen=True)
 class SaeSettings:
-    d_sae: int = 2048
+    d_sae: int = 1024  # 2048 split Italian over several features (issue #13)
     k: int = 32
     steps: int = 2000
     batch_tokens: int = 2048
