@@ -142,7 +142,7 @@ class SteeringMiddleware:
                 for choice in additions["baseline"].get("choices", []):
                     choice["trace"] = traces.get(choice.get("index"), [])
         new_body = json.dumps(translation.body).encode()
-        echoing = _EchoingSend(send, additions, _response_end(context, translation))
+        echoing = _EchoingSend(send, additions, _response_end(context, translation), _trace_pieces(context, translation))
         if spec is None:
             await self.app(_with_length(scope, new_body), _replay(new_body, receive), echoing)
             return
@@ -187,11 +187,25 @@ def _response_end(context, translation) -> Callable[[], Awaitable[_ResponseEnd]]
             per_rank = await context.engine.collective_rpc("steerserve_take_gate_report", args=(report,))
             result.fields["steering"] = spec.echo(_merged_gate_reports(per_rank))
         if trace is not None:
-            traces = await take_traces(context, trace, choices)
+            traces = await take_traces(context, trace, choices, whole=not translation.body.get("stream"))
             result.per_choice = {i: {"trace": traces.get(i, [])} for i in range(choices)}
         return result
 
     return end
+
+
+def _trace_pieces(context, translation) -> Callable[[], Awaitable[dict[int, list[dict]]]] | None:
+    """For a traced stream: the entries recorded since the last take, per choice, taken with
+    each chunk (the position that predicted a token is computed before the token is sent)."""
+    trace = translation.trace
+    if trace is None or not translation.body.get("stream"):
+        return None
+    choices = num_choices(translation.body)
+
+    async def pieces() -> dict[int, list[dict]]:
+        return await take_traces(context, trace, choices, whole=False)
+
+    return pieces
 
 
 def _merged_gate_reports(per_rank: list[dict | None]) -> dict:
@@ -207,13 +221,18 @@ def _merged_gate_reports(per_rank: list[dict | None]) -> dict:
 class _EchoingSend:
     """Adds `additions` (the `steering` echo, and `baseline` for compare) to a JSON body or to
     every `data:` event of a stream. `final`, when given, makes the additions of the end of the
-    response: merged into the JSON body, or sent as one more chunk before the stream's `[DONE]`."""
+    response: merged into the JSON body, or sent as one more chunk before the stream's `[DONE]`.
+    `trace_pieces`, for a traced stream: each chunk's choice carries the trace entries recorded
+    since the previous chunk (the last chunk the rest), so the stream's pieces add up to the trace."""
 
     def __init__(self, send: Send, additions: dict[str, Any],
-                 final: Callable[[], Awaitable[_ResponseEnd]] | None = None):
+                 final: Callable[[], Awaitable[_ResponseEnd]] | None = None,
+                 trace_pieces: Callable[[], Awaitable[dict[int, list[dict]]]] | None = None):
         self._send = send
         self._additions = additions
         self._final = final
+        self._trace_pieces = trace_pieces
+        self._pending_traces: dict[int, list[dict]] = {}  # taken, not yet sent
         self._start: Message | None = None
         self._mode = "passthrough"
         self._buffer = b""
@@ -249,6 +268,9 @@ class _EchoingSend:
             return
         events, _, rest = self._buffer.rpartition(b"\n\n")
         self._buffer = rest
+        if self._trace_pieces is not None and events:
+            for choice, entries in (await self._trace_pieces()).items():
+                self._pending_traces.setdefault(choice, []).extend(entries)
         out = b"".join([await self._sse_event(e) + b"\n\n" for e in events.split(b"\n\n")]) if events else b""
         if not more and rest:
             out += await self._sse_event(rest)
@@ -265,6 +287,8 @@ class _EchoingSend:
             data.update(self._additions)
             for choice in data.get("choices", []) if per_choice else ():
                 choice.update(per_choice.get(choice.get("index"), {}))
+            for choice in data.get("choices", []) if self._trace_pieces is not None else ():
+                choice["trace"] = self._pending_traces.pop(choice.get("index"), [])
         return json.dumps(data).encode()
 
     async def _sse_event(self, event: bytes) -> bytes:
@@ -280,6 +304,8 @@ class _EchoingSend:
         last = {key: self._last_chunk[key] for key in ("id", "object", "created", "model") if key in self._last_chunk}
         end = await self._final()
         empty = {"delta": {}} if last.get("object") == "chat.completion.chunk" else {"text": ""}
+        for i, entries in self._pending_traces.items():  # taken with the last chunks, not yet sent
+            end.per_choice.setdefault(i, {"trace": []})["trace"][:0] = entries
         choices = [{"index": i, **empty, "finish_reason": None, **fields} for i, fields in sorted(end.per_choice.items())]
         final = json.dumps({**last, "choices": choices, **self._additions, **end.fields}).encode()
         return prefix + final + b"\n\n" + event

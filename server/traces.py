@@ -77,9 +77,10 @@ def num_choices(body: dict) -> int:
     return min(n, MAX_CHOICES) if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
 
 
-async def take_traces(context, capture: CaptureSpec, choices: int) -> dict[int, list[dict]]:
-    """Per choice index, the trace entries in position order: {"position", "features": {layer:
-    [{"index", "activation", "label"?}]}}."""
+async def take_traces(context, capture: CaptureSpec, choices: int, whole: bool = True) -> dict[int, list[dict]]:
+    """Per choice index, the trace entries recorded and not yet taken, in position order:
+    {"position", "features": {layer: [{"index", "activation", "label"?}]}}. A stream takes its
+    trace piece by piece (whole=False); the whole of a trace lets choices share prompt entries."""
     per_rank = await context.engine.collective_rpc("steerserve_take_trace", args=(capture.id, choices))
     by_choice: dict[int, dict[int, dict]] = {}  # choice -> layer -> the worker's result
     for rank in per_rank:  # pipeline stages each hold their own layers; TP ranks agree
@@ -92,7 +93,7 @@ async def take_traces(context, capture: CaptureSpec, choices: int) -> dict[int, 
             for position, indices, values in zip(result["positions"], result["indices"], result["values"]):
                 entry = entries.setdefault(position, {"position": position, "features": {}})
                 entry["features"][str(layer)] = [_feature(context, layer, i, v) for i, v in zip(indices, values)]
-    if not capture.generation_only and len(positions) > 1:
+    if whole and not capture.generation_only and len(positions) > 1:
         # The choices share the prompt: prompt positions one choice read from the prefix cache
         # (all those before its first computed one) another choice computed, with equal features.
         shared: dict[int, dict] = {}

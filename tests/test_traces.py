@@ -91,7 +91,9 @@ def test_each_choice_has_its_own_trace(client, reference):
                                        tokens, [1], 3)
 
 
-def test_a_stream_ends_with_the_trace(client):
+def test_a_stream_carries_the_trace_with_its_chunks(client):
+    """Each chunk carries the entries recorded since the previous one; over the stream (the last
+    chunk before [DONE] has the rest) they add up to the JSON response's trace."""
     trace = {"layers": [1, 2], "top_k": 4}
     whole = chat(client, trace)
     chunks = list(client.chat.completions.create(
@@ -101,10 +103,13 @@ def test_a_stream_ends_with_the_trace(client):
     assert text == whole.choices[0].message.content
     last = chunks[-1]
     assert [c.index for c in last.choices] == [0] and last.choices[0].delta.content is None
-    streamed = last.choices[0].model_extra["trace"]
-    assert [e["position"] for e in streamed] == [e["position"] for e in whole.choices[0].model_extra["trace"]]
+    pieces = [c.choices[0].model_extra["trace"] for c in chunks if c.choices]
+    assert pieces[0]  # delivered along the way (the first chunk already has its token's entry), not only at the end
+    streamed = [entry for piece in pieces for entry in piece]
+    expected = whole.choices[0].model_extra["trace"]
+    assert [e["position"] for e in streamed] == [e["position"] for e in expected]
     assert [[x["index"] for x in e["features"]["1"]] for e in streamed] == \
-        [[x["index"] for x in e["features"]["1"]] for e in whole.choices[0].model_extra["trace"]]
+        [[x["index"] for x in e["features"]["1"]] for e in expected]
 
 
 def test_compare_traces_both_answers(client):
