@@ -212,9 +212,15 @@ class CaptureStore:
 
 def _layer_result(entry: _LayerCapture) -> dict:
     order = sorted(range(len(entry.positions)), key=entry.positions.__getitem__)
+    result = {
+        "positions": [entry.positions[i] for i in order],
+        "indices": [entry.indices[i] for i in order],
+        "values": [entry.values[i] for i in order],
+        **({"watched": [entry.watched[i] for i in order]} if entry.watched else {}),
+        **({"quality": entry.quality.result()} if entry.quality is not None else {}),
+    }
     if entry.max is None:  # a trace: no aggregate
-        return {"positions": [entry.positions[i] for i in order], "indices": [entry.indices[i] for i in order],
-                "values": [entry.values[i] for i in order]}
+        return result
     n = max(entry.aggregated_positions, 1)
     mean = entry.sum / n
 
@@ -225,11 +231,5 @@ def _layer_result(entry: _LayerCapture) -> dict:
         return [{"index": i, "max_activation": float(entry.max[i]), "mean_activation": float(mean[i]),
                  "count": int(entry.count[i])} for i in idx]
 
-    return {
-        "positions": [entry.positions[i] for i in order],
-        "indices": [entry.indices[i] for i in order],
-        "values": [entry.values[i] for i in order],
-        **({"watched": [entry.watched[i] for i in order]} if entry.watched else {}),
-        "aggregate": {"num_tokens": entry.aggregated_positions, "by_max": top(entry.max), "by_mean": top(mean)},
-        **({"quality": entry.quality.result()} if entry.quality is not None else {}),
-    }
+    return result | {"aggregate": {"num_tokens": entry.aggregated_positions, "by_max": top(entry.max),
+                                   "by_mean": top(mean)}}

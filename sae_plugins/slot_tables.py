@@ -50,7 +50,6 @@ class SlotTables:
     def write(self, slot: int, spec: SteeringSpec) -> None:
         """Only this worker's layers: with pipeline parallelism the other stages write theirs."""
         self.version += 1
-        column = {gate: c for c, gate in enumerate(spec.gates)}
         for layer, li in self.layer_pos.items():
             edits = [f for f in spec.features if f.layer == layer]
             adds = [f for f in edits if f.mode == "add" and f.when is None]
@@ -66,8 +65,8 @@ class SlotTables:
                 self.feature_ids[li, slot, :n] = torch.tensor([f.index for f in encoded])
                 self.coefficients[li, slot, :n] = coefficients
                 self.edit_gates[li, slot, :n] = torch.tensor(
-                    [self.ungated if f.when is None else column[f.when] for f in encoded])
-            probes = [(c, gate) for gate, c in column.items() if gate.layer == layer]
+                    [self.ungated if f.when is None else spec.gate_column(f.when) for f in encoded])
+            probes = [(c, gate) for c, gate in enumerate(spec.gates) if gate.layer == layer]
             self.gate_ids[li, slot] = -1
             for c, gate in probes:
                 self.gate_ids[li, slot, c] = gate.index

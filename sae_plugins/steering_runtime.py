@@ -189,23 +189,22 @@ class SteeringRuntime:
         all_layers = set(self.config.sae_layers)  # every pipeline stage's, not only this one's
         if spec is not None and len(spec.features) > self.config.max_features:
             raise ValueError(f"{len(spec.features)} features; the tables hold {self.config.max_features}")
+
+        def check_feature(what: str, layer: int, index: int) -> None:
+            if layer not in all_layers:
+                raise ValueError(f"{what} at layer {layer}, which has no SAE loaded")
+            sae = self.saes.get(layer)
+            if sae is not None and not 0 <= index < sae.d_sae:
+                raise ValueError(f"{what} index {index} out of range at layer {layer}")
+
         for f in spec.features if spec else ():
-            if f.layer not in all_layers:
-                raise ValueError(f"layer {f.layer} has no SAE loaded")
-            sae = self.saes.get(f.layer)
-            if sae is not None and not 0 <= f.index < sae.d_sae:
-                raise ValueError(f"feature index {f.index} out of range at layer {f.layer}")
-            gate = f.when
-            if gate is None:
+            check_feature("feature", f.layer, f.index)
+            if f.when is None:
                 continue
-            if gate.layer not in all_layers:
-                raise ValueError(f"gate at layer {gate.layer}, which has no SAE loaded")
-            if (f.layer in self.saes) != (gate.layer in self.saes):
-                raise ValueError(f"gate at layer {gate.layer} and its edit at layer {f.layer} sit on "
+            check_feature("gate feature", f.when.layer, f.when.index)
+            if (f.layer in self.saes) != (f.when.layer in self.saes):
+                raise ValueError(f"gate at layer {f.when.layer} and its edit at layer {f.layer} sit on "
                                  "different pipeline stages")
-            gate_sae = self.saes.get(gate.layer)
-            if gate_sae is not None and not 0 <= gate.index < gate_sae.d_sae:
-                raise ValueError(f"gate feature index {gate.index} out of range at layer {gate.layer}")
         for layer in capture.layers if capture else ():
             if layer not in all_layers:
                 raise ValueError(f"capture at layer {layer}, which has no SAE loaded")

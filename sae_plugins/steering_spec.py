@@ -101,6 +101,10 @@ class SteeringSpec:
         """Distinct gates in canonical order: gate column c of a row is gates[c]'s pass/fail."""
         return tuple(dict.fromkeys(f.when for f in self.features if f.when is not None))
 
+    def gate_column(self, gate: Gate) -> int:
+        """The gate column (per row of a step, and per count of the gate report) of `gate`."""
+        return self.gates.index(gate)
+
     def canonical_json(self) -> str:
         return json.dumps(
             {"features": [f.to_json() for f in self.features], "apply_to": self.apply_to},
@@ -117,7 +121,6 @@ class SteeringSpec:
         """The `steering` object returned to clients: normalised spec plus its id; with the
         workers' gate report (gating.py), the tokens the spec steered and, per gated edit, the
         tokens its gate let through."""
-        column = {gate: c for c, gate in enumerate(self.gates)}
         passed = gate_report["passed"] if gate_report else None
         return {
             "id": self.id,
@@ -125,7 +128,7 @@ class SteeringSpec:
                 {"layer": f.layer, "index": f.index, "mode": f.mode}
                 | ({} if f.mode == "ablate" else {"value": f.value})
                 | ({"when": f.when.to_json()} if f.when else {})
-                | ({"edited_tokens": passed[column[f.when]]} if f.when and passed else {})
+                | ({"edited_tokens": passed[self.gate_column(f.when)]} if f.when and passed else {})
                 for f in self.features
             ],
             "apply_to": self.apply_to,

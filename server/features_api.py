@@ -23,10 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from sae_plugins.feature_capture import CAPTURE_KEY, CaptureSpec
 
 from .errors import APIError, errors_as_json, from_validation
+from .limits import MAX_TOP_K
+from .sae_checks import index_in_range, loaded_layer
 from .sae_quality import QualitySums
 
 router = APIRouter()
-MAX_TOP_K = 100
 LENS_TOP = 20
 MAX_NEXT_TOKEN_LOGPROBS = 20  # vLLM's default --max-logprobs
 MAX_SEARCH_OFFSET = 10_000  # token search ranks features on the workers: bounded work per request
@@ -67,11 +68,8 @@ def _token_text(tokenizer, token_id: int) -> str:
 
 
 def _loaded_layer(context, layer: int, param: str, status=HTTPStatus.BAD_REQUEST) -> dict:
-    info = context.sae_by_layer.get(layer)
-    if info is None:
-        raise APIError(f"no SAE is loaded at layer {layer}; loaded layers: {sorted(context.sae_by_layer)}",
-                       param=param, code="layer_not_loaded", status=status)
-    return info
+    loaded_layer(context.sae_sizes, layer, param, status)
+    return context.sae_by_layer[layer]
 
 
 def _require_saes(context) -> None:
@@ -285,9 +283,7 @@ async def feature(layer: int, index: int, request: Request):
     context = _context(request)
     _require_saes(context)
     info = _loaded_layer(context, layer, "layer", status=HTTPStatus.NOT_FOUND)
-    if not 0 <= index < info["d_sae"]:
-        raise APIError(f"feature index {index} is out of range for layer {layer} (0..{info['d_sae'] - 1})",
-                       param="index", code="index_out_of_range", status=HTTPStatus.NOT_FOUND)
+    index_in_range(info["d_sae"], layer, index, "index", status=HTTPStatus.NOT_FOUND)
     report = _first(await context.engine.collective_rpc("steerserve_feature_report", args=(layer, index, LENS_TOP)))
     tokenizer = context.engine.get_tokenizer()
     lens = {

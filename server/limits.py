@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 MiB = 1 << 20
+MAX_TOP_K = 100  # most features listed per token: inspect's top_k and watch, a trace's top_k
 
 
 def _limit(default, help: str):

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from sae_plugins.steering_spec import FeatureEdit, Gate, SteeringSpec
 
 from .errors import APIError, from_validation
+from .sae_checks import index_in_range, loaded_layer
 
 
 class FeatureGate(BaseModel):
@@ -69,18 +70,7 @@ def parse_steering(
     seen: dict[tuple[int, int], int] = {}
     for i, f in enumerate(steering.features):
         at = f"steering.features[{i}]"
-        if f.layer not in sae_sizes:
-            raise APIError(
-                f"no SAE is loaded at layer {f.layer}; loaded layers: {sorted(sae_sizes)}",
-                param=f"{at}.layer",
-                code="layer_not_loaded",
-            )
-        if not 0 <= f.index < sae_sizes[f.layer]:
-            raise APIError(
-                f"feature index {f.index} is out of range for layer {f.layer} (0..{sae_sizes[f.layer] - 1})",
-                param=f"{at}.index",
-                code="index_out_of_range",
-            )
+        index_in_range(loaded_layer(sae_sizes, f.layer, f"{at}.layer"), f.layer, f.index, f"{at}.index")
         if f.mode == "ablate":
             if f.value is not None:
                 raise APIError("mode 'ablate' takes no value", param=f"{at}.value", code="invalid_value")
@@ -111,18 +101,14 @@ def _gate(when: FeatureGate, edit_layer: int, sae_sizes: dict[int, int], stages:
           at: str) -> Gate:
     """The gate of an edit at `edit_layer`: a loaded layer at or before it on the same pipeline
     stage, a feature in range, and a non-empty open interval of finite bounds."""
-    if when.layer not in sae_sizes:
-        raise APIError(f"no SAE is loaded at layer {when.layer}; loaded layers: {sorted(sae_sizes)}",
-                       param=f"{at}.layer", code="layer_not_loaded")
+    d_sae = loaded_layer(sae_sizes, when.layer, f"{at}.layer")
     if when.layer > edit_layer:
         raise APIError(f"a gate must read a layer at or before its edit's (layer {edit_layer}), not {when.layer}: "
                        "the gate is computed in the same forward pass", param=f"{at}.layer", code="invalid_gate")
     if stages and not any(when.layer in stage and edit_layer in stage for stage in stages):
         raise APIError(f"layers {when.layer} and {edit_layer} run on different pipeline stages: a gate must be "
                        "on its edit's stage", param=f"{at}.layer", code="invalid_gate")
-    if not 0 <= when.index < sae_sizes[when.layer]:
-        raise APIError(f"feature index {when.index} is out of range for layer {when.layer} "
-                       f"(0..{sae_sizes[when.layer] - 1})", param=f"{at}.index", code="index_out_of_range")
+    index_in_range(d_sae, when.layer, when.index, f"{at}.index")
     if when.above is None and when.below is None:
         raise APIError("a gate needs `above`, `below` or both", param=at, code="invalid_gate")
     for name in ("above", "below"):

@@ -21,8 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from sae_plugins.feature_capture import CAPTURE_KEY, CaptureSpec
 
 from .errors import APIError, from_validation
+from .limits import MAX_TOP_K
+from .sae_checks import loaded_layer
 
-MAX_TRACE_TOP_K = 100
 MAX_CHOICES = 128  # choices whose traces are taken back (vLLM bounds `n` itself)
 
 
@@ -43,13 +44,11 @@ def parse_trace(raw: object, sae_sizes: dict[int, int], body: dict, max_features
     except ValidationError as exc:
         raise from_validation(exc, prefix="invalid trace", code="invalid_trace", root="trace") from None
     for i, layer in enumerate(trace.layers):
-        if layer not in sae_sizes:
-            raise APIError(f"no SAE is loaded at layer {layer}; loaded layers: {sorted(sae_sizes)}",
-                           param=f"trace.layers[{i}]", code="layer_not_loaded")
+        loaded_layer(sae_sizes, layer, f"trace.layers[{i}]")
         if layer in trace.layers[:i]:
             raise APIError(f"layer {layer} is listed twice", param=f"trace.layers[{i}]", code="invalid_trace")
-    if not 1 <= trace.top_k <= min(MAX_TRACE_TOP_K, *(sae_sizes[layer] for layer in trace.layers)):
-        raise APIError(f"top_k must be between 1 and {MAX_TRACE_TOP_K} (and at most d_sae)", param="trace.top_k",
+    if not 1 <= trace.top_k <= min(MAX_TOP_K, *(sae_sizes[layer] for layer in trace.layers)):
+        raise APIError(f"top_k must be between 1 and {MAX_TOP_K} (and at most d_sae)", param="trace.top_k",
                        code="invalid_trace")
     if len(trace.layers) * trace.top_k > max_features:
         raise APIError(f"a trace returns at most {max_features} features per position (layers x top_k) on this "

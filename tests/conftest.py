@@ -103,11 +103,16 @@ def server(tiny_model_dir, tmp_path_factory) -> ServeProcess:
         running.stop()
 
 
-@pytest.fixture(scope="session")
-def client(server):
+def openai_client(server: ServeProcess):
+    """The official client, against a test server (they all require API_KEY)."""
     import openai
 
     return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    return openai_client(server)
 
 
 @pytest.fixture(scope="session")

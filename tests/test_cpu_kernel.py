@@ -22,11 +22,12 @@ from sae_plugins.steering_spec import EXTRA_ARGS_KEY, FeatureEdit, SteeringSpec
 D_MODEL, D_SAE = 64, 512
 
 
-def make_sae(activation: str, dtype: torch.dtype, apply_b_dec: bool = False, d_sae: int = D_SAE) -> SAEWeights:
-    g = torch.Generator().manual_seed(11)
+def make_sae(activation: str, dtype: torch.dtype, apply_b_dec: bool = False, d_sae: int = D_SAE, seed: int = 11,
+             layer: int = 0) -> SAEWeights:
+    g = torch.Generator().manual_seed(seed)
     w_dec = torch.nn.functional.normalize(torch.randn(d_sae, D_MODEL, generator=g), dim=-1)
     return SAEWeights(
-        layer=0, W_enc=(w_dec + 0.1 * torch.randn(d_sae, D_MODEL, generator=g)).to(dtype),
+        layer=layer, W_enc=(w_dec + 0.1 * torch.randn(d_sae, D_MODEL, generator=g)).to(dtype),
         b_enc=(0.05 * torch.randn(d_sae, generator=g)).to(dtype), W_dec=w_dec.to(dtype),
         b_dec=(0.1 * torch.randn(D_MODEL, generator=g)).to(dtype), activation=activation,
         k=16 if activation == "topk" else None,

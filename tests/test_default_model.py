@@ -16,7 +16,7 @@ import httpx
 import pytest
 import torch
 
-from tests.conftest import API_KEY, AUTH, ROOT, serving
+from tests.conftest import API_KEY, AUTH, ROOT, openai_client, serving
 
 MODEL_DIR = ROOT / "models" / "fortunes-qwen3.5"
 REPORT = json.loads((MODEL_DIR / "build_report.json").read_text())
@@ -160,16 +160,13 @@ def test_bad_steering_is_a_400(http):
     assert http.post("/v1/chat/completions", json=body).json()["error"]["code"] == "index_out_of_range"
 
 
-def test_gated_clamp_and_trace_through_the_openai_client(default_server):
+def test_gated_clamp_and_trace_through_the_openai_client(default_server, http):
     """Conditional steering and a trace on the default model through the official client:
     clamp German only where the English feature is active. The trace (after the edit) shows
     German at the clamp value on exactly the tokens the gate report counts; concurrent gated,
     traced and plain requests each get what they get alone."""
-    import openai
-
-    client = openai.OpenAI(base_url=f"{default_server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=300)
-    with httpx.Client(base_url=default_server.base_url, headers=AUTH, timeout=300) as http:
-        german, english = language_feature(http, "German"), language_feature(http, "English")
+    client = openai_client(default_server)
+    german, english = language_feature(http, "German"), language_feature(http, "English")
     value = five_times_mean(german)
     steering = {"features": [{"layer": german["layer"], "index": german["index"], "mode": "clamp", "value": value,
                               "when": {"layer": english["layer"], "index": english["index"], "above": 1.0}}]}

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.conftest import API_KEY, PROMPT, serve_args, start_server
+from tests.conftest import API_KEY, PROMPT, openai_client, serve_args, start_server
 from tests.test_differential import LOGPROB_TOLERANCE, MAX_TOKENS, server_greedy
 
 LAYERS = (1, 2)
@@ -82,8 +82,6 @@ FORMATS = {
 @pytest.fixture(scope="module", params=list(FORMATS))
 def served_format(request, tiny_model_dir, tmp_path_factory):
     """(format name, server, openai client, reference) for one SAE set, served compiled."""
-    import openai
-
     from tests.hf_reference import load_reference
 
     work = tmp_path_factory.mktemp(request.param)
@@ -92,7 +90,7 @@ def served_format(request, tiny_model_dir, tmp_path_factory):
     args[args.index("--sae") + 1] = str(sae_dir)
     server = start_server(args, work / "server.log")
     try:
-        client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=300)
+        client = openai_client(server)
         yield request.param, server, client, load_reference(tiny_model_dir, sae_dir=sae_dir)
     finally:
         server.stop()

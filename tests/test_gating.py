@@ -21,21 +21,9 @@ from sae_plugins.sae import SAEWeights
 from sae_plugins.steering_runtime import SteeringRuntime
 from sae_plugins.steering_spec import EXTRA_ARGS_KEY, FeatureEdit, Gate, SteeringSpec
 from tests.request_views import RequestView
+from tests.test_cpu_kernel import D_MODEL, make_sae
 
-D_MODEL, D_SAE = 32, 256
 ROWS = [6, 5, 7, 4, 3]  # per request; the last one is unsteered
-
-
-def make_sae(layer: int, activation: str, seed: int) -> SAEWeights:
-    g = torch.Generator().manual_seed(seed)
-    w_dec = torch.nn.functional.normalize(torch.randn(D_SAE, D_MODEL, generator=g), dim=-1)
-    return SAEWeights(
-        layer=layer, W_enc=w_dec + 0.1 * torch.randn(D_SAE, D_MODEL, generator=g),
-        b_enc=0.05 * torch.randn(D_SAE, generator=g), W_dec=w_dec, b_dec=0.1 * torch.randn(D_MODEL, generator=g),
-        activation=activation, k=12 if activation == "topk" else None,
-        threshold=torch.full((D_SAE,), 0.2) if activation == "jumprelu" else None,
-        apply_b_dec_to_input=False, architecture="test", source="memory",
-    )
 
 
 def dense(sae: SAEWeights, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
@@ -57,7 +45,7 @@ def inputs(activation: str):
     n = sum(ROWS)
     streams = {layer: (torch.randn(n, D_MODEL, generator=g), 3 * torch.randn(n, D_MODEL, generator=g))
                for layer in (0, 1)}
-    saes = {0: make_sae(0, activation, 31), 1: make_sae(1, activation, 32)}
+    saes = {layer: make_sae(activation, torch.float32, seed=31 + layer, layer=layer) for layer in (0, 1)}
     return saes, streams
 
 
@@ -78,13 +66,15 @@ def specs(saes, streams) -> list[SteeringSpec]:
     t = sorted(set(f1[rows[2], g2].tolist()))
     band = Gate(1, g2, above=(t[0] + t[1]) / 2, below=(t[-2] + t[-1]) / 2) if len(t) > 3 else \
         Gate(1, g2, above=split_threshold(f1[rows[2], g2]))
+    g3 = busy(f0, rows[2])
+    earlier_for_third = Gate(0, g3, above=split_threshold(f0[rows[2], g3]))
     top0, top1 = int(f0[rows[0]].sum(0).argmax()), int(f1[rows[1]].sum(0).argmax())
     return [
         SteeringSpec.create([FeatureEdit(0, top0, "clamp", 6.0, same_layer), FeatureEdit(0, 9, "add", 1.5, same_layer),
                              FeatureEdit(1, 40, "add", -1.0)]),
         SteeringSpec.create([FeatureEdit(1, top1, "scale", 3.0, earlier), FeatureEdit(1, 11, "add", 2.0, earlier),
                              FeatureEdit(0, 5, "clamp", 2.5)]),
-        SteeringSpec.create([FeatureEdit(1, g2, "ablate", 0.0, band), FeatureEdit(1, 7, "add", 1.0, same_layer)]),
+        SteeringSpec.create([FeatureEdit(1, g2, "ablate", 0.0, band), FeatureEdit(1, 7, "add", 1.0, earlier_for_third)]),
         SteeringSpec.create([FeatureEdit(0, 3, "add", 2.0, Gate(0, 3, above=1e6))]),  # never passes
     ]
 
