@@ -7,9 +7,11 @@ shares it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -108,6 +110,31 @@ def openai_client(server: ServeProcess):
     import openai
 
     return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=300)
+
+
+def engine_steps(server: ServeProcess) -> int:
+    """Engine steps so far (the count of vLLM's tokens-per-step histogram)."""
+    text = httpx.get(f"{server.base_url}/metrics", headers=AUTH).text
+    return int(next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                    if line.startswith("vllm:iteration_tokens_total_count")))
+
+
+def run_together(server: ServeProcess, work, items: list) -> tuple[list, int]:
+    """work(client, item) for every item at once, and the engine steps they took together. Each
+    thread has its own client and all start at a barrier: requests sent at once through one
+    client's connection pool can be queued on one connection (encode/httpcore#822) and then
+    run one after another, which a test of concurrency must not mistake for a shared batch."""
+    clients = [openai_client(server) for _ in items]
+    start = threading.Barrier(len(items))
+
+    def one(i: int):
+        start.wait()
+        return work(clients[i], items[i])
+
+    before = engine_steps(server)
+    with concurrent.futures.ThreadPoolExecutor(len(items)) as pool:
+        results = list(pool.map(one, range(len(items))))
+    return results, engine_steps(server) - before
 
 
 @pytest.fixture(scope="session")

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import time
 
-from tests.conftest import MODEL_NAME, PROMPT
+from tests.conftest import MODEL_NAME, PROMPT, run_together
 
 MAX_TOKENS = 16
 
@@ -135,15 +134,30 @@ def test_completions_endpoint_is_steerable(client):
     assert steered.choices[0].model_extra["token_ids"] != plain.choices[0].model_extra["token_ids"]
 
 
-def test_concurrent_mixed_batch_each_equals_alone(client):
+def test_concurrent_mixed_batch_each_equals_alone(server, client):
     specs = [None, add(1, 3, 8.0), add(1, 5, -6.0), add(2, 11, 6.0), None,
              {"features": [{"layer": 2, "index": 9, "mode": "clamp", "value": 20.0}]},
              add(1, 3, 8.0, apply_to="generation"), add(2, 7, 10.0, apply_to="prompt")]
     alone = [token_ids(chat(client, s)) for s in specs]
-    with concurrent.futures.ThreadPoolExecutor(len(specs)) as pool:
-        together = list(pool.map(lambda s: token_ids(chat(client, s)), specs))
+    together, steps = run_together(server, lambda c, s: token_ids(chat(c, s)), specs)
     assert together == alone
     assert len({tuple(t) for t in alone}) >= 6  # the batch really mixes different outputs
+    assert steps <= 2 * MAX_TOKENS, f"{steps} engine steps for 8 requests of {MAX_TOKENS} tokens: not one batch"
+
+
+def test_concurrent_clients_share_engine_steps(server):
+    """Eight clients, three requests each, one after another: the engine runs them in shared
+    steps (one at a time would take 576). vLLM's CPU engine core used to spin for worker output
+    on the CPU it shares with the API server, and requests then reached the engine one at a
+    time, each after the previous one finished (sae_plugins/upstream_fixes.py)."""
+    def three_requests(c, j: int) -> list[int]:
+        return [c.completions.create(model=MODEL_NAME, prompt=f"Client {j} asks question {i}:", max_tokens=24,
+                                     temperature=0, extra_body={"ignore_eos": True}).usage.completion_tokens
+                for i in range(3)]
+
+    counts, steps = run_together(server, three_requests, list(range(8)))
+    assert counts == [[24] * 3] * 8
+    assert steps <= 2 * 3 * 24, f"{steps} engine steps for 3 rounds of 24 tokens: the requests did not share steps"
 
 
 def test_prefix_cache_never_leaks_steered_state(client):

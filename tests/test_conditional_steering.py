@@ -9,12 +9,11 @@ features read 1.0 or more, the rest 0), so bf16 differences between the stacks c
 
 from __future__ import annotations
 
-import concurrent.futures
 import uuid
 
 import pytest
 
-from tests.conftest import MODEL_NAME, PROMPT
+from tests.conftest import MODEL_NAME, PROMPT, run_together
 from tests.test_differential import LOGPROB_TOLERANCE, MAX_TOKENS, assert_server_matches_reference, server_greedy
 
 
@@ -120,14 +119,14 @@ def test_ungated_specs_report_nothing(client):
     assert "steered_tokens" not in echo and "edited_tokens" not in echo["features"][0]
 
 
-def test_mixed_batch_of_gated_ungated_and_unsteered(client, cases):
+def test_mixed_batch_of_gated_ungated_and_unsteered(server, client, cases):
     """Concurrent requests share steps; each gets exactly what it gets alone."""
     specs = [cases["clamp-earlier-layer"], ungated(cases["clamp-earlier-layer"]), None,
              cases["two-gates-generation-only"], cases["scale-below"], None]
     alone = [server_greedy(client, s)[1] for s in specs]
-    with concurrent.futures.ThreadPoolExecutor(len(specs) * 2) as pool:
-        together = list(pool.map(lambda s: server_greedy(client, s)[1], specs * 2))
+    together, steps = run_together(server, lambda c, s: server_greedy(c, s)[1], specs * 2)
     assert together == alone * 2
+    assert steps <= 2 * MAX_TOKENS, f"{steps} engine steps for 12 requests of {MAX_TOKENS} tokens: not one batch"
 
 
 def feature(**gate):

@@ -226,3 +226,31 @@ def test_cpu_encoder_choice_keeps_large_encoders_in_their_dtype():
     large.W_enc = torch.zeros(4096, 512, dtype=torch.bfloat16)  # 8 MiB in float32
     large.choose_cpu_encoder()
     assert large.encoder_compute is None and large.encoder()[0].dtype == torch.bfloat16
+
+
+def test_engine_core_waits_for_workers_by_sleeping(monkeypatch):
+    """sae_plugins/upstream_fixes.py: within its busy window the engine core's wait for worker
+    output sleeps instead of spinning on sched_yield (which starved the API server sharing its
+    CPU); outside the window it still blocks on the queue's notify socket."""
+    import time
+
+    import zmq
+    from vllm.distributed.device_communicators import shm_broadcast
+
+    from sae_plugins import upstream_fixes
+
+    context = zmq.Context()
+    shm_broadcast.SpinCondition(False, context, "inproc://steerserve-test-notify")  # the writer binds
+    reader = shm_broadcast.SpinCondition(True, context, "inproc://steerserve-test-notify")
+    upstream_fixes.sleep_while_busy(reader)
+    monkeypatch.setattr(shm_broadcast, "sched_yield", lambda: pytest.fail("the wait spun on sched_yield"))
+    sleeps = []
+    monkeypatch.setattr(upstream_fixes.time, "sleep", sleeps.append)
+    reader.record_read()
+    reader.wait(timeout_ms=1000)
+    assert sleeps == [upstream_fixes.ENGINE_WAIT_SLEEP_S]
+    reader.last_read = time.monotonic() - reader.busy_loop_s - 1  # idle: the socket, 20 ms timeout
+    started = time.monotonic()
+    reader.wait(timeout_ms=20)
+    assert sleeps == [upstream_fixes.ENGINE_WAIT_SLEEP_S] and time.monotonic() - started >= 0.015
+    context.destroy(linger=0)
