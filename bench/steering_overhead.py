@@ -11,16 +11,17 @@ a running server, then measures, on that same engine:
   * traces: untraced requests' throughput beside traced ones (half the clients trace every
     layer), as a ratio to the same untraced requests beside untraced ones; and all clients
     tracing against none.
-Each cell interleaves baseline and variant arms (AB BA AB BA), every arm at least --arm-seconds
-long, after a warm-up pass over every shape, because a shared CPU machine drifts by more than
-the effects measured; the ratio is over the summed tokens and seconds, and the spread of the
-per-pair ratios and the 0%-vs-0% rows show the bench's own noise floor. Each
-cell also reports the steering share: the fraction of the workers' model-execution host time
-spent in steering (routing + the op), measured inside the same steps, so it does not drift;
-the 0% row is the unsteered overhead (routing only), and its throughput ratio shows how much
-two identical runs differ on this machine. steer/wall is the share of the run's wall time the
-engine spent steering: on CPU, the throughput steering costs. On GPU the counters see launch
-time only, and the throughput ratios are the measure.
+Each cell interleaves baseline and variant arms (AB BA AB BA ...), --repeats pairs of arms at
+least --arm-seconds long, after a warm-up pass over every shape: this machine's speed drifts by
+10-25% from second to second, so a cell's ratio is the median of many short pairs' ratios, the
+spread is their interquartile range, and the rows that measure a configuration against itself
+(0% vs 0%, K=1, ungated, untraced) are the bench's own noise floor. Each simulated client holds
+its own connection (see run_load). A cell also reports the steering share, from one more
+variant arm: the fraction of the workers' model-execution host time spent in steering (routing
++ the op), measured inside the same steps, so it does not drift; the 0% row is the unsteered
+overhead (routing only). steer/wall is the share of that arm's wall time the engine spent
+steering: on CPU, the throughput steering costs. On GPU the counters see launch time only, and
+the throughput ratios are the measure.
 Steered requests clamp one feature per steered layer (the costly path: a full TopK encode).
 
     python bench/steering_overhead.py                        # CPU: the embedded tiny model
@@ -34,6 +35,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -85,16 +87,26 @@ async def run_load(base_url: str, specs: list[dict | None], concurrency: int, ma
             if j % len(client_extras) == 0:
                 completion, prompt = completion + c, prompt + p
 
-    async with httpx.AsyncClient(timeout=600) as client:
-        await asyncio.gather(*(client_loop(client, j) for j in range(concurrency)))
+    async def own_connection(j: int) -> None:
+        # One client (so one keep-alive connection) per simulated user: httpcore's shared pool
+        # can hand one idle connection to several requests queued at once, which then run one
+        # after another (encode/httpcore#822, #1111): the batch shrinks at random and two
+        # identical arms differed by 2x.
+        async with httpx.AsyncClient(timeout=600) as client:
+            await client_loop(client, j)
+
+    await asyncio.gather(*(own_connection(j) for j in range(concurrency)))
     return completion, completion + prompt, time.perf_counter() - start
 
 
+def _specs_and_extras(arm) -> tuple[list, tuple]:
+    return arm if isinstance(arm, tuple) else (arm, (None,))
+
+
 async def timed_load(base_url: str, arm, concurrency: int, args) -> tuple[int, int, float]:
-    """One arm, `arm` = specs or (specs, client_extras): run_load for at least --arm-seconds (a
-    short run on a tiny model is mostly scheduling jitter). Returns (completion tokens, total
-    tokens, seconds)."""
-    specs, extras = arm if isinstance(arm, tuple) else (arm, (None,))
+    """One arm, `arm` = specs or (specs, client_extras): run_load for at least --arm-seconds.
+    Returns (completion tokens, total tokens, seconds)."""
+    specs, extras = _specs_and_extras(arm)
     return await run_load(base_url, specs, concurrency, args.max_tokens, args.arm_seconds, extras)
 
 
@@ -119,35 +131,40 @@ async def worker_seconds(base_url: str) -> tuple[float, float]:
     return samples["steerserve_steering_host_seconds_total"], samples["steerserve_model_execute_host_seconds_total"]
 
 
-async def paired_ratio(base_url: str, base, variant, concurrency: int, args) -> tuple[float, ...]:
+async def paired_ratio(base_url: str, base, variant, concurrency: int, args, share: bool = True) -> tuple[float, ...]:
     """Runs base and variant as `args.repeats` interleaved pairs, alternating which goes first
-    (AB BA AB ...), each arm at least --arm-seconds, so drift on a noisy machine hits both alike.
+    (AB BA AB ...), each arm at least --arm-seconds. This machine's speed drifts by 10-25% from
+    one second to the next (a plain matmul loop shows it), so a ratio needs many short pairs:
+    the cell's ratio is the median of the per-pair ratios, and their interquartile range is
+    reported as the spread.
 
     base and variant: the specs of each arm, or (specs, client_extras) (see run_load).
-    Returns: the variant/base throughput ratios (decode, total) over all pairs' summed tokens
-    and seconds, the spread of the per-pair decode ratios (max - min), the variant throughputs
-    (decode, total), and the steering time of the variant arms, which the workers measure inside
-    the same steps and so does not drift with the machine, as a share of their model-execution
-    time and of the arms' wall time. On CPU the steering time is the steering cost itself, so
-    its share of the wall time is the throughput it costs."""
-    sums = {"base": [0.0, 0.0, 0.0], "variant": [0.0, 0.0, 0.0]}
-    pair_ratios, steer, execute = [], 0.0, 0.0
+    Returns: the median variant/base throughput ratios (decode, total), the interquartile range
+    of the per-pair decode ratios, the variant throughputs (decode, total) over all its arms,
+    and (with `share`) the steering time of one more variant arm of --share-seconds, which the
+    workers measure inside the same steps and so does not drift with the machine, as a share of
+    their model-execution time and of the arm's wall time. On CPU the steering time is the
+    steering cost itself, so its share of the wall time is the throughput it costs."""
+    decode_ratios, total_ratios, variant_sums = [], [], [0, 0, 0.0]
     for repeat in range(args.repeats):
-        arms = ("base", "variant") if repeat % 2 == 0 else ("variant", "base")
         rates = {}
-        for arm in arms:
-            steer0, exec0 = await worker_seconds(base_url)
+        for arm in (("base", "variant") if repeat % 2 == 0 else ("variant", "base")):
             c, t, e = await timed_load(base_url, base if arm == "base" else variant, concurrency, args)
+            rates[arm] = (c / e, t / e)
             if arm == "variant":
-                steer1, exec1 = await worker_seconds(base_url)
-                steer, execute = steer + steer1 - steer0, execute + exec1 - exec0
-            for i, value in enumerate((c, t, e)):
-                sums[arm][i] += value
-            rates[arm] = c / e
-        pair_ratios.append(rates["variant"] / rates["base"])
-    b, v = sums["base"], sums["variant"]
-    return (v[0] / v[2] / (b[0] / b[2]), v[1] / v[2] / (b[1] / b[2]), max(pair_ratios) - min(pair_ratios),
-            v[0] / v[2], v[1] / v[2], steer / max(execute, 1e-9), steer / v[2])
+                variant_sums = [variant_sums[0] + c, variant_sums[1] + t, variant_sums[2] + e]
+        decode_ratios.append(rates["variant"][0] / rates["base"][0])
+        total_ratios.append(rates["variant"][1] / rates["base"][1])
+    quartiles = statistics.quantiles(decode_ratios, n=4)
+    steer_share = wall_share = float("nan")
+    if share:
+        steer0, exec0 = await worker_seconds(base_url)
+        specs, extras = _specs_and_extras(variant)
+        _, _, seconds = await run_load(base_url, specs, concurrency, args.max_tokens, args.share_seconds, extras)
+        steer1, exec1 = await worker_seconds(base_url)
+        steer_share, wall_share = (steer1 - steer0) / max(exec1 - exec0, 1e-9), (steer1 - steer0) / seconds
+    return (statistics.median(decode_ratios), statistics.median(total_ratios), quartiles[2] - quartiles[0],
+            variant_sums[0] / variant_sums[2], variant_sums[1] / variant_sums[2], steer_share, wall_share)
 
 
 def steering_matrix(layers: list[int], n: int) -> list[tuple[str, str, list]]:
@@ -184,8 +201,8 @@ async def steering_section(args, base_url: str, layers: list[int]) -> None:
         for _, _, specs in steering_matrix(layers, n):
             await run_load(base_url, specs, concurrency, args.max_tokens)
     print(f"\nsteered fraction x steered layers x concurrency: {args.repeats} interleaved pairs of "
-          f">= {args.arm_seconds:g} s arms, ratio to 0% steered ({args.max_tokens} tokens/request); "
-          f"spread = max - min of the per-pair decode ratios")
+          f">= {args.arm_seconds:g} s arms, median ratio to 0% steered ({args.max_tokens} tokens/request); "
+          f"spread = interquartile range of the per-pair decode ratios")
     print(f"{'conc':>5} {'layers':>7} {'steered':>8} {'decode tok/s':>13} {'total tok/s':>12} "
           f"{'decode ratio':>13} {'spread':>7} {'total ratio':>12} {'steer/execute':>14} {'steer/wall':>11}")
     noise = []
@@ -250,7 +267,8 @@ async def traced_section(args, base_url: str, layers: list[int]) -> None:
         for name, extras in cases:
             base, variant = ([None] * n, (None,) * len(extras)), ([None] * n, extras)
             await run_load(base_url, [None] * n, concurrency, args.max_tokens, 0.0, extras)  # warm-up
-            decode_ratio, _, spread, decode, *_ = await paired_ratio(base_url, base, variant, concurrency, args)
+            decode_ratio, _, spread, decode, *_ = await paired_ratio(base_url, base, variant, concurrency, args,
+                                                                     share=False)
             print(f"{concurrency:>5} {name:>34} {decode:>13.1f} {decode_ratio:>7.3f} {spread:>7.3f}")
 
 
@@ -262,8 +280,10 @@ def main() -> None:
     parser.add_argument("--base-url", default=None, help="use a running server (started with these --layers)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--min-requests", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=4, help="interleaved pairs per cell")
-    parser.add_argument("--arm-seconds", type=float, default=3.0, help="minimum wall time of each arm of a pair")
+    parser.add_argument("--repeats", type=int, default=20, help="interleaved pairs per cell")
+    parser.add_argument("--arm-seconds", type=float, default=1.5, help="minimum wall time of each arm of a pair")
+    parser.add_argument("--share-seconds", type=float, default=3.0,
+                        help="wall time of the variant arm whose steering share is measured")
     parser.add_argument("--sections", default="steering,configs,gated,traced",
                         help="comma-separated subset of: steering, configs, gated, traced")
     parser.add_argument("--log", default="/tmp/steerserve-bench.log")
