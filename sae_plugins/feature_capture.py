@@ -11,11 +11,15 @@ has finished. Chunked prefill simply records several times.
 
 A trace records while the request generates: only from the last prompt position on when it
 asks for `generation_only`, no aggregate, and one result per choice (with `n > 1` vLLM runs a
-child request per choice, all with the same capture spec), under `trace_key(id, choice)`.
+child request per choice, all with the same capture spec), under `trace_key(id, choice)`. With
+`residuals` it also keeps each position's stream itself (RESIDUAL_ENCODING), at most that many
+positions per layer and result: the API bounds a request's vectors before it runs, and this
+bound keeps a worker's memory safe whatever the API counted.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -32,6 +36,9 @@ AGGREGATE_TOP = 20
 # Rows encoded at once (here and by the PyTorch backend): at Qwen3.5-27B shapes (81,920
 # features, 5,120 wide) one chunk needs at most ~0.4 GB of workspace, whatever the step's size.
 ENCODE_CHUNK_ROWS = 256
+# A residual vector as the API returns it: base64 of the d_model float32s, little-endian (the
+# encoding of OpenAI's embeddings with encoding_format "base64").
+RESIDUAL_ENCODING = "base64-float32-le"
 
 
 @dataclass(frozen=True)
@@ -45,13 +52,14 @@ class CaptureSpec:
     watch: tuple[int, ...] = ()  # features whose activation is recorded at every position, top-k or not
     trace: bool = False  # a completion's trace: per choice, no aggregate
     generation_only: bool = False  # record from the last prompt position on (the generated tokens' predictors)
+    residuals: int = 0  # a trace's stream vectors: most positions kept per layer and choice (0: none)
 
     def to_extra_arg(self) -> str:
         return request_signing.sign(json.dumps(
             {"id": self.id, "layers": list(self.layers), "top_k": self.top_k,
              "exclude_from_aggregate": sorted(self.exclude_from_aggregate), "quality": self.quality,
              "splice": self.splice, "watch": list(self.watch), "trace": self.trace,
-             "generation_only": self.generation_only}
+             "generation_only": self.generation_only, "residuals": self.residuals}
         ))
 
     @staticmethod
@@ -61,7 +69,7 @@ class CaptureSpec:
             str(data["id"]), tuple(int(x) for x in data["layers"]), int(data["top_k"]),
             frozenset(int(p) for p in data.get("exclude_from_aggregate", ())), bool(data.get("quality", False)),
             bool(data.get("splice", False)), tuple(int(i) for i in data.get("watch", ())),
-            bool(data.get("trace", False)), bool(data.get("generation_only", False)),
+            bool(data.get("trace", False)), bool(data.get("generation_only", False)), int(data.get("residuals", 0)),
         )
 
 
@@ -110,6 +118,7 @@ class _LayerCapture:
     indices: list[list[int]] = field(default_factory=list)
     values: list[list[float]] = field(default_factory=list)
     watched: list[list[float]] = field(default_factory=list)  # per position, the watched features
+    residuals: list[str | None] = field(default_factory=list)  # per position, its stream (None: over the bound)
     max: torch.Tensor | None = None
     sum: torch.Tensor | None = None
     count: torch.Tensor | None = None
@@ -163,15 +172,18 @@ class CaptureStore:
                 features = sae_math.encode(sae, x)
                 x_hat = sae_math.decode(sae, features) if spec.quality or spec.splice else None
                 positions = list(range(first_position + lo - start, first_position + hi - start))
-                self.record(spec, layer, positions, features, (x, x_hat) if spec.quality else None, key)
+                self.record(spec, layer, positions, features, (x, x_hat) if spec.quality else None, key,
+                            x if spec.residuals else None)
                 if spec.splice:
                     hidden[lo:hi] = (x_hat - residual[lo:hi].float()).to(hidden.dtype)
 
     def record(self, spec: CaptureSpec, layer: int, positions: list[int], features: torch.Tensor,
-               streams: tuple[torch.Tensor, torch.Tensor] | None = None, key: str | None = None) -> None:
+               streams: tuple[torch.Tensor, torch.Tensor] | None = None, key: str | None = None,
+               residual_rows: torch.Tensor | None = None) -> None:
         """features: dense activations [rows, d_sae] of the rows at `positions`; streams: those
         rows' residual stream and its SAE reconstruction, given when the capture accumulates
-        reconstruction quality; key: where to keep it (default: the capture id)."""
+        reconstruction quality; key: where to keep it (default: the capture id); residual_rows:
+        the rows' stream, for a trace that returns residuals."""
         key = key or spec.id
         if key not in self._captures:
             self._captures[key] = (spec, {})
@@ -184,6 +196,11 @@ class CaptureStore:
         entry.values += values.float().tolist()
         if spec.watch:
             entry.watched += features[:, list(spec.watch)].float().tolist()
+        if residual_rows is not None:
+            room = max(0, spec.residuals - len(entry.residuals))
+            rows = residual_rows[:room].float().cpu().numpy().astype("<f4")
+            entry.residuals += [base64.b64encode(row.tobytes()).decode("ascii") for row in rows]
+            entry.residuals += [None] * (len(positions) - len(rows))
         if spec.trace:  # no aggregate
             return
         keep = torch.tensor([p not in spec.exclude_from_aggregate for p in positions], device=features.device)
@@ -217,6 +234,7 @@ def _layer_result(entry: _LayerCapture) -> dict:
         "indices": [entry.indices[i] for i in order],
         "values": [entry.values[i] for i in order],
         **({"watched": [entry.watched[i] for i in order]} if entry.watched else {}),
+        **({"residuals": [entry.residuals[i] for i in order]} if entry.residuals else {}),
         **({"quality": entry.quality.result()} if entry.quality is not None else {}),
     }
     if entry.max is None:  # a trace: no aggregate

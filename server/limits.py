@@ -34,6 +34,9 @@ class Limits:
     max_trace_features: int = _limit(
         256, "most features a `trace` returns per position, layers x top_k (400 above): a trace's size "
              "grows with its positions times this")
+    max_trace_residuals: int = _limit(
+        4096, "most residual vectors a `trace` with `residuals` returns per request, positions x layers x "
+              "choices (400 above); each is d_model float32s")
     token_search_cache_entries: int = _limit(
         1024, "entries of the features API's token-search cache (least recently used dropped)")
 

@@ -39,11 +39,14 @@ class Translation:
 
 
 def translate_request(body: dict, sae_sizes: dict[int, int], max_features: int, max_value: float,
-                      stages: tuple[frozenset[int], ...] = (), max_trace_features: int = 256) -> Translation:
-    """`body` has passed request_guard's checks (reserved keys, vllm_xargs, cache_salt)."""
+                      stages: tuple[frozenset[int], ...] = (), max_trace_features: int = 256,
+                      max_trace_residuals: int = 0, prompt_tokens: int | None = None) -> Translation:
+    """`body` has passed request_guard's checks (reserved keys, vllm_xargs, cache_salt);
+    prompt_tokens: its prompt's token count, where a trace needs it (traces.prompt_tokens_for_residuals)."""
     had_fields = "steering" in body or "trace" in body
     raw_trace = body.pop("trace", None)
-    trace = parse_trace(raw_trace, sae_sizes, body, max_trace_features) if raw_trace is not None else None
+    trace = parse_trace(raw_trace, sae_sizes, body, max_trace_features, max_trace_residuals,
+                        prompt_tokens) if raw_trace is not None else None
     if body.get("steering") is None:
         body.pop("steering", None)
         capture = attach_trace(body, trace) if trace is not None else None

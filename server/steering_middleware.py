@@ -25,7 +25,7 @@ from .request_guard import (
     too_large,
 )
 from .request_translation import translate_request
-from .traces import num_choices, take_traces
+from .traces import num_choices, prompt_tokens_for_residuals, take_traces
 
 
 async def _read_body(receive: Receive, limit: int) -> bytes:
@@ -92,9 +92,11 @@ class SteeringMiddleware:
         translation = None
         if isinstance(payload, dict) and is_steerable(scope["path"]):
             try:
+                prompt_tokens = await prompt_tokens_for_residuals(context, payload)
                 translation = translate_request(payload, context.sae_sizes, context.max_features,
                                                 context.limits.max_steering_value, context.sae_stages,
-                                                context.limits.max_trace_features)
+                                                context.limits.max_trace_features,
+                                                context.limits.max_trace_residuals, prompt_tokens)
             except APIError as error:
                 context.metrics.validation_error(error.code)
                 await error.response()(scope, _replay(b"", receive), send)

@@ -9,14 +9,21 @@ trace entry i of "generation" is the position that predicted generated token i (
 position for the first), one entry per generated token; "all" adds the prompt positions before
 it, so its last entries align with the generated tokens the same way. The API takes the trace
 per choice once the response is complete.
+
+`"residuals": true` adds each entry's stream vectors (the SAE's input at each traced layer, after
+any edit there) for probing, encoded as feature_capture.RESIDUAL_ENCODING. Their number,
+positions x layers x choices, is known before the request runs (max_tokens is then required;
+with positions "all" the prompt's tokens are counted first) and bounded by --max-trace-residuals.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, ValidationError
 
 from sae_plugins.feature_capture import CAPTURE_KEY, CaptureSpec
 
@@ -32,10 +39,15 @@ class TraceRequest(BaseModel):
     layers: list[StrictInt] = Field(min_length=1)
     top_k: StrictInt = 5
     positions: Literal["generation", "all"] = "generation"
+    residuals: StrictBool = False
+    _residual_positions: int = PrivateAttr(default=0)  # per choice and layer, set by parse_trace
 
 
-def parse_trace(raw: object, sae_sizes: dict[int, int], body: dict, max_features: int) -> TraceRequest:
-    """The validated trace; `max_features` bounds layers x top_k (--max-trace-features)."""
+def parse_trace(raw: object, sae_sizes: dict[int, int], body: dict, max_features: int, max_residuals: int = 0,
+                prompt_tokens: int | None = None) -> TraceRequest:
+    """The validated trace; `max_features` bounds layers x top_k (--max-trace-features),
+    `max_residuals` the residual vectors (--max-trace-residuals), given the prompt's token count
+    for a trace of all positions with residuals (prompt_tokens_for_residuals)."""
     if not sae_sizes:
         raise APIError("trace is unavailable: this server was started without --sae", param="trace",
                        code="steering_unavailable")
@@ -57,13 +69,62 @@ def parse_trace(raw: object, sae_sizes: dict[int, int], body: dict, max_features
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
         raise APIError("trace takes one prompt per request (a string or a list of token ids)", param="prompt",
                        code="invalid_trace")
+    if trace.residuals:
+        trace._residual_positions = _residual_positions(trace, body, max_residuals, prompt_tokens)
     return trace
+
+
+def _residual_positions(trace: TraceRequest, body: dict, max_residuals: int, prompt_tokens: int | None) -> int:
+    """Positions per choice and layer whose residuals the trace returns, within the limit."""
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+        raise APIError("trace.residuals needs max_tokens (or max_completion_tokens), so the number of vectors is "
+                       "known before the request runs", param="trace.residuals", code="invalid_trace")
+    positions = max_tokens + ((prompt_tokens or 0) if trace.positions == "all" else 0)
+    steering = body.get("steering")
+    answers = 2 if isinstance(steering, dict) and steering.get("compare") is True else 1  # compare: a traced baseline
+    vectors = positions * len(trace.layers) * num_choices(body) * answers
+    if vectors > max_residuals:
+        raise APIError(f"this trace would return up to {vectors} residual vectors (positions x layers x choices, "
+                       "twice with steering.compare); "
+                       f"this server returns at most {max_residuals} per request (--max-trace-residuals)",
+                       param="trace.residuals", code="invalid_trace")
+    return positions
+
+
+async def prompt_tokens_for_residuals(context, payload: object) -> int | None:
+    """The prompt's token count when a trace of all positions asks for residuals (else None):
+    tokenized as vLLM will (chat template, then the tokenizer), off the event loop, after a
+    character bound no prompt that fits the context exceeds by much."""
+    raw = payload.get("trace") if isinstance(payload, dict) else None
+    if not (isinstance(raw, dict) and raw.get("residuals") is True and raw.get("positions") == "all"):
+        return None
+    chat = "messages" in payload  # chat completions, or /invocations in the chat form
+    field = "messages" if chat else "prompt"
+    prompt = payload.get(field)
+    if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt) and not chat:
+        return len(prompt)
+    max_chars = context.max_model_len * context.limits.max_inspect_chars_per_token
+    if len(json.dumps(prompt)) > max_chars:
+        raise APIError(f"the prompt is longer than {max_chars} characters, more than the context holds",
+                       param=field, code="too_many_tokens")
+    tokenizer = context.engine.get_tokenizer()
+    try:
+        if not chat:
+            return len(await asyncio.to_thread(tokenizer.encode, prompt)) if isinstance(prompt, str) else None
+        text = await asyncio.to_thread(
+            tokenizer.apply_chat_template, prompt, tools=payload.get("tools"), tokenize=False,
+            add_generation_prompt=payload.get("add_generation_prompt", True),
+            **(payload.get("chat_template_kwargs") or {}))
+    except Exception as exc:  # the template rejects malformed messages
+        raise APIError(f"cannot count the prompt's tokens: {exc}", param=field, code="invalid_request") from None
+    return len(await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=False))
 
 
 def attach_trace(body: dict, trace: TraceRequest) -> CaptureSpec:
     """Adds the trace's capture spec to `body` (the vLLM request); returns it."""
     capture = CaptureSpec(id=uuid.uuid4().hex, layers=tuple(trace.layers), top_k=trace.top_k, trace=True,
-                          generation_only=trace.positions == "generation")
+                          generation_only=trace.positions == "generation", residuals=trace._residual_positions)
     body["vllm_xargs"] = {**(body.get("vllm_xargs") or {}), CAPTURE_KEY: capture.to_extra_arg()}
     if trace.positions == "all":  # every prompt position must really be computed, not read from the cache
         body["cache_salt"] = f"{body['cache_salt']}:trace-{capture.id}" if body.get("cache_salt") else \
@@ -78,7 +139,8 @@ def num_choices(body: dict) -> int:
 
 async def take_traces(context, capture: CaptureSpec, choices: int, whole: bool = True) -> dict[int, list[dict]]:
     """Per choice index, the trace entries recorded and not yet taken, in position order:
-    {"position", "features": {layer: [{"index", "activation", "label"?}]}}. A stream takes its
+    {"position", "features": {layer: [{"index", "activation", "label"?}]}, "residuals"?: {layer: str}}.
+    A stream takes its
     trace piece by piece (whole=False); the whole of a trace lets choices share prompt entries."""
     per_rank = await context.engine.collective_rpc("steerserve_take_trace", args=(capture.id, choices))
     by_choice: dict[int, dict[int, dict]] = {}  # choice -> layer -> the worker's result
@@ -89,9 +151,13 @@ async def take_traces(context, capture: CaptureSpec, choices: int, whole: bool =
     for choice, layers in by_choice.items():
         entries = positions.setdefault(choice, {})
         for layer, result in layers.items():
-            for position, indices, values in zip(result["positions"], result["indices"], result["values"]):
+            residuals = result.get("residuals") or [None] * len(result["positions"])
+            for position, indices, values, residual in zip(result["positions"], result["indices"], result["values"],
+                                                           residuals):
                 entry = entries.setdefault(position, {"position": position, "features": {}})
                 entry["features"][str(layer)] = [_feature(context, layer, i, v) for i, v in zip(indices, values)]
+                if residual is not None:
+                    entry.setdefault("residuals", {})[str(layer)] = residual
     if whole and not capture.generation_only and len(positions) > 1:
         # The choices share the prompt: prompt positions one choice read from the prefix cache
         # (all those before its first computed one) another choice computed, with equal features.

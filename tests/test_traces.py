@@ -6,7 +6,11 @@ completions, and the 400s."""
 
 from __future__ import annotations
 
+import base64
+
+import numpy as np
 import pytest
+import torch
 
 from tests.conftest import FEATURE_LABELS, MODEL_NAME, PROMPT
 
@@ -79,6 +83,49 @@ def test_positions_all_covers_the_prompt(client, reference):
     trace = response.choices[0].model_extra["trace"]
     assert len(trace) == len(prompt_ids) + len(tokens) - 1
     assert_trace_matches_reference(reference, trace, prompt_ids, tokens, [1], 2, first_position=0)
+
+
+def test_residuals_are_the_reference_streams(client, reference, active_features):
+    """`residuals` returns each traced position's stream at each layer (base64 float32), after
+    the steering edit there: the reference's stream at the same positions, to bf16 precision;
+    steered, the stream differs from the unsteered one where the edit applies."""
+    steering = {"features": [{"layer": 2, "index": active_features[2][0], "mode": "clamp", "value": 12.0}]}
+    response = chat(client, {"layers": [1, 2], "top_k": 2, "positions": "all", "residuals": True}, steering)
+    prompt_ids = response.model_extra["prompt_token_ids"]
+    tokens = list(response.choices[0].model_extra["token_ids"])
+    trace = response.choices[0].model_extra["trace"]
+    sequence = prompt_ids + tokens[:-1]
+    assert [e["position"] for e in trace] == list(range(len(sequence)))
+    _, steered = reference.forward(sequence, steering["features"], capture=True)
+    _, plain = reference.forward(sequence, None, capture=True)
+    for layer in (1, 2):
+        served = torch.stack([torch.from_numpy(np.frombuffer(base64.b64decode(e["residuals"][str(layer)]), "<f4").copy())
+                              for e in trace])
+        assert served.shape == steered[layer].shape
+        error = (served - steered[layer]).norm(dim=-1) / steered[layer].norm(dim=-1)
+        assert float(error.max()) < 0.02, (layer, error)
+    moved = (steered[2] - plain[2]).norm(dim=-1) / plain[2].norm(dim=-1)
+    assert float(moved.max()) > 0.1  # so agreeing within 2% means the served residuals are the edited stream
+
+
+@pytest.mark.parametrize("extra,prompt,param,code", [
+    ({}, None, "trace.residuals", "invalid_trace"),  # no max_tokens: the size is unknown
+    ({"max_tokens": 2100}, None, "trace.residuals", "invalid_trace"),  # 2 layers x 2100 > 4096
+    ({"max_tokens": 2, "n": 3, "positions": "all"}, [611] * 700, "trace.residuals", "invalid_trace"),  # 702 x 2 x 3
+    ({"max_tokens": 2, "residuals": 1}, None, "trace.residuals", "invalid_trace"),
+])
+def test_residuals_are_bounded_before_the_request_runs(http, extra, prompt, param, code):
+    extra = dict(extra)
+    trace = {"layers": [1, 2], "residuals": extra.pop("residuals", True), **({"positions": extra.pop("positions")}
+                                                                          if "positions" in extra else {})}
+    body = {"model": MODEL_NAME, "prompt": prompt or "the weather", "trace": trace, **extra}
+    response = http.post("/v1/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == (param, code), error
+    if prompt is not None:  # the prompt's tokens counted: tracing only the generation fits
+        body["trace"] = {"layers": [1, 2], "residuals": True}
+        assert http.post("/v1/completions", json=body).status_code == 200
 
 
 def test_each_choice_has_its_own_trace(client, reference):
@@ -169,3 +216,29 @@ def test_a_trace_over_the_per_position_limit_is_refused():
         parse_trace({"layers": [1, 2], "top_k": 6}, sizes, {}, 10)
     assert (refused.value.param, refused.value.code) == ("trace.top_k", "invalid_trace")
     assert "--max-trace-features" in str(refused.value)
+
+
+def test_residual_vectors_count_positions_layers_choices_and_compare():
+    from server.errors import APIError
+    from server.traces import parse_trace
+
+    sizes = {1: 64, 2: 64}
+
+    def positions(trace: dict, body: dict, prompt_tokens: int | None = None) -> int | str:
+        try:
+            return parse_trace({"layers": [1, 2], "residuals": True, **trace}, sizes, body, 256, 4096,
+                               prompt_tokens)._residual_positions
+        except APIError as refused:
+            assert (refused.param, refused.code) == ("trace.residuals", "invalid_trace")
+            return "400"
+
+    assert positions({}, {"max_tokens": 1024}) == 1024  # 2 layers x 1024 x 1 = 2048
+    assert positions({}, {"max_tokens": 2049}) == "400"
+    assert positions({}, {"max_completion_tokens": 512, "n": 4}) == 512  # 4096
+    assert positions({}, {"max_tokens": 513, "n": 4}) == "400"
+    assert positions({}, {"max_tokens": 1024, "steering": {"features": [], "compare": True}}) == 1024  # 4096
+    assert positions({}, {"max_tokens": 1025, "steering": {"features": [], "compare": True}}) == "400"
+    assert positions({"positions": "all"}, {"max_tokens": 8}, 2000) == 2008
+    assert positions({"positions": "all"}, {"max_tokens": 8}, 2041) == "400"
+    assert positions({"positions": "generation"}, {"max_tokens": 8}, 2041) == 8  # the prompt does not count
+    assert positions({"residuals": False}, {}) == 0
