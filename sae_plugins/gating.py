@@ -59,21 +59,27 @@ class GateReports:
 
     def end_step(self, gate_state: torch.Tensor, step_slots: np.ndarray) -> None:
         """Count this step's reporting rows (one device read, only when there are some)."""
-        if not self._step:
+        step = [r for r in self._step if r.rows > 0]
+        self._step = []
+        if not step:
             return
-        width = max(r.num_gates for r in self._step)
-        state = gate_state[: step_slots.size, :width].cpu().numpy() > 0.5
+        width = max(r.num_gates for r in step)
         routed = step_slots > 0
-        for report_id, num_gates, first, n in self._step:
-            rows = slice(first, first + n)
-            counts = np.concatenate([[routed[rows].sum()], (state[rows, :num_gates] & routed[rows, None]).sum(0)])
+        # per row: routed, then whether it passed each gate column (and was routed); a zero row
+        # at the end lets every request's row range end inside the array
+        per_row = np.zeros((step_slots.size + 1, 1 + width), dtype=np.int64)
+        per_row[:-1, 0] = routed
+        per_row[:-1, 1:] = (gate_state[: step_slots.size, :width].cpu().numpy() > 0.5) & routed[:, None]
+        bounds = np.array([(r.first_row, r.first_row + r.rows) for r in step]).ravel()
+        sums = np.add.reduceat(per_row, bounds, axis=0)[::2]  # each request's rows, summed
+        for (report_id, num_gates, _, _), counts in zip(step, sums):
+            counts = counts[: 1 + num_gates]
             if report_id in self._reports:
                 self._reports[report_id] += counts
             else:
-                self._reports[report_id] = counts.astype(np.int64)
+                self._reports[report_id] = counts.copy()
                 while len(self._reports) > MAX_PENDING_REPORTS:
                     self._reports.popitem(last=False)
-        self._step = []
 
     def take(self, report_id: str) -> dict | None:
         counts = self._reports.pop(report_id, None)

@@ -95,7 +95,7 @@ class SteeringRuntime:
         self._unapplied: set[int] = set()  # layers planned for this step the op has not run at
         self.steered_tokens_total = 0
         self.rejected_requests_total = 0  # specs the worker refused (never sent by the API)
-        self.steering_seconds = 0.0  # host time in begin_step and apply
+        self.steering_seconds = 0.0  # host time in begin_step, apply and counting gates
         self.execute_seconds = 0.0  # host time in the runner's execute_model (runner_patch adds it)
 
     @property
@@ -242,7 +242,9 @@ class SteeringRuntime:
     def end_step(self) -> None:
         """After the forward: check it steered, then count the tokens that passed each gate."""
         self.verify_applied()
+        started = time.perf_counter()
         self.gate_reports.end_step(self.planner.gate_state, self.step_slots)
+        self.steering_seconds += time.perf_counter() - started
 
     def verify_applied(self) -> None:
         """Every layer planned for this step must have run the op. If a captured graph
