@@ -7,7 +7,12 @@ loaded and for counters, never touching worker internals itself.
 from __future__ import annotations
 
 from . import registry
-from .feature_capture import trace_key
+
+# The stores steerserve_take reads: inspect captures and traces (by capture id, or
+# feature_capture.trace_key per choice), and gated specs' reports (by report id).
+CAPTURES = "captures"
+GATE_REPORTS = "gate_reports"
+TAKE_STORES = (CAPTURES, GATE_REPORTS)
 
 
 class SteeringWorkerExtension:
@@ -19,21 +24,17 @@ class SteeringWorkerExtension:
         runtime = registry.runtime()
         return runtime.stats() if runtime is not None else {}
 
-    def steerserve_take_capture(self, capture_id: str) -> dict | None:
+    def steerserve_take(self, wanted: list[tuple[str, str]]) -> list[dict | None]:
+        """What finished requests left behind, many in one RPC (each RPC pauses the engine's step
+        loop, so the API coalesces them): per (store, key), the result taken from that store
+        (TAKE_STORES), or None if it holds none."""
         runtime = registry.runtime()
-        return runtime.captures.take(capture_id) if runtime is not None else None
-
-    def steerserve_take_trace(self, capture_id: str, choices: int) -> dict[int, dict] | None:
-        """Per choice (0 .. choices - 1), the trace recorded under trace_key (missing: none)."""
-        runtime = registry.runtime()
+        if any(store not in TAKE_STORES for store, _ in wanted):
+            raise ValueError(f"steerserve_take: stores are {TAKE_STORES}")
         if runtime is None:
-            return None
-        taken = {choice: runtime.captures.take(trace_key(capture_id, choice)) for choice in range(choices)}
-        return {choice: result for choice, result in taken.items() if result is not None}
-
-    def steerserve_take_gate_report(self, report_id: str) -> dict | None:
-        runtime = registry.runtime()
-        return runtime.gate_reports.take(report_id) if runtime is not None else None
+            return [None] * len(wanted)
+        stores = {CAPTURES: runtime.captures, GATE_REPORTS: runtime.gate_reports}
+        return [stores[store].take(key) for store, key in wanted]
 
     def steerserve_feature_report(self, layer: int, index: int, top_n: int) -> dict | None:
         lens = registry.lens()

@@ -10,6 +10,7 @@ from .config_admission import ConfigAdmission
 from .feature_labels import FeatureLabels
 from .limits import Limits
 from .metrics import SteeringMetrics
+from .worker_takes import WorkerTakes
 
 
 @dataclass
@@ -19,6 +20,7 @@ class SteeringContext:
     admission: ConfigAdmission
     sae_stages: tuple[frozenset[int], ...] = ()  # the layer sets the workers hold (one per pipeline stage)
     engine: Any = None  # vLLM's EngineClient: tokenizer and collective RPC
+    takes: WorkerTakes | None = None  # what finished requests left in the workers, taken over that RPC
     client: Any = None  # in-process client of this server's own app (server/in_process.py)
     served_model: str = ""
     max_model_len: int = 0

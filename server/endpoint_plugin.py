@@ -26,6 +26,7 @@ from .in_process import in_process_client, server_api_key
 from .limits import Limits
 from .routes import router
 from .steering_middleware import SteeringMiddleware
+from .worker_takes import WorkerTakes
 
 ENDPOINT_PLUGIN_NAME = "steerserve_api"
 
@@ -69,6 +70,7 @@ class SteerserveEndpointPlugin:
             sae_stages=tuple(stages),
             admission=ConfigAdmission(config.max_configs if config else DEFAULT_MAX_CONFIGS),
             engine=engine_client,
+            takes=WorkerTakes(engine_client) if engine_client is not None else None,
             client=in_process_client(self._app, server_api_key(args)) if hasattr(self, "_app") else None,
             served_model=(getattr(args, "served_model_name", None) or [args.model])[0],
             max_model_len=engine_client.model_config.max_model_len if engine_client is not None else 0,
@@ -81,7 +83,7 @@ class SteerserveEndpointPlugin:
             async def worker_stats() -> dict:
                 return (await engine_client.collective_rpc("steerserve_stats"))[0]
 
-            context.metrics.bind(worker_stats, context.admission)
+            context.metrics.bind(worker_stats, context.admission, context.takes)
             await context.metrics.refresh()
         state.steerserve = context
         if engine_client is not None and getattr(self, "_app", None) is not None:

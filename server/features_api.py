@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from sae_plugins.feature_capture import CAPTURE_KEY, CaptureSpec
+from sae_plugins.worker_extension import CAPTURES
 
 from .errors import APIError, errors_as_json, from_validation
 from .limits import MAX_TOP_K
@@ -163,7 +164,7 @@ async def _run_inspection(context, req: InspectRequest, layers: list[int], token
     if response.status_code != 200:  # e.g. invalid steering: the interactive error, unchanged
         return JSONResponse(response.json(), status_code=response.status_code)
     captured: dict[int, dict] = {}
-    for rank in await context.engine.collective_rpc("steerserve_take_capture", args=(capture.id,)):
+    for rank in await context.takes.take(CAPTURES, capture.id):
         captured.update(rank or {})  # pipeline stages each hold their own layers; TP ranks agree
     if any(layer not in captured for layer in layers):
         raise APIError("the engine returned no activations for this input", code="capture_lost",

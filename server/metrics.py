@@ -34,6 +34,7 @@ class SteeringMetrics:
             self.worker_stats: dict = {}
             self.admission_active = lambda: 0
             self.admission_waits = lambda: 0
+            self.takes = None  # server/worker_takes.py's WorkerTakes, once bound
             self._fetch: Callable[[], Awaitable[dict]] | None = None
             self._last_refresh = 0.0
             self._refreshing = False
@@ -47,10 +48,11 @@ class SteeringMetrics:
     def validation_error(self, reason: str) -> None:
         self.errors.labels(reason=reason).inc()
 
-    def bind(self, fetch_worker_stats, admission) -> None:
+    def bind(self, fetch_worker_stats, admission, takes) -> None:
         self._fetch = fetch_worker_stats
         self.admission_active = lambda: admission.active
         self.admission_waits = lambda: admission.waits_total
+        self.takes = takes
 
     async def refresh(self) -> None:
         if self._fetch is None or self._refreshing:
@@ -98,6 +100,16 @@ class _SnapshotCollector:
                                        "never sends one, so anything above 0 deserves a look at the worker log)")
         rejected.add_metric([], stats.get("rejected_requests_total", 0))
         yield rejected
+        takes = self.metrics.takes
+        for name, text, value in (
+            ("steerserve_worker_takes", "Results taken from the workers (inspect captures, traces, gate reports)",
+             takes.taken_total if takes else 0),
+            ("steerserve_worker_take_rpcs", "Collective RPCs that took them (fewer than the results: coalesced)",
+             takes.rpcs_total if takes else 0),
+        ):
+            counter = CounterMetricFamily(name, text)
+            counter.add_metric([], value)
+            yield counter
         layers = GaugeMetricFamily("steerserve_sae_layers_loaded", "SAE layers loaded")
         layers.add_metric([], len(stats.get("sae_layers", [])))
         yield layers
@@ -112,7 +124,7 @@ class _SnapshotCollector:
             yield kernel
         for key, name, text in (
             ("steering_seconds_total", "steerserve_steering_host_seconds",
-             "Host seconds in steering (per-step routing + the steering op), rank 0 worker"),
+             "Host seconds in steering (per-step routing, the steering op, gate counts), rank 0 worker"),
             ("execute_seconds_total", "steerserve_model_execute_host_seconds",
              "Host seconds in the model runner's execute_model for real batches, rank 0 worker"),
         ):

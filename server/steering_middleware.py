@@ -13,11 +13,14 @@ a `trace` (server/traces.py) arrives there too, per choice.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sae_plugins.worker_extension import GATE_REPORTS
 
 from .errors import APIError
 from .request_guard import (
@@ -185,12 +188,17 @@ def _response_end(context, translation) -> Callable[[], Awaitable[_ResponseEnd]]
 
     async def end() -> _ResponseEnd:
         result = _ResponseEnd()
-        if report is not None:
-            per_rank = await context.engine.collective_rpc("steerserve_take_gate_report", args=(report,))
+
+        async def gate_report() -> None:
+            per_rank = await context.takes.take(GATE_REPORTS, report)
             result.fields["steering"] = spec.echo(_merged_gate_reports(per_rank))
-        if trace is not None:
-            traces = await take_traces(context, trace, choices, whole=not translation.body.get("stream"))
-            result.per_choice = {i: {"trace": traces.get(i, [])} for i in range(choices)}
+
+        async def traces() -> None:
+            taken = await take_traces(context, trace, choices, whole=not translation.body.get("stream"))
+            result.per_choice = {i: {"trace": taken.get(i, [])} for i in range(choices)}
+
+        # at once, so that both go in one worker RPC (server/worker_takes.py)
+        await asyncio.gather(*(take() for take, asked in ((gate_report, report), (traces, trace)) if asked is not None))
         return result
 
     return end

@@ -25,7 +25,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, ValidationError
 
-from sae_plugins.feature_capture import CAPTURE_KEY, CaptureSpec
+from sae_plugins.feature_capture import CAPTURE_KEY, CaptureSpec, trace_key
+from sae_plugins.worker_extension import CAPTURES
 
 from .errors import APIError, from_validation
 from .limits import MAX_TOP_K
@@ -142,11 +143,12 @@ async def take_traces(context, capture: CaptureSpec, choices: int, whole: bool =
     {"position", "features": {layer: [{"index", "activation", "label"?}]}, "residuals"?: {layer: str}}.
     A stream takes its
     trace piece by piece (whole=False); the whole of a trace lets choices share prompt entries."""
-    per_rank = await context.engine.collective_rpc("steerserve_take_trace", args=(capture.id, choices))
+    per_choice = await context.takes.take_many([(CAPTURES, trace_key(capture.id, c)) for c in range(choices)])
     by_choice: dict[int, dict[int, dict]] = {}  # choice -> layer -> the worker's result
-    for rank in per_rank:  # pipeline stages each hold their own layers; TP ranks agree
-        for choice, layers in (rank or {}).items():
-            by_choice.setdefault(int(choice), {}).update({int(layer): result for layer, result in layers.items()})
+    for choice, per_rank in enumerate(per_choice):
+        for layers in per_rank:  # pipeline stages each hold their own layers; TP ranks agree
+            if layers is not None:
+                by_choice.setdefault(choice, {}).update({int(layer): result for layer, result in layers.items()})
     positions: dict[int, dict[int, dict]] = {}  # choice -> position -> entry
     for choice, layers in by_choice.items():
         entries = positions.setdefault(choice, {})

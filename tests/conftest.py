@@ -112,11 +112,15 @@ def openai_client(server: ServeProcess):
     return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key=API_KEY, max_retries=0, timeout=300)
 
 
+def metric(server: ServeProcess, name: str) -> float:
+    """The value of the first /metrics sample whose line starts with `name`."""
+    text = httpx.get(f"{server.base_url}/metrics", headers=AUTH).text
+    return next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
 def engine_steps(server: ServeProcess) -> int:
     """Engine steps so far (the count of vLLM's tokens-per-step histogram)."""
-    text = httpx.get(f"{server.base_url}/metrics", headers=AUTH).text
-    return int(next(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                    if line.startswith("vllm:iteration_tokens_total_count")))
+    return int(metric(server, "vllm:iteration_tokens_total_count"))
 
 
 def run_together(server: ServeProcess, work, items: list) -> tuple[list, int]:

@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import MODEL_NAME, PROMPT, run_together
+from tests.conftest import MODEL_NAME, PROMPT, metric, run_together
 from tests.test_differential import LOGPROB_TOLERANCE, MAX_TOKENS, assert_server_matches_reference, server_greedy
 
 
@@ -120,13 +120,28 @@ def test_ungated_specs_report_nothing(client):
 
 
 def test_mixed_batch_of_gated_ungated_and_unsteered(server, client, cases):
-    """Concurrent requests share steps; each gets exactly what it gets alone."""
+    """Concurrent requests share steps; each gets exactly what it gets alone, its own gate
+    report among it, though the reports of requests that finish together are taken together."""
     specs = [cases["clamp-earlier-layer"], ungated(cases["clamp-earlier-layer"]), None,
              cases["two-gates-generation-only"], cases["scale-below"], None]
-    alone = [server_greedy(client, s)[1] for s in specs]
-    together, steps = run_together(server, lambda c, s: server_greedy(c, s)[1], specs * 2)
+
+    def tokens_and_echo(c, steering):
+        response = chat(c, steering) if steering else c.chat.completions.create(
+            model=MODEL_NAME, messages=PROMPT, max_tokens=MAX_TOKENS, temperature=0,
+            extra_body={"return_token_ids": True, "ignore_eos": True})
+        return list(response.choices[0].model_extra["token_ids"]), response.model_extra.get("steering")
+
+    alone = [tokens_and_echo(client, s) for s in specs]
+    assert [s is not None and "steered_tokens" in s for _, s in alone] == [True, False, False, True, True, False]
+    takes, rpcs = metric(server, "steerserve_worker_takes_total"), metric(server, "steerserve_worker_take_rpcs_total")
+    together, steps = run_together(server, tokens_and_echo, specs * 2)
     assert together == alone * 2
-    assert steps <= 2 * MAX_TOKENS, f"{steps} engine steps for 12 requests of {MAX_TOKENS} tokens: not one batch"
+    # one after another they would take 12 x MAX_TOKENS steps; prompts prefill in 128-token chunks
+    assert steps <= 3 * MAX_TOKENS, f"{steps} engine steps for 12 requests of {MAX_TOKENS} tokens: not one batch"
+    takes, rpcs = metric(server, "steerserve_worker_takes_total") - takes, \
+        metric(server, "steerserve_worker_take_rpcs_total") - rpcs
+    # the reports of requests that finish in the same step go in one RPC
+    assert takes == 6 and rpcs < takes, f"{takes} gate reports taken in {rpcs} RPCs: not coalesced"
 
 
 def feature(**gate):

@@ -13,7 +13,9 @@ from sae_plugins.config_slots import ConfigSlots, ConfigSlotsExhausted
 from sae_plugins.sae import SAEWeights
 from sae_plugins.steering_spec import FeatureEdit, SteeringSpec
 from sae_plugins.token_routing import APPLY_ALL, APPLY_GENERATION, APPLY_PROMPT, token_slots
+from sae_plugins.worker_extension import CAPTURES, GATE_REPORTS
 from server.config_admission import ConfigAdmission
+from server.worker_takes import WorkerTakes
 
 
 def test_token_slots_follow_positions_and_apply_to():
@@ -254,3 +256,74 @@ def test_engine_core_waits_for_workers_by_sleeping(monkeypatch):
     reader.wait(timeout_ms=20)
     assert sleeps == [upstream_fixes.ENGINE_WAIT_SLEEP_S] and time.monotonic() - started >= 0.015
     context.destroy(linger=0)
+
+
+class _SlowEngine:
+    """collective_rpc as the engine client has it: each call waits for `release`; rank 0
+    holds every result, rank 1 none (two pipeline stages, the traced layers on the first)."""
+
+    def __init__(self, fail: bool = False):
+        self.calls: list[list] = []
+        self.release = asyncio.Event()
+        self.fail = fail
+
+    async def collective_rpc(self, method, args=()):
+        assert method == "steerserve_take"
+        self.calls.append([tuple(w) for w in args[0]])
+        await self.release.wait()
+        if self.fail:
+            raise RuntimeError("engine dead")
+        return [[f"{store}/{key}" for store, key in args[0]], None]
+
+
+async def _until(condition):
+    for _ in range(100):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("never happened")
+
+
+def test_worker_takes_go_alone_when_idle_and_together_while_an_rpc_is_in_flight():
+    async def main():
+        engine = _SlowEngine()
+        takes = WorkerTakes(engine)
+        first = asyncio.create_task(takes.take(CAPTURES, "a"))
+        await _until(lambda: engine.calls)
+        assert engine.calls == [[(CAPTURES, "a")]]  # alone: at once
+        later = [asyncio.create_task(takes.take(store, key))
+                 for store, key in [(GATE_REPORTS, "r"), (CAPTURES, "b"), (CAPTURES, "b")]]
+        many = asyncio.create_task(takes.take_many([(CAPTURES, "t/0"), (CAPTURES, "t/1")]))
+        gone = asyncio.create_task(takes.take(CAPTURES, "gone"))
+        await _until(lambda: all(t._fut_waiter is not None for t in [*later, many, gone]))
+        gone.cancel()
+        engine.release.set()
+        assert await first == ["captures/a", None]
+        assert [await t for t in later] == [["gate_reports/r", None], ["captures/b", None], ["captures/b", None]]
+        assert await many == [["captures/t/0", None], ["captures/t/1", None]]
+        # everything asked for during the first RPC went in the second, except that a key asked
+        # for twice is taken twice (the second time in a third RPC); a cancelled caller's key is
+        # still taken (the worker frees it)
+        assert engine.calls[1:] == [[(GATE_REPORTS, "r"), (CAPTURES, "b"), (CAPTURES, "t/0"), (CAPTURES, "t/1"),
+                                     (CAPTURES, "gone")], [(CAPTURES, "b")]]
+        assert (takes.rpcs_total, takes.taken_total) == (3, 7)
+        with pytest.raises(ValueError):
+            await takes.take("kv_cache", "a")
+
+    asyncio.run(main())
+
+
+def test_worker_takes_pass_the_engines_error_to_every_waiting_caller_and_go_on():
+    async def main():
+        engine = _SlowEngine(fail=True)
+        takes = WorkerTakes(engine)
+        waiting = [asyncio.create_task(takes.take(CAPTURES, key)) for key in "abc"]
+        await _until(lambda: len(engine.calls) == 1)
+        engine.release.set()
+        for task in waiting:
+            with pytest.raises(RuntimeError, match="engine dead"):
+                await task
+        engine.fail = False
+        assert await takes.take(GATE_REPORTS, "d") == ["gate_reports/d", None]
+
+    asyncio.run(main())
