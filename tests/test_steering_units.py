@@ -242,7 +242,7 @@ def test_engine_core_waits_for_workers_by_sleeping(monkeypatch):
     from sae_plugins import upstream_fixes
 
     context = zmq.Context()
-    shm_broadcast.SpinCondition(False, context, "inproc://steerserve-test-notify")  # the writer binds
+    writer = shm_broadcast.SpinCondition(False, context, "inproc://steerserve-test-notify")  # binds first
     reader = shm_broadcast.SpinCondition(True, context, "inproc://steerserve-test-notify")
     upstream_fixes.sleep_while_busy(reader)
     monkeypatch.setattr(shm_broadcast, "sched_yield", lambda: pytest.fail("the wait spun on sched_yield"))
@@ -255,7 +255,12 @@ def test_engine_core_waits_for_workers_by_sleeping(monkeypatch):
     started = time.monotonic()
     reader.wait(timeout_ms=20)
     assert sleeps == [upstream_fixes.ENGINE_WAIT_SLEEP_S] and time.monotonic() - started >= 0.015
-    context.destroy(linger=0)
+    # every socket closed here, in order, before the context ends: context.destroy() while a
+    # dropped socket's finaliser might close it too aborted the process once (libzmq assertion)
+    for socket in (reader.local_notify_socket, reader.read_cancel_socket, reader.write_cancel_socket,
+                   writer.local_notify_socket):
+        socket.close(linger=0)
+    context.term()
 
 
 class _SlowEngine:
