@@ -18,6 +18,7 @@ from sae_plugins.gating import GATE_REPORT_KEY, report_extra_arg
 from sae_plugins.steering_spec import EXTRA_ARGS_KEY, SteeringSpec
 
 from .errors import APIError
+from .limits import Limits
 from .steering_schema import parse_steering
 from .traces import attach_trace, parse_trace
 
@@ -38,20 +39,19 @@ class Translation:
         return self.spec is not None or self.trace is not None
 
 
-def translate_request(body: dict, sae_sizes: dict[int, int], max_features: int, max_value: float,
-                      stages: tuple[frozenset[int], ...] = (), max_trace_features: int = 256,
-                      max_trace_residuals: int = 0, prompt_tokens: int | None = None) -> Translation:
+def translate_request(body: dict, sae_sizes: dict[int, int], max_features: int, limits: Limits,
+                      stages: tuple[frozenset[int], ...] = (), prompt_tokens: int | None = None) -> Translation:
     """`body` has passed request_guard's checks (reserved keys, vllm_xargs, cache_salt);
     prompt_tokens: its prompt's token count, where a trace needs it (traces.prompt_tokens_for_residuals)."""
     had_fields = "steering" in body or "trace" in body
     raw_trace = body.pop("trace", None)
-    trace = parse_trace(raw_trace, sae_sizes, body, max_trace_features, max_trace_residuals,
+    trace = parse_trace(raw_trace, sae_sizes, body, limits.max_trace_features, limits.max_trace_residuals,
                         prompt_tokens) if raw_trace is not None else None
     if body.get("steering") is None:
         body.pop("steering", None)
         capture = attach_trace(body, trace) if trace is not None else None
         return Translation(body, None, body_changed=had_fields, trace=capture)
-    spec, compare = parse_steering(body.pop("steering"), sae_sizes, max_features, max_value, stages)
+    spec, compare = parse_steering(body.pop("steering"), sae_sizes, max_features, limits.max_steering_value, stages)
     baseline = baseline_trace = None
     if compare:
         if body.get("stream"):

@@ -96,10 +96,8 @@ class SteeringMiddleware:
         if isinstance(payload, dict) and is_steerable(scope["path"]):
             try:
                 prompt_tokens = await prompt_tokens_for_residuals(context, payload)
-                translation = translate_request(payload, context.sae_sizes, context.max_features,
-                                                context.limits.max_steering_value, context.sae_stages,
-                                                context.limits.max_trace_features,
-                                                context.limits.max_trace_residuals, prompt_tokens)
+                translation = translate_request(payload, context.sae_sizes, context.max_features, context.limits,
+                                                context.sae_stages, prompt_tokens)
             except APIError as error:
                 context.metrics.validation_error(error.code)
                 await error.response()(scope, _replay(b"", receive), send)

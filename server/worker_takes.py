@@ -2,10 +2,10 @@
 spec's report), many requests per RPC.
 
 The engine core serves each collective RPC between two steps, with every worker answering, so
-one RPC per response puts a pause into the step loop for each response (gated requests lost
-about 10% of their throughput to it at 40-50 responses a second on the CPU default). Takes asked
-for while an RPC is in flight wait and all go in the next one: under load one RPC serves a
-whole wave of finishing requests, and a take asked for alone goes at once.
+one RPC per response (40-50 a second for short gated responses on the CPU default) puts as many
+pauses into the step loop. Takes asked for while an RPC is in flight wait and all go in the
+next one: under load one RPC serves a whole wave of finishing requests, and a take asked for
+alone goes at once.
 """
 
 from __future__ import annotations
