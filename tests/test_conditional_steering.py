@@ -121,7 +121,9 @@ def test_ungated_specs_report_nothing(client):
 
 def test_mixed_batch_of_gated_ungated_and_unsteered(server, client, cases):
     """Concurrent requests share steps; each gets exactly what it gets alone, its own gate
-    report among it, though the reports of requests that finish together are taken together."""
+    report among it, though reports of requests that finish in the same step are taken in one
+    RPC (how many RPCs depends on how the requests' steps fell: test_traces pins the coalescing
+    with streams, which take a piece every step)."""
     specs = [cases["clamp-earlier-layer"], ungated(cases["clamp-earlier-layer"]), None,
              cases["two-gates-generation-only"], cases["scale-below"], None]
 
@@ -133,15 +135,12 @@ def test_mixed_batch_of_gated_ungated_and_unsteered(server, client, cases):
 
     alone = [tokens_and_echo(client, s) for s in specs]
     assert [s is not None and "steered_tokens" in s for _, s in alone] == [True, False, False, True, True, False]
-    takes, rpcs = metric(server, "steerserve_worker_takes_total"), metric(server, "steerserve_worker_take_rpcs_total")
+    takes = metric(server, "steerserve_worker_takes_total")
     together, steps = run_together(server, tokens_and_echo, specs * 2)
     assert together == alone * 2
     # one after another they would take 12 x MAX_TOKENS steps; prompts prefill in 128-token chunks
     assert steps <= 3 * MAX_TOKENS, f"{steps} engine steps for 12 requests of {MAX_TOKENS} tokens: not one batch"
-    takes, rpcs = metric(server, "steerserve_worker_takes_total") - takes, \
-        metric(server, "steerserve_worker_take_rpcs_total") - rpcs
-    # the reports of requests that finish in the same step go in one RPC
-    assert takes == 6 and rpcs < takes, f"{takes} gate reports taken in {rpcs} RPCs: not coalesced"
+    assert metric(server, "steerserve_worker_takes_total") - takes == 6  # one report per gated request
 
 
 def feature(**gate):
