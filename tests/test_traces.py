@@ -108,6 +108,30 @@ def test_residuals_are_the_reference_streams(client, reference, active_features)
     assert float(moved.max()) > 0.1  # so agreeing within 2% means the served residuals are the edited stream
 
 
+@pytest.mark.parametrize("change,param,code", [
+    ({"messages": [{"role": "user", "content": "rain " * 800}], "n": 3}, "trace.residuals",
+     "invalid_trace"),  # (810 + 2) positions x 2 layers x 3 choices > 4096
+    ({"chat_template_kwargs": "x"}, "messages", "invalid_request"),
+    ({"chat_template_kwargs": {"tokenize": True}}, "messages", "invalid_request"),  # collides with ours
+    ({"messages": [{"role": "user"}]}, "messages", "invalid_request"),
+    ({"messages": 5}, "messages", "invalid_request"),
+    ({"messages": [{"role": "user", "content": "x" * 200_000}]}, "messages", "too_many_tokens"),
+])
+def test_a_chat_prompt_is_counted_for_residuals_and_bad_ones_get_400s(http, change, param, code):
+    """Residuals at all positions: the chat prompt's tokens are counted (template, tokenizer)
+    before the request runs; what the template cannot read is a 400 naming the messages."""
+    body = {"model": MODEL_NAME, "messages": PROMPT, "max_tokens": 2,
+            "trace": {"layers": [1, 2], "residuals": True, "positions": "all"}} | change
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == (param, code), error
+    del body["trace"]["positions"]  # tracing only the generation needs no count
+    ok = {"model": MODEL_NAME, "messages": PROMPT, "max_tokens": 2, "trace": body["trace"]} | (
+        {"messages": body["messages"], "n": 3} if param == "trace.residuals" else {})  # its generation fits
+    assert http.post("/v1/chat/completions", json=ok).status_code == 200  # and the server is up
+
+
 @pytest.mark.parametrize("extra,prompt,param,code", [
     ({}, None, "trace.residuals", "invalid_trace"),  # no max_tokens: the size is unknown
     ({"max_tokens": 2100}, None, "trace.residuals", "invalid_trace"),  # 2 layers x 2100 > 4096
