@@ -22,6 +22,9 @@ STEERING_KERNELS = ("auto", "native", "torch", "triton")
 class PluginConfig:
     sae_path: str
     sae_layers: tuple[int, ...]
+    sae_name: str | None = None  # what a Qwen-Scope set's width and k are read from (sae_loading.qwen_scope_k)
+    sae_k: int | None = None  # --sae-k
+    sae_hub_url: str | None = None  # hf://owner/name@<commit> when --sae was a hub id (SAESource.hub_url)
     max_features: int = DEFAULT_MAX_FEATURES  # per request, over all layers
     max_configs: int = DEFAULT_MAX_CONFIGS  # distinct steering specs in flight
     steering_kernel: str = "auto"  # one of STEERING_KERNELS
@@ -48,6 +51,9 @@ class PluginConfig:
         return PluginConfig(
             sae_path=str(raw["sae_path"]),
             sae_layers=tuple(int(x) for x in raw["sae_layers"]),
+            sae_name=raw.get("sae_name"),
+            sae_k=raw.get("sae_k"),
+            sae_hub_url=raw.get("sae_hub_url"),
             max_features=int(raw.get("max_features", DEFAULT_MAX_FEATURES)),
             max_configs=int(raw.get("max_configs", DEFAULT_MAX_CONFIGS)),
             steering_kernel=str(raw.get("steering_kernel", "auto")),

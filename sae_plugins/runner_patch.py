@@ -53,7 +53,8 @@ def install_steering(runner) -> None:
     saes = {}
     for n in tqdm(local, desc=f"Loading SAEs from {config.sae_path}", unit="layer"):
         saes[n] = load_sae_layer(
-            config.sae_path, n, d_model=d_model, dtype=model_config.dtype, device=runner.device
+            config.sae_path, n, d_model=d_model, dtype=model_config.dtype, device=runner.device,
+            name=config.sae_name, k=config.sae_k,
         )
         if runner.device.type == "cpu":
             saes[n].choose_cpu_encoder()

@@ -2,7 +2,10 @@
 
 Three layouts are recognised and all become one `SAEWeights` (feature i = row i of W_dec):
 
-- Qwen-Scope: `config.json` (model_type topk_sae) + `layer{n}.sae.pt` beside it.
+- Qwen-Scope: `layer{n}.sae.pt` files. The release has no config: its TopK k and width are in
+  the repo name `SAE-Res-{model}-W{N}K-L0_{K}` (d_sae = N x 1024, k = K), as SAELens' own
+  `qwen_scope` loader reads them. A `config.json` (model_type topk_sae) beside the files, as this
+  project writes for its own SAEs, or `--sae-k` give k too; every source given must agree.
 - SAELens: `cfg.json` + `sae_weights.safetensors`, either in the directory itself (one layer)
   or in one subdirectory per layer.
 - EleutherAI sparsify: one subdirectory per hookpoint (`layers.8/`), each with `cfg.json` +
@@ -18,7 +21,9 @@ error deep inside a CUDA kernel.
 from __future__ import annotations
 
 import json
+import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +32,20 @@ from safetensors import safe_open
 
 from sae_plugins.sae import ActivationKind, SAEWeights
 
-__all__ = ["SAELoadError", "describe_format", "discover_sae_layers", "load_sae_layer"]
+__all__ = [
+    "QwenScopeName",
+    "SAELoadError",
+    "describe_format",
+    "discover_sae_layers",
+    "load_sae_layer",
+    "parse_qwen_scope_name",
+    "qwen_scope_k",
+    "sae_name_of",
+]
 
 QWEN_SCOPE, SAELENS, SPARSIFY = "qwen-scope", "saelens", "sparsify"
 _QWEN_FILE = re.compile(r"^layer(\d+)\.sae\.pt$")
+_QWEN_NAME = re.compile(r"SAE-Res-(?P<model>.+)-W(?P<width>\d+)K-L0_(?P<k>\d+)")
 _SPARSIFY_HOOK = re.compile(r"(?:^|\.)(\d+)$")  # "layers.8", "model.layers.8"
 _SAELENS_HOOK = re.compile(r"(?:^|\.)(?:blocks|layers|h)\.(\d+)(?:\.(hook_[a-z_]+))?$")
 _SAELENS_ACTIVATION: dict[str, ActivationKind] = {
@@ -40,7 +55,7 @@ _SAELENS_ACTIVATION: dict[str, ActivationKind] = {
 }
 _NOT_RESID_POST = "is not resid_post; only residual-stream SAEs after a decoder layer are supported"
 _KNOWN_LAYOUTS = (
-    "Qwen-Scope (config.json with model_type 'topk_sae' + layer{n}.sae.pt files), "
+    "Qwen-Scope (layer{n}.sae.pt files), "
     "SAELens (cfg.json + sae_weights.safetensors, in the directory or in one subdirectory "
     "per layer), EleutherAI sparsify (one subdirectory per hookpoint such as layers.8/, "
     "each with cfg.json + sae.safetensors)"
@@ -49,6 +64,15 @@ _KNOWN_LAYOUTS = (
 
 class SAELoadError(ValueError):
     """An SAE file or directory is missing, unsupported or inconsistent with the model."""
+
+
+@dataclass(frozen=True)
+class QwenScopeName:
+    """What a Qwen-Scope repo name says: `SAE-Res-Qwen3.5-27B-W80K-L0_50` -> 81920 features, k 50."""
+
+    model: str
+    d_sae: int
+    k: int
 
 
 # --------------------------------------------------------------------------- public API
@@ -72,8 +96,14 @@ def load_sae_layer(
     d_model: int,
     dtype: torch.dtype,
     device: torch.device | str,
+    name: str | None = None,
+    k: int | None = None,
 ) -> SAEWeights:
-    """Load one layer's SAE, check it against the model's hidden size, move it to dtype/device."""
+    """Load one layer's SAE, check it against the model's hidden size, move it to dtype/device.
+
+    `name` and `k` only matter for Qwen-Scope files (see `qwen_scope_k`): the name to read the
+    width and k from (default: `sae_name_of(sae_dir)`) and an explicit k (--sae-k).
+    """
     root = _as_dir(sae_dir)
     fmt = _detect(root)
     layers, ignored = _discover(root, fmt)
@@ -81,10 +111,47 @@ def load_sae_layer(
         raise SAELoadError(_missing_layer_message(root, fmt, layer, layers, ignored))
     path = layers[layer]
     if fmt == QWEN_SCOPE:
-        return _load_qwen_scope(root, path, layer, d_model, dtype, device)
+        return _load_qwen_scope(root, path, layer, d_model, dtype, device, name, k)
+    _refuse_k_option(root, fmt, k)
     if fmt == SAELENS:
         return _load_saelens(path, layer, d_model, dtype, device)
     return _load_sparsify(path, layer, d_model, dtype, device)
+
+
+def sae_name_of(sae_dir: str | Path) -> str:
+    """The name a directory's Qwen-Scope width and k are read from: its own name, or for a
+    snapshot in the Hugging Face cache (`models--Qwen--SAE-Res-...-L0_50/snapshots/<sha>`) the
+    repo's name."""
+    root = Path(os.path.abspath(sae_dir))
+    repo_dir = root.parent.parent.name
+    if root.parent.name == "snapshots" and repo_dir.startswith("models--"):
+        return repo_dir.split("--")[-1]  # hub repo ids cannot contain "--"
+    return root.name
+
+
+def parse_qwen_scope_name(name: str) -> QwenScopeName | None:
+    """Width and k from a Qwen-Scope repo or directory name (the part after the last "/"), or
+    None when it does not follow `SAE-Res-{model}-W{N}K-L0_{K}` exactly."""
+    m = _QWEN_NAME.fullmatch(name.rsplit("/", 1)[-1])
+    if m is None:
+        return None
+    return QwenScopeName(m["model"], int(m["width"]) * 1024, int(m["k"]))
+
+
+def qwen_scope_k(sae_dir: str | Path, *, name: str | None = None, k: int | None = None) -> int | None:
+    """The TopK k of the Qwen-Scope SAEs in `sae_dir`; None for the other formats, whose
+    cfg.json give each SAE's own k (and then `k` must be None).
+
+    Three sources, any one suffices and all given must agree: the name (`name`, default
+    `sae_name_of(sae_dir)`) when it is `SAE-Res-{model}-W{N}K-L0_{K}`, `config.json`'s k, and
+    `k` (--sae-k, for renamed directories). None given, or two that differ, is an error.
+    """
+    root = _as_dir(sae_dir)
+    fmt = _detect(root)
+    if fmt != QWEN_SCOPE:
+        _refuse_k_option(root, fmt, k)
+        return None
+    return _qwen_scope_k(root, _qwen_scope_config(root), name or sae_name_of(root), k)[0]
 
 
 # --------------------------------------------------------------------------- layout
@@ -212,7 +279,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _positive_int(src: Path, key: str, value: Any) -> int:
+def _positive_int(src: Path | str, key: str, value: Any) -> int:
     ok = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
     if isinstance(value, bool) or not ok or value <= 0:
         raise SAELoadError(f"{src}: {key} is {value!r}; expected a positive integer")
@@ -324,10 +391,19 @@ def _torch_load(path: Path) -> Any:
             ) from None
 
 
-def _load_qwen_scope(
-    root: Path, path: Path, layer: int, d_model: int, dtype: torch.dtype, device: torch.device | str
-) -> SAEWeights:
+def _refuse_k_option(root: Path, fmt: str, k: int | None) -> None:
+    if k is not None:
+        raise SAELoadError(
+            f"{root} ({fmt}): --sae-k applies only to Qwen-Scope layer{{n}}.sae.pt files; "
+            "this format's cfg.json gives each SAE's k"
+        )
+
+
+def _qwen_scope_config(root: Path) -> dict[str, Any] | None:
+    """config.json beside the layer files, checked; None when there is none (as released)."""
     cfg_path = root / "config.json"
+    if not cfg_path.is_file():
+        return None
     cfg = _read_json(cfg_path)
     if cfg.get("model_type") != "topk_sae":
         raise SAELoadError(
@@ -336,8 +412,50 @@ def _load_qwen_scope(
     hook = cfg.get("hook_point", "resid_post")
     if hook != "resid_post":
         raise SAELoadError(f"{cfg_path}: hook_point is {hook!r}; only 'resid_post' is supported")
-    k = _positive_int(cfg_path, "k", cfg.get("k"))
-    if "d_model" in cfg and cfg["d_model"] != d_model:
+    return cfg
+
+
+def _qwen_scope_k(
+    root: Path, cfg: dict[str, Any] | None, name: str, k: int | None
+) -> tuple[int, str]:
+    """Where k comes from (see `qwen_scope_k`): (k, the sources that gave it), all of which
+    must agree."""
+    given: list[tuple[str, int]] = []
+    if (named := parse_qwen_scope_name(name)) is not None:
+        given.append((f"the name {name!r}", named.k))
+    cfg_path = root / "config.json"
+    if cfg is not None and "k" in cfg:
+        given.append((str(cfg_path), _positive_int(cfg_path, "k", cfg["k"])))
+    if k is not None:
+        given.append(("--sae-k", _positive_int("--sae-k", "k", k)))
+    if not given:
+        raise SAELoadError(
+            f"{root}: no k for its Qwen-Scope SAEs (layer{{n}}.sae.pt files hold only tensors); "
+            "give it one of three ways: name the directory or hub repo as released, "
+            f"SAE-Res-{{model}}-W{{N}}K-L0_{{k}} (this one is named {name!r}); put a config.json "
+            'with {"model_type": "topk_sae", "k": K} beside the layer files; or pass --sae-k K'
+        )
+    if len({value for _, value in given}) > 1:
+        said = "; ".join(f"{source} says k={value}" for source, value in given)
+        raise SAELoadError(f"{root}: conflicting k for its Qwen-Scope SAEs: {said}; make them agree")
+    return given[0][1], " and ".join(source for source, _ in given)
+
+
+def _load_qwen_scope(
+    root: Path,
+    path: Path,
+    layer: int,
+    d_model: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    name: str | None,
+    k_option: int | None,
+) -> SAEWeights:
+    cfg_path = root / "config.json"
+    cfg = _qwen_scope_config(root)
+    name = name or sae_name_of(root)
+    k, k_source = _qwen_scope_k(root, cfg, name, k_option)
+    if cfg is not None and "d_model" in cfg and cfg["d_model"] != d_model:
         raise SAELoadError(
             f"{cfg_path}: d_model is {cfg['d_model']} but the model's hidden size is {d_model}"
         )
@@ -358,8 +476,16 @@ def _load_qwen_scope(
         },
         d_model,
     )
-    _check_d_sae(path, cfg_path, "d_sae", cfg.get("d_sae"), d_sae)
-    _check_k(cfg_path, k, d_sae)
+    if cfg is not None:
+        _check_d_sae(path, cfg_path, "d_sae", cfg.get("d_sae"), d_sae)
+    named = parse_qwen_scope_name(name)
+    if named is not None and named.d_sae != d_sae:
+        raise SAELoadError(
+            f"{path}: weights have {d_sae} features but the name {name!r} says "
+            f"W{named.d_sae // 1024}K ({named.d_sae} features)"
+        )
+    if k > d_sae:
+        raise SAELoadError(f"{path}: k={k} ({k_source}) is larger than the SAE's {d_sae} features")
     return SAEWeights(
         layer=layer,
         W_enc=_convert(sd["W_enc"], dtype, device),

@@ -302,9 +302,12 @@ class SteeringRuntime:
     # ---- reporting ------------------------------------------------------------------------
     def sae_info(self) -> list[dict]:
         """Per loaded layer; `source` relative to the --sae directory (clients need not learn
-        the server's file system)."""
-        return [self.saes[layer].info() | {"source": os.path.relpath(self.saes[layer].source, self.config.sae_path)}
-                for layer in sorted(self.saes)]
+        the server's file system), under `hf://owner/name@<commit>/` when --sae was a hub id."""
+        def source(sae: SAEWeights) -> str:
+            relative = os.path.relpath(sae.source, self.config.sae_path)
+            return f"{self.config.sae_hub_url}/{relative}" if self.config.sae_hub_url else relative
+
+        return [self.saes[layer].info() | {"source": source(self.saes[layer])} for layer in sorted(self.saes)]
 
     def stats(self) -> dict:
         return {

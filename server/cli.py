@@ -27,6 +27,16 @@ def _layer_list(values: list[str]) -> list[int]:
     return layers
 
 
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a positive integer")
+    return number
+
+
 def add_steering_args(parser: argparse.ArgumentParser) -> None:
     from sae_plugins.plugin_config import DEFAULT_MAX_CONFIGS, DEFAULT_MAX_FEATURES, STEERING_KERNELS
     from server.auth import DEFAULT_OPEN_PATHS
@@ -34,8 +44,13 @@ def add_steering_args(parser: argparse.ArgumentParser) -> None:
     from server.limits import Limits
 
     group = parser.add_argument_group("steerserve", "SAE steering")
-    group.add_argument("--sae", default=None, help="SAE directory (Qwen-Scope, SAELens or sparsify layout)")
+    group.add_argument("--sae", default=None,
+                       help="SAE directory (Qwen-Scope, SAELens or sparsify layout), or a Qwen-Scope hub repo "
+                            "id owner/name[@revision] (only the --sae-layers files are downloaded)")
     group.add_argument("--sae-layers", nargs="+", default=None, help="decoder layers to steer, e.g. 8,16,32")
+    group.add_argument("--sae-k", type=_positive_int, default=None,
+                       help="TopK k of Qwen-Scope files whose directory is not named SAE-Res-...-L0_{k} "
+                            "and has no config.json (must agree with either when given)")
     group.add_argument("--max-steering-features", type=int, default=DEFAULT_MAX_FEATURES,
                        help="most features one request may steer")
     group.add_argument("--max-steering-configs", type=int, default=DEFAULT_MAX_CONFIGS,
@@ -92,8 +107,9 @@ def configure_steering(args: argparse.Namespace) -> None:
     from sae_plugins import ACTIVATION_ENV
     from sae_plugins.plugin_config import ADDITIONAL_CONFIG_KEY, PluginConfig
     from sae_plugins.request_signing import SECRET_ENV, ensure_deployment_secret
-    from sae_plugins.sae_loading import SAELoadError, discover_sae_layers
+    from sae_plugins.sae_loading import SAELoadError, discover_sae_layers, qwen_scope_k
     from sae_plugins.worker_extension import WORKER_EXTENSION_CLS
+    from server.sae_source import SAESourceError, resolve_sae_source
 
     _enable_plugins()
     os.environ[ACTIVATION_ENV] = "1"  # vLLM's processes inherit it: the plugin patches only these
@@ -108,25 +124,34 @@ def configure_steering(args: argparse.Namespace) -> None:
         except LabelsFileError as exc:
             sys.exit(f"error: --feature-labels: {exc}")
     if args.sae is None:
-        if args.sae_layers:
-            sys.exit("error: --sae-layers needs --sae")
+        for option, given in (("--sae-layers", args.sae_layers), ("--sae-k", args.sae_k)):
+            if given:
+                sys.exit(f"error: {option} needs --sae")
         return
     if not args.sae_layers:
         sys.exit("error: --sae needs --sae-layers (e.g. --sae-layers 8,16,32)")
     layers = _layer_list(args.sae_layers)
     try:
-        available = discover_sae_layers(args.sae)
+        source = resolve_sae_source(args.sae, layers)
+    except SAESourceError as exc:
+        sys.exit(f"error: --sae: {exc}")
+    try:
+        available = discover_sae_layers(source.path)
+        qwen_scope_k(source.path, name=source.name, k=args.sae_k)
     except SAELoadError as exc:
         sys.exit(f"error: --sae {args.sae}: {exc}")
     missing = [n for n in layers if n not in available]
     if missing:
         sys.exit(f"error: --sae {args.sae} has no SAE for layers {missing}; it has layers {sorted(available)}")
-    _preflight_local_model(args.model_tag or args.model, args.sae, layers)
+    _preflight_local_model(args.model_tag or args.model, source.path, layers, name=source.name, k=args.sae_k)
     if args.worker_extension_cls and args.worker_extension_cls != WORKER_EXTENSION_CLS:
         sys.exit("error: --worker-extension-cls cannot be combined with --sae (steerserve sets its own)")
     config = PluginConfig(
-        sae_path=os.path.abspath(args.sae),
+        sae_path=source.path,
         sae_layers=tuple(sorted(set(layers))),
+        sae_name=source.name,
+        sae_k=args.sae_k,
+        sae_hub_url=source.hub_url,
         max_features=args.max_steering_features,
         max_configs=args.max_steering_configs,
         steering_kernel=args.steering_kernel,
@@ -212,7 +237,7 @@ def _explain_tensor_parallel_fusion(args: argparse.Namespace) -> None:
           file=sys.stderr)
 
 
-def _preflight_local_model(model: str, sae_dir: str, layers: list[int]) -> None:
+def _preflight_local_model(model: str, sae_dir: str, layers: list[int], *, name: str, k: int | None) -> None:
     """Fail in seconds, not after the engine starts, when a local model cannot be steered.
 
     Only for a model given as a local directory (a hub id is checked by the workers on load):
@@ -243,7 +268,7 @@ def _preflight_local_model(model: str, sae_dir: str, layers: list[int]) -> None:
         return
     for layer in layers:
         try:
-            load_sae_layer(sae_dir, layer, d_model=int(d_model), dtype=torch.float32, device="meta")
+            load_sae_layer(sae_dir, layer, d_model=int(d_model), dtype=torch.float32, device="meta", name=name, k=k)
         except SAELoadError as exc:
             sys.exit(f"error: {exc}")
 
@@ -255,7 +280,7 @@ def build_parser():
     parser = FlexibleArgumentParser(prog="steerserve", description="SAE-steerable OpenAI-compatible server")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = ServeSubcommand().subparser_init(commands)
-    serve.usage = "steerserve serve [MODEL] --sae SAE_DIR --sae-layers 8,16,32 [vLLM options]"
+    serve.usage = "steerserve serve [MODEL] --sae SAE_DIR_OR_HUB_ID --sae-layers 8,16,32 [vLLM options]"
     add_steering_args(serve)
     # Batch lines go at priority 1 behind interactive requests, which needs priority scheduling;
     # a --scheduling-policy given on the command line or in --config still wins.

@@ -1,14 +1,18 @@
 """Writers of small synthetic SAE sets in each published on-disk format.
 
 No SAE can be downloaded in tests, so these reproduce the exact layouts (file names, tensor
-names, tensor orientation, config keys) of Qwen-Scope, SAELens and EleutherAI sparsify.
-Each writer returns the tensors it wrote, per layer and in FILE orientation, so a test can
-check that the loader transposed exactly what it had to and nothing else.
+names, tensor orientation, config keys) of Qwen-Scope, SAELens and EleutherAI sparsify, and of
+the Hugging Face cache a hub download leaves behind. Each SAE writer returns the tensors it
+wrote, per layer and in FILE orientation, so a test can check that the loader transposed
+exactly what it had to and nothing else.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +35,11 @@ def write_qwen_scope(
     k: int = 8,
     seed: int = 0,
     config: dict[str, Any] | None = None,
+    with_config: bool = True,
 ) -> dict[int, Tensors]:
-    """`config.json` + `layer{n}.sae.pt` (dict of fp32 tensors, W_dec is (d_model, d_sae))."""
+    """`layer{n}.sae.pt` (dict of fp32 tensors, W_dec is (d_model, d_sae)), plus the
+    `config.json` this project writes for its own SAEs unless `with_config` is False (the
+    release has none: k and the width are in the repo name)."""
     root.mkdir(parents=True, exist_ok=True)
     cfg = {
         "model_type": "topk_sae",
@@ -45,7 +52,8 @@ def write_qwen_scope(
         "dtype": "float32",
         **(config or {}),
     }
-    (root / "config.json").write_text(json.dumps(cfg, indent=2))
+    if with_config:
+        (root / "config.json").write_text(json.dumps(cfg, indent=2))
     gen = torch.Generator().manual_seed(seed)
     out: dict[int, Tensors] = {}
     for layer in layers:
@@ -208,3 +216,42 @@ def write_sparsify(
         save_file(sd, str(d / "sae.safetensors"))
         out[layer] = sd
     return out
+
+
+def write_hub_cache(
+    cache: Path, repo_id: str, files: dict[str, Path], *, listed: list[str] | None = None
+) -> Path:
+    """A repo in a Hugging Face cache as huggingface_hub leaves it after downloading `files`
+    (repo path -> local source) at main: `models--{owner}--{name}/` with `refs/main` holding
+    the commit, the contents under `blobs/` (LFS files named by their sha256, the others by
+    their git blob sha1), `snapshots/<commit>/<path>` symlinks to them, and, when `listed` is
+    given, the repo's whole file listing in `trees/<commit>.json` (huggingface_hub >= 1.x
+    writes it on every online download). Returns the snapshot directory."""
+    folder = cache / ("models--" + repo_id.replace("/", "--"))
+    commit = hashlib.sha1(repr((repo_id, sorted(files))).encode()).hexdigest()
+    snapshot = folder / "snapshots" / commit
+    (folder / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (folder / "refs").mkdir(exist_ok=True)
+    (folder / "refs" / "main").write_text(commit)  # no newline, as huggingface_hub writes it
+    entries: dict[str, dict[str, Any]] = {}
+    for path, src in files.items():
+        data = src.read_bytes()
+        git_sha1 = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        entry: dict[str, Any] = {"size": len(data), "blob_id": git_sha1}
+        blob = git_sha1
+        if path.endswith(".pt"):  # stored with LFS: the cache names the blob by its sha256
+            blob = hashlib.sha256(data).hexdigest()
+            entry.update(lfs_sha256=blob, lfs_size=len(data))
+        shutil.copyfile(src, folder / "blobs" / blob)
+        link = snapshot / path
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(folder / "blobs" / blob, link.parent))
+        entries[path] = entry
+    if listed is not None:
+        size = max((e["size"] for e in entries.values()), default=1)
+        tree = {path: entries.get(path) or {"size": size, "blob_id": hashlib.sha1(path.encode()).hexdigest()}
+                for path in listed}
+        (folder / "trees").mkdir(exist_ok=True)
+        (folder / "trees" / f"{commit}.json").write_text(json.dumps({"format_version": 1, "files": tree}))
+    return snapshot

@@ -14,12 +14,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sae_plugins.sae_loading import (
+    QwenScopeName,
     SAELoadError,
     describe_format,
     discover_sae_layers,
     load_sae_layer,
+    parse_qwen_scope_name,
+    qwen_scope_k,
+    sae_name_of,
 )
 from tests.sae_files import (
+    write_hub_cache,
     write_qwen_scope,
     write_saelens,
     write_saelens_one,
@@ -70,6 +75,139 @@ def test_qwen_scope_legacy_torch_save_still_loads(tmp_path: Path) -> None:
     written = write_qwen_scope(tmp_path, layers=(1,))
     torch.save(written[1], tmp_path / "layer1.sae.pt", _use_new_zipfile_serialization=False)
     assert torch.equal(load(tmp_path, 1).W_dec, written[1]["W_dec"].T)
+
+
+# --------------------------------------------------------------------------- Qwen-Scope as released
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("SAE-Res-Qwen3.5-27B-W80K-L0_50", QwenScopeName("Qwen3.5-27B", 81920, 50)),
+        ("SAE-Res-Qwen3.5-27B-W80K-L0_100", QwenScopeName("Qwen3.5-27B", 81920, 100)),
+        ("Qwen/SAE-Res-Qwen3.5-2B-Base-W32K-L0_50", QwenScopeName("Qwen3.5-2B-Base", 32768, 50)),
+        ("SAE-Res-Qwen3-30B-A3B-Base-W32K-L0_100", QwenScopeName("Qwen3-30B-A3B-Base", 32768, 100)),
+        ("SAE-Res-Qwen3.5-27B-W80K-L0_50-copy", None),  # whole name only: no guessing
+        ("SAE-Res-Qwen3.5-27B-W80K", None),
+        ("SAE-Res-W80K-L0_50", None),  # no model part
+        ("sae-res-qwen3.5-27b-w80k-l0_50", None),
+        ("my-saes", None),
+        ("sae", None),
+    ],
+)
+def test_qwen_scope_name(name: str, expected: QwenScopeName | None) -> None:
+    assert parse_qwen_scope_name(name) == expected
+
+
+def test_sae_name_of_a_directory_and_of_a_hub_snapshot(tmp_path: Path) -> None:
+    assert sae_name_of(tmp_path / "SAE-Res-Qwen3.5-27B-W80K-L0_50") == "SAE-Res-Qwen3.5-27B-W80K-L0_50"
+    snapshot = tmp_path / "models--Qwen--SAE-Res-Qwen3.5-27B-W80K-L0_50" / "snapshots" / ("ab" * 20)
+    assert sae_name_of(snapshot) == "SAE-Res-Qwen3.5-27B-W80K-L0_50"
+    assert sae_name_of(tmp_path / "other" / "snapshots" / "x") == "x"  # not a hub cache
+
+
+def test_as_released_k_and_width_from_the_directory_name(tmp_path: Path) -> None:
+    root = tmp_path / "SAE-Res-Tiny-W1K-L0_32"
+    written = write_qwen_scope(root, layers=(0, 5), d_sae=1024, k=999, with_config=False)
+    assert not (root / "config.json").exists()
+    assert describe_format(root) == "qwen-scope" and sorted(discover_sae_layers(root)) == [0, 5]
+    assert qwen_scope_k(root) == 32
+    sae = load(root, 5)
+    assert (sae.k, sae.d_sae, sae.activation, sae.apply_b_dec_to_input) == (32, 1024, "topk", False)
+    assert torch.equal(sae.W_dec, written[5]["W_dec"].T)
+
+
+def test_as_released_in_a_hub_cache_snapshot(tmp_path: Path) -> None:
+    src = tmp_path / "files"
+    write_qwen_scope(src, layers=(2,), d_sae=2048, with_config=False)
+    snapshot = write_hub_cache(
+        tmp_path / "hub", "Qwen/SAE-Res-Tiny-W2K-L0_50", {"layer2.sae.pt": src / "layer2.sae.pt"}
+    )
+    assert (load(snapshot, 2).k, load(snapshot, 2).d_sae) == (50, 2048)
+    # The workers get the repo's name explicitly; it is what counts, not the path's.
+    assert load(snapshot, 2, name="SAE-Res-Tiny-W2K-L0_100").k == 100
+
+
+def test_sae_k_for_a_renamed_directory(tmp_path: Path) -> None:
+    write_qwen_scope(tmp_path / "my-saes", layers=(1,), with_config=False)
+    assert qwen_scope_k(tmp_path / "my-saes", k=4) == 4
+    assert load(tmp_path / "my-saes", 1, k=4).k == 4
+
+
+def test_no_k_anywhere_names_the_three_ways(tmp_path: Path) -> None:
+    root = tmp_path / "my-saes"
+    write_qwen_scope(root, layers=(1,), with_config=False)
+    expected = (
+        f"{root}: no k for its Qwen-Scope SAEs (layer{{n}}.sae.pt files hold only tensors); give it "
+        "one of three ways: name the directory or hub repo as released, "
+        "SAE-Res-{model}-W{N}K-L0_{k} (this one is named 'my-saes'); put a config.json with "
+        '{"model_type": "topk_sae", "k": K} beside the layer files; or pass --sae-k K'
+    )
+    for call in (lambda: qwen_scope_k(root), lambda: load(root, 1)):
+        with pytest.raises(SAELoadError) as e:
+            call()
+        assert str(e.value) == expected
+
+
+def test_conflicting_k_sources_name_both(tmp_path: Path) -> None:
+    root = tmp_path / "SAE-Res-Tiny-W1K-L0_50"
+    write_qwen_scope(root, layers=(1,), d_sae=1024, k=50)  # config.json agrees with the name
+    assert qwen_scope_k(root) == 50 and qwen_scope_k(root, k=50) == 50
+    with pytest.raises(SAELoadError) as e:
+        qwen_scope_k(root, k=100)
+    assert str(e.value) == (
+        f"{root}: conflicting k for its Qwen-Scope SAEs: the name 'SAE-Res-Tiny-W1K-L0_50' says k=50; "
+        f"{root / 'config.json'} says k=50; --sae-k says k=100; make them agree"
+    )
+    edit_json(root / "config.json", k=64)
+    with pytest.raises(SAELoadError) as e:
+        load(root, 1)
+    assert str(e.value) == (
+        f"{root}: conflicting k for its Qwen-Scope SAEs: the name 'SAE-Res-Tiny-W1K-L0_50' says k=50; "
+        f"{root / 'config.json'} says k=64; make them agree"
+    )
+    # Not the directory's name but the hub repo's, when given.
+    with pytest.raises(SAELoadError, match=r"the name 'SAE-Res-X-W1K-L0_8' says k=8; .* says k=64"):
+        load(root, 1, name="SAE-Res-X-W1K-L0_8")
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("SAE-Res-Tiny-W2K-L0_50", "weights have 1024 features but the name 'SAE-Res-Tiny-W2K-L0_50' says W2K (2048 features)"),
+        ("SAE-Res-Tiny-W1K-L0_2000", "k=2000 (the name 'SAE-Res-Tiny-W1K-L0_2000') is larger than the SAE's 1024 features"),
+    ],
+)
+def test_the_name_is_checked_against_the_weights(tmp_path: Path, name: str, problem: str) -> None:
+    root = tmp_path / name
+    write_qwen_scope(root, layers=(1,), d_sae=1024, with_config=False)
+    with pytest.raises(SAELoadError) as e:
+        load(root, 1)
+    assert str(e.value) == f"{root / 'layer1.sae.pt'}: {problem}"
+
+
+def test_config_json_without_k_leaves_k_to_the_name(tmp_path: Path) -> None:
+    root = tmp_path / "SAE-Res-Tiny-W1K-L0_50"
+    write_qwen_scope(root, layers=(1,), d_sae=1024)
+    cfg = json.loads((root / "config.json").read_text())
+    del cfg["k"]
+    (root / "config.json").write_text(json.dumps(cfg))
+    assert load(root, 1).k == 50
+
+
+@pytest.mark.parametrize("fmt", ["saelens", "sparsify"])
+def test_sae_k_is_refused_for_formats_with_their_own_k(tmp_path: Path, fmt: str) -> None:
+    (write_saelens if fmt == "saelens" else write_sparsify)(tmp_path)
+    assert qwen_scope_k(tmp_path) is None
+    layer = min(discover_sae_layers(tmp_path))
+    message = (
+        f"{tmp_path} ({fmt}): --sae-k applies only to Qwen-Scope layer{{n}}.sae.pt files; "
+        "this format's cfg.json gives each SAE's k"
+    )
+    for call in (lambda: qwen_scope_k(tmp_path, k=8), lambda: load(tmp_path, layer, k=8)):
+        with pytest.raises(SAELoadError) as e:
+            call()
+        assert str(e.value) == message
 
 
 # --------------------------------------------------------------------------- SAELens
@@ -211,7 +349,6 @@ def test_unknown_format_lists_the_three_layouts(tmp_path: Path) -> None:
         assert str(tmp_path) in msg and "not a recognised SAE directory" in msg
         for name in (
             "layer{n}.sae.pt",
-            "config.json",
             "sae_weights.safetensors",
             "sae.safetensors",
             "cfg.json",
@@ -337,7 +474,8 @@ def test_qwen_scope_config_d_sae_and_k(tmp_path: Path) -> None:
         load(tmp_path, 1)
     edit_json(tmp_path / "config.json", d_sae=64, k=100)
     with pytest.raises(
-        SAELoadError, match=r"config\.json: k=100 is larger than the SAE's 64 features"
+        SAELoadError,
+        match=r"layer1\.sae\.pt: k=100 \(.*config\.json\) is larger than the SAE's 64 features",
     ):
         load(tmp_path, 1)
     edit_json(tmp_path / "config.json", k=None)
@@ -348,9 +486,6 @@ def test_qwen_scope_config_d_sae_and_k(tmp_path: Path) -> None:
 def test_qwen_scope_bad_config(tmp_path: Path) -> None:
     write_qwen_scope(tmp_path, layers=(1,), config={"hook_point": "resid_pre"})
     with pytest.raises(SAELoadError, match=r"config\.json: hook_point is 'resid_pre'"):
-        load(tmp_path, 1)
-    (tmp_path / "config.json").unlink()
-    with pytest.raises(SAELoadError, match=r"config\.json: file not found"):
         load(tmp_path, 1)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(SAELoadError, match=r"config\.json: not valid JSON"):
