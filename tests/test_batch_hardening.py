@@ -11,6 +11,7 @@ import hashlib
 import json
 import re
 import sqlite3
+import time
 
 import pytest
 
@@ -365,3 +366,72 @@ def test_malformed_requests_get_openai_shaped_4xx(tmp_path):
             await h.close()
 
     run(body())
+
+
+# ---------------------------------------------------------------------------- no input spins the runner
+
+
+def test_a_custom_id_that_is_not_unicode_text_fails_its_line_alone(tmp_path):
+    """A lone surrogate escape in custom_id ("\\ud800") cannot be stored: it kept the batch in
+    `validating`, retried as fast as the loop turned (issue 21)."""
+    async def body():
+        engine = FakeEngine()
+        h = Harness(tmp_path, engine)
+        try:
+            lone = {**line("x"), "custom_id": "\ud800"}
+            batch = await h.wait((await h.submit([line("a"), lone, line("b\u0000c")]))["id"], timeout=10)
+            assert batch["status"] == "completed", batch
+            assert batch["request_counts"] == {"total": 3, "completed": 2, "failed": 1}
+            assert [o["custom_id"] for o in await h.content(batch["output_file_id"])] == ["a", "b\u0000c"]
+            (failed,) = await h.content(batch["error_file_id"])
+            assert failed["custom_id"] is None and failed["response"]["status_code"] == 400
+            error = failed["response"]["body"]["error"]
+            assert (error["code"], error["param"]) == ("invalid_custom_id", "custom_id")
+            assert error["message"] == ("line 2: custom_id '\\ud800' is not Unicode text (it holds a lone surrogate), "
+                                        "so it cannot be stored or returned")
+            assert engine.calls == {"a": 1, "b\u0000c": 1}
+        finally:
+            await h.close()
+
+    run(body())
+
+
+def test_a_batch_task_that_keeps_failing_backs_off_then_fails_the_batch(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(runner, "TASK_RETRY_PAUSE", 0.1)
+    calls: list[float] = []
+
+    async def body():
+        h = Harness(tmp_path, FakeEngine())
+        try:
+            def cannot_store(*args, **kwargs):
+                calls.append(time.monotonic())
+                raise sqlite3.OperationalError("disk I/O error")
+
+            h.service.store.save_validation = cannot_store
+            batch = await h.wait((await h.submit([line("a")]))["id"], timeout=15)
+            assert batch["status"] == "failed"
+            (error,) = batch["errors"]["data"]
+            assert error["code"] == "internal_error" and error["line"] is None
+            assert error["message"] == (f"the server failed {runner.MAX_TASK_FAILURES} times in a row while processing "
+                                        "this batch (OperationalError('disk I/O error'))")
+        finally:
+            await h.close()
+
+    with caplog.at_level("ERROR", logger="vllm.steerserve.batch"):
+        run(body())
+    assert len(calls) == runner.MAX_TASK_FAILURES
+    pauses = [b - a for a, b in zip(calls, calls[1:])]
+    assert all(p >= 0.1 * 2 ** i for i, p in enumerate(pauses)), pauses  # 0.1, 0.2, 0.4, 0.8 s at least
+    assert len(caplog.records) == runner.MAX_TASK_FAILURES + 1  # one per failure, one for giving up
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
+    """The interactive API's JSON parser skips a UTF-8 BOM; the batch reader did not, and the
+    first line was `invalid_json`."""
+    plain, marked = tmp_path / "plain.jsonl", tmp_path / "marked.jsonl"
+    plain.write_bytes(jsonl([line("a"), line("b")]))
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    parsed = parse_input_file(marked, "batch_x", CHAT, max_lines=10)
+    assert parsed.errors == [] and parsed.early_results == []
+    assert parsed.lines == parse_input_file(plain, "batch_x", CHAT, max_lines=10).lines
+    assert [x.custom_id for x in parsed.lines] == ["a", "b"]

@@ -10,7 +10,9 @@ and status 400, so it lands in the error file beside the lines the server itself
 Problems with the file as a whole (not UTF-8, no JSON object on any line, duplicate
 custom_id, more lines than the server takes) fail the batch instead, with an `errors` list
 naming the lines. Lines are split at "\n" only: a JSON string may hold U+2028 or U+0085,
-which `str.splitlines` would break a line at.
+which `str.splitlines` would break a line at. A leading UTF-8 byte order mark is dropped, as the
+interactive API's JSON parser drops it. A `custom_id` that is not Unicode text (a lone surrogate
+escape such as "\ud800") cannot be stored or written back: its line fails alone, at validation.
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ def parse_input_file(path: Path, batch_id: str, endpoint: str, max_lines: int) -
             "on this server; split it into several batches"))
         return parsed
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         parsed.errors.append(_file_error(
             "invalid_file_format", f"the input file is not UTF-8 text (byte {exc.start}); expected JSONL"))
@@ -144,6 +146,14 @@ def parse_input_file(path: Path, batch_id: str, endpoint: str, max_lines: int) -
     return parsed
 
 
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _parse_line(
     raw: str, number: int, index: int, batch_id: str, endpoint: str
 ) -> tuple[InputLine, LineResult | None, bool]:
@@ -162,6 +172,9 @@ def _parse_line(
     custom_id = data.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id:
         return (*reject(None, "custom_id must be a non-empty string", "custom_id", "invalid_custom_id"), True)
+    if not _is_text(custom_id):
+        return (*reject(None, f"custom_id {ascii(custom_id)} is not Unicode text (it holds a lone surrogate), so it "
+                        "cannot be stored or returned", "custom_id", "invalid_custom_id"), True)
     method = data.get("method")
     if method != "POST":
         return (*reject(custom_id, f"method must be 'POST', got {method!r}", "method", "invalid_method"), True)

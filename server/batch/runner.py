@@ -20,6 +20,12 @@ with nothing else in flight, so a line that merely shared a crash is cleared and
 causes it is caught alone; a line the engine died on MAX_LINE_ATTEMPTS times is recorded as
 failed (`engine_failure`) instead of crashing the engine again at every start. A clean stop
 does not count against the lines it interrupts.
+
+No input spins the loop: a batch's task (validation, execution, finalize) that raises is retried
+after a pause that doubles each time (TASK_RETRY_PAUSE up to TASK_RETRY_MAX), and after
+MAX_TASK_FAILURES in a row the batch is failed with the error, instead of being retried as fast
+as the loop turns; the log says each failure once, and repeats of the reconciler's own failures
+at most once per LOG_EVERY seconds.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import json
 import logging
 import os
 import random
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable
@@ -49,6 +56,10 @@ POLL_SECONDS = 1.0
 SERVER_ERROR_ATTEMPTS = 3  # a line whose 5xx repeats this often (engine healthy) is recorded as failed
 RETRY_PAUSE = 5.0  # after a pass that left lines pending (engine trouble), before the next pass
 MAX_LINE_ATTEMPTS = 3  # sends of one line that ended with the engine or server dead: then it fails
+TASK_RETRY_PAUSE = 1.0  # after a batch's task raised; doubled at each failure in a row
+TASK_RETRY_MAX = 300.0
+MAX_TASK_FAILURES = 5  # failures in a row of a batch's task: then the batch fails
+LOG_EVERY = 60.0  # seconds between two log lines of the same repeated failure
 
 
 class BatchService:
@@ -76,7 +87,9 @@ class BatchService:
         self._loop_task: asyncio.Task | None = None
         self._busy: dict[str, asyncio.Task] = {}  # batch id -> the task handling it (strong refs)
         self._in_flight: dict[str, set[asyncio.Task]] = {}  # batch id -> running line requests
-        self._not_before: dict[str, float] = {}  # batch id -> loop time of its next execution pass
+        self._not_before: dict[str, float] = {}  # batch id -> loop time of its next pass
+        self._failures: dict[str, tuple[int, str]] = {}  # batch id -> (its task's failures in a row, the last)
+        self._logged_at: dict[str, tuple[float, int]] = {}  # repeated failure -> (last logged, dropped since)
         self._executing: str | None = None  # the one batch whose lines run now
         self._cancel_requested: set[str] = set()  # batches whose workers must take no new line
         self._lock_file: int | None = None
@@ -133,8 +146,8 @@ class BatchService:
         while not self._stopping:
             try:
                 await self._reconcile()
-            except Exception:
-                logger.exception("batch reconciler pass failed")
+            except Exception as exc:
+                self._log_throttled("reconcile", "batch reconciler pass failed: %r", exc)
             try:
                 await asyncio.wait_for(self._wake.wait(), POLL_SECONDS)
             except asyncio.TimeoutError:
@@ -150,9 +163,11 @@ class BatchService:
                 self._cancel_requested.add(batch.id)
                 for task in self._in_flight.get(batch.id, ()):
                     task.cancel()  # the executor then finalizes the batch as cancelled or expired
-            if batch.id in self._busy:
+            if batch.id in self._busy or loop_time < self._not_before.get(batch.id, 0.0):
                 continue
-            if batch.status == "validating":
+            if self._failures.get(batch.id, (0, ""))[0] >= MAX_TASK_FAILURES:
+                self._spawn(batch.id, self._give_up(batch))
+            elif batch.status == "validating":
                 self._spawn(batch.id, self._validate(batch))
             elif batch.status == "finalizing":
                 self._spawn(batch.id, self._finalize(batch.id, ("finalizing",), "completed"))
@@ -161,7 +176,7 @@ class BatchService:
             elif batch.status == "in_progress":
                 if _expired(batch):
                     self._spawn(batch.id, self._expire(batch))
-                elif self._executing is None and loop_time >= self._not_before.get(batch.id, 0.0):
+                elif self._executing is None:
                     self._executing = batch.id  # one batch at a time, oldest first
                     self._spawn(batch.id, self._execute(batch))
 
@@ -175,11 +190,41 @@ class BatchService:
             if self._executing == batch_id:
                 self._executing = None
             if not t.cancelled() and t.exception() is not None:
-                logger.error("batch %s: %r", batch_id, t.exception(), exc_info=t.exception())
-                self._not_before[batch_id] = asyncio.get_running_loop().time() + RETRY_PAUSE
+                self._task_failed(batch_id, t.exception())
+            elif not t.cancelled():
+                self._failures.pop(batch_id, None)
             self._wake.set()
 
         task.add_done_callback(done)
+
+    def _task_failed(self, batch_id: str, exc: BaseException) -> None:
+        """Backs the batch off (the pause doubles with each failure in a row); the reconciler
+        fails it once MAX_TASK_FAILURES is reached."""
+        failures = self._failures.get(batch_id, (0, ""))[0] + 1
+        self._failures[batch_id] = (failures, repr(exc))
+        pause = min(TASK_RETRY_PAUSE * 2 ** (failures - 1), TASK_RETRY_MAX)
+        self._not_before[batch_id] = asyncio.get_running_loop().time() + pause
+        logger.error("batch %s: failed (%d in a row), next try in %.0f s: %r", batch_id, failures, pause, exc,
+                     exc_info=exc if failures == 1 else None)
+
+    async def _give_up(self, batch: BatchRecord) -> None:
+        failures, last = self._failures[batch.id]
+        error = {"code": "internal_error", "param": None, "line": None,
+                 "message": f"the server failed {failures} times in a row while processing this batch ({last})"}
+        if await asyncio.to_thread(self.store.transition, batch.id, (batch.status,), "failed", errors=[error],
+                                   failed_at=now()):
+            logger.error("batch %s: failed after %d failures in a row: %s", batch.id, failures, last)
+        self._failures.pop(batch.id, None)
+
+    def _log_throttled(self, key: str, message: str, *args: Any) -> None:
+        """`message` once per LOG_EVERY seconds for `key`, saying how many repeats it dropped."""
+        logged, dropped = self._logged_at.get(key, (float("-inf"), 0))
+        if time.monotonic() - logged < LOG_EVERY:
+            self._logged_at[key] = (logged, dropped + 1)
+            return
+        self._logged_at[key] = (time.monotonic(), 0)
+        suffix = f" ({dropped} more like it in the last {LOG_EVERY:.0f} s not logged)" if dropped else ""
+        logger.error(message + suffix, *args)
 
     # ------------------------------------------------------------------ states
 
