@@ -70,8 +70,9 @@ def server_env() -> dict[str, str]:
     return env
 
 
-def start_server(args: list[str], log_path: Path) -> ServeProcess:
-    running = ServeProcess(args, log_path, env=server_env(), cwd=ROOT)
+def start_server(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> ServeProcess:
+    """A test server; `env` adds to server_env()."""
+    running = ServeProcess(args, log_path, env=server_env() | (env or {}), cwd=ROOT)
     try:
         running.wait_ready(SERVER_START_TIMEOUT)
     except Exception:
@@ -81,9 +82,9 @@ def start_server(args: list[str], log_path: Path) -> ServeProcess:
 
 
 @contextmanager
-def serving(args: list[str], log_path: Path) -> Iterator[ServeProcess]:
+def serving(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> Iterator[ServeProcess]:
     """A module's own server: started ready, stopped on exit."""
-    running = start_server(args, log_path)
+    running = start_server(args, log_path, env)
     try:
         yield running
     finally:
