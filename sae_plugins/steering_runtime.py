@@ -39,6 +39,7 @@ from .backends import LayerBuffers, select_backend
 from .config_slots import ConfigSlots, ConfigSlotsExhausted
 from .feature_capture import CAPTURE_KEY, ENCODE_CHUNK_ROWS, CaptureSpec, CaptureStore, StepCapture
 from .plugin_config import PluginConfig
+from .rejections import Rejections, ticket_of
 from .sae import SAEWeights
 from .slot_tables import SlotTables
 from .step_plan import StepPlanner
@@ -64,6 +65,7 @@ class _RequestSteering(NamedTuple):
     spec: SteeringSpec | None
     capture: CaptureSpec | None
     gate_report: str | None = None  # report id: count the tokens that pass the spec's gates
+    ticket: str | None = None  # where a refusal of the spec is recorded for the API (rejections.py)
 
 
 _UNSTEERED = _RequestSteering(None, None)
@@ -80,6 +82,7 @@ class SteeringRuntime:
         self.planner = StepPlanner(self.tables, max_rows, device)
         self.captures = CaptureStore()
         self.gate_reports = gating.GateReports()
+        self.rejections = Rejections()
         self.backend = select_backend(config.steering_kernel, device, max_rows, config.max_features)
         self._layers = {
             layer: LayerBuffers(layer, saes[layer], self.planner.routing[li], self.planner.plan_counts[li],
@@ -168,12 +171,14 @@ class SteeringRuntime:
         """What a request asks for, read once. Request data must never raise inside a step: a
         spec that is unsigned, malformed or does not fit the loaded SAEs (the API never sends
         one) is logged and counted, and the request runs unsteered."""
+        extra_args = extra_args or {}
         try:
-            steering = self._parse_request(extra_args or {})
+            steering = self._parse_request(extra_args)
         except Exception as exc:  # noqa: BLE001 - whatever the data is, the engine must survive it
             self.rejected_requests_total += 1
-            logger.error("steerserve: request %s: ignoring its steering/capture spec (%s: %s)",
-                         req_id, type(exc).__name__, exc)
+            reason = f"{type(exc).__name__}: {exc}"
+            logger.error("steerserve: request %s: ignoring its steering/capture spec (%s)", req_id, reason)
+            self.rejections.record(ticket_of(extra_args), reason)
             steering = _UNSTEERED
         self._requests[req_id] = steering
         return steering
@@ -213,7 +218,7 @@ class SteeringRuntime:
                 raise ValueError(f"capture top_k {capture.top_k} out of range at layer {layer}")
             if sae is not None and not all(0 <= i < sae.d_sae for i in capture.watch):
                 raise ValueError(f"capture watches a feature out of range at layer {layer}")
-        return _RequestSteering(spec, capture, report)
+        return _RequestSteering(spec, capture, report, ticket_of(extra_args))
 
     def _slot_for(self, req_id: str, spec: SteeringSpec) -> int:
         """The request's config slot; 0 (unsteered, logged) if the tables are full, which the
@@ -225,6 +230,7 @@ class SteeringRuntime:
             except ConfigSlotsExhausted as exc:
                 self.rejected_requests_total += 1
                 logger.error("steerserve: request %s runs unsteered: %s", req_id, exc)
+                self.rejections.record(self._requests[req_id].ticket, f"{type(exc).__name__}: {exc}")
                 self._requests[req_id] = _UNSTEERED
                 return 0
             if is_new:

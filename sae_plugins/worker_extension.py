@@ -6,13 +6,15 @@ loaded and for counters, never touching worker internals itself.
 
 from __future__ import annotations
 
-from . import registry
+from . import registry, request_signing
 
 # The stores steerserve_take reads: inspect captures and traces (by capture id, or
-# feature_capture.trace_key per choice), and gated specs' reports (by report id).
+# feature_capture.trace_key per choice), gated specs' reports (by report id), and the specs a
+# worker refused (by the request's ticket, rejections.py).
 CAPTURES = "captures"
 GATE_REPORTS = "gate_reports"
-TAKE_STORES = (CAPTURES, GATE_REPORTS)
+REJECTIONS = "rejections"
+TAKE_STORES = (CAPTURES, GATE_REPORTS, REJECTIONS)
 
 
 class SteeringWorkerExtension:
@@ -33,8 +35,17 @@ class SteeringWorkerExtension:
             raise ValueError(f"steerserve_take: stores are {TAKE_STORES}")
         if runtime is None:
             return [None] * len(wanted)
-        stores = {CAPTURES: runtime.captures, GATE_REPORTS: runtime.gate_reports}
+        stores = {CAPTURES: runtime.captures, GATE_REPORTS: runtime.gate_reports, REJECTIONS: runtime.rejections}
         return [stores[store].take(key) for store, key in wanted]
+
+    def steerserve_verify_signature(self, signed: str) -> str | None:
+        """None if this worker verifies a value the API signed; else why not (asked once at
+        start-up, so a worker without the deployment's secret is reported before any request)."""
+        try:
+            request_signing.verify(signed)
+        except request_signing.SignatureError as exc:
+            return str(exc)
+        return None
 
     def steerserve_feature_report(self, layer: int, index: int, top_n: int) -> dict | None:
         lens = registry.lens()

@@ -7,6 +7,7 @@ which SAEs they loaded.
 
 from __future__ import annotations
 
+import logging
 from argparse import Namespace
 
 from fastapi import FastAPI, Request
@@ -14,11 +15,13 @@ from starlette.datastructures import State
 from starlette.exceptions import HTTPException
 
 from sae_plugins.plugin_config import DEFAULT_MAX_CONFIGS, DEFAULT_MAX_FEATURES, PluginConfig
+from sae_plugins.request_signing import SECRET_ENV, sign
 
 from .auth import DEFAULT_OPEN_PATHS, AuthMiddleware, api_keys
 from .batch import attach_batch_api, start_batch_service
 from .config_admission import ConfigAdmission
 from .context import SteeringContext
+from .engine_rpc import every_rank, per_engine
 from .feature_labels import load_labels
 from .features_api import router as features_router
 from .errors import APIError
@@ -29,6 +32,7 @@ from .steering_middleware import SteeringMiddleware
 from .worker_takes import WorkerTakes
 
 ENDPOINT_PLUGIN_NAME = "steerserve_api"
+logger = logging.getLogger("vllm.steerserve")
 
 
 class SteerserveEndpointPlugin:
@@ -54,7 +58,7 @@ class SteerserveEndpointPlugin:
         saes: list[dict] = []
         stages: set[frozenset[int]] = set()
         if config is not None and engine_client is not None:
-            per_rank = await engine_client.collective_rpc("steerserve_sae_info")
+            per_rank = await every_rank(engine_client, "steerserve_sae_info")
             # Pipeline stages each load only their own layers: merge what all ranks hold.
             by_layer = {info["layer"]: info for rank in per_rank for info in rank}
             saes = [by_layer[layer] for layer in sorted(by_layer)]
@@ -81,13 +85,39 @@ class SteerserveEndpointPlugin:
         if config is not None and engine_client is not None:
 
             async def worker_stats() -> dict:
-                return (await engine_client.collective_rpc("steerserve_stats"))[0]
+                return _summed_stats([ranks[0] for ranks in await per_engine(engine_client, "steerserve_stats")])
 
             context.metrics.bind(worker_stats, context.admission, context.takes)
+            await _check_workers_verify_signatures(engine_client)
             await context.metrics.refresh()
         state.steerserve = context
         if engine_client is not None and getattr(self, "_app", None) is not None:
             start_batch_service(self._app, engine_client, state, args)
+
+
+async def _check_workers_verify_signatures(engine_client) -> None:
+    """A worker without the deployment's secret (e.g. a Ray node whose environment lacks it) would
+    refuse every spec; each such request then fails with a 500 (steering_middleware.py). Say so
+    once, loudly, at start-up, naming the workers."""
+    replies = await per_engine(engine_client, "steerserve_verify_signature", (sign("steerserve-start-up-check"),))
+    refusing = [f"engine {e} rank {r}: {why}" for e, ranks in enumerate(replies) for r, why in enumerate(ranks) if why]
+    if refusing:
+        logger.error("steerserve: workers cannot verify the API's signatures (%s): every steered or traced request "
+                     "will fail with a 500 until every vLLM process is started with the same %s",
+                     "; ".join(refusing), SECRET_ENV)
+
+
+def _summed_stats(per_engine_stats: list[dict]) -> dict:
+    """One engine's worker stats per data-parallel engine (its ranks agree), as one: counters and
+    gauges added up, the rest (SAE layers and memory, the kernel) as engine 0 has them."""
+    stats = [s for s in per_engine_stats if s]
+    if not stats:
+        return {}
+    summed = dict(stats[0])
+    for key in ("steered_tokens_total", "active_configs", "rejected_requests_total", "steering_seconds_total",
+                "execute_seconds_total"):
+        summed[key] = sum(s.get(key, 0) for s in stats)
+    return summed
 
 
 async def _http_error(request: Request, exc: HTTPException):

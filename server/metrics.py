@@ -83,7 +83,8 @@ class _SnapshotCollector:
 
     def collect(self):
         stats = self.metrics.worker_stats
-        tokens = CounterMetricFamily("steerserve_steered_tokens", "Token positions steered (rank 0 worker)")
+        tokens = CounterMetricFamily("steerserve_steered_tokens",
+                                     "Token positions steered (rank 0 worker of each data-parallel engine, added up)")
         tokens.add_metric([], stats.get("steered_tokens_total", 0))
         yield tokens
         active = GaugeMetricFamily("steerserve_active_steering_configs", "Distinct steering specs in flight")
@@ -92,17 +93,18 @@ class _SnapshotCollector:
         waits = CounterMetricFamily("steerserve_config_slot_waits", "Requests that waited for a config slot")
         waits.add_metric([], self.metrics.admission_waits())
         yield waits
-        slots = GaugeMetricFamily("steerserve_config_slots_in_use", "Worker config slots holding a spec (rank 0 worker)")
+        slots = GaugeMetricFamily("steerserve_config_slots_in_use",
+                                  "Worker config slots holding a spec (rank 0 worker of each data-parallel engine, added up)")
         slots.add_metric([], stats.get("active_configs", 0))
         yield slots
         rejected = CounterMetricFamily("steerserve_worker_rejected_specs",
-                                       "Steering/capture specs a worker refused to act on (rank 0 worker; the API "
+                                       "Steering/capture specs a worker refused to act on (rank 0 of each engine; the API "
                                        "never sends one, so anything above 0 deserves a look at the worker log)")
         rejected.add_metric([], stats.get("rejected_requests_total", 0))
         yield rejected
         takes = self.metrics.takes
         for name, text, value in (
-            ("steerserve_worker_takes", "Results taken from the workers (inspect captures, traces, gate reports)",
+            ("steerserve_worker_takes", "Results taken from the workers (inspect captures, traces, gate reports, refusals)",
              takes.taken_total if takes else 0),
             ("steerserve_worker_take_rpcs", "Collective RPCs that took them (fewer than the results: coalesced)",
              takes.rpcs_total if takes else 0),
@@ -124,9 +126,9 @@ class _SnapshotCollector:
             yield kernel
         for key, name, text in (
             ("steering_seconds_total", "steerserve_steering_host_seconds",
-             "Host seconds in steering (per-step routing, the steering op, gate counts), rank 0 worker"),
+             "Host seconds in steering (per-step routing, the steering op, gate counts), rank 0 worker of each engine, added up"),
             ("execute_seconds_total", "steerserve_model_execute_host_seconds",
-             "Host seconds in the model runner's execute_model for real batches, rank 0 worker"),
+             "Host seconds in the model runner's execute_model for real batches, rank 0 worker of each engine, added up"),
         ):
             counter = CounterMetricFamily(name, text)
             counter.add_metric([], stats.get(key, 0.0))

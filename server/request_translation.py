@@ -5,6 +5,8 @@ The spec travels to the workers in `vllm_xargs` (which vLLM copies into
 id is folded into `cache_salt` so steered requests never share prefix-cache blocks with
 unsteered or differently steered ones (see `cache_salt` for position-dependent steering). A spec
 with gates also gets a report id, under which the workers count the tokens that passed each gate.
+Every request that carries a signed spec also gets a ticket, under which a worker that refuses
+the spec says so (sae_plugins/rejections.py).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 
 from sae_plugins.feature_capture import CaptureSpec
 from sae_plugins.gating import GATE_REPORT_KEY, report_extra_arg
+from sae_plugins.rejections import TICKET_KEY
 from sae_plugins.steering_spec import EXTRA_ARGS_KEY, SteeringSpec
 
 from .errors import APIError
@@ -32,6 +35,7 @@ class Translation:
     gate_report: str | None = None  # the workers' gate report id, for a spec with gates
     trace: CaptureSpec | None = None  # the request's trace (server/traces.py)
     baseline_trace: CaptureSpec | None = None  # the baseline's own trace, when both are asked for
+    ticket: str | None = None  # where a worker records refusing the request's spec (rejections.py)
 
     @property
     def extended(self) -> bool:
@@ -50,7 +54,8 @@ def translate_request(body: dict, sae_sizes: dict[int, int], max_features: int, 
     if body.get("steering") is None:
         body.pop("steering", None)
         capture = attach_trace(body, trace) if trace is not None else None
-        return Translation(body, None, body_changed=had_fields, trace=capture)
+        return Translation(body, None, body_changed=had_fields, trace=capture,
+                           ticket=_ticket(body) if capture is not None else None)
     spec, compare = parse_steering(body.pop("steering"), sae_sizes, max_features, limits.max_steering_value, stages)
     baseline = baseline_trace = None
     if compare:
@@ -66,7 +71,14 @@ def translate_request(body: dict, sae_sizes: dict[int, int], max_features: int, 
     body["vllm_xargs"] = xargs
     body["cache_salt"] = cache_salt(body.get("cache_salt"), spec)
     capture = attach_trace(body, trace) if trace is not None else None
-    return Translation(body, spec, baseline, gate_report=report, trace=capture, baseline_trace=baseline_trace)
+    return Translation(body, spec, baseline, gate_report=report, trace=capture, baseline_trace=baseline_trace,
+                       ticket=_ticket(body))
+
+
+def _ticket(body: dict) -> str:
+    ticket = uuid.uuid4().hex
+    body["vllm_xargs"] = {**(body.get("vllm_xargs") or {}), TICKET_KEY: ticket}
+    return ticket
 
 
 def cache_salt(client_salt: str | None, spec: SteeringSpec) -> str:

@@ -15,6 +15,8 @@ from typing import Any
 
 from sae_plugins.worker_extension import TAKE_STORES
 
+from .engine_rpc import every_rank
+
 TAKE_METHOD = "steerserve_take"
 
 Wanted = tuple[str, str]  # (store, key): see sae_plugins.worker_extension.TAKE_STORES
@@ -55,7 +57,15 @@ class WorkerTakes:
             self.rpcs_total += 1
             self.taken_total += len(batch)
             try:
-                per_rank = await self._engine.collective_rpc(TAKE_METHOD, args=([w for w, _ in batch],))
+                # Every data-parallel engine: the request ran on one of them (server/engine_rpc.py).
+                per_rank = await every_rank(self._engine, TAKE_METHOD, ([w for w, _ in batch],))
+            except asyncio.CancelledError:
+                # The drain itself was cancelled (shutdown): nobody may wait forever for it.
+                for _, future in [*batch, *self._waiting]:
+                    if not future.done():
+                        future.cancel()
+                self._waiting = []
+                raise
             except Exception as exc:  # noqa: BLE001 - every waiting caller gets the engine's error
                 for _, future in batch:
                     if not future.done():
