@@ -8,6 +8,7 @@ processes to inherit; even there the runner hooks stay inert unless the engine's
 `additional_config` names an SAE (see plugin_config.py).
 """
 
+import logging
 import os
 
 ACTIVATION_ENV = "STEERSERVE_ACTIVE"
@@ -16,6 +17,11 @@ ACTIVATION_ENV = "STEERSERVE_ACTIVE"
 def register() -> None:
     if os.environ.get(ACTIVATION_ENV) != "1":
         return
+    from .vllm_compat import check_vllm_version
+
+    warning = check_vllm_version()  # raises for a vLLM the patches were not verified against
+    if warning:
+        logging.getLogger("vllm.steerserve").warning("steerserve: %s", warning)
     from . import upstream_fixes
     from .runner_patch import patch_model_runners
     from .steering_op import register_as_splitting_op

@@ -32,6 +32,7 @@ from .plugin_config import PluginConfig
 from .sae_loading import load_sae_layer
 from .steering_op import register_steering_op
 from .steering_runtime import StepBatch, SteeringRuntime
+from .vllm_compat import require
 
 # A child of vLLM's logger, so our lines go out through the handler vLLM configures.
 logger = logging.getLogger("vllm.steerserve")
@@ -200,8 +201,9 @@ def patch_model_runners() -> None:
 
 def _patch_v1_runner() -> None:
     """The GPU runner (which the V1 CPU runner subclasses) and the CPU loader."""
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
+    GPUModelRunner = require("vllm.v1.worker.gpu_model_runner", "GPUModelRunner")
+    for method in ("_prepare_inputs", "_dummy_run", "_model_forward", "execute_model", "load_model"):
+        require("vllm.v1.worker.gpu_model_runner", f"GPUModelRunner.{method}")
     if getattr(GPUModelRunner._prepare_inputs, "_steerserve", False):
         return
     prepare_inputs = GPUModelRunner._prepare_inputs
@@ -220,15 +222,14 @@ def _patch_v1_runner() -> None:
     from vllm.platforms import current_platform
 
     if current_platform.is_cpu():
-        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-
-        _wrap_load_model(CPUModelRunner)
+        _wrap_load_model(require("vllm.v1.worker.cpu_model_runner", "CPUModelRunner"))
 
 
 def _patch_v2_runner() -> None:
     """Model Runner V2 (vllm/v1/worker/gpu/; its CPU runner subclasses it and keeps its loader)."""
-    from vllm.v1.worker.gpu.model_runner import GPUModelRunner
-
+    GPUModelRunner = require("vllm.v1.worker.gpu.model_runner", "GPUModelRunner")
+    for method in ("add_requests", "prepare_inputs", "execute_model", "load_model"):
+        require("vllm.v1.worker.gpu.model_runner", f"GPUModelRunner.{method}")
     if getattr(GPUModelRunner.prepare_inputs, "_steerserve", False):
         return
     add_requests, prepare_inputs = GPUModelRunner.add_requests, GPUModelRunner.prepare_inputs

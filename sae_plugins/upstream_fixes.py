@@ -28,6 +28,8 @@ import functools
 import logging
 import time
 
+from .vllm_compat import VLLMCompatibilityError, require
+
 logger = logging.getLogger("vllm.steerserve")
 
 
@@ -37,19 +39,20 @@ ENGINE_WAIT_SLEEP_S = 50e-6
 
 
 def install() -> None:
-    """Idempotent; each fix is a no-op where the affected code does not exist (GPU builds, other
-    versions)."""
+    """Idempotent. Both fixes are for vLLM's CPU build; there, each requires the symbol it
+    replaces (vllm_compat.require), so another vLLM fails loudly instead of losing a fix."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
     _install_one_token_conv_fix()
     _install_sleeping_engine_wait()
 
 
 def _install_one_token_conv_fix() -> None:
-    try:
-        from vllm.model_executor.layers.mamba.ops.cpu import gdn_attention
-    except ImportError:
-        return
-    original = getattr(gdn_attention, "_causal_conv1d_fwd_cpu", None)
-    if original is None or getattr(original, "_steerserve", False):
+    original = require("vllm.model_executor.layers.mamba.ops.cpu.gdn_attention", "_causal_conv1d_fwd_cpu")
+    gdn_attention = require("vllm.model_executor.layers.mamba.ops.cpu", "gdn_attention")
+    if getattr(original, "_steerserve", False):
         return
 
     @functools.wraps(original)
@@ -68,15 +71,8 @@ def one_token_as_transposed(x):
 
 
 def _install_sleeping_engine_wait() -> None:
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
-        return
-    try:
-        from vllm.v1.executor.multiproc_executor import MultiprocExecutor
-    except ImportError:
-        return
-    original = MultiprocExecutor._init_executor
+    MultiprocExecutor = require("vllm.v1.executor.multiproc_executor", "MultiprocExecutor")
+    original = require("vllm.v1.executor.multiproc_executor", "MultiprocExecutor._init_executor")
     if getattr(original, "_steerserve", False):
         return
 
@@ -94,8 +90,10 @@ def _install_sleeping_engine_wait() -> None:
 def sleep_while_busy(spin) -> None:
     """Makes a reader's SpinCondition sleep ENGINE_WAIT_SLEEP_S where it would `sched_yield`
     (within busy_loop_s of its last read); idle waits still block on its socket as before."""
-    if spin is None or not all(hasattr(spin, name) for name in ("wait", "last_read", "busy_loop_s")):
-        return
+    missing = [name for name in ("wait", "last_read", "busy_loop_s") if not hasattr(spin, name)]
+    if missing:
+        raise VLLMCompatibilityError(f"steerserve: the executor's response queue waits with {type(spin).__name__}, "
+                                     f"which lacks {missing}: the CPU engine-core wait fix cannot apply to this vLLM")
     idle_wait = spin.wait
 
     def wait(timeout_ms=None):

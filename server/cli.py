@@ -92,6 +92,20 @@ def _copy_to_ray_workers(*names: str) -> None:
     os.environ[key] = ",".join(dict.fromkeys([*current, *names]))
 
 
+def prepare_worker_environment() -> None:
+    """What every vLLM process must inherit, set before the first one starts: the plugins
+    enabled, the plugin's activation, and the deployment's signing secret, also for the Ray
+    workers and engine actors of other nodes (tests/test_vllm_compat.py reads vLLM's own
+    choice of the variables it copies)."""
+    from sae_plugins import ACTIVATION_ENV
+    from sae_plugins.request_signing import SECRET_ENV, ensure_deployment_secret
+
+    _enable_plugins()
+    os.environ[ACTIVATION_ENV] = "1"  # vLLM's processes inherit it: the plugin patches only these
+    ensure_deployment_secret()
+    _copy_to_ray_workers(ACTIVATION_ENV, SECRET_ENV)
+
+
 def _take_api_keys(args: argparse.Namespace) -> None:
     """steerserve checks the keys on every path (server/auth.py); vLLM's own check covers only
     /v1 and a few prefixes and answers in another shape, so vLLM is not given them."""
@@ -104,17 +118,13 @@ def _take_api_keys(args: argparse.Namespace) -> None:
 
 def configure_steering(args: argparse.Namespace) -> None:
     """Validate the SAE options early (before the engine starts) and hand them to vLLM."""
-    from sae_plugins import ACTIVATION_ENV
     from sae_plugins.plugin_config import ADDITIONAL_CONFIG_KEY, PluginConfig
-    from sae_plugins.request_signing import SECRET_ENV, ensure_deployment_secret
     from sae_plugins.sae_loading import SAELoadError, discover_sae_layers, qwen_scope_k
     from sae_plugins.worker_extension import WORKER_EXTENSION_CLS
     from server.sae_source import SAESourceError, resolve_sae_source
 
-    _enable_plugins()
-    os.environ[ACTIVATION_ENV] = "1"  # vLLM's processes inherit it: the plugin patches only these
-    ensure_deployment_secret()
-    _copy_to_ray_workers(ACTIVATION_ENV, SECRET_ENV)
+    _check_vllm_version()
+    prepare_worker_environment()
     _take_api_keys(args)
     if args.feature_labels:
         from server.feature_labels import LabelsFileError, load_labels
@@ -165,6 +175,18 @@ def configure_steering(args: argparse.Namespace) -> None:
     if not _is_cpu_build():
         _keep_steering_out_of_cuda_graphs(args)
         _explain_tensor_parallel_fusion(args)
+
+
+def _check_vllm_version() -> None:
+    """Before any process starts: the plugin's patches are verified against one vLLM release."""
+    from sae_plugins.vllm_compat import VLLMCompatibilityError, check_vllm_version
+
+    try:
+        warning = check_vllm_version()
+    except VLLMCompatibilityError as exc:
+        sys.exit(f"error: {exc}")
+    if warning:
+        print(f"steerserve: WARNING: {warning}", file=sys.stderr)
 
 
 def _refuse_unverified_row_layouts(args: argparse.Namespace) -> None:

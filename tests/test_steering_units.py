@@ -332,3 +332,21 @@ def test_worker_takes_pass_the_engines_error_to_every_waiting_caller_and_go_on()
         assert await takes.take(GATE_REPORTS, "d") == ["gate_reports/d", None]
 
     asyncio.run(main())
+
+
+def test_worker_takes_whose_drain_is_cancelled_leave_no_caller_waiting():
+    async def main():
+        engine = _SlowEngine()
+        takes = WorkerTakes(engine)
+        in_flight = asyncio.create_task(takes.take(CAPTURES, "a"))
+        await _until(lambda: engine.calls)
+        queued = asyncio.create_task(takes.take(CAPTURES, "b"))
+        await _until(lambda: queued._fut_waiter is not None)
+        takes._drain.cancel()  # e.g. the server shutting down mid-RPC
+        for task in (in_flight, queued):
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, 5)
+        engine.release.set()
+        assert await asyncio.wait_for(takes.take(GATE_REPORTS, "c"), 5) == ["gate_reports/c", None]
+
+    asyncio.run(main())

@@ -1,0 +1,112 @@
+"""The vLLM version guard, the patches' required symbols, and the secret Ray workers receive.
+
+Ray cannot run on vLLM's CPU build ("current platform cpu does not support ray"), so the Ray
+test asks vLLM's own code which variables its Ray executors (V1 and V2) and its Ray engine actors
+copy from the driver, after `steerserve serve` prepared the environment, in a clean subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sae_plugins import vllm_compat
+from sae_plugins.request_signing import SECRET_ENV
+from sae_plugins.vllm_compat import ALLOW_UNTESTED_ENV, VLLMCompatibilityError, check_vllm_version, require
+from tests.conftest import ROOT
+
+
+def test_the_verified_release_passes_in_either_build(monkeypatch):
+    monkeypatch.delenv(ALLOW_UNTESTED_ENV, raising=False)
+    assert check_vllm_version("0.32.0") is None
+    assert check_vllm_version("0.32.0+cpu") is None
+
+
+def test_another_version_is_refused_unless_allowed(monkeypatch):
+    monkeypatch.delenv(ALLOW_UNTESTED_ENV, raising=False)
+    with pytest.raises(VLLMCompatibilityError, match=r"verified against vLLM 0\.32\.0; this is vLLM 0\.33\.0\. "
+                                                     r"Install a verified version .*STEERSERVE_ALLOW_UNTESTED_VLLM=1"):
+        check_vllm_version("0.33.0")
+    with pytest.raises(VLLMCompatibilityError):
+        check_vllm_version("0.32.1")
+    monkeypatch.setenv(ALLOW_UNTESTED_ENV, "1")
+    assert check_vllm_version("0.33.0").startswith(
+        "steerserve's vLLM patches were verified against vLLM 0.32.0; this is vLLM 0.33.0. Running anyway")
+
+
+def test_a_missing_patch_target_is_named():
+    assert require("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.execute_model") is not None
+    with pytest.raises(VLLMCompatibilityError, match=r"patches vllm\.v1\.worker\.gpu_model_runner\.GPUModelRunner"
+                                                     r"\._steer_me, which vLLM 0\.32\.0 does not have"):
+        require("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._steer_me")
+    with pytest.raises(VLLMCompatibilityError, match=r"patches vllm\.no_such_module\.f"):
+        require("vllm.no_such_module", "f")
+
+
+def _run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in (SECRET_ENV, "VLLM_RAY_EXTRA_ENV_VARS_TO_COPY", ALLOW_UNTESTED_ENV, "VLLM_PLUGINS")}
+    return env | {"VLLM_TARGET_DEVICE": "cpu"} | extra
+
+
+def test_serve_refuses_an_unverified_vllm_before_starting_anything(tiny_model_dir):
+    code = ("import vllm, sys; vllm.__version__ = '0.99.0'\n"
+            "from server.cli import main\n"
+            f"main(['serve', {str(tiny_model_dir)!r}, '--sae', {str(tiny_model_dir / 'sae')!r}, '--sae-layers', '1'])")
+    done = _run(code, _clean_env())
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert ("error: steerserve's vLLM patches were verified against vLLM 0.32.0; this is vLLM 0.99.0. Install a "
+            "verified version") in done.stderr
+
+
+def test_the_plugin_refuses_an_unverified_vllm_in_every_process():
+    code = ("import vllm; vllm.__version__ = '0.99.0'\n"
+            "import sae_plugins\n"
+            "try:\n    sae_plugins.register()\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
+    done = _run(code, _clean_env(STEERSERVE_ACTIVE="1"))
+    assert done.stdout.startswith("VLLMCompatibilityError steerserve's vLLM patches were verified"), done.stderr[-3000:]
+
+
+def test_ray_workers_and_engine_actors_receive_the_signing_secret():
+    code = """
+import json, os
+from server.cli import prepare_worker_environment
+prepare_worker_environment()
+from vllm.platforms import current_platform
+from vllm.ray.ray_env import get_env_vars_to_copy
+from vllm.v1.executor.ray_env_utils import get_driver_env_vars
+from vllm.v1.executor.ray_utils import WORKER_SPECIFIC_ENV_VARS
+# as vllm/v1/executor/ray_executor.py, vllm/v1/engine/utils.py (DP engine actors) and
+# vllm/v1/executor/ray_executor_v2.py call them
+copied = {
+    "ray_executor": sorted(get_env_vars_to_copy(exclude_vars=WORKER_SPECIFIC_ENV_VARS,
+                                                additional_vars=set(current_platform.additional_env_vars),
+                                                destination="workers")),
+    "engine_actors": sorted(get_env_vars_to_copy(destination="EngineCoreActor", exclude_vars=WORKER_SPECIFIC_ENV_VARS)),
+    "ray_executor_v2": sorted(get_driver_env_vars(worker_specific_vars=WORKER_SPECIFIC_ENV_VARS)),
+}
+print(json.dumps({"copied": copied, "secret": os.environ["STEERSERVE_SPEC_SECRET"]}))
+"""
+    done = _run(code, _clean_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(result["secret"]) == 64  # a fresh per-deployment secret
+    for path, names in result["copied"].items():
+        assert {SECRET_ENV, "STEERSERVE_ACTIVE"} <= set(names), path
+
+
+def test_a_patch_whose_wait_target_changed_fails_loudly():
+    from sae_plugins import upstream_fixes
+
+    with pytest.raises(VLLMCompatibilityError, match=r"lacks \['wait', 'last_read', 'busy_loop_s'\]"):
+        upstream_fixes.sleep_while_busy(None)
+    assert vllm_compat.release_of("0.32.0+cpu") == "0.32.0"
