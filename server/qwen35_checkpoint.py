@@ -93,7 +93,8 @@ def save_qwen_scope_layer(sae_dir: Path, layer: int, tensors: dict[str, torch.Te
 
 def save_qwen_scope_config(sae_dir: Path, *, base_model: str, d_model: int, d_sae: int, k: int,
                            num_layers: int) -> None:
-    """config.json beside the layer files: what the loaders read to recognise the format."""
+    """config.json beside the layer files, which Qwen-Scope's release does not have: it gives this
+    project's own SAEs their k, where a released set's directory name (SAE-Res-...-L0_{k}) does."""
     config = {
         "model_type": "topk_sae",
         "base_model": base_model,

@@ -13,10 +13,10 @@ from tests.conftest import ROOT, server_env
 from tests.sae_files import write_qwen_scope
 
 
-def serve(*args: str) -> subprocess.CompletedProcess:
+def serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "server", "serve", *args, "--port", "1"],
-        capture_output=True, text=True, env=server_env(), cwd=ROOT, timeout=300,
+        capture_output=True, text=True, env=server_env() | (env or {}), cwd=ROOT, timeout=300,
     )
 
 
@@ -65,6 +65,32 @@ def test_unknown_sae_format_is_named(fake_model, tmp_path):
     result = serve(str(fake_model), "--sae", str(tmp_path / "empty"), "--sae-layers", "1")
     assert result.returncode != 0
     assert "layer{n}.sae.pt" in result.stderr or "sae_weights.safetensors" in result.stderr
+
+
+@pytest.mark.parametrize(("name", "k_option", "message"), [
+    ("SAE-Res-Tiny-W1K-L0_50", ["--sae-k", "100"],
+     "conflicting k for its Qwen-Scope SAEs: the name 'SAE-Res-Tiny-W1K-L0_50' says k=50; --sae-k says k=100"),
+    ("renamed", [], "no k for its Qwen-Scope SAEs (layer{n}.sae.pt files hold only tensors); give it one of "
+                    "three ways"),
+])
+def test_qwen_scope_k_errors_stop_start_up_whatever_the_model(tmp_path, name, k_option, message):
+    """Checked before the engine starts even for a hub model, whose SAE shapes only the workers see."""
+    write_qwen_scope(tmp_path / name, layers=[1], d_sae=1024, with_config=False)
+    result = serve("Qwen/Qwen3.5-27B", "--sae", str(tmp_path / name), "--sae-layers", "1", *k_option,
+                   env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode != 0
+    assert f"error: --sae {tmp_path / name}: {tmp_path / name}: {message}" in result.stderr
+
+
+def test_hub_sae_not_in_the_offline_cache(fake_model, tmp_path):
+    result = serve(str(fake_model), "--sae", "Qwen/SAE-Res-Qwen3.5-27B-W80K-L0_50@v1", "--sae-layers", "8",
+                   env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)})
+    assert result.returncode != 0
+    assert (f"error: --sae: Qwen/SAE-Res-Qwen3.5-27B-W80K-L0_50@v1: the repo (and no local directory "
+            f"Qwen/SAE-Res-Qwen3.5-27B-W80K-L0_50 exists) is not in the Hugging Face cache ({tmp_path}) and "
+            "HF_HUB_OFFLINE is set: unset it, or fetch the files with "
+            "`hf download Qwen/SAE-Res-Qwen3.5-27B-W80K-L0_50 layer8.sae.pt --revision v1` into the same "
+            "HF_HUB_CACHE") in result.stderr
 
 
 def test_sae_needs_layers(fake_model, tiny_model_dir):
