@@ -5,7 +5,10 @@ leaves `/invocations` (chat and completions), `/tokenize`, `/metrics`, `/openapi
 others open. `steerserve serve` therefore takes the keys away from vLLM (cli.py) and this
 middleware checks them on every path except the few named open (`--unauthenticated-paths`,
 default /health and /ping, so load balancers can probe), answering 401 in the OpenAI error
-shape.
+shape. Every method needs the key, OPTIONS and HEAD included (an OPTIONS on `/metrics` would
+otherwise reach its Prometheus app). CORS preflights never get here: vLLM's CORS middleware,
+outside this one, answers them itself, from `--allowed-origins` (an empty list, the default,
+refuses every cross-origin preflight).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ class AuthMiddleware:
         self._open_paths = frozenset(open_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (not self._digests or scope["type"] not in ("http", "websocket") or scope.get("method") == "OPTIONS"
+        if (not self._digests or scope["type"] not in ("http", "websocket")
                 or scope["path"].removeprefix(scope.get("root_path", "")) in self._open_paths
                 or self._authorized(Headers(scope=scope))):
             await self.app(scope, receive, send)

@@ -5,8 +5,9 @@ API and the batch service. A request over a limit gets an OpenAI-shaped 4xx, nev
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 MiB = 1 << 20
 MAX_TOP_K = 100  # most features listed per token: inspect's top_k and watch, a trace's top_k
@@ -14,6 +15,42 @@ MAX_TOP_K = 100  # most features listed per token: inspect's top_k and watch, a 
 
 def _limit(default, help: str):
     return field(default=default, metadata={"help": help})
+
+
+class PriorityRange(NamedTuple):
+    """The `priority` values a client may send (vLLM serves lower numbers first), bounds
+    included; None: unbounded on that side. Written LOW:HIGH, either side may be empty."""
+
+    low: int | None
+    high: int | None
+
+    @staticmethod
+    def parse(text: str) -> "PriorityRange":
+        low, colon, high = text.partition(":")
+        try:
+            bounds = PriorityRange(int(low) if low.strip() else None, int(high) if high.strip() else None)
+        except ValueError:
+            bounds = None
+        if not colon or bounds is None or (bounds.low is not None and bounds.high is not None and bounds.low > bounds.high):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a priority range LOW:HIGH (e.g. 0: or -10:100)")
+        return bounds
+
+    def allows(self, value: int) -> bool:
+        return (self.low is None or value >= self.low) and (self.high is None or value <= self.high)
+
+    def describe(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"from {self.low} to {self.high}"
+        if self.low is not None or self.high is not None:
+            return f"{self.low} or more" if self.low is not None else f"{self.high} or less"
+        return "any integer"
+
+    def __str__(self) -> str:
+        return f"{'' if self.low is None else self.low}:{'' if self.high is None else self.high}"
+
+    def clamp(self, value: int) -> int:
+        value = value if self.low is None else max(value, self.low)
+        return value if self.high is None else min(value, self.high)
 
 
 @dataclass(frozen=True)
@@ -37,6 +74,10 @@ class Limits:
     max_trace_residuals: int = _limit(
         4096, "most residual vectors a `trace` with `residuals` returns per request, positions x layers x "
               "choices (400 above); each is d_model float32s")
+    client_priority_range: PriorityRange = _limit(
+        PriorityRange(0, None), "the `priority` values a request may carry, LOW:HIGH (400 outside): vLLM serves "
+        "lower numbers first, so by default no client outranks the default 0; batch lines run at 1 or later, "
+        "clamped into this range")
     token_search_cache_entries: int = _limit(
         1024, "entries of the features API's token-search cache (least recently used dropped)")
 
@@ -50,5 +91,6 @@ class Limits:
     def add_arguments(group: Any) -> None:
         """One `--max-...` option per limit, default and help from this class."""
         for f in fields(Limits):
-            group.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+            parse = PriorityRange.parse if isinstance(f.default, PriorityRange) else type(f.default)
+            group.add_argument("--" + f.name.replace("_", "-"), type=parse, default=f.default,
                                help=f"{f.metadata['help']} (default: %(default)s)")

@@ -12,9 +12,12 @@ import re
 from http import HTTPStatus
 from typing import Any
 
+from pydantic import TypeAdapter, ValidationError
+
 from sae_plugins.request_signing import RESERVED_PREFIX, SignatureError, verify
 
 from .errors import APIError
+from .limits import PriorityRange
 
 # Routes whose requests the middleware translates (`steering` validated, applied, echoed).
 # `/invocations` is SageMaker's alias that dispatches to chat or text completions by body.
@@ -84,6 +87,29 @@ def check_vllm_xargs(payload: dict) -> None:
             except SignatureError:
                 raise APIError(f"vllm_xargs.{key} is reserved for steerserve; use the `steering` field",
                                param=f"vllm_xargs.{key}", code="reserved_field") from None
+
+
+_LAX_INT = TypeAdapter(int)
+
+
+def as_vllm_reads_int(value: object) -> int | None:
+    """An integer field (`priority`, `n`, `max_tokens`) as vLLM's request models read it, in
+    pydantic's lax mode ("5", 5.0 and True are integers there); None where vLLM would refuse it."""
+    try:
+        return _LAX_INT.validate_python(value)
+    except ValidationError:
+        return None
+
+
+def check_priority(payload: dict, allowed: PriorityRange) -> None:
+    """A `priority` outside --client-priority-range is refused: vLLM serves lower numbers first,
+    so any client could otherwise jump the queue. Read as vLLM reads it ("-5" and -5.0 are -5);
+    what vLLM cannot read as an integer is left to its own 400."""
+    priority = as_vllm_reads_int(payload.get("priority"))
+    if priority is not None and not allowed.allows(priority):
+        raise APIError(f"priority {priority} is not allowed: requests to this server may carry a priority "
+                       f"{allowed.describe()} (--client-priority-range {allowed}; lower numbers are served first)",
+                       param="priority", code="priority_out_of_range")
 
 
 def check_cache_salt(payload: dict) -> None:

@@ -44,13 +44,15 @@ class Translation:
 
 
 def translate_request(body: dict, sae_sizes: dict[int, int], max_features: int, limits: Limits,
-                      stages: tuple[frozenset[int], ...] = (), prompt_tokens: int | None = None) -> Translation:
+                      stages: tuple[frozenset[int], ...] = (), prompt_tokens: int | None = None,
+                      max_model_len: int | None = None) -> Translation:
     """`body` has passed request_guard's checks (reserved keys, vllm_xargs, cache_salt);
-    prompt_tokens: its prompt's token count, where a trace needs it (traces.prompt_tokens_for_residuals)."""
+    prompt_tokens: its prompt's token count, where a trace needs it (traces.prompt_tokens_for_residuals);
+    max_model_len: the context, which bounds what a trace may return."""
     had_fields = "steering" in body or "trace" in body
     raw_trace = body.pop("trace", None)
     trace = parse_trace(raw_trace, sae_sizes, body, limits.max_trace_features, limits.max_trace_residuals,
-                        prompt_tokens) if raw_trace is not None else None
+                        prompt_tokens, max_model_len) if raw_trace is not None else None
     if body.get("steering") is None:
         body.pop("steering", None)
         capture = attach_trace(body, trace) if trace is not None else None

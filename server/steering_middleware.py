@@ -1,8 +1,10 @@
 """ASGI middleware: guards every JSON request body, and adds `steering` to the completion routes.
 
-Every POST/PUT/PATCH body except multipart uploads is read here once, bounded in size, parsed
-with a bounded depth, and checked for the plugin's reserved `vllm_xargs` keys (request_guard.py),
-so no route of vLLM's or ours can hand the workers an unchecked spec or crash on hostile JSON.
+Every POST/PUT/PATCH body except multipart uploads is read here once, the way the handler will
+read it (body_reading.py: one Content-Type, declared JSON), bounded in size, parsed with a bounded
+depth, and checked for the plugin's reserved `vllm_xargs` keys and the client priority range
+(request_guard.py), so no route of vLLM's or ours can hand the workers an unchecked spec, let a
+client jump the queue, or crash on hostile JSON.
 On the steerable routes the body is then validated and translated (request_translation.py),
 and the response, JSON or server-sent events, gets the normalised spec echoed back; any other
 route refuses a `steering` field rather than ignore it. Unsteered requests pass through with
@@ -22,27 +24,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sae_plugins.worker_extension import GATE_REPORTS
 
+from .body_reading import BodyChannel, check_headers, read_json_body, reads_json, refuse
 from .errors import APIError
 from .request_guard import (
-    check_cache_salt, check_route_takes_steering, check_vllm_xargs, declared_over, is_steerable, parse_json_body,
-    too_large,
+    check_cache_salt, check_priority, check_route_takes_steering, check_vllm_xargs, is_steerable, parse_json_body,
 )
 from .request_translation import translate_request
 from .traces import num_choices, prompt_tokens_for_residuals, take_traces
-
-
-async def _read_body(receive: Receive, limit: int) -> bytes:
-    """The whole body, or a 413 as soon as it grows past `limit` bytes."""
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise too_large(limit)
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -65,15 +53,6 @@ def _with_length(scope: Scope, body: bytes) -> Scope:
     return {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
 
 
-def _takes_json(scope: Scope) -> bool:
-    """Bodies the guard reads: everything sent with a body except multipart uploads (the
-    upload routes bound those themselves)."""
-    if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
-        return False
-    content_type = dict(scope["headers"]).get(b"content-type", b"").lower()
-    return not content_type.startswith(b"multipart/")
-
-
 class SteeringMiddleware:
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -83,21 +62,27 @@ class SteeringMiddleware:
             # A scrape shows the last snapshot of the workers' counters and asks for a new one
             # (debounced), so counters also move while only unsteered traffic runs.
             scope["app"].state.steerserve.metrics.schedule_refresh()
-        if not _takes_json(scope):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         context = scope["app"].state.steerserve
+        channel = BodyChannel(receive)
+        reading = reads_json(scope)
         try:
-            body, payload = await self._read_checked(scope, receive, context.limits)
+            check_headers(scope)
+            body, payload = await self._read_checked(scope, channel, context.limits) if reading else (b"", None)
         except APIError as error:
-            await error.response()(scope, _replay(b"", receive), send)
+            await refuse(error, scope, channel, send, context.limits.max_request_bytes)
+            return
+        if not reading:
+            await self.app(scope, receive, send)
             return
         translation = None
         if isinstance(payload, dict) and is_steerable(scope["path"]):
             try:
                 prompt_tokens = await prompt_tokens_for_residuals(context, payload)
                 translation = translate_request(payload, context.sae_sizes, context.max_features, context.limits,
-                                                context.sae_stages, prompt_tokens)
+                                                context.sae_stages, prompt_tokens, context.max_model_len)
             except APIError as error:
                 context.metrics.validation_error(error.code)
                 await error.response()(scope, _replay(b"", receive), send)
@@ -109,18 +94,16 @@ class SteeringMiddleware:
             return
         await self._extended(scope, receive, send, context, translation)
 
-    async def _read_checked(self, scope: Scope, receive: Receive, limits) -> tuple[bytes, Any]:
+    async def _read_checked(self, scope: Scope, receive: BodyChannel, limits) -> tuple[bytes, Any]:
         """The body and its parsed JSON (None when empty), after every check that applies to
         any route."""
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared_over(declared.decode("latin-1") if declared is not None else None, limits.max_request_bytes):
-            raise too_large(limits.max_request_bytes)
-        body = await _read_body(receive, limits.max_request_bytes)
+        body = await read_json_body(scope, receive, limits.max_request_bytes)
         if not body.strip():
             return body, None
         payload = parse_json_body(body, limits.max_json_depth)
         if isinstance(payload, dict):
             check_vllm_xargs(payload)
+            check_priority(payload, limits.client_priority_range)
             if is_steerable(scope["path"]):
                 check_cache_salt(payload)
             else:

@@ -12,8 +12,10 @@ per choice once the response is complete.
 
 `"residuals": true` adds each entry's stream vectors (the SAE's input at each traced layer, after
 any edit there) for probing, encoded as feature_capture.RESIDUAL_ENCODING. Their number,
-positions x layers x choices, is known before the request runs (max_tokens is then required;
-with positions "all" the prompt's tokens are counted first) and bounded by --max-trace-residuals.
+positions x layers x choices, is bounded before the request runs by --max-trace-residuals, with
+every token budget vLLM will apply: the output-token field it reads (chat: `max_completion_tokens`,
+else `max_tokens`; completions: `max_tokens`) and the context left after the prompt (whose tokens
+are counted first for positions "all"). An entry whose residual was not recorded says so (null).
 """
 
 from __future__ import annotations
@@ -30,9 +32,10 @@ from sae_plugins.worker_extension import CAPTURES
 
 from .errors import APIError, from_validation
 from .limits import MAX_TOP_K
+from .request_guard import as_vllm_reads_int
 from .sae_checks import loaded_layer
 
-MAX_CHOICES = 128  # choices whose traces are taken back (vLLM bounds `n` itself)
+MAX_CHOICES = 128  # most choices (`n`) a traced request may ask for
 
 
 class TraceRequest(BaseModel):
@@ -45,10 +48,10 @@ class TraceRequest(BaseModel):
 
 
 def parse_trace(raw: object, sae_sizes: dict[int, int], body: dict, max_features: int, max_residuals: int = 0,
-                prompt_tokens: int | None = None) -> TraceRequest:
+                prompt_tokens: int | None = None, max_model_len: int | None = None) -> TraceRequest:
     """The validated trace; `max_features` bounds layers x top_k (--max-trace-features),
-    `max_residuals` the residual vectors (--max-trace-residuals), given the prompt's token count
-    for a trace of all positions with residuals (prompt_tokens_for_residuals)."""
+    `max_residuals` the residual vectors (--max-trace-residuals), given the context length and
+    the prompt's token count for a trace of all positions with residuals (prompt_tokens_for_residuals)."""
     if not sae_sizes:
         raise APIError("trace is unavailable: this server was started without --sae", param="trace",
                        code="steering_unavailable")
@@ -66,28 +69,47 @@ def parse_trace(raw: object, sae_sizes: dict[int, int], body: dict, max_features
     if len(trace.layers) * trace.top_k > max_features:
         raise APIError(f"a trace returns at most {max_features} features per position (layers x top_k) on this "
                        "server (--max-trace-features)", param="trace.top_k", code="invalid_trace")
+    n = as_vllm_reads_int(body.get("n"))
+    if n is not None and n > MAX_CHOICES:
+        raise APIError(f"a traced request may ask for at most {MAX_CHOICES} choices (n)", param="n",
+                       code="invalid_trace")
     prompt = body.get("prompt")
     if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
         raise APIError("trace takes one prompt per request (a string or a list of token ids)", param="prompt",
                        code="invalid_trace")
     if trace.residuals:
-        trace._residual_positions = _residual_positions(trace, body, max_residuals, prompt_tokens)
+        trace._residual_positions = _residual_positions(trace, body, max_residuals, prompt_tokens, max_model_len)
     return trace
 
 
-def _residual_positions(trace: TraceRequest, body: dict, max_residuals: int, prompt_tokens: int | None) -> int:
+def _generated_tokens(body: dict, prompt_tokens: int | None, max_model_len: int | None) -> int:
+    """The most tokens vLLM generates per choice: the field it reads, within the context left
+    after the prompt (the whole context when the prompt is not counted); the context alone when
+    no field is set (for completions vLLM then stops earlier, at its default)."""
+    chat = "messages" in body  # chat completions, or /invocations in the chat form
+    name = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
+    room = max_model_len - (prompt_tokens or 0) if max_model_len else None
+    if body.get(name) is None and room is not None:
+        return room
+    asked = as_vllm_reads_int(body.get(name))
+    if asked is None or asked < 1:
+        raise APIError(f"trace.residuals needs {name} as a positive integer, so the number of vectors is known "
+                       "before the request runs", param="trace.residuals", code="invalid_trace")
+    return asked if room is None else min(asked, room)
+
+
+def _residual_positions(trace: TraceRequest, body: dict, max_residuals: int, prompt_tokens: int | None,
+                        max_model_len: int | None) -> int:
     """Positions per choice and layer whose residuals the trace returns, within the limit."""
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise APIError("trace.residuals needs max_tokens (or max_completion_tokens), so the number of vectors is "
-                       "known before the request runs", param="trace.residuals", code="invalid_trace")
-    positions = max_tokens + ((prompt_tokens or 0) if trace.positions == "all" else 0)
+    positions = _generated_tokens(body, prompt_tokens, max_model_len) + (
+        (prompt_tokens or 0) if trace.positions == "all" else 0)
     steering = body.get("steering")
     answers = 2 if isinstance(steering, dict) and steering.get("compare") is True else 1  # compare: a traced baseline
     vectors = positions * len(trace.layers) * num_choices(body) * answers
     if vectors > max_residuals:
         raise APIError(f"this trace would return up to {vectors} residual vectors (positions x layers x choices, "
-                       "twice with steering.compare); "
+                       "twice with steering.compare; positions count every token the request may generate, "
+                       "so set max_tokens); "
                        f"this server returns at most {max_residuals} per request (--max-trace-residuals)",
                        param="trace.residuals", code="invalid_trace")
     return positions
@@ -134,8 +156,9 @@ def attach_trace(body: dict, trace: TraceRequest) -> CaptureSpec:
 
 
 def num_choices(body: dict) -> int:
-    n = body.get("n")
-    return min(n, MAX_CHOICES) if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+    """The choices vLLM generates (parse_trace refused more than MAX_CHOICES for a trace)."""
+    n = as_vllm_reads_int(body.get("n")) if body.get("n") is not None else None
+    return min(n, MAX_CHOICES) if n is not None and n > 0 else 1
 
 
 async def take_traces(context, capture: CaptureSpec, choices: int, whole: bool = True) -> dict[int, list[dict]]:
@@ -158,7 +181,7 @@ async def take_traces(context, capture: CaptureSpec, choices: int, whole: bool =
                                                            residuals):
                 entry = entries.setdefault(position, {"position": position, "features": {}})
                 entry["features"][str(layer)] = [_feature(context, layer, i, v) for i, v in zip(indices, values)]
-                if residual is not None:
+                if capture.residuals:  # null: not recorded (never expected: the bound counts every position)
                     entry.setdefault("residuals", {})[str(layer)] = residual
     if whole and not capture.generation_only and len(positions) > 1:
         # The choices share the prompt: prompt positions one choice read from the prefix cache

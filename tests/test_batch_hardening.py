@@ -435,3 +435,21 @@ def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
     assert parsed.errors == [] and parsed.early_results == []
     assert parsed.lines == parse_input_file(plain, "batch_x", CHAT, max_lines=10).lines
     assert [x.custom_id for x in parsed.lines] == ["a", "b"]
+
+
+def test_batch_lines_run_behind_interactive_requests_within_the_client_range(tmp_path):
+    """Batch lines go at priority 1 or later (vLLM serves lower numbers first), clamped into
+    --client-priority-range like any client's, so a line never outranks what a client may send."""
+    from server.limits import PriorityRange
+
+    async def priorities(data_dir, allowed: PriorityRange | None) -> list[int]:
+        h = Harness(data_dir, FakeEngine(), **({"client_priority_range": allowed} if allowed else {}))
+        try:
+            lines = [line("a"), line("b", priority=-5), line("c", priority=9), line("d", priority="x")]
+            batch = await h.wait((await h.submit(lines))["id"])
+            return [o["response"]["body"]["echo"]["priority"] for o in await h.content(batch["output_file_id"])]
+        finally:
+            await h.close()
+
+    assert run(priorities(tmp_path / "default", None)) == [1, 1, 9, 1]
+    assert run(priorities(tmp_path / "narrow", PriorityRange(3, 4))) == [3, 3, 4, 3]

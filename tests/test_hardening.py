@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
+import urllib.request
 
 import httpx
 import pytest
 
-from tests.conftest import API_KEY, MODEL_NAME, PROMPT
+from tests.conftest import API_KEY, AUTH, MODEL_NAME, PROMPT, metric
 
 STEER = {"features": [{"layer": 1, "index": 3, "mode": "add", "value": 6.0}]}
 GENERATING_ROUTES = {  # a minimal valid body per route that generates
@@ -147,12 +149,89 @@ def test_inspect_limits(http):
 
 @pytest.mark.parametrize("path", ["/invocations", "/tokenize", "/detokenize", "/metrics", "/openapi.json", "/version",
                                   "/load", "/v1/models", "/v1/saes", "/v1/files", "/v1/batches",
-                                  "/v1/features/search?q=weather", "/v1/features/1/3"])
-def test_every_route_needs_the_key(server, path):
+                                  "/v1/features/search?q=weather", "/v1/features/1/3", "/v1/chat/completions",
+                                  "/v1/features/inspect"])
+def test_every_method_of_every_route_needs_the_key(server, path):
+    """OPTIONS /metrics answered the whole Prometheus text without a key (issue 21)."""
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
-        for method in ("GET", "POST"):
+        for method in ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"):
             response = httpx.request(method, server.base_url + path, headers=headers, json={}, timeout=60)
-            assert_error(response, 401, "invalid_api_key")
+            if method == "HEAD":  # no body to carry the error
+                assert response.status_code == 401 and response.content == b""
+            else:
+                assert_error(response, 401, "invalid_api_key")
+    # A CORS preflight: this server has no --allowed-origins, so vLLM's CORS middleware refuses
+    # every origin (only with --allowed-origins does it answer preflights, without a key).
+    preflight = httpx.options(server.base_url + path, headers={"Origin": "https://example.com",
+                                                              "Access-Control-Request-Method": "POST"}, timeout=60)
+    assert (preflight.status_code, preflight.text) == (400, "Disallowed CORS origin")
+
+
+def test_several_content_types_are_refused(server, http):
+    """With `application/json` and then a multipart type, the guard used to read the last one and
+    skip the body while vLLM read the first and parsed it: steering silently ignored, 20 MiB
+    accepted, a client's reserved vllm_xargs reaching the workers (issue 21)."""
+    forged = {**GENERATING_ROUTES["/v1/completions"], "steering": STEER,
+              "vllm_xargs": {"steerserve_steering": FORGED[0]}}
+    rejected = metric(server, "steerserve_worker_rejected_specs_total")
+    for types in (["application/json", "multipart/form-data; boundary=x"],
+                  ["multipart/form-data; boundary=x", "application/json"], ["application/json", "application/json"]):
+        headers = [*AUTH.items(), *(("content-type", t) for t in types)]
+        for body in (json.dumps(forged).encode(), b'{"prompt": "' + b"a" * (20 * 2**20) + b'"}'):
+            response = httpx.post(server.base_url + "/v1/completions", content=body, headers=headers, timeout=120)
+            error = assert_error(response, 400, "ambiguous_content_type")
+            assert "2 Content-Type headers" in error["message"]
+    assert metric(server, "steerserve_worker_rejected_specs_total") == rejected
+
+
+@pytest.mark.parametrize("content_type", ["multipart/form-data; boundary=x", "text/plain", "application/jsonl",
+                                          "application/x-www-form-urlencoded", None])
+def test_a_json_route_takes_only_json(http, content_type):
+    """A multipart Content-Type on inspect skipped the guard, and 100,000 levels of JSON then
+    exhausted the handler's parser: a 500 (issue 21)."""
+    headers = {"content-type": content_type} if content_type else {}
+    if content_type is None:  # httpx would not add one, but say so
+        assert "content-type" not in http.build_request("POST", "/v1/completions", content=b"{}").headers
+    deep = ("[" * 100_000 + "]" * 100_000).encode()
+    steered = json.dumps({**GENERATING_ROUTES["/v1/completions"], "steering": STEER}).encode()
+    for path, body in (("/v1/features/inspect", deep), ("/v1/completions", steered), ("/v1/batches", b"{}")):
+        error = assert_error(http.post(path, content=body, headers=headers), 415, "unsupported_media_type")
+        assert path in error["message"] and "application/json" in error["message"]
+    declared = {"content-type": "Application/JSON; charset=utf-8"}  # the media type is what counts
+    assert_error(http.post("/v1/features/inspect", content=deep, headers=declared), 400, "json_too_deep")
+    assert http.post("/v1/completions", content=steered, headers=declared).json()["steering"]["features"]
+    assert http.post("/v1/batches/batch_none/cancel").status_code == 404  # no body: no content type needed
+    upload = http.post("/v1/files", files={"file": ("in.jsonl", b'{"custom_id": "a"}\n')}, data={"purpose": "batch"})
+    assert upload.status_code == 200 and upload.json()["bytes"] == 19  # multipart uploads are untouched
+
+
+@pytest.mark.parametrize("route", GENERATING_ROUTES)
+def test_clients_cannot_jump_the_queue(http, route):
+    """The server schedules by priority (batch lines run at 1); a client sending -1000000 went
+    ahead of everyone (issue 21). --client-priority-range defaults to 0: (0 or more)."""
+    for priority in (-1, -1_000_000, -(2**63), "-5", -1.0):
+        error = assert_error(http.post(route, json={**GENERATING_ROUTES[route], "priority": priority}), 400,
+                             "priority_out_of_range", "priority")
+        assert "0 or more" in error["message"] and "--client-priority-range" in error["message"]
+    if route == "/v1/completions":
+        for priority in (0, 3):
+            assert http.post(route, json={**GENERATING_ROUTES[route], "priority": priority}).status_code == 200
+
+
+def test_a_client_that_writes_the_whole_body_first_reads_the_413(server):
+    """The 413 went out from Content-Length and the connection closed under the client still
+    writing (urllib sends `Connection: close`): a reset instead of the answer (issue 21)."""
+    def chunked():  # no Content-Length: refused once 16 MiB have arrived, the rest is drained
+        for _ in range(20):
+            yield b"a" * 2**20
+
+    for data in (b"a" * (20 * 2**20), chunked()):
+        request = urllib.request.Request(server.base_url + "/v1/completions", data=data,
+                                         headers={"Content-Type": "application/json", **AUTH})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=120)
+        assert refused.value.code == 413
+        assert json.loads(refused.value.read())["error"]["code"] == "request_too_large"
 
 
 def test_health_answers_without_the_key(server):

@@ -133,8 +133,8 @@ def test_a_chat_prompt_is_counted_for_residuals_and_bad_ones_get_400s(http, chan
 
 
 @pytest.mark.parametrize("extra,prompt,param,code", [
-    ({}, None, "trace.residuals", "invalid_trace"),  # no max_tokens: the size is unknown
-    ({"max_tokens": 2100}, None, "trace.residuals", "invalid_trace"),  # 2 layers x 2100 > 4096
+    ({"n": 3}, None, "trace.residuals", "invalid_trace"),  # no max_tokens: the context counts, 1024 x 2 x 3
+    ({"max_tokens": 1000, "n": 3}, None, "trace.residuals", "invalid_trace"),  # 1000 x 2 layers x 3 > 4096
     ({"max_tokens": 2, "n": 3, "positions": "all"}, [611] * 700, "trace.residuals", "invalid_trace"),  # 702 x 2 x 3
     ({"max_tokens": 2, "residuals": 1}, None, "trace.residuals", "invalid_trace"),
 ])
@@ -150,6 +150,65 @@ def test_residuals_are_bounded_before_the_request_runs(http, extra, prompt, para
     if prompt is not None:  # the prompt's tokens counted: tracing only the generation fits
         body["trace"] = {"layers": [1, 2], "residuals": True}
         assert http.post("/v1/completions", json=body).status_code == 200
+
+
+def test_a_trace_of_more_choices_than_it_can_take_is_refused(http):
+    """n: 129 with a trace answered 200 with no trace on choice 128 (issue 21)."""
+    body = {"model": MODEL_NAME, "prompt": "the weather", "max_tokens": 1, "trace": {"layers": [1]}}
+    for n in (129, "129"):  # vLLM reads "129" as 129
+        response = http.post("/v1/completions", json={**body, "n": n})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert (error["param"], error["code"]) == ("n", "invalid_trace") and "at most 128" in error["message"]
+
+
+def test_residuals_count_the_token_budget_vllm_applies(http):
+    """max_tokens 2000 with max_completion_tokens 1 on completions: the bound counted 1 token
+    while vLLM (which reads only max_tokens there) generated 2000, and the trace carried 3
+    residual vectors for 2000 entries without saying so (issue 21)."""
+    trace = {"layers": [1, 2], "residuals": True}
+    body = {"model": MODEL_NAME, "prompt": "the weather", "max_tokens": 12, "max_completion_tokens": 1,
+            "ignore_eos": True, "temperature": 0, "trace": trace}
+    response = http.post("/v1/completions", json=body).json()
+    assert response["usage"]["completion_tokens"] == 12
+    entries = response["choices"][0]["trace"]
+    assert len(entries) == 12 and all(set(e["residuals"]) == {"1", "2"} for e in entries)
+    assert all(isinstance(v, str) and v for e in entries for v in e["residuals"].values())
+    for route, fields in (("/v1/completions", {"prompt": "the weather", "max_tokens": 700, "max_completion_tokens": 1}),
+                          ("/v1/chat/completions", {"messages": PROMPT, "max_tokens": 700, "max_completion_tokens": None}),
+                          ("/v1/chat/completions", {"messages": PROMPT, "max_tokens": 1, "max_completion_tokens": 700})):
+        refused = http.post(route, json={"model": MODEL_NAME, "n": 3, "trace": trace, **fields})
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert (error["param"], error["code"]) == ("trace.residuals", "invalid_trace")
+        assert "up to 4200 residual vectors" in error["message"]  # 700 x 2 layers x 3 choices
+
+
+def test_residual_bound_reads_each_field_as_vllm_does():
+    from server.errors import APIError
+    from server.traces import parse_trace
+
+    def positions(body: dict, prompt_tokens: int | None = None, max_model_len: int | None = None,
+                  **trace) -> int | tuple[str | None, str]:
+        try:
+            return parse_trace({"layers": [1, 2], "residuals": True, **trace}, {1: 64, 2: 64}, body, 256, 4096,
+                               prompt_tokens, max_model_len)._residual_positions
+        except APIError as refused:
+            return refused.param, refused.code
+
+    chat = {"messages": []}
+    assert positions({"max_tokens": 2000, "max_completion_tokens": 1}) == 2000  # completions read max_tokens only
+    assert positions({**chat, "max_tokens": 2000, "max_completion_tokens": 1}) == 1  # chat reads max_completion_tokens
+    assert positions({**chat, "max_tokens": 700, "max_completion_tokens": None}) == 700  # null: max_tokens
+    assert positions({"max_tokens": "30"}) == 30  # vLLM reads "30" as 30
+    assert positions({"max_tokens": "x"}) == ("trace.residuals", "invalid_trace")
+    assert positions({}) == ("trace.residuals", "invalid_trace")  # no field, no known context
+    assert positions({}, max_model_len=1024) == 1024  # the context is the budget
+    assert positions({"n": 3}, max_model_len=1024) == ("trace.residuals", "invalid_trace")
+    assert positions({"max_tokens": 300}, 900, 1024) == 124  # the context left after the prompt
+    assert positions({"max_tokens": 300}, 900, 1024, positions="all") == 1024
+    assert positions({"max_tokens": 683, "n": "3"}) == ("trace.residuals", "invalid_trace")  # 683 x 2 x 3 > 4096
+    assert positions({"max_tokens": 1, "n": 129}) == ("n", "invalid_trace")
 
 
 def test_each_choice_has_its_own_trace(client, reference):
@@ -282,7 +341,7 @@ def test_residual_vectors_count_positions_layers_choices_and_compare():
 
     assert positions({}, {"max_tokens": 1024}) == 1024  # 2 layers x 1024 x 1 = 2048
     assert positions({}, {"max_tokens": 2049}) == "400"
-    assert positions({}, {"max_completion_tokens": 512, "n": 4}) == 512  # 4096
+    assert positions({}, {"messages": [], "max_completion_tokens": 512, "n": 4}) == 512  # 4096
     assert positions({}, {"max_tokens": 513, "n": 4}) == "400"
     assert positions({}, {"max_tokens": 1024, "steering": {"features": [], "compare": True}}) == 1024  # 4096
     assert positions({}, {"max_tokens": 1025, "steering": {"features": [], "compare": True}}) == "400"

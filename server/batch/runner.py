@@ -371,10 +371,10 @@ class BatchService:
     async def _run_line(self, batch_id: str, line: InputLine) -> LineResult | None:
         """The line's answer, or None when there is no real answer to record now."""
         body = json.loads(line.body)
-        if self.priority is not None:
+        if self.priority is not None:  # never ahead of interactive requests, and within the clients' range
             given = body.get("priority")
-            if not isinstance(given, int) or isinstance(given, bool) or given < self.priority:
-                body["priority"] = self.priority
+            given = given if isinstance(given, int) and not isinstance(given, bool) else self.priority
+            body["priority"] = self.limits.client_priority_range.clamp(max(given, self.priority))
         content = json.dumps(body).encode()
         server_errors = 0
         busy_waits = 0
