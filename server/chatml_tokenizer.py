@@ -4,7 +4,7 @@ locally: no model hub is reachable, so both embedded models train their own."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -24,9 +24,11 @@ PRETOKENIZE_REGEX = (
 )
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int):
-    """Byte-level BPE trained on `texts`; special tokens take ids 0..2."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+def train_tokenizer(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = SPECIAL_TOKENS,
+                    added_tokens: Sequence[str] = ()):
+    """Byte-level BPE trained on `texts`; special tokens take ids 0..; `added_tokens` (text that is
+    never split and decodes as written, like Qwen's <think>) take the last ids."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
@@ -38,19 +40,21 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
+        vocab_size=vocab_size - len(added_tokens),
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added_tokens])
     if tok.get_vocab_size() != vocab_size:  # every model row must decode to a real token
         raise RuntimeError(f"tokenizer has {tok.get_vocab_size()} tokens, expected {vocab_size}")
     return tok
 
 
-def save_tokenizer(tok, out: Path) -> None:
-    """tokenizer.json plus a Qwen-style tokenizer_config.json with the ChatML template."""
+def save_tokenizer(tok, out: Path, chat_template: str = CHAT_TEMPLATE, template_file: bool = False) -> None:
+    """tokenizer.json plus a Qwen-style tokenizer_config.json; the chat template goes into the
+    config, or (template_file, as Qwen3.5 repositories ship it) into chat_template.jinja."""
     tok.save(str(out / "tokenizer.json"))
     config = {
         "tokenizer_class": "Qwen3_5Tokenizer",
@@ -64,17 +68,19 @@ def save_tokenizer(tok, out: Path) -> None:
         "clean_up_tokenization_spaces": False,
         "errors": "replace",
         "split_special_tokens": False,
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": chat_template,
         "added_tokens_decoder": {
-            str(tok.token_to_id(t)): {
-                "content": t,
+            str(i): {
+                "content": t.content,
                 "lstrip": False,
                 "normalized": False,
                 "rstrip": False,
                 "single_word": False,
-                "special": True,
+                "special": t.special,
             }
-            for t in SPECIAL_TOKENS
+            for i, t in sorted(tok.get_added_tokens_decoder().items())
         },
     }
+    if template_file:
+        (out / "chat_template.jinja").write_text(config.pop("chat_template"))
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")

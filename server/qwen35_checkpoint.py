@@ -71,18 +71,65 @@ def text_config(shape: Qwen35Shape, tok, max_positions: int = 4096) -> dict:
     }
 
 
-def save_checkpoint(config: dict, state: dict[str, torch.Tensor], out: Path) -> None:
-    """config.json, generation_config.json (greedy, stops at either special) and model.safetensors."""
+def param_shapes(shape: Qwen35Shape, prefix: str = "model.") -> dict[str, tuple[int, ...]]:
+    """Every tensor of the HF text checkpoint, by name (mirrors modeling_qwen3_5); `prefix` is
+    "model." for Qwen3_5ForCausalLM, "model.language_model." inside Qwen3_5ForConditionalGeneration."""
+    d, m = shape.hidden_size, shape.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {
+        f"{prefix}embed_tokens.weight": (shape.vocab_size, d),
+        f"{prefix}norm.weight": (d,),
+        "lm_head.weight": (shape.vocab_size, d),
+    }
+    key_dim = shape.linear_key_heads * shape.linear_head_dim
+    value_dim = shape.linear_value_heads * shape.linear_head_dim
+    for i in range(shape.num_layers):
+        p = f"{prefix}layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (d,)
+        shapes[p + "post_attention_layernorm.weight"] = (d,)
+        shapes[p + "mlp.gate_proj.weight"] = (m, d)
+        shapes[p + "mlp.up_proj.weight"] = (m, d)
+        shapes[p + "mlp.down_proj.weight"] = (d, m)
+        if (i + 1) % shape.full_attention_interval == 0:
+            a = p + "self_attn."
+            shapes[a + "q_proj.weight"] = (shape.num_heads * shape.head_dim * 2, d)  # query + output gate
+            shapes[a + "k_proj.weight"] = (shape.num_kv_heads * shape.head_dim, d)
+            shapes[a + "v_proj.weight"] = (shape.num_kv_heads * shape.head_dim, d)
+            shapes[a + "o_proj.weight"] = (d, shape.num_heads * shape.head_dim)
+            shapes[a + "q_norm.weight"] = (shape.head_dim,)
+            shapes[a + "k_norm.weight"] = (shape.head_dim,)
+        else:
+            a = p + "linear_attn."
+            shapes[a + "in_proj_qkv.weight"] = (2 * key_dim + value_dim, d)
+            shapes[a + "in_proj_z.weight"] = (value_dim, d)
+            shapes[a + "in_proj_b.weight"] = (shape.linear_value_heads, d)
+            shapes[a + "in_proj_a.weight"] = (shape.linear_value_heads, d)
+            shapes[a + "conv1d.weight"] = (2 * key_dim + value_dim, 1, shape.conv_kernel)
+            shapes[a + "dt_bias"] = (shape.linear_value_heads,)
+            shapes[a + "A_log"] = (shape.linear_value_heads,)
+            shapes[a + "norm.weight"] = (shape.linear_head_dim,)
+            shapes[a + "out_proj.weight"] = (d, value_dim)
+    return shapes
+
+
+def save_checkpoint(config: dict, state: dict[str, torch.Tensor], out: Path, generation: dict | None = None,
+                    weights_file: str = "model.safetensors") -> None:
+    """config.json, generation_config.json (by default greedy, stopping at either special) and the
+    weights; a `weights_file` named like a shard of a sharded checkpoint gets its index too."""
     from safetensors.torch import save_file
 
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    generation = {
-        "eos_token_id": [config["eos_token_id"], config["pad_token_id"]],
-        "pad_token_id": config["pad_token_id"],
-        "do_sample": False,
-    }
+    if generation is None:
+        generation = {
+            "eos_token_id": [config["eos_token_id"], config["pad_token_id"]],
+            "pad_token_id": config["pad_token_id"],
+            "do_sample": False,
+        }
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(state, str(out / weights_file), metadata={"format": "pt"})
+    if weights_file != "model.safetensors":
+        size = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": size}, "weight_map": {name: weights_file for name in sorted(state)}}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def save_qwen_scope_layer(sae_dir: Path, layer: int, tensors: dict[str, torch.Tensor]) -> None:

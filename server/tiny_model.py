@@ -32,7 +32,9 @@ from pathlib import Path
 import torch
 
 from server.chatml_tokenizer import SPECIAL_TOKENS, save_tokenizer, train_tokenizer
-from server.qwen35_checkpoint import save_checkpoint, save_qwen_scope_config, save_qwen_scope_layer, text_config
+from server.qwen35_checkpoint import (
+    param_shapes, save_checkpoint, save_qwen_scope_config, save_qwen_scope_layer, text_config,
+)
 
 __all__ = ["TinySettings", "SETTINGS", "INFO_FILE", "build_tiny_model", "is_built", "successors"]
 
@@ -206,45 +208,6 @@ def _install(tmp: Path, out: Path) -> None:
 # ----------------------------------------------------------------------------- model
 
 
-def _param_shapes(s: TinySettings) -> dict[str, tuple[int, ...]]:
-    """Every tensor of the HF checkpoint, by name (mirrors modeling_qwen3_5)."""
-    d, m = s.hidden_size, s.intermediate_size
-    shapes: dict[str, tuple[int, ...]] = {
-        "model.embed_tokens.weight": (s.vocab_size, d),
-        "model.norm.weight": (d,),
-        "lm_head.weight": (s.vocab_size, d),
-    }
-    key_dim = s.linear_key_heads * s.linear_head_dim
-    value_dim = s.linear_value_heads * s.linear_head_dim
-    for i in range(s.num_layers):
-        p = f"model.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (d,)
-        shapes[p + "post_attention_layernorm.weight"] = (d,)
-        shapes[p + "mlp.gate_proj.weight"] = (m, d)
-        shapes[p + "mlp.up_proj.weight"] = (m, d)
-        shapes[p + "mlp.down_proj.weight"] = (d, m)
-        if (i + 1) % s.full_attention_interval == 0:
-            a = p + "self_attn."
-            shapes[a + "q_proj.weight"] = (s.num_heads * s.head_dim * 2, d)  # query + output gate
-            shapes[a + "k_proj.weight"] = (s.num_kv_heads * s.head_dim, d)
-            shapes[a + "v_proj.weight"] = (s.num_kv_heads * s.head_dim, d)
-            shapes[a + "o_proj.weight"] = (d, s.num_heads * s.head_dim)
-            shapes[a + "q_norm.weight"] = (s.head_dim,)
-            shapes[a + "k_norm.weight"] = (s.head_dim,)
-        else:
-            a = p + "linear_attn."
-            shapes[a + "in_proj_qkv.weight"] = (2 * key_dim + value_dim, d)
-            shapes[a + "in_proj_z.weight"] = (value_dim, d)
-            shapes[a + "in_proj_b.weight"] = (s.linear_value_heads, d)
-            shapes[a + "in_proj_a.weight"] = (s.linear_value_heads, d)
-            shapes[a + "conv1d.weight"] = (2 * key_dim + value_dim, 1, s.conv_kernel)
-            shapes[a + "dt_bias"] = (s.linear_value_heads,)
-            shapes[a + "A_log"] = (s.linear_value_heads,)
-            shapes[a + "norm.weight"] = (s.linear_head_dim,)
-            shapes[a + "out_proj.weight"] = (d, value_dim)
-    return shapes
-
-
 def _init_tensor(name: str, shape: tuple[int, ...], s: TinySettings, g: torch.Generator) -> torch.Tensor:
     """Generic random init; the rule depends only on the name, so the order never matters."""
     if name.endswith("linear_attn.norm.weight"):
@@ -279,7 +242,7 @@ def _model_weights(s: TinySettings, seed: int, default_token: int) -> dict[str, 
         the bias dim (default_token, the last resort when steering cancels both).
     """
     rng = _Rng(seed)
-    state = {name: _init_tensor(name, shape, s, rng.gen(name)) for name, shape in _param_shapes(s).items()}
+    state = {name: _init_tensor(name, shape, s, rng.gen(name)) for name, shape in param_shapes(s).items()}
     state["model.embed_tokens.weight"] = _embeddings(s, rng.gen("embeddings"))
     codes = _copy_head(s, state, rng.gen("copy_head"))
     state["lm_head.weight"] = _lm_head(s, state["model.embed_tokens.weight"], codes, rng, default_token)

@@ -240,7 +240,7 @@ def write_hub_cache(
         git_sha1 = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
         entry: dict[str, Any] = {"size": len(data), "blob_id": git_sha1}
         blob = git_sha1
-        if path.endswith(".pt"):  # stored with LFS: the cache names the blob by its sha256
+        if path.endswith((".pt", ".safetensors")):  # stored with LFS: the cache names the blob by its sha256
             blob = hashlib.sha256(data).hexdigest()
             entry.update(lfs_sha256=blob, lfs_size=len(data))
         shutil.copyfile(src, folder / "blobs" / blob)
