@@ -4,6 +4,8 @@ Hypothesis builds request bodies from each route's fields, with well-typed, wron
 hostile values (reserved `vllm_xargs` keys, forged specs, huge numbers, deep and odd JSON), and
 sends them to the shared server. Every answer must be below 500 in the OpenAI error shape, and
 the engine must outlive the run. Derandomized and bounded, so CI sees the same cases each time.
+The request's shape is fuzzed too (issue 21): every method, with and without the key, no, one
+or several Content-Type headers of any kind, JSON, deep or raw bodies.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ from __future__ import annotations
 import json
 from urllib.parse import quote
 
+import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import MODEL_NAME
+from tests.conftest import AUTH, MODEL_NAME
 
 EXAMPLES = 60  # per test: ~400 requests in all, about a minute on the CPU default
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
@@ -146,6 +149,37 @@ def test_fuzz_feature_lookups(http):
 
     params = st.dictionaries(st.sampled_from(["q", "token", "layer", "limit", "offset", "x"]), query_value, max_size=4)
     given(params, query_value, query_value)(FUZZ(run))()
+
+
+def test_fuzz_methods_headers_and_bodies(server):
+    """The key is checked first, then the content type (one, JSON on a JSON route), then the body."""
+    methods = st.sampled_from(["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
+    paths = st.sampled_from(["/v1/completions", "/v1/chat/completions", "/invocations", "/v1/features/inspect",
+                             "/v1/batches", "/v1/files", "/tokenize", "/metrics", "/v1/models", "/health"])
+    content_types = st.lists(st.sampled_from([
+        "application/json", "application/json; charset=utf-8", "APPLICATION/JSON", "multipart/form-data; boundary=x",
+        "text/plain", "application/x-www-form-urlencoded", "application/jsonl", ""]), max_size=3)
+    bodies = st.one_of(completion_body.map(lambda b: json.dumps(bounded(b)).encode()),
+                       inspect_body.map(lambda b: json.dumps(b).encode()), st.binary(max_size=200),
+                       st.integers(min_value=1, max_value=100_000).map(lambda d: b"[" * d + b"]" * d))
+
+    def run(method, path, types, body, keyed):
+        headers = [*(AUTH.items() if keyed else ()), *(("content-type", t) for t in types)]
+        response = httpx.request(method, server.base_url + path, headers=headers,
+                                 content=body if method not in ("GET", "HEAD") else None, timeout=300)
+        assert response.status_code < 500, response.text[:2000]
+        if path != "/health" and not keyed:
+            assert response.status_code == 401
+        elif len(types) > 1:
+            assert response.status_code == 400
+            assert method == "HEAD" or response.json()["error"]["code"] == "ambiguous_content_type"
+        elif method in ("POST", "PUT", "PATCH") and path != "/v1/files" and body.strip() and (
+                not types or types[0].split(";")[0].strip().lower() != "application/json"):
+            assert response.status_code == 415
+        if response.status_code >= 400 and method != "HEAD":
+            assert {"message", "type", "param", "code"} <= set(response.json()["error"]), response.text[:2000]
+
+    given(methods, paths, content_types, bodies, st.booleans())(FUZZ(run))()
 
 
 def test_engine_survived_the_fuzzing(server, http):
