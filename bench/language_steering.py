@@ -1,6 +1,7 @@
 """Language steering on the shipped default model: for each corpus language, clamp its language
 feature (found by label search, as a user would) and count how many of 20 greedy answers to
-prompts in another language come out in it, judged by `langid`.
+prompts in another language come out in it, judged by `lingua` over all its languages with a
+function-word check (server/default_model/language_steering.py: `identify`).
 
 Starts `steerserve serve` exactly as `make serve` does (unless --base-url is given) and prints,
 per target language and clamp value, the share of answers in the prompts' language unsteered

@@ -2,8 +2,8 @@
 automatic labels, served exactly as `make serve` serves it.
 
 Checks what a newcomer sees: the files load like the real release, label search finds the
-language features, clamping one turns English answers into that language (judged by `langid`,
-not by our own statistics), and steering on it keeps the isolation, streaming and error
+language features, clamping one turns English answers into that language (judged by `lingua`
+and function words, not by our own statistics), and steering on it keeps the isolation, streaming and error
 behaviour of the fixture model.
 """
 
