@@ -10,19 +10,22 @@ and the response, JSON or server-sent events, gets the normalised spec echoed ba
 route refuses a `steering` field rather than ignore it. Unsteered requests pass through with
 their body untouched. For a spec with gates, the echo at the end of the response (the JSON body,
 or one last chunk before a stream's `[DONE]`) also says how many tokens each gate let through;
-a `trace` (server/traces.py) arrives there too, per choice.
+a `trace` (server/traces.py) arrives there too, per choice. A worker that refused the request's
+spec (sae_plugins/rejections.py) turns the response into a 500: before a stream's first event,
+or instead of the JSON body, so an unsteered answer never goes out labelled as steered.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sae_plugins.worker_extension import GATE_REPORTS
+from sae_plugins.worker_extension import GATE_REPORTS, REJECTIONS
 
 from .body_reading import BodyChannel, check_headers, read_json_body, reads_json, refuse
 from .errors import APIError
@@ -31,6 +34,8 @@ from .request_guard import (
 )
 from .request_translation import translate_request
 from .traces import num_choices, prompt_tokens_for_residuals, take_traces
+
+logger = logging.getLogger("vllm.steerserve")
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -128,7 +133,8 @@ class SteeringMiddleware:
                 for choice in additions["baseline"].get("choices", []):
                     choice["trace"] = traces.get(choice.get("index"), [])
         new_body = json.dumps(translation.body).encode()
-        echoing = _EchoingSend(send, additions, _response_end(context, translation), _trace_pieces(context, translation))
+        echoing = _EchoingSend(send, additions, _response_end(context, translation), _trace_pieces(context, translation),
+                               _stream_rejection(context, translation))
         if spec is None:
             await self.app(_with_length(scope, new_body), _replay(new_body, receive), echoing)
             return
@@ -157,13 +163,37 @@ class _ResponseEnd:
 
     fields: dict[str, Any] = field(default_factory=dict)
     per_choice: dict[int, dict[str, Any]] = field(default_factory=dict)
+    rejected: APIError | None = None  # a worker refused the request's spec: answer this instead
+
+
+def _rejection_error(reason: str) -> APIError:
+    logger.error("steerserve: a worker refused a spec the API signed (%s); failing the request. Every vLLM "
+                 "process must share the deployment's STEERSERVE_SPEC_SECRET (see the start-up log)", reason)
+    return APIError(f"a worker refused this request's steering/trace spec ({reason}); this is a deployment "
+                    "misconfiguration (every vLLM process must share STEERSERVE_SPEC_SECRET), not a problem with "
+                    "the request", code="spec_rejected_by_worker", status=500, type="server_error")
+
+
+async def _take_rejection(context, ticket: str) -> APIError | None:
+    reasons = [r for r in await context.takes.take(REJECTIONS, ticket) if r]
+    return _rejection_error(reasons[0]) if reasons else None
+
+
+def _stream_rejection(context, translation) -> Callable[[], Awaitable[APIError | None]] | None:
+    """For a stream: taken before its first event goes out (the worker read the spec in the step
+    that computed the first token, before that token reached the API)."""
+    if translation.ticket is None or not translation.body.get("stream"):
+        return None
+    return lambda: _take_rejection(context, translation.ticket)
 
 
 def _response_end(context, translation) -> Callable[[], Awaitable[_ResponseEnd]] | None:
     """Taken from the workers once the request is done: a gated spec's gate report, folded into
-    its echo, and the request's trace per choice."""
+    its echo, the request's trace per choice, and (not for streams, which check before their
+    first event) whether a worker refused the spec."""
     spec, report, trace = translation.spec, translation.gate_report, translation.trace
-    if report is None and trace is None:
+    ticket = None if translation.body.get("stream") else translation.ticket
+    if report is None and trace is None and ticket is None:
         return None
     choices = num_choices(translation.body)
 
@@ -178,8 +208,12 @@ def _response_end(context, translation) -> Callable[[], Awaitable[_ResponseEnd]]
             taken = await take_traces(context, trace, choices, whole=not translation.body.get("stream"))
             result.per_choice = {i: {"trace": taken.get(i, [])} for i in range(choices)}
 
-        # at once, so that both go in one worker RPC (server/worker_takes.py)
-        await asyncio.gather(*(take() for take, asked in ((gate_report, report), (traces, trace)) if asked is not None))
+        async def rejection() -> None:
+            result.rejected = await _take_rejection(context, ticket)
+
+        # at once, so that all go in one worker RPC (server/worker_takes.py)
+        await asyncio.gather(*(take() for take, asked in ((gate_report, report), (traces, trace), (rejection, ticket))
+                               if asked is not None))
         return result
 
     return end
@@ -218,11 +252,13 @@ class _EchoingSend:
 
     def __init__(self, send: Send, additions: dict[str, Any],
                  final: Callable[[], Awaitable[_ResponseEnd]] | None = None,
-                 trace_pieces: Callable[[], Awaitable[dict[int, list[dict]]]] | None = None):
+                 trace_pieces: Callable[[], Awaitable[dict[int, list[dict]]]] | None = None,
+                 rejection: Callable[[], Awaitable[APIError | None]] | None = None):
         self._send = send
         self._additions = additions
         self._final = final
         self._trace_pieces = trace_pieces
+        self._rejection = rejection  # a stream's check, before its first event
         self._pending_traces: dict[int, list[dict]] = {}  # taken, not yet sent
         self._start: Message | None = None
         self._mode = "passthrough"
@@ -238,17 +274,34 @@ class _EchoingSend:
                 return
             if message["status"] == 200 and content_type.startswith("text/event-stream"):
                 self._mode = "sse"
+                if self._rejection is not None:
+                    self._start = message  # sent with the first event, once the workers accepted the spec
+                    return
             await self._send(message)
+            return
+        if self._mode == "rejected":  # the client has its error; the rest of the stream goes nowhere
             return
         if message["type"] != "http.response.body" or self._mode == "passthrough":
             await self._send(message)
             return
+        if self._mode == "sse" and self._start is not None:
+            start, self._start = self._start, None
+            assert self._rejection is not None
+            rejected = await self._rejection()
+            if rejected is not None:
+                self._mode = "rejected"
+                await self._send_error(rejected)
+                return
+            await self._send(start)
         self._buffer += message.get("body", b"")
         more = message.get("more_body", False)
         if self._mode == "json":
             if more:
                 return
             end = await self._final() if self._final is not None else _ResponseEnd()
+            if end.rejected is not None:
+                await self._send_error(end.rejected)
+                return
             self._additions = {**self._additions, **end.fields}
             body = self._with_additions(self._buffer, end.per_choice)
             assert self._start is not None
@@ -267,6 +320,13 @@ class _EchoingSend:
             out += await self._sse_event(rest)
             self._buffer = b""
         await self._send({"type": "http.response.body", "body": out, "more_body": more})
+
+    async def _send_error(self, error: APIError) -> None:
+        body = json.dumps(error.body()).encode()
+        await self._send({"type": "http.response.start", "status": error.status,
+                          "headers": [(b"content-type", b"application/json"),
+                                      (b"content-length", str(len(body)).encode())]})
+        await self._send({"type": "http.response.body", "body": body, "more_body": False})
 
     def _with_additions(self, raw: bytes, per_choice: dict[int, dict[str, Any]] | None = None) -> bytes:
         try:
