@@ -8,7 +8,8 @@ default /health and /ping, so load balancers can probe), answering 401 in the Op
 shape. Every method needs the key, OPTIONS and HEAD included (an OPTIONS on `/metrics` would
 otherwise reach its Prometheus app). CORS preflights never get here: vLLM's CORS middleware,
 outside this one, answers them itself, from `--allowed-origins` (an empty list, the default,
-refuses every cross-origin preflight).
+refuses every cross-origin preflight). A client still writing its body reads the 401 before the
+connection closes (body_reading.refuse).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from http import HTTPStatus
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .body_reading import BodyChannel, refuse
 from .errors import APIError
+from .limits import Limits
 
 DEFAULT_OPEN_PATHS = ("/health", "/ping")
 KEYS_ATTRIBUTE = "steerserve_api_keys"  # where cli.py leaves the keys on vLLM's args
@@ -53,7 +56,10 @@ class AuthMiddleware:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
-        await error.response()(scope, receive, send)
+        # A client writing a body it sent without a key reads the 401 like the guard's 413 (body_reading.py).
+        context = getattr(scope["app"].state, "steerserve", None) if "app" in scope else None
+        limits = context.limits if context is not None else Limits()
+        await refuse(error, scope, BodyChannel(receive), send, limits.max_request_bytes)
 
     def _authorized(self, headers: Headers) -> bool:
         scheme, _, token = headers.get("authorization", "").partition(" ")

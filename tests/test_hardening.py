@@ -218,20 +218,35 @@ def test_clients_cannot_jump_the_queue(http, route):
             assert http.post(route, json={**GENERATING_ROUTES[route], "priority": priority}).status_code == 200
 
 
-def test_a_client_that_writes_the_whole_body_first_reads_the_413(server):
+def test_a_client_that_writes_the_whole_body_first_reads_the_refusal(server):
     """The 413 went out from Content-Length and the connection closed under the client still
     writing (urllib sends `Connection: close`): a reset instead of the answer (issue 21)."""
     def chunked():  # no Content-Length: refused once 16 MiB have arrived, the rest is drained
         for _ in range(20):
             yield b"a" * 2**20
 
-    for data in (b"a" * (20 * 2**20), chunked()):
+    for data, auth, status, code in ((b"a" * (20 * 2**20), AUTH, 413, "request_too_large"),
+                                     (chunked(), AUTH, 413, "request_too_large"),
+                                     (b"a" * (20 * 2**20), {}, 401, "invalid_api_key")):
         request = urllib.request.Request(server.base_url + "/v1/completions", data=data,
-                                         headers={"Content-Type": "application/json", **AUTH})
+                                         headers={"Content-Type": "application/json", **auth})
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=120)
-        assert refused.value.code == 413
-        assert json.loads(refused.value.read())["error"]["code"] == "request_too_large"
+        assert refused.value.code == status
+        assert json.loads(refused.value.read())["error"]["code"] == code
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions", "/v1/features/inspect", "/tokenize"])
+def test_a_lone_surrogate_in_a_prompt_is_not_a_server_error(http, route):
+    """JSON may escape a lone surrogate ("\\ud800"); Python's parser keeps it, no tokenizer can
+    encode it. A batch line carrying one goes through the same routes."""
+    prompt = {"messages": [{"role": "user", "content": "the \ud800 weather"}]} if "chat" in route else {
+        "prompt": "the \ud800 weather"}
+    text = json.dumps({"model": MODEL_NAME, "max_tokens": 2, **prompt})  # ASCII: the surrogate as an escape
+    response = http.post(route, content=text.encode(), headers={"content-type": "application/json"})
+    assert response.status_code < 500, response.text
+    if response.status_code >= 400:
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
 
 def test_health_answers_without_the_key(server):
