@@ -24,6 +24,7 @@ from sae_plugins.feature_capture import CAPTURE_KEY, CaptureSpec
 from sae_plugins.worker_extension import CAPTURES
 
 from .errors import APIError, errors_as_json, from_validation
+from .in_process import chat_prompt_ids
 from .limits import MAX_TOP_K
 from .sae_checks import index_in_range, loaded_layer
 from .sae_quality import QualitySums
@@ -114,8 +115,9 @@ async def inspect(request: Request):
 
 
 async def _tokenize(context, req: InspectRequest) -> tuple[list[int], str]:
-    """Token ids of the input. Tokenizing is CPU-bound: it runs off the event loop, and only
-    after a character bound that no input fitting the context can exceed by much."""
+    """Token ids of the input: messages as chat completions render them (vLLM's renderer, through
+    /tokenize), a prompt as the tokenizer splits it. Both are CPU-bound and run off the event loop,
+    only after a character bound that no input fitting the context can exceed by much."""
     if (req.messages is None) == (req.prompt is None):
         raise APIError("give exactly one of `messages` or `prompt`", param="messages", code="invalid_request")
     field = "messages" if req.messages is not None else "prompt"
@@ -125,16 +127,11 @@ async def _tokenize(context, req: InspectRequest) -> tuple[list[int], str]:
     if chars > max_chars:
         raise APIError(f"the input has {chars} characters; inspect takes at most {max_chars} "
                        f"({max_tokens} tokens)", param=field, code="too_many_tokens")
-    tokenizer = context.engine.get_tokenizer()
-    if req.messages is not None:
-        try:
-            text = await asyncio.to_thread(tokenizer.apply_chat_template, req.messages,
-                                           add_generation_prompt=req.add_generation_prompt, tokenize=False)
-        except Exception as exc:  # the template rejects malformed messages
-            raise APIError(f"cannot apply the chat template: {exc}", param="messages", code="invalid_request")
-        token_ids = await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=False)
+    if req.messages is not None:  # rendered as chat completions render it
+        token_ids = await chat_prompt_ids(context.client, context.served_model,
+                                          {"messages": req.messages, "add_generation_prompt": req.add_generation_prompt})
     else:
-        token_ids = await asyncio.to_thread(tokenizer.encode, req.prompt)
+        token_ids = await asyncio.to_thread(context.engine.get_tokenizer().encode, req.prompt)
     if not token_ids:
         raise APIError("the input has no tokens", param=field, code="empty_input")
     if len(token_ids) > max_tokens:

@@ -31,6 +31,7 @@ from sae_plugins.feature_capture import CAPTURE_KEY, CaptureSpec, trace_key
 from sae_plugins.worker_extension import CAPTURES
 
 from .errors import APIError, from_validation
+from .in_process import chat_prompt_ids
 from .limits import MAX_TOP_K
 from .request_guard import as_vllm_reads_int
 from .sae_checks import loaded_layer
@@ -117,8 +118,9 @@ def _residual_positions(trace: TraceRequest, body: dict, max_residuals: int, pro
 
 async def prompt_tokens_for_residuals(context, payload: object) -> int | None:
     """The prompt's token count when a trace of all positions asks for residuals (else None):
-    tokenized as vLLM will (chat template, then the tokenizer), off the event loop, after a
-    character bound no prompt that fits the context exceeds by much."""
+    a chat prompt rendered by vLLM itself (in_process.chat_prompt_ids), a text prompt tokenized
+    off the event loop, both after a character bound no prompt that fits the context exceeds
+    by much."""
     raw = payload.get("trace") if isinstance(payload, dict) else None
     if not (isinstance(raw, dict) and raw.get("residuals") is True and raw.get("positions") == "all"):
         return None
@@ -131,17 +133,11 @@ async def prompt_tokens_for_residuals(context, payload: object) -> int | None:
     if len(json.dumps(prompt)) > max_chars:
         raise APIError(f"the prompt is longer than {max_chars} characters, more than the context holds",
                        param=field, code="too_many_tokens")
-    tokenizer = context.engine.get_tokenizer()
-    try:
-        if not chat:
-            return len(await asyncio.to_thread(tokenizer.encode, prompt)) if isinstance(prompt, str) else None
-        text = await asyncio.to_thread(
-            tokenizer.apply_chat_template, prompt, tools=payload.get("tools"), tokenize=False,
-            add_generation_prompt=payload.get("add_generation_prompt", True),
-            **(payload.get("chat_template_kwargs") or {}))
-    except Exception as exc:  # the template rejects malformed messages
-        raise APIError(f"cannot count the prompt's tokens: {exc}", param=field, code="invalid_request") from None
-    return len(await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=False))
+    if chat:
+        return len(await chat_prompt_ids(context.client, context.served_model, payload))
+    if not isinstance(prompt, str):
+        return None
+    return len(await asyncio.to_thread(context.engine.get_tokenizer().encode, prompt))
 
 
 def attach_trace(body: dict, trace: TraceRequest) -> CaptureSpec:

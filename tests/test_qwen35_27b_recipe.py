@@ -68,10 +68,15 @@ def stream(http: httpx.Client, **extra) -> list[dict]:
     return [json.loads(e) for e in events[:-1]]
 
 
-def prompt_ids(http: httpx.Client) -> list[int]:
-    response = http.post("/tokenize", json={"model": MODEL, "messages": MESSAGES, "tools": [WEATHER_TOOL]})
+def tokenize(http: httpx.Client, messages: list[dict], **extra) -> list[int]:
+    """The prompt vLLM renders for `messages` (its /tokenize: the chat completions' renderer)."""
+    response = http.post("/tokenize", json={"model": MODEL, "messages": messages, **extra})
     assert response.status_code == 200, response.text
     return response.json()["tokens"]
+
+
+def prompt_ids(http: httpx.Client) -> list[int]:
+    return tokenize(http, MESSAGES, tools=[WEATHER_TOOL])
 
 
 def steering(standin) -> dict:
@@ -184,6 +189,33 @@ def test_steered_call_with_trace_gates_and_compare(recipe):
     first = len(prompt) - 1
     check_trace(choice["trace"], standin, first, steered=True)
     check_trace(baseline["trace"], standin, first, steered=False)
+
+
+def test_a_tool_conversation_is_counted_and_inspected_as_vllm_renders_it(recipe):
+    """The next turn of a tool conversation, as OpenAI clients send it: the call's arguments a
+    JSON string, the thinking under `reasoning`. vLLM hands the template the arguments as a
+    mapping (Qwen3.5's template iterates them: a string makes it raise) and the thinking as
+    reasoning_content. Residual traces of all positions count the prompt and inspect tokenizes
+    it the same way, so both serve it, over exactly the prompt the completion ran."""
+    http, standin = recipe
+    turn = {"role": "assistant", "content": None, "reasoning": REASONING, "tool_calls": [
+        {"id": "call-1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]}
+    messages = [*MESSAGES, turn, {"role": "tool", "tool_call_id": "call-1", "content": "Sunny, 21 C"}]
+    prompt = tokenize(http, messages, tools=[WEATHER_TOOL])
+    assert _contains(prompt, standin.reasoning_ids)  # the earlier turn's thinking is in the prompt
+    answer = chat(http, messages=messages, trace={"layers": [16], "top_k": 1, "positions": "all", "residuals": True})
+    assert answer["usage"]["prompt_tokens"] == len(prompt)
+    trace = answer["choices"][0]["trace"]
+    assert [e["position"] for e in trace] == list(range(len(prompt) + answer["usage"]["completion_tokens"] - 1))
+    assert all(set(e["residuals"]) == {"16"} for e in trace)
+    assert tool_call(answer["choices"][0]["message"]) == ("get_weather", {"city": "Paris"})
+    response = http.post("/v1/features/inspect", json={"messages": messages, "layers": [16], "top_k": 1})
+    assert response.status_code == 200, response.text
+    assert [t["token_id"] for t in response.json()["tokens"]] == tokenize(http, messages)
+
+
+def _contains(tokens: list[int], run: tuple[int, ...]) -> bool:
+    return any(tuple(tokens[i : i + len(run)]) == run for i in range(len(tokens)))
 
 
 def test_steered_stream_parses_and_echoes_in_every_chunk(recipe):

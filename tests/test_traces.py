@@ -112,14 +112,12 @@ def test_residuals_are_the_reference_streams(client, reference, active_features)
     ({"messages": [{"role": "user", "content": "rain " * 800}], "n": 3}, "trace.residuals",
      "invalid_trace"),  # (810 + 2) positions x 2 layers x 3 choices > 4096
     ({"chat_template_kwargs": "x"}, "messages", "invalid_request"),
-    ({"chat_template_kwargs": {"tokenize": True}}, "messages", "invalid_request"),  # collides with ours
-    ({"messages": [{"role": "user"}]}, "messages", "invalid_request"),
     ({"messages": 5}, "messages", "invalid_request"),
     ({"messages": [{"role": "user", "content": "x" * 200_000}]}, "messages", "too_many_tokens"),
 ])
 def test_a_chat_prompt_is_counted_for_residuals_and_bad_ones_get_400s(http, change, param, code):
-    """Residuals at all positions: the chat prompt's tokens are counted (template, tokenizer)
-    before the request runs; what the template cannot read is a 400 naming the messages."""
+    """Residuals at all positions: the chat prompt's tokens are counted (vLLM's own rendering,
+    through /tokenize) before the request runs; what it cannot render is a 400 naming the messages."""
     body = {"model": MODEL_NAME, "messages": PROMPT, "max_tokens": 2,
             "trace": {"layers": [1, 2], "residuals": True, "positions": "all"}} | change
     response = http.post("/v1/chat/completions", json=body)
@@ -130,6 +128,22 @@ def test_a_chat_prompt_is_counted_for_residuals_and_bad_ones_get_400s(http, chan
     ok = {"model": MODEL_NAME, "messages": PROMPT, "max_tokens": 2, "trace": body["trace"]} | (
         {"messages": body["messages"], "n": 3} if param == "trace.residuals" else {})  # its generation fits
     assert http.post("/v1/chat/completions", json=ok).status_code == 200  # and the server is up
+
+
+@pytest.mark.parametrize("change", [
+    {"chat_template_kwargs": {"tokenize": True}},  # vLLM sets its own
+    {"messages": [{"role": "user"}]},  # vLLM renders a missing content as empty
+])
+def test_what_vllm_renders_is_counted_as_it_renders_it(http, change):
+    """A chat request vLLM serves is served with residuals at all positions too (counted by its own
+    renderer, not by a second template call that reads the messages differently), over exactly
+    the prompt it ran."""
+    body = {"model": MODEL_NAME, "messages": PROMPT, "max_tokens": 2,
+            "trace": {"layers": [1], "residuals": True, "positions": "all"}} | change
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    usage, trace = response.json()["usage"], response.json()["choices"][0]["trace"]
+    assert [e["position"] for e in trace] == list(range(usage["prompt_tokens"] + usage["completion_tokens"] - 1))
 
 
 @pytest.mark.parametrize("extra,prompt,param,code", [
