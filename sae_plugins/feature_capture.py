@@ -15,13 +15,16 @@ child request per choice, all with the same capture spec), under `trace_key(id, 
 `residuals` it also keeps each position's stream itself (RESIDUAL_ENCODING), at most that many
 positions per layer and result: the API bounds a request's vectors before it runs, and this
 bound keeps a worker's memory safe whatever the API counted.
+
+Results are kept in the worker's WorkerStore (worker_store.py), charged an estimate of the bytes
+Python holds for them against its budget. A position is recorded once per request: rows a
+preemption makes the engine compute again are left out by the runtime (StepCapture.recorded_below).
 """
 
 from __future__ import annotations
 
 import base64
 import json
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -29,9 +32,9 @@ import torch
 
 from . import request_signing, sae_math
 from .sae import SAEWeights
+from .worker_store import CAPTURES, DEFAULT_MAX_STORE_MIB, WorkerStore
 
 CAPTURE_KEY = "steerserve_capture"
-MAX_PENDING_CAPTURES = 4096  # results nobody took (client gone) are dropped oldest first
 AGGREGATE_TOP = 20
 # Rows encoded at once (here and by the PyTorch backend): at Qwen3.5-27B shapes (81,920
 # features, 5,120 wide) one chunk needs at most ~0.4 GB of workspace, whatever the step's size.
@@ -134,23 +137,25 @@ class StepCapture(NamedTuple):
     rows: int
     first_position: int
     key: str  # where the result is kept: the capture id, or a trace's trace_key
+    recorded_below: int = 0  # positions below it were recorded before (computed again after a preemption)
 
     @staticmethod
     def of_request(spec: CaptureSpec, req_id: str, first_row: int, rows: int, first_position: int,
-                   num_prompt: int) -> "StepCapture | None":
-        """The rows this step records for a request (None: none of them)."""
-        if spec.generation_only:
-            skip = max(0, min(rows, num_prompt - 1 - first_position))
-            first_row, rows, first_position = first_row + skip, rows - skip, first_position + skip
+                   num_prompt: int, recorded_below: int = 0) -> "StepCapture | None":
+        """The rows this step records (or, splicing, edits) for a request (None: none of them)."""
+        skip = max(0, min(rows, num_prompt - 1 - first_position)) if spec.generation_only else 0
+        if not spec.splice:  # rows computed again need neither an encode nor a record
+            skip = max(skip, min(rows, recorded_below - first_position))
+        first_row, rows, first_position = first_row + skip, rows - skip, first_position + skip
         if rows <= 0:
             return None
         return StepCapture(spec, first_row, rows, first_position,
-                           trace_key(spec.id, choice_index(req_id)) if spec.trace else spec.id)
+                           trace_key(spec.id, choice_index(req_id)) if spec.trace else spec.id, recorded_below)
 
 
 class CaptureStore:
-    def __init__(self) -> None:
-        self._captures: OrderedDict[str, tuple[CaptureSpec, dict[int, _LayerCapture]]] = OrderedDict()
+    def __init__(self, store: WorkerStore | None = None) -> None:
+        self.store = store or WorkerStore(DEFAULT_MAX_STORE_MIB * 2**20)
         self._step: list[StepCapture] = []
 
     def begin_step(self, step: list[StepCapture]) -> None:
@@ -163,7 +168,7 @@ class CaptureStore:
         """Features of this step's capturing rows in the stream `hidden + residual` at `layer`;
         for a splicing capture, those rows' stream then becomes the SAE's reconstruction (what
         the model computes downstream of an SAE that replaced the layer's output)."""
-        for spec, start, n, first_position, key in self._step:
+        for spec, start, n, first_position, key, recorded_below in self._step:
             if layer not in spec.layers:
                 continue
             for lo in range(start, start + n, ENCODE_CHUNK_ROWS):
@@ -171,9 +176,12 @@ class CaptureStore:
                 x = hidden[lo:hi].float() + residual[lo:hi].float()
                 features = sae_math.encode(sae, x)
                 x_hat = sae_math.decode(sae, features) if spec.quality or spec.splice else None
-                positions = list(range(first_position + lo - start, first_position + hi - start))
-                self.record(spec, layer, positions, features, (x, x_hat) if spec.quality else None, key,
-                            x if spec.residuals else None)
+                position = first_position + lo - start
+                new = max(0, min(hi - lo, recorded_below - position))  # rows before it were recorded already
+                if new < hi - lo:
+                    self.record(spec, layer, list(range(position + new, position + hi - lo)), features[new:],
+                                (x[new:], x_hat[new:]) if spec.quality else None, key,
+                                x[new:] if spec.residuals else None)
                 if spec.splice:
                     hidden[lo:hi] = (x_hat - residual[lo:hi].float()).to(hidden.dtype)
 
@@ -183,13 +191,22 @@ class CaptureStore:
         """features: dense activations [rows, d_sae] of the rows at `positions`; streams: those
         rows' residual stream and its SAE reconstruction, given when the capture accumulates
         reconstruction quality; key: where to keep it (default: the capture id); residual_rows:
-        the rows' stream, for a trace that returns residuals."""
-        key = key or spec.id
-        if key not in self._captures:
-            self._captures[key] = (spec, {})
-            while len(self._captures) > MAX_PENDING_CAPTURES:
-                self._captures.popitem(last=False)
-        entry = self._captures[key][1].setdefault(layer, _LayerCapture())
+        the rows' stream, for a trace that returns residuals. Nothing is recorded once the
+        result outgrew the store's budget (its take says so)."""
+        store_key = (CAPTURES, key or spec.id)
+        stored = self.store.entry(store_key, dict)
+        if stored.full:
+            return
+        layers: dict[int, _LayerCapture] = stored.value
+        entry = layers.get(layer)
+        room = max(0, spec.residuals - len(entry.residuals)) if entry is not None else spec.residuals
+        stream = residual_rows if residual_rows is not None else streams[0] if streams is not None else None
+        d_model = stream.shape[-1] if stream is not None else 0
+        nbytes = _record_bytes(spec, len(positions), min(room, len(positions)), features.shape[-1], d_model,
+                               new_layer=entry is None)
+        if not self.store.charge(store_key, nbytes):
+            return
+        entry = layers.setdefault(layer, _LayerCapture())
         values, indices = features.topk(spec.top_k, dim=-1)
         entry.positions += positions
         entry.indices += indices.tolist()
@@ -197,7 +214,6 @@ class CaptureStore:
         if spec.watch:
             entry.watched += features[:, list(spec.watch)].float().tolist()
         if residual_rows is not None:
-            room = max(0, spec.residuals - len(entry.residuals))
             rows = residual_rows[:room].float().cpu().numpy().astype("<f4")
             entry.residuals += [base64.b64encode(row.tobytes()).decode("ascii") for row in rows]
             entry.residuals += [None] * (len(positions) - len(rows))
@@ -219,12 +235,35 @@ class CaptureStore:
             entry.aggregated_positions += counted.shape[0]
 
     def take(self, capture_id: str) -> dict | None:
-        """JSON-safe result per layer, positions in order; None if unknown (or dropped)."""
-        item = self._captures.pop(capture_id, None)
-        if item is None:
+        """JSON-safe result per layer, positions in order; None if unknown (or dropped); the
+        store's full marker (worker_store.full_marker) if it outgrew the budget."""
+        stored = self.store.take((CAPTURES, capture_id))
+        if stored is None:
             return None
-        _, layers = item
-        return {layer: _layer_result(entry) for layer, entry in layers.items()}
+        if stored.full:
+            return self.store.full_marker()
+        return {layer: _layer_result(entry) for layer, entry in stored.value.items()}
+
+
+# What Python holds, roughly, per recorded row: list slots, ints and floats (CPython sizes), a
+# list per row for its top-k indices and values (and watched features), a base64 string per residual.
+_SLOT, _INT, _FLOAT, _LIST, _STR = 8, 28, 24, 56, 49
+
+
+def _record_bytes(spec: CaptureSpec, rows: int, residual_rows: int, d_sae: int, d_model: int,
+                  new_layer: bool) -> int:
+    """Bytes a record of `rows` positions adds to a capture (estimated, see the sizes above)."""
+    per_row = _SLOT + _INT + 2 * (_SLOT + _LIST) + spec.top_k * (2 * _SLOT + _INT + _FLOAT)
+    if spec.watch:
+        per_row += _SLOT + _LIST + len(spec.watch) * (_SLOT + _FLOAT)
+    if spec.residuals:
+        per_row += _SLOT
+    fixed = 0
+    if new_layer and not spec.trace:  # the aggregate's max, sum and count [d_sae] float32
+        fixed += 3 * d_sae * 4
+    if new_layer and spec.quality:  # sum_x [d_model] float64 and fired [d_sae] bool
+        fixed += d_model * 8 + d_sae
+    return rows * per_row + residual_rows * (_STR + 4 * -(-d_model * 4 // 3)) + fixed
 
 
 def _layer_result(entry: _LayerCapture) -> dict:

@@ -6,22 +6,24 @@ inside (above, below). Backends evaluate it at the gate's layer into the planner
 host round trip. After the forward the runtime reads the step's gate columns once (only on
 steps that route a gated request) and adds up, per request that asked for a report, how many of
 its routed tokens passed each gate; the API takes the report by id once the request is done,
-as inspect takes its capture.
+as inspect takes its capture. A token is counted once (the runtime leaves out rows a preemption
+computes again), and only for the gates whose layer this worker holds: a pipeline stage never
+writes the gate columns of another stage's layers, so what its gate_state holds there is stale,
+and the API, taking the largest count over ranks, must read 0 from it.
 """
 
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from . import request_signing
+from .worker_store import DEFAULT_MAX_STORE_MIB, GATE_REPORTS, WorkerStore
 
 GATE_REPORT_KEY = "steerserve_gate_report"
-MAX_PENDING_REPORTS = 4096  # reports nobody took (client gone) are dropped oldest first
 
 
 def passes(activations: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
@@ -42,7 +44,7 @@ class GatedRows(NamedTuple):
     """A reporting request's rows in this step."""
 
     report_id: str
-    num_gates: int
+    local: np.ndarray  # [num_gates] bool: the gate's layer is on this worker (pipeline stage)
     first_row: int
     rows: int
 
@@ -50,8 +52,8 @@ class GatedRows(NamedTuple):
 class GateReports:
     """Per report id: routed tokens, and per gate column the tokens that passed."""
 
-    def __init__(self) -> None:
-        self._reports: OrderedDict[str, np.ndarray] = OrderedDict()  # [1 + num_gates] int64
+    def __init__(self, store: WorkerStore | None = None) -> None:
+        self.store = store or WorkerStore(DEFAULT_MAX_STORE_MIB * 2**20)  # [1 + num_gates] int64 per report
         self._step: list[GatedRows] = []
 
     def begin_step(self, step: list[GatedRows]) -> None:
@@ -63,7 +65,7 @@ class GateReports:
         self._step = []
         if not step:
             return
-        width = max(r.num_gates for r in step)
+        width = max(r.local.size for r in step)
         routed = step_slots > 0
         # per row: routed, then whether it passed each gate column (and was routed); a zero row
         # at the end lets every request's row range end inside the array
@@ -72,17 +74,22 @@ class GateReports:
         per_row[:-1, 1:] = (gate_state[: step_slots.size, :width].cpu().numpy() > 0.5) & routed[:, None]
         bounds = np.array([(r.first_row, r.first_row + r.rows) for r in step]).ravel()
         sums = np.add.reduceat(per_row, bounds, axis=0)[::2]  # each request's rows, summed
-        for (report_id, num_gates, _, _), counts in zip(step, sums):
-            counts = counts[: 1 + num_gates]
-            if report_id in self._reports:
-                self._reports[report_id] += counts
-            else:
-                self._reports[report_id] = counts.copy()
-                while len(self._reports) > MAX_PENDING_REPORTS:
-                    self._reports.popitem(last=False)
+        for (report_id, local, _, _), counts in zip(step, sums):
+            counts = counts[: 1 + local.size]
+            counts[1:] *= local
+            key = (GATE_REPORTS, report_id)
+            stored = self.store.entry(key, lambda: np.zeros_like(counts))
+            if stored.full or (not stored.nbytes and not self.store.charge(key, counts.nbytes + _ARRAY_BYTES)):
+                continue
+            stored.value += counts
 
     def take(self, report_id: str) -> dict | None:
-        counts = self._reports.pop(report_id, None)
-        if counts is None:
+        stored = self.store.take((GATE_REPORTS, report_id))
+        if stored is None:
             return None
-        return {"tokens": int(counts[0]), "passed": [int(c) for c in counts[1:]]}
+        if stored.full:
+            return self.store.full_marker()
+        return {"tokens": int(stored.value[0]), "passed": [int(c) for c in stored.value[1:]]}
+
+
+_ARRAY_BYTES = 112  # a small numpy array's own size (sys.getsizeof less its data)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .worker_store import DEFAULT_MAX_STORE_MIB
+
 ADDITIONAL_CONFIG_KEY = "steerserve"
 DEFAULT_MAX_FEATURES = 64
 DEFAULT_MAX_CONFIGS = 64
@@ -29,12 +31,17 @@ class PluginConfig:
     max_configs: int = DEFAULT_MAX_CONFIGS  # distinct steering specs in flight
     steering_kernel: str = "auto"  # one of STEERING_KERNELS
     api_servers: int = 1  # API processes, each admitting up to max_configs specs
+    max_store_mib: int = DEFAULT_MAX_STORE_MIB  # --max-worker-store-mib: results kept for the API (worker_store.py)
 
     @property
     def num_slots(self) -> int:
         """Config slots per worker: every API process's admitted specs, plus as many again of
         headroom for aborts racing new requests, plus the reserved slot 0 (config_slots.py)."""
         return (self.api_servers + 1) * self.max_configs + 1
+
+    @property
+    def max_store_bytes(self) -> int:
+        return self.max_store_mib * 2**20
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -58,4 +65,5 @@ class PluginConfig:
             max_configs=int(raw.get("max_configs", DEFAULT_MAX_CONFIGS)),
             steering_kernel=str(raw.get("steering_kernel", "auto")),
             api_servers=int(raw.get("api_servers", 1)),
+            max_store_mib=int(raw.get("max_store_mib", DEFAULT_MAX_STORE_MIB)),
         )

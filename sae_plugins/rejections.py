@@ -5,15 +5,15 @@ STEERSERVE_SPEC_SECRET) or finds a spec that does not fit its tables runs the re
 rather than crash the step (steering_runtime.py). The API must not then return that answer as a
 steered one, so every request the API signs a spec for also carries an unsigned ticket; a worker
 that refuses the spec records the reason under the ticket, and the API takes it with the
-response (server/steering_middleware.py) and answers 5xx instead.
+response (server/steering_middleware.py) and answers 5xx instead. A reason is kept whatever the
+worker store's budget (worker_store.py): a few bytes, and dropping it would let the answer pass.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from .worker_store import DEFAULT_MAX_STORE_MIB, REJECTIONS, WorkerStore
 
 TICKET_KEY = "steerserve_ticket"
-MAX_PENDING_REJECTIONS = 4096  # rejections nobody took (client gone): dropped oldest first
 
 
 def ticket_of(extra_args: dict) -> str | None:
@@ -23,15 +23,20 @@ def ticket_of(extra_args: dict) -> str | None:
 
 
 class Rejections:
-    def __init__(self) -> None:
-        self._reasons: OrderedDict[str, str] = OrderedDict()
+    def __init__(self, store: WorkerStore | None = None) -> None:
+        self.store = store or WorkerStore(DEFAULT_MAX_STORE_MIB * 2**20)
 
     def record(self, ticket: str | None, reason: str) -> None:
         if ticket is None:
             return
-        self._reasons[ticket] = reason
-        while len(self._reasons) > MAX_PENDING_REJECTIONS:
-            self._reasons.popitem(last=False)
+        key = (REJECTIONS, ticket)
+        stored = self.store.entry(key, lambda: reason)
+        if not stored.nbytes:
+            self.store.charge(key, _STR_BYTES + len(reason), force=True)
 
     def take(self, ticket: str) -> str | None:
-        return self._reasons.pop(ticket, None)
+        stored = self.store.take((REJECTIONS, ticket))
+        return stored.value if stored is not None else None
+
+
+_STR_BYTES = 49  # a str's own size (CPython), plus a byte per ASCII character

@@ -69,9 +69,10 @@ def install_steering(runner) -> None:
     logger.info(
         "steerserve: SAE steering on layers %s (SAEs %.1f MiB; %d config slots for %d distinct specs per API "
         "process, tables and routing %.1f MiB; workspace up to %.1f MiB, reserved in the memory profile; "
+        "results kept for the API up to %d MiB of host memory, outside the profile (--max-worker-store-mib); "
         "steering op: %s)",
         local, total / 2**20, runtime.slots.num_slots, config.max_configs, runtime.table_bytes() / 2**20,
-        runtime.workspace_bytes() / 2**20, runtime.kernel_name,
+        runtime.workspace_bytes() / 2**20, config.max_store_mib, runtime.kernel_name,
     )
 
 

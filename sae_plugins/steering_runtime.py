@@ -7,6 +7,8 @@
   * step_plan.py: this step's rows per layer, in fixed device buffers;
   * feature_capture.py: the rows of requests that record features;
   * gating.py: how many tokens passed each gate of the requests that want a report;
+  * worker_store.py: the results kept for the API (captures, gate reports, refusals), within a
+    byte budget, owned by their requests while they run;
   * backends/: the edit itself (PyTorch reference, native CPU kernel, Triton).
 The custom op (steering_op.py) finds the runtime in registry.py and calls `apply` at each
 steered layer; runner_patch.py calls the per-step methods.
@@ -37,7 +39,8 @@ import torch
 from . import gating, sae_math
 from .backends import LayerBuffers, select_backend
 from .config_slots import ConfigSlots, ConfigSlotsExhausted
-from .feature_capture import CAPTURE_KEY, ENCODE_CHUNK_ROWS, CaptureSpec, CaptureStore, StepCapture
+from .feature_capture import CAPTURE_KEY, ENCODE_CHUNK_ROWS, CaptureSpec, CaptureStore, StepCapture, choice_index, \
+    trace_key
 from .plugin_config import PluginConfig
 from .rejections import Rejections, ticket_of
 from .sae import SAEWeights
@@ -45,6 +48,7 @@ from .slot_tables import SlotTables
 from .step_plan import StepPlanner
 from .steering_spec import EXTRA_ARGS_KEY, SteeringSpec
 from .token_routing import APPLY_CODES, token_slots
+from .worker_store import CAPTURES, GATE_REPORTS, REJECTIONS, WorkerStore
 
 logger = logging.getLogger("vllm.steerserve")
 
@@ -66,6 +70,7 @@ class _RequestSteering(NamedTuple):
     capture: CaptureSpec | None
     gate_report: str | None = None  # report id: count the tokens that pass the spec's gates
     ticket: str | None = None  # where a refusal of the spec is recorded for the API (rejections.py)
+    local_gates: np.ndarray | None = None  # per gate of the spec: its layer is on this worker (pipeline stage)
 
 
 _UNSTEERED = _RequestSteering(None, None)
@@ -80,9 +85,10 @@ class SteeringRuntime:
         self.slots = ConfigSlots(config.num_slots)
         self.tables = SlotTables(saes, config.num_slots, config.max_features, device)
         self.planner = StepPlanner(self.tables, max_rows, device)
-        self.captures = CaptureStore()
-        self.gate_reports = gating.GateReports()
-        self.rejections = Rejections()
+        self.store = WorkerStore(config.max_store_bytes)
+        self.captures = CaptureStore(self.store)
+        self.gate_reports = gating.GateReports(self.store)
+        self.rejections = Rejections(self.store)
         self.backend = select_backend(config.steering_kernel, device, max_rows, config.max_features)
         self._layers = {
             layer: LayerBuffers(layer, saes[layer], self.planner.routing[li], self.planner.plan_counts[li],
@@ -95,6 +101,9 @@ class SteeringRuntime:
             self.backend.prepare(layer)
         self.step_slots = np.zeros(0, dtype=np.int32)  # this step's slot per flattened row
         self._requests: dict[str, _RequestSteering] = {}  # per live request, read once
+        # per live request that records (captures, gate counts): positions below it were recorded
+        # already, so rows a preemption computes again are not recorded twice
+        self._recorded_below: dict[str, int] = {}
         self._unapplied: set[int] = set()  # layers planned for this step the op has not run at
         self.steered_tokens_total = 0
         self.rejected_requests_total = 0  # specs the worker refused (never sent by the API)
@@ -110,8 +119,10 @@ class SteeringRuntime:
         """Forget finished (or aborted) requests and free their slots. Called on every step the
         scheduler sends, empty ones included: the step that reports the last requests of a
         burst as finished schedules no tokens, so no forward (and no begin_step) follows it."""
+        self.store.finish(req_ids)
         for req_id in req_ids:
             self._requests.pop(req_id, None)
+            self._recorded_below.pop(req_id, None)
             freed = self.slots.release(req_id)
             if freed is not None:
                 self.tables.clear(freed)
@@ -138,10 +149,16 @@ class SteeringRuntime:
                 steering = self._read_request(req_id, batch.extra_args_of(req_id))
             if steering is _UNSTEERED:
                 continue
-            first_row = int(batch.num_scheduled[:i].sum()) if steering.capture or steering.gate_report else 0
+            first_row = fresh = 0
+            scheduled, computed = int(batch.num_scheduled[i]), int(batch.num_computed[i])
+            if steering.capture or steering.gate_report:
+                first_row = int(batch.num_scheduled[:i].sum())
+                recorded_below = self._recorded_below.get(req_id, 0)
+                fresh = max(0, min(scheduled, recorded_below - computed))  # leading rows recorded before
+                self._recorded_below[req_id] = max(recorded_below, computed + scheduled)
             if steering.capture is not None:
-                capture = StepCapture.of_request(steering.capture, req_id, first_row, int(batch.num_scheduled[i]),
-                                                 int(batch.num_computed[i]), int(batch.num_prompt[i]))
+                capture = StepCapture.of_request(steering.capture, req_id, first_row, scheduled, computed,
+                                                 int(batch.num_prompt[i]), computed + fresh)
                 if capture is not None:
                     captures.append(capture)
             if steering.spec is not None:
@@ -149,9 +166,9 @@ class SteeringRuntime:
                     req_slots, apply_to = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
                 req_slots[i] = self._slot_for(req_id, steering.spec)
                 apply_to[i] = APPLY_CODES[steering.spec.apply_to]
-                if steering.gate_report is not None and req_slots[i]:
-                    gated.append(gating.GatedRows(steering.gate_report, len(steering.spec.gates), first_row,
-                                                  int(batch.num_scheduled[i])))
+                if steering.gate_report is not None and req_slots[i] and fresh < scheduled:
+                    gated.append(gating.GatedRows(steering.gate_report, steering.local_gates, first_row + fresh,
+                                                  scheduled - fresh))
         if req_slots is None:  # the common step: nobody steered, nothing to plan
             rows = np.zeros(num_rows, dtype=np.int32)
         else:
@@ -172,14 +189,22 @@ class SteeringRuntime:
         spec that is unsigned, malformed or does not fit the loaded SAEs (the API never sends
         one) is logged and counted, and the request runs unsteered."""
         extra_args = extra_args or {}
+        ticket = ticket_of(extra_args)
+        if ticket is not None:
+            self.store.own(req_id, (REJECTIONS, ticket))
         try:
             steering = self._parse_request(extra_args)
         except Exception as exc:  # noqa: BLE001 - whatever the data is, the engine must survive it
             self.rejected_requests_total += 1
             reason = f"{type(exc).__name__}: {exc}"
             logger.error("steerserve: request %s: ignoring its steering/capture spec (%s)", req_id, reason)
-            self.rejections.record(ticket_of(extra_args), reason)
+            self.rejections.record(ticket, reason)
             steering = _UNSTEERED
+        if steering.capture is not None:
+            capture = steering.capture
+            self.store.own(req_id, (CAPTURES, trace_key(capture.id, choice_index(req_id)) if capture.trace else capture.id))
+        if steering.gate_report is not None:
+            self.store.own(req_id, (GATE_REPORTS, steering.gate_report))
         self._requests[req_id] = steering
         return steering
 
@@ -218,7 +243,8 @@ class SteeringRuntime:
                 raise ValueError(f"capture top_k {capture.top_k} out of range at layer {layer}")
             if sae is not None and not all(0 <= i < sae.d_sae for i in capture.watch):
                 raise ValueError(f"capture watches a feature out of range at layer {layer}")
-        return _RequestSteering(spec, capture, report, ticket_of(extra_args))
+        local_gates = np.array([gate.layer in self.saes for gate in spec.gates], dtype=bool) if report else None
+        return _RequestSteering(spec, capture, report, ticket_of(extra_args), local_gates)
 
     def _slot_for(self, req_id: str, spec: SteeringSpec) -> int:
         """The request's config slot; 0 (unsteered, logged) if the tables are full, which the
@@ -326,4 +352,5 @@ class SteeringRuntime:
             # Host time (on CPU the real cost; on GPU what it takes to launch the work).
             "steering_seconds_total": self.steering_seconds,
             "execute_seconds_total": self.execute_seconds,
+            **self.store.stats(),
         }

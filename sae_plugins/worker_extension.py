@@ -7,14 +7,7 @@ loaded and for counters, never touching worker internals itself.
 from __future__ import annotations
 
 from . import registry, request_signing
-
-# The stores steerserve_take reads: inspect captures and traces (by capture id, or
-# feature_capture.trace_key per choice), gated specs' reports (by report id), and the specs a
-# worker refused (by the request's ticket, rejections.py).
-CAPTURES = "captures"
-GATE_REPORTS = "gate_reports"
-REJECTIONS = "rejections"
-TAKE_STORES = (CAPTURES, GATE_REPORTS, REJECTIONS)
+from .worker_store import CAPTURES, GATE_REPORTS, REJECTIONS, TAKE_STORES
 
 
 class SteeringWorkerExtension:
@@ -29,7 +22,8 @@ class SteeringWorkerExtension:
     def steerserve_take(self, wanted: list[tuple[str, str]]) -> list[dict | None]:
         """What finished requests left behind, many in one RPC (each RPC pauses the engine's step
         loop, so the API coalesces them): per (store, key), the result taken from that store
-        (TAKE_STORES), or None if it holds none."""
+        (TAKE_STORES), or None if it holds none. The API also takes what it will not read (a client
+        gone, an error, a cancellation), so the worker store frees it at once."""
         runtime = registry.runtime()
         if any(store not in TAKE_STORES for store, _ in wanted):
             raise ValueError(f"steerserve_take: stores are {TAKE_STORES}")

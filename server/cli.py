@@ -39,6 +39,7 @@ def _positive_int(value: str) -> int:
 
 def add_steering_args(parser: argparse.ArgumentParser) -> None:
     from sae_plugins.plugin_config import DEFAULT_MAX_CONFIGS, DEFAULT_MAX_FEATURES, STEERING_KERNELS
+    from sae_plugins.worker_store import DEFAULT_MAX_STORE_MIB
     from server.auth import DEFAULT_OPEN_PATHS
     from server.batch.plugin import DEFAULT_BATCH_CONCURRENCY, DEFAULT_DATA_DIR
     from server.limits import Limits
@@ -55,6 +56,9 @@ def add_steering_args(parser: argparse.ArgumentParser) -> None:
                        help="most features one request may steer")
     group.add_argument("--max-steering-configs", type=int, default=DEFAULT_MAX_CONFIGS,
                        help="distinct steering specs in flight; more wait for a free slot")
+    group.add_argument("--max-worker-store-mib", type=_positive_int, default=DEFAULT_MAX_STORE_MIB,
+                       help="host memory per worker for results kept until the API takes them (inspect captures, "
+                            "traces, gate reports); a request whose results would not fit gets a 503")
     group.add_argument("--steering-kernel", choices=STEERING_KERNELS, default="auto",
                        help="steering op: on CPU the native kernel (built once with the C++ compiler), the "
                             "PyTorch op, or auto (native when it builds); on GPU the PyTorch op, or triton "
@@ -167,6 +171,7 @@ def configure_steering(args: argparse.Namespace) -> None:
         steering_kernel=args.steering_kernel,
         # vLLM defaults --api-server-count to the data-parallel size when it is not given.
         api_servers=max(1, getattr(args, "api_server_count", None) or getattr(args, "data_parallel_size", 1) or 1),
+        max_store_mib=args.max_worker_store_mib,
     )
     args.additional_config = {**(args.additional_config or {}), ADDITIONAL_CONFIG_KEY: config.to_dict()}
     args.worker_extension_cls = WORKER_EXTENSION_CLS

@@ -115,7 +115,7 @@ def _summed_stats(per_engine_stats: list[dict]) -> dict:
         return {}
     summed = dict(stats[0])
     for key in ("steered_tokens_total", "active_configs", "rejected_requests_total", "steering_seconds_total",
-                "execute_seconds_total"):
+                "execute_seconds_total", "store_entries", "store_bytes", "store_full_total"):
         summed[key] = sum(s.get(key, 0) for s in stats)
     return summed
 

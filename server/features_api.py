@@ -156,12 +156,19 @@ async def _run_inspection(context, req: InspectRequest, layers: list[int], token
         body["prompt_logprobs"] = req.next_token_logprobs  # the text's own next-token log-likelihoods
     if req.steering is not None:
         body["steering"] = req.steering
-    response = await context.client.post("/v1/completions", content=json.dumps(body),
-                                         headers={"content-type": "application/json"})
-    if response.status_code != 200:  # e.g. invalid steering: the interactive error, unchanged
-        return JSONResponse(response.json(), status_code=response.status_code)
+    taken = False
+    try:
+        response = await context.client.post("/v1/completions", content=json.dumps(body),
+                                             headers={"content-type": "application/json"})
+        if response.status_code != 200:  # e.g. invalid steering: the interactive error, unchanged
+            return JSONResponse(response.json(), status_code=response.status_code)
+        taken = True
+        per_rank = await context.takes.take(CAPTURES, capture.id)  # a 503 if it outgrew the workers' store
+    finally:
+        if not taken:  # an error, or this handler cancelled: the workers must not keep the capture
+            context.takes.discard([(CAPTURES, capture.id)])
     captured: dict[int, dict] = {}
-    for rank in await context.takes.take(CAPTURES, capture.id):
+    for rank in per_rank:
         captured.update(rank or {})  # pipeline stages each hold their own layers; TP ranks agree
     if any(layer not in captured for layer in layers):
         raise APIError("the engine returned no activations for this input", code="capture_lost",

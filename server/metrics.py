@@ -112,6 +112,20 @@ class _SnapshotCollector:
             counter = CounterMetricFamily(name, text)
             counter.add_metric([], value)
             yield counter
+        for key, name, text in (
+            ("store_entries", "steerserve_worker_store_entries",
+             "Results the workers keep until the API takes them (captures, traces, gate reports, refusals)"),
+            ("store_bytes", "steerserve_worker_store_bytes",
+             "Estimated host bytes of those results (bounded by --max-worker-store-mib per worker)"),
+        ):
+            gauge = GaugeMetricFamily(name, text + ", rank 0 worker of each data-parallel engine, added up")
+            gauge.add_metric([], stats.get(key, 0))
+            yield gauge
+        full = CounterMetricFamily("steerserve_worker_store_full",
+                                   "Results that outgrew the workers' store (their requests got a 503), rank 0 "
+                                   "worker of each data-parallel engine, added up")
+        full.add_metric([], stats.get("store_full_total", 0))
+        yield full
         layers = GaugeMetricFamily("steerserve_sae_layers_loaded", "SAE layers loaded")
         layers.add_metric([], len(stats.get("sae_layers", [])))
         yield layers

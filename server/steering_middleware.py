@@ -13,6 +13,10 @@ or one last chunk before a stream's `[DONE]`) also says how many tokens each gat
 a `trace` (server/traces.py) arrives there too, per choice. A worker that refused the request's
 spec (sae_plugins/rejections.py) turns the response into a 500: before a stream's first event,
 or instead of the JSON body, so an unsteered answer never goes out labelled as steered.
+Whatever the workers keep for a response (gate report, traces, refusal) and the response did not
+take, because its client left, its status was an error or it was cancelled, is discarded when
+it ends, so the workers' store frees it; a result that outgrew that store is a 503 (or, mid-stream,
+an error event).
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from typing import Any, Awaitable, Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from sae_plugins.worker_extension import GATE_REPORTS, REJECTIONS
+from sae_plugins.feature_capture import trace_key
+from sae_plugins.worker_extension import CAPTURES, GATE_REPORTS, REJECTIONS
 
 from .body_reading import BodyChannel, check_headers, read_json_body, reads_json, refuse
 from .errors import APIError
@@ -34,6 +39,7 @@ from .request_guard import (
 )
 from .request_translation import translate_request
 from .traces import num_choices, prompt_tokens_for_residuals, take_traces
+from .worker_takes import Wanted
 
 logger = logging.getLogger("vllm.steerserve")
 
@@ -117,11 +123,22 @@ class SteeringMiddleware:
 
     async def _extended(self, scope: Scope, receive: Receive, send: Send, context, translation) -> None:
         """A steered and/or traced request: the response gets the echo, the baseline, the gate
-        report and the traces."""
+        report and the traces. What it asked the workers to keep and did not take is discarded."""
+        untaken: set[Wanted] = set()
+        try:
+            await self._respond_extended(scope, receive, send, context, translation, untaken)
+        finally:
+            if untaken:
+                context.takes.discard(sorted(untaken))
+
+    async def _respond_extended(self, scope: Scope, receive: Receive, send: Send, context, translation,
+                                untaken: set[Wanted]) -> None:
         spec = translation.spec
         additions: dict[str, Any] = {"steering": spec.echo()} if spec is not None else {}
         if translation.baseline_body is not None:
             baseline = json.dumps(translation.baseline_body).encode()
+            baseline_keys = _trace_keys(translation.baseline_trace, num_choices(translation.baseline_body))
+            untaken.update(baseline_keys)
             start, content = await self._collect(_with_length(scope, baseline), _replay(baseline, receive))
             if start["status"] != 200:  # the unsteered twin failed: that answer stands
                 await send(start)
@@ -129,12 +146,19 @@ class SteeringMiddleware:
                 return
             additions["baseline"] = json.loads(content)
             if translation.baseline_trace is not None:
-                traces = await take_traces(context, translation.baseline_trace, num_choices(translation.baseline_body))
+                untaken.difference_update(baseline_keys)
+                try:
+                    traces = await take_traces(context, translation.baseline_trace,
+                                               num_choices(translation.baseline_body))
+                except APIError as error:  # the workers' store was full: nothing has been sent yet
+                    await error.response()(scope, _replay(b"", receive), send)
+                    return
                 for choice in additions["baseline"].get("choices", []):
                     choice["trace"] = traces.get(choice.get("index"), [])
         new_body = json.dumps(translation.body).encode()
-        echoing = _EchoingSend(send, additions, _response_end(context, translation), _trace_pieces(context, translation),
-                               _stream_rejection(context, translation))
+        untaken.update(_asked_keys(translation))
+        echoing = _EchoingSend(send, additions, _response_end(context, translation, untaken),
+                               _trace_pieces(context, translation), _stream_rejection(context, translation, untaken))
         if spec is None:
             await self.app(_with_length(scope, new_body), _replay(new_body, receive), echoing)
             return
@@ -174,23 +198,43 @@ def _rejection_error(reason: str) -> APIError:
                     "the request", code="spec_rejected_by_worker", status=500, type="server_error")
 
 
+def _trace_keys(trace, choices: int) -> list[Wanted]:
+    return [(CAPTURES, trace_key(trace.id, c)) for c in range(choices)] if trace is not None else []
+
+
+def _asked_keys(translation) -> list[Wanted]:
+    """What the workers keep for this request until the API takes it."""
+    keys = _trace_keys(translation.trace, num_choices(translation.body))
+    if translation.gate_report is not None:
+        keys.append((GATE_REPORTS, translation.gate_report))
+    if translation.ticket is not None:
+        keys.append((REJECTIONS, translation.ticket))
+    return keys
+
+
 async def _take_rejection(context, ticket: str) -> APIError | None:
     reasons = [r for r in await context.takes.take(REJECTIONS, ticket) if r]
     return _rejection_error(reasons[0]) if reasons else None
 
 
-def _stream_rejection(context, translation) -> Callable[[], Awaitable[APIError | None]] | None:
+def _stream_rejection(context, translation, untaken: set[Wanted]) -> Callable[[], Awaitable[APIError | None]] | None:
     """For a stream: taken before its first event goes out (the worker read the spec in the step
     that computed the first token, before that token reached the API)."""
     if translation.ticket is None or not translation.body.get("stream"):
         return None
-    return lambda: _take_rejection(context, translation.ticket)
+
+    async def rejection() -> APIError | None:
+        untaken.discard((REJECTIONS, translation.ticket))
+        return await _take_rejection(context, translation.ticket)
+
+    return rejection
 
 
-def _response_end(context, translation) -> Callable[[], Awaitable[_ResponseEnd]] | None:
+def _response_end(context, translation, untaken: set[Wanted]) -> Callable[[], Awaitable[_ResponseEnd]] | None:
     """Taken from the workers once the request is done: a gated spec's gate report, folded into
     its echo, the request's trace per choice, and (not for streams, which check before their
-    first event) whether a worker refused the spec."""
+    first event) whether a worker refused the spec. A result that outgrew the workers' store
+    (worker_takes.store_full_error) becomes the response's error."""
     spec, report, trace = translation.spec, translation.gate_report, translation.trace
     ticket = None if translation.body.get("stream") else translation.ticket
     if report is None and trace is None and ticket is None:
@@ -198,6 +242,7 @@ def _response_end(context, translation) -> Callable[[], Awaitable[_ResponseEnd]]
     choices = num_choices(translation.body)
 
     async def end() -> _ResponseEnd:
+        untaken.clear()  # every take below goes out at once, whatever fails
         result = _ResponseEnd()
 
         async def gate_report() -> None:
@@ -212,8 +257,14 @@ def _response_end(context, translation) -> Callable[[], Awaitable[_ResponseEnd]]
             result.rejected = await _take_rejection(context, ticket)
 
         # at once, so that all go in one worker RPC (server/worker_takes.py)
-        await asyncio.gather(*(take() for take, asked in ((gate_report, report), (traces, trace), (rejection, ticket))
-                               if asked is not None))
+        outcomes = await asyncio.gather(*(take() for take, asked in ((gate_report, report), (traces, trace),
+                                                                      (rejection, ticket)) if asked is not None),
+                                        return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, APIError):
+                raise outcome
+        errors = [o for o in outcomes if isinstance(o, APIError)]
+        result.rejected = result.rejected or (errors[0] if errors else None)
         return result
 
     return end
@@ -312,13 +363,19 @@ class _EchoingSend:
             return
         events, _, rest = self._buffer.rpartition(b"\n\n")
         self._buffer = rest
-        if self._trace_pieces is not None and events:
-            for choice, entries in (await self._trace_pieces()).items():
-                self._pending_traces.setdefault(choice, []).extend(entries)
-        out = b"".join([await self._sse_event(e) + b"\n\n" for e in events.split(b"\n\n")]) if events else b""
-        if not more and rest:
-            out += await self._sse_event(rest)
-            self._buffer = b""
+        try:
+            if self._trace_pieces is not None and events:
+                for choice, entries in (await self._trace_pieces()).items():
+                    self._pending_traces.setdefault(choice, []).extend(entries)
+            out = b"".join([await self._sse_event(e) + b"\n\n" for e in events.split(b"\n\n")]) if events else b""
+            if not more and rest:
+                out += await self._sse_event(rest)
+                self._buffer = b""
+        except APIError as error:  # mid-stream: the status is sent, so an error event ends the stream
+            self._mode = "rejected"
+            body = b"data: " + json.dumps(error.body()).encode() + b"\n\ndata: [DONE]\n\n"
+            await self._send({"type": "http.response.body", "body": body, "more_body": False})
+            return
         await self._send({"type": "http.response.body", "body": out, "more_body": more})
 
     async def _send_error(self, error: APIError) -> None:
@@ -354,6 +411,8 @@ class _EchoingSend:
         # delta (or text) carrying that choice's trace.
         last = {key: self._last_chunk[key] for key in ("id", "object", "created", "model") if key in self._last_chunk}
         end = await self._final()
+        if end.rejected is not None:
+            raise end.rejected
         empty = {"delta": {}} if last.get("object") == "chat.completion.chunk" else {"text": ""}
         for i, entries in self._pending_traces.items():  # taken with the last chunks, not yet sent
             end.per_choice.setdefault(i, {"trace": []})["trace"][:0] = entries

@@ -6,6 +6,12 @@ one RPC per response (40-50 a second for short gated responses on the CPU defaul
 pauses into the step loop. Takes asked for while an RPC is in flight wait and all go in the
 next one: under load one RPC serves a whole wave of finishing requests, and a take asked for
 alone goes at once.
+
+Every result a request asked the workers to keep is taken, read or not: `discard` takes, in the
+same coalesced RPCs, what a response will not read (its client went away, its status was an
+error, it was cancelled), so the workers' store (sae_plugins/worker_store.py) frees it at once.
+A result that outgrew the workers' store budget is taken as the store's marker and raised to
+its caller as a 503.
 """
 
 from __future__ import annotations
@@ -13,9 +19,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from sae_plugins.worker_extension import TAKE_STORES
+from sae_plugins.worker_store import FULL_MARKER, TAKE_STORES
 
 from .engine_rpc import every_rank
+from .errors import APIError
 
 TAKE_METHOD = "steerserve_take"
 
@@ -25,10 +32,11 @@ Wanted = tuple[str, str]  # (store, key): see sae_plugins.worker_extension.TAKE_
 class WorkerTakes:
     def __init__(self, engine: Any) -> None:
         self._engine = engine  # vLLM's EngineClient
-        self._waiting: list[tuple[Wanted, asyncio.Future]] = []
+        self._waiting: list[tuple[Wanted, asyncio.Future | None]] = []  # None: a discard, nobody waits
         self._drain: asyncio.Task | None = None
         self.taken_total = 0  # results taken (stream traces take theirs piece by piece)
         self.rpcs_total = 0  # the RPCs that took them
+        self.discarded_total = 0  # results taken only to free them (responses that did not read them)
 
     async def take(self, store: str, key: str) -> list[Any]:
         """One result as every rank returned it (None where a rank holds none)."""
@@ -40,15 +48,25 @@ class WorkerTakes:
             raise ValueError(f"unknown worker store in {wanted}")
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in wanted]
-        self._waiting.extend(zip(wanted, futures))
-        if self._drain is None or self._drain.done():
-            self._drain = loop.create_task(self._take_waiting())
+        self._queue(list(zip(wanted, futures)))
         return list(await asyncio.gather(*futures))
+
+    def discard(self, wanted: list[Wanted]) -> None:
+        """Take these results and drop them, without waiting (safe in a `finally`, even a cancelled one's)."""
+        if any(store not in TAKE_STORES for store, _ in wanted):
+            raise ValueError(f"unknown worker store in {wanted}")
+        self.discarded_total += len(wanted)
+        self._queue([(w, None) for w in wanted])
+
+    def _queue(self, items: list[tuple[Wanted, asyncio.Future | None]]) -> None:
+        self._waiting.extend(items)
+        if self._drain is None or self._drain.done():
+            self._drain = asyncio.get_running_loop().create_task(self._take_waiting())
 
     async def _take_waiting(self) -> None:
         while self._waiting:
-            batch: list[tuple[Wanted, asyncio.Future]] = []
-            later: list[tuple[Wanted, asyncio.Future]] = []
+            batch: list[tuple[Wanted, asyncio.Future | None]] = []
+            later: list[tuple[Wanted, asyncio.Future | None]] = []
             seen: set[Wanted] = set()
             for item in self._waiting:  # a key asked for twice is taken twice, in order
                 (later if item[0] in seen else batch).append(item)
@@ -62,15 +80,26 @@ class WorkerTakes:
             except asyncio.CancelledError:
                 # The drain itself was cancelled (shutdown): nobody may wait forever for it.
                 for _, future in [*batch, *self._waiting]:
-                    if not future.done():
+                    if future is not None and not future.done():
                         future.cancel()
                 self._waiting = []
                 raise
             except Exception as exc:  # noqa: BLE001 - every waiting caller gets the engine's error
                 for _, future in batch:
-                    if not future.done():
+                    if future is not None and not future.done():
                         future.set_exception(exc)
                 continue
             for n, (_, future) in enumerate(batch):
-                if not future.done():  # a caller that went away left its result behind
-                    future.set_result([rank[n] if rank else None for rank in per_rank])
+                if future is None or future.done():  # a discard, or a caller that went away
+                    continue
+                results = [rank[n] if rank else None for rank in per_rank]
+                full = next((r[FULL_MARKER] for r in results if isinstance(r, dict) and FULL_MARKER in r), None)
+                if full is not None:
+                    future.set_exception(store_full_error(full))
+                else:
+                    future.set_result(results)
+
+
+def store_full_error(reason: str) -> APIError:
+    return APIError(f"{reason}; retry later, or ask for less (fewer layers or positions, no residuals)",
+                    code="worker_store_full", status=503, type="server_error")
