@@ -42,9 +42,9 @@ def store_gauges(base_url: str, headers: dict) -> dict[str, float]:
             if line.startswith("steerserve_worker_store")}
 
 
-def left_stream(base_url: str, headers: dict, model: str, layers: list[int]) -> None:
+def left_stream(base_url: str, headers: dict, model: str, layers: list[int], residuals: bool = False) -> None:
     body = {"model": model, "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 64, "stream": True,
-            "trace": {"layers": layers, "top_k": 20}}
+            "trace": {"layers": layers, "top_k": 20, "residuals": residuals}}
     with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, headers=headers, timeout=120) as r:
         chunks = 0
         for line in r.iter_lines():
@@ -53,7 +53,7 @@ def left_stream(base_url: str, headers: dict, model: str, layers: list[int]) -> 
                 return  # hang up
 
 
-def timed_out_inspect(base_url: str, headers: dict, model: str, layers: list[int]) -> None:
+def timed_out_inspect(base_url: str, headers: dict, model: str, layers: list[int], residuals: bool = False) -> None:
     body = {"model": model, "prompt": PROMPT * 4, "layers": layers, "top_k": 20}
     try:
         httpx.post(f"{base_url}/v1/features/inspect", json=body, headers=headers, timeout=0.05)
@@ -62,10 +62,11 @@ def timed_out_inspect(base_url: str, headers: dict, model: str, layers: list[int
 
 
 def wave(base_url: str, headers: dict, model: str, layers: list[int], streams: int, inspects: int,
-         concurrency: int) -> None:
+         concurrency: int, residuals: bool = False) -> None:
+    """One wave; `residuals`: the streams' traces also carry their residual vectors."""
     jobs = [left_stream] * streams + [timed_out_inspect] * inspects
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-        for future in [pool.submit(job, base_url, headers, model, layers) for job in jobs]:
+        for future in [pool.submit(job, base_url, headers, model, layers, residuals) for job in jobs]:
             future.result()
 
 
