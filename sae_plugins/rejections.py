@@ -31,7 +31,7 @@ class Rejections:
             return
         key = (REJECTIONS, ticket)
         stored = self.store.entry(key, lambda: reason)
-        if not stored.nbytes:
+        if not stored.full and not stored.nbytes:  # full: discarded, nobody will read it
             self.store.charge(key, _STR_BYTES + len(reason), force=True)
 
     def take(self, ticket: str) -> str | None:

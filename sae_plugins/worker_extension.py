@@ -19,16 +19,18 @@ class SteeringWorkerExtension:
         runtime = registry.runtime()
         return runtime.stats() if runtime is not None else {}
 
-    def steerserve_take(self, wanted: list[tuple[str, str]]) -> list[dict | None]:
+    def steerserve_take(self, wanted: list[tuple[str, str]], discarded: list[tuple[str, str]] = ()) -> list[dict | None]:
         """What finished requests left behind, many in one RPC (each RPC pauses the engine's step
         loop, so the API coalesces them): per (store, key), the result taken from that store
-        (TAKE_STORES), or None if it holds none. The API also takes what it will not read (a client
-        gone, an error, a cancellation), so the worker store frees it at once."""
+        (TAKE_STORES), or None if it holds none. `discarded`: what the API will not read (a client
+        gone, an error, a cancellation), freed now and not recorded from now on (worker_store.py)."""
         runtime = registry.runtime()
-        if any(store not in TAKE_STORES for store, _ in wanted):
+        if any(store not in TAKE_STORES for store, _ in [*wanted, *discarded]):
             raise ValueError(f"steerserve_take: stores are {TAKE_STORES}")
         if runtime is None:
             return [None] * len(wanted)
+        for store, key in discarded:
+            runtime.store.discard((store, key))
         stores = {CAPTURES: runtime.captures, GATE_REPORTS: runtime.gate_reports, REJECTIONS: runtime.rejections}
         return [stores[store].take(key) for store, key in wanted]
 

@@ -10,6 +10,9 @@ that records them until the API takes them (server/worker_takes.py). So:
     what it asked for on every path where the response does not read it (client gone, error
     status, cancellation), and an entry still untaken FINISHED_SECONDS later is dropped, as is
     the oldest finished entry whenever a live one needs its room;
+  * a discard can reach the worker before its request records (vLLM may go on running a request
+    whose handler was cancelled): the key is then remembered as discarded, and what its requests
+    record later is dropped, until they finish (or FINISHED_SECONDS pass, if none ever runs);
   * a live entry that cannot grow within the budget stops recording and is marked full: its
     take answers StoreFull's marker, which the API turns into a 503 for that request, never a
     silently shortened result.
@@ -54,6 +57,7 @@ class WorkerStore:
         self._owners: dict[Key, set[str]] = {}  # live requests recording under a key
         self._keys_of: dict[str, list[Key]] = {}  # a live request's keys
         self._finished: OrderedDict[Key, float] = OrderedDict()  # entries of finished requests, oldest first
+        self._discarded: OrderedDict[Key, float] = OrderedDict()  # keys whose later records are dropped
 
     @property
     def num_entries(self) -> int:
@@ -76,13 +80,26 @@ class WorkerStore:
                 owners.discard(req_id)
                 if not owners:
                     del self._owners[key]
+                    self._discarded.pop(key, None)  # nothing records under it any more
                     if key in self._entries:
                         self._finished[key] = now
         while self._finished and next(iter(self._finished.values())) < now - FINISHED_SECONDS:
             self._drop(next(iter(self._finished)))
+        while self._discarded and next(iter(self._discarded.values())) < now - FINISHED_SECONDS:
+            self._discarded.popitem(last=False)
+
+    def discard(self, key: Key) -> None:
+        """The API will not take `key`: drop its entry, and whatever its requests record later."""
+        done = key in self._finished  # its requests finished: nothing more will record under it
+        self._drop(key)
+        if not done:
+            self._discarded[key] = self._clock()
 
     def entry(self, key: Key, make: Callable[[], Any]) -> _Entry:
-        """The entry under `key`, made (empty, no bytes) if there is none."""
+        """The entry under `key`, made (empty, no bytes) if there is none; for a discarded key, a
+        full entry that is not kept (nothing is recorded)."""
+        if key in self._discarded:
+            return _Entry(None, full=True)
         found = self._entries.get(key)
         if found is None:
             found = self._entries[key] = _Entry(make())
@@ -94,8 +111,8 @@ class WorkerStore:
         """Charge `nbytes` more to the entry under `key` (made by `entry`); False, with the entry
         marked full and emptied, if the budget cannot hold them even after dropping every
         finished entry. `force`: charge whatever the budget (a few bytes that must be kept)."""
-        entry = self._entries[key]
-        if entry.full:
+        entry = self._entries.get(key)
+        if entry is None or entry.full:  # discarded, or already full
             return False
         while self.held_bytes + nbytes > self.max_bytes and not force and self._finished:
             oldest = next(iter(self._finished))

@@ -7,9 +7,10 @@ pauses into the step loop. Takes asked for while an RPC is in flight wait and al
 next one: under load one RPC serves a whole wave of finishing requests, and a take asked for
 alone goes at once.
 
-Every result a request asked the workers to keep is taken, read or not: `discard` takes, in the
+Every result a request asked the workers to keep is taken, read or not: `discard` names, in the
 same coalesced RPCs, what a response will not read (its client went away, its status was an
-error, it was cancelled), so the workers' store (sae_plugins/worker_store.py) frees it at once.
+error, it was cancelled), so the workers' store (sae_plugins/worker_store.py) frees it at once
+and drops what the request may still record.
 A result that outgrew the workers' store budget is taken as the store's marker and raised to
 its caller as a 503.
 """
@@ -76,7 +77,9 @@ class WorkerTakes:
             self.taken_total += len(batch)
             try:
                 # Every data-parallel engine: the request ran on one of them (server/engine_rpc.py).
-                per_rank = await every_rank(self._engine, TAKE_METHOD, ([w for w, _ in batch],))
+                taken = [w for w, future in batch if future is not None]
+                dropped = [w for w, future in batch if future is None]
+                per_rank = await every_rank(self._engine, TAKE_METHOD, (taken, dropped) if dropped else (taken,))
             except asyncio.CancelledError:
                 # The drain itself was cancelled (shutdown): nobody may wait forever for it.
                 for _, future in [*batch, *self._waiting]:
@@ -89,8 +92,8 @@ class WorkerTakes:
                     if future is not None and not future.done():
                         future.set_exception(exc)
                 continue
-            for n, (_, future) in enumerate(batch):
-                if future is None or future.done():  # a discard, or a caller that went away
+            for n, future in enumerate(future for _, future in batch if future is not None):
+                if future.done():  # a caller that went away left its result behind
                     continue
                 results = [rank[n] if rank else None for rank in per_rank]
                 full = next((r[FULL_MARKER] for r in results if isinstance(r, dict) and FULL_MARKER in r), None)

@@ -16,7 +16,7 @@ from sae_plugins.plugin_config import PluginConfig
 from sae_plugins.rejections import TICKET_KEY
 from sae_plugins.steering_runtime import SteeringRuntime
 from sae_plugins.steering_spec import EXTRA_ARGS_KEY, FeatureEdit, Gate, SteeringSpec
-from sae_plugins.worker_store import CAPTURES, FINISHED_SECONDS, FULL_MARKER, GATE_REPORTS, WorkerStore
+from sae_plugins.worker_store import CAPTURES, FINISHED_SECONDS, FULL_MARKER, GATE_REPORTS, REJECTIONS, WorkerStore
 from server.worker_takes import WorkerTakes
 from tests.request_views import RequestView
 from tests.test_steering_units import tiny_sae
@@ -53,6 +53,20 @@ def test_budget_drops_finished_entries_first_and_never_a_running_requests():
     clock.now = 1 + FINISHED_SECONDS + 0.5
     store.finish([])
     assert store.stats() == {"store_entries": 0, "store_bytes": 0, "store_max_bytes": 1000, "store_full_total": 1}
+
+
+def test_a_discard_that_arrives_before_its_request_records_drops_what_it_records():
+    """vLLM may go on running a request whose handler was cancelled (the API discarded its keys
+    already): what it records afterwards must not stay behind."""
+    rt = _runtime()
+    rt.store.discard((CAPTURES, "c"))
+    _step(rt, [RequestView("r", {CAPTURE_KEY: CaptureSpec("c", (0,), top_k=2).to_extra_arg(), TICKET_KEY: "t"}, 4, 0, 4)])
+    rt.rejections.record("t", "refused")  # a ticket's reason, kept whatever the budget
+    assert rt.stats()["store_entries"] == 1
+    rt.store.discard((REJECTIONS, "t"))
+    assert rt.stats()["store_entries"] == 0 and rt.captures.take("c") is None
+    rt.finish_requests(["r"])  # its requests finished: the keys are forgotten
+    assert not rt.store._discarded
 
 
 def _runtime(max_store_mib: int = 1, local=(0,), sae_layers=(0,)) -> SteeringRuntime:
@@ -157,8 +171,12 @@ class _Engine:
         self.calls: list[list] = []
 
     async def collective_rpc(self, method, args=()):
-        self.calls.append([tuple(w) for w in args[0]])
-        return [[rank.pop(tuple(w), None) for w in args[0]] for rank in self.ranks]
+        wanted, discarded = args if len(args) == 2 else (args[0], [])
+        self.calls.append(([tuple(w) for w in wanted], [tuple(w) for w in discarded]))
+        for rank in self.ranks:
+            for w in discarded:
+                rank.pop(tuple(w), None)
+        return [[rank.pop(tuple(w), None) for w in wanted] for rank in self.ranks]
 
 
 def test_discards_go_in_the_coalesced_takes_and_a_full_result_is_a_503():
@@ -169,7 +187,7 @@ def test_discards_go_in_the_coalesced_takes_and_a_full_result_is_a_503():
         takes.discard([(GATE_REPORTS, "g")])
         with pytest.raises(Exception) as raised:
             await takes.take(CAPTURES, "x")
-        assert engine.calls == [[(GATE_REPORTS, "g"), (CAPTURES, "x")]]  # one RPC
+        assert engine.calls == [([(CAPTURES, "x")], [(GATE_REPORTS, "g")])]  # one RPC
         assert (raised.value.status, raised.value.code) == (503, "worker_store_full")
         assert engine.ranks == [{}, {}] and takes.discarded_total == 1
         with pytest.raises(ValueError):
