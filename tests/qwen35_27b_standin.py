@@ -7,7 +7,9 @@ What is real and what is small. The model's config.json has the 27B checkpoint's
 with Gated DeltaNet / gated attention layers every 4th, MTP and mRoPE keys, a `vision_config`
 with the real tower's values; vLLM skips the tower under `language-model-only`, so its weights are
 not written), with tiny widths (REFERENCE.md section 4: bf16, head_dim 64, linear head dim 128)
-and 64 decoder layers as in the 27B, so the recipe's `sae-layers` [16, 32, 48] exist. The chat
+and 49 decoder layers, the fewest for which the recipe's `sae-layers` [16, 32, 48] exist (the 27B
+has 64; torch.compile's start-up grows with them: on the 2-core machine the engine was ready after
+98 s with 49 tiny layers, 115-145 s with 64). The chat
 template is this project's own, written to produce the real one's format: tools as JSON lines in
 the system turn, `<think>\\n` opening every answer (`<think>\\n\\n</think>\\n\\n` with
 `enable_thinking: false`), tool calls as `<tool_call>\\n<function=NAME>\\n<parameter=KEY>\\nVALUE
@@ -24,7 +26,7 @@ and the unembedding maps each token's embedding to its successor, so the decisio
 depends only on the token read there (see `_circuit`). Everything else ends the turn. Around that:
   - residual layout: token dims | reasoning flag | city axis | free axes | bias | scratch. The
     decoder layers are random but write only into the scratch dims, which nothing reads out, so
-    the script survives 64 layers of real kernels exactly; steering on the free axes changes
+    the script survives every layer's real kernels exactly; steering on the free axes changes
     nothing but the norms;
   - SAE features at every steered layer: one per token (its embedding direction), "reasoning"
     (the flag, set on the script's reasoning tokens), "city" (reading it makes the model say
@@ -185,7 +187,7 @@ class StandIn:
     features: dict[int, LayerFeatures]  # per steered layer
 
 
-def build_standins(cache: Path, num_layers: int = 64, seed: int = 0) -> StandIn:
+def build_standins(cache: Path, num_layers: int = max(SAE_LAYERS) + 1, seed: int = 0) -> StandIn:
     """Write both repos into the hub cache `cache` and say where the circuit's pieces are."""
     # the tiny model's widths, which run on vLLM's CPU kernels (REFERENCE.md section 4)
     shape = dataclasses.replace(TINY_SETTINGS, vocab_size=VOCAB_SIZE, num_layers=num_layers)
