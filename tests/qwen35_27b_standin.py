@@ -5,8 +5,8 @@ reasoning and tool parsers) on a CPU with HF_HUB_OFFLINE=1.
 What is real and what is small. The model's config.json has the 27B checkpoint's shape
 (`Qwen3_5ForConditionalGeneration`, `model_type` qwen3_5, a `text_config` of `qwen3_5_text`
 with Gated DeltaNet / gated attention layers every 4th, MTP and mRoPE keys, a `vision_config`
-with the real tower's values; vLLM skips the tower under `language-model-only`, so its weights are
-not written), with tiny widths (REFERENCE.md section 4: bf16, head_dim 64, linear head dim 128)
+with the real tower's values, its output width the text width as there; vLLM skips the tower
+under `language-model-only`, so its weights are not written), with tiny widths (REFERENCE.md section 4: bf16, head_dim 64, linear head dim 128)
 and 49 decoder layers, the fewest for which the recipe's `sae-layers` [16, 32, 48] exist (the 27B
 has 64; torch.compile's start-up grows with them: on the 2-core machine the engine was ready after
 98 s with 49 tiny layers, 115-145 s with 64). The chat

@@ -223,7 +223,8 @@ def test_steered_stream_parses_and_echoes_in_every_chunk(recipe):
     chunk carries the echo, the last one the gate report, and the trace pieces add up."""
     http, standin = recipe
     spec = steering(standin)
-    chunks = stream(http, steering=spec, trace={"layers": [16, 32], "top_k": 3})
+    # its own cache namespace: the counts below include the prompt, which must be computed again
+    chunks = stream(http, steering=spec, trace={"layers": [16, 32], "top_k": 3}, cache_salt="streamed")
     *deltas, last = chunks
     ids = {c["steering"]["id"] for c in chunks}
     assert len(ids) == 1 and all(c["steering"]["features"][0]["index"] == spec["features"][0]["index"] for c in chunks)
