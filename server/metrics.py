@@ -82,53 +82,46 @@ class _SnapshotCollector:
         self.metrics = metrics
 
     def collect(self):
-        stats = self.metrics.worker_stats
-        tokens = CounterMetricFamily("steerserve_steered_tokens",
-                                     "Token positions steered (rank 0 worker of each data-parallel engine, added up)")
-        tokens.add_metric([], stats.get("steered_tokens_total", 0))
-        yield tokens
-        active = GaugeMetricFamily("steerserve_active_steering_configs", "Distinct steering specs in flight")
-        active.add_metric([], self.metrics.admission_active())
-        yield active
-        waits = CounterMetricFamily("steerserve_config_slot_waits", "Requests that waited for a config slot")
-        waits.add_metric([], self.metrics.admission_waits())
-        yield waits
-        slots = GaugeMetricFamily("steerserve_config_slots_in_use",
-                                  "Worker config slots holding a spec (rank 0 worker of each data-parallel engine, added up)")
-        slots.add_metric([], stats.get("active_configs", 0))
-        yield slots
-        rejected = CounterMetricFamily("steerserve_worker_rejected_specs",
-                                       "Steering/capture specs a worker refused to act on (rank 0 of each engine; the API "
-                                       "never sends one, so anything above 0 deserves a look at the worker log)")
-        rejected.add_metric([], stats.get("rejected_requests_total", 0))
-        yield rejected
-        takes = self.metrics.takes
-        for name, text, value in (
-            ("steerserve_worker_takes", "Results taken from the workers (inspect captures, traces, gate reports, refusals)",
+        stats, metrics = self.metrics.worker_stats, self.metrics
+        takes = metrics.takes
+        workers = "rank 0 worker of each data-parallel engine, added up"
+        for family, name, text, value in (
+            (CounterMetricFamily, "steerserve_steered_tokens", f"Token positions steered ({workers})",
+             stats.get("steered_tokens_total", 0)),
+            (GaugeMetricFamily, "steerserve_active_steering_configs", "Distinct steering specs in flight",
+             metrics.admission_active()),
+            (CounterMetricFamily, "steerserve_config_slot_waits", "Requests that waited for a config slot",
+             metrics.admission_waits()),
+            (GaugeMetricFamily, "steerserve_config_slots_in_use", f"Worker config slots holding a spec ({workers})",
+             stats.get("active_configs", 0)),
+            (CounterMetricFamily, "steerserve_worker_rejected_specs",
+             f"Steering/capture specs a worker refused to act on ({workers}; the API never sends one, so anything "
+             "above 0 deserves a look at the worker log)", stats.get("rejected_requests_total", 0)),
+            (CounterMetricFamily, "steerserve_worker_takes",
+             "Results taken from the workers (inspect captures, traces, gate reports, refusals)",
              takes.taken_total if takes else 0),
-            ("steerserve_worker_take_rpcs", "Collective RPCs that took them (fewer than the results: coalesced)",
-             takes.rpcs_total if takes else 0),
+            (CounterMetricFamily, "steerserve_worker_take_rpcs",
+             "Collective RPCs that took them (fewer than the results: coalesced)", takes.rpcs_total if takes else 0),
+            (GaugeMetricFamily, "steerserve_worker_store_entries",
+             f"Results the workers keep until the API takes them (captures, traces, gate reports, refusals), {workers}",
+             stats.get("store_entries", 0)),
+            (GaugeMetricFamily, "steerserve_worker_store_bytes",
+             f"Estimated host bytes of those results (bounded by --max-worker-store-mib per worker), {workers}",
+             stats.get("store_bytes", 0)),
+            (CounterMetricFamily, "steerserve_worker_store_full",
+             f"Results that outgrew the workers' store (their requests got a 503), {workers}",
+             stats.get("store_full_total", 0)),
+            (CounterMetricFamily, "steerserve_steering_host_seconds",
+             f"Host seconds in steering (per-step routing, the steering op, gate counts), {workers}",
+             stats.get("steering_seconds_total", 0.0)),
+            (CounterMetricFamily, "steerserve_model_execute_host_seconds",
+             f"Host seconds in the model runner's execute_model for real batches, {workers}",
+             stats.get("execute_seconds_total", 0.0)),
+            (GaugeMetricFamily, "steerserve_sae_layers_loaded", "SAE layers loaded", len(stats.get("sae_layers", []))),
         ):
-            counter = CounterMetricFamily(name, text)
-            counter.add_metric([], value)
-            yield counter
-        for key, name, text in (
-            ("store_entries", "steerserve_worker_store_entries",
-             "Results the workers keep until the API takes them (captures, traces, gate reports, refusals)"),
-            ("store_bytes", "steerserve_worker_store_bytes",
-             "Estimated host bytes of those results (bounded by --max-worker-store-mib per worker)"),
-        ):
-            gauge = GaugeMetricFamily(name, text + ", rank 0 worker of each data-parallel engine, added up")
-            gauge.add_metric([], stats.get(key, 0))
-            yield gauge
-        full = CounterMetricFamily("steerserve_worker_store_full",
-                                   "Results that outgrew the workers' store (their requests got a 503), rank 0 "
-                                   "worker of each data-parallel engine, added up")
-        full.add_metric([], stats.get("store_full_total", 0))
-        yield full
-        layers = GaugeMetricFamily("steerserve_sae_layers_loaded", "SAE layers loaded")
-        layers.add_metric([], len(stats.get("sae_layers", [])))
-        yield layers
+            one = family(name, text)
+            one.add_metric([], value)
+            yield one
         memory = GaugeMetricFamily("steerserve_sae_memory_bytes", "SAE weight memory per worker", labels=["layer"])
         for layer, nbytes in stats.get("sae_memory_bytes", {}).items():
             memory.add_metric([str(layer)], nbytes)
@@ -138,12 +131,3 @@ class _SnapshotCollector:
                                        labels=["kernel"])
             kernel.add_metric([stats["steering_kernel"]], 1)
             yield kernel
-        for key, name, text in (
-            ("steering_seconds_total", "steerserve_steering_host_seconds",
-             "Host seconds in steering (per-step routing, the steering op, gate counts), rank 0 worker of each engine, added up"),
-            ("execute_seconds_total", "steerserve_model_execute_host_seconds",
-             "Host seconds in the model runner's execute_model for real batches, rank 0 worker of each engine, added up"),
-        ):
-            counter = CounterMetricFamily(name, text)
-            counter.add_metric([], stats.get(key, 0.0))
-            yield counter

@@ -140,7 +140,8 @@ def test_mixed_batch_of_gated_ungated_and_unsteered(server, client, cases):
     assert together == alone * 2
     # one after another they would take 12 x MAX_TOKENS steps; prompts prefill in 128-token chunks
     assert steps <= 3 * MAX_TOKENS, f"{steps} engine steps for 12 requests of {MAX_TOKENS} tokens: not one batch"
-    assert metric(server, "steerserve_worker_takes_total") - takes == 6  # one report per gated request
+    # a gate report per gated request (6) and a refusal check per steered one (8, those unsteered take nothing)
+    assert metric(server, "steerserve_worker_takes_total") - takes == 6 + 8
 
 
 def feature(**gate):

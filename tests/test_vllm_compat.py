@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from sae_plugins import vllm_compat
+from sae_plugins import ACTIVATION_ENV, vllm_compat
 from sae_plugins.request_signing import SECRET_ENV
 from sae_plugins.vllm_compat import ALLOW_UNTESTED_ENV, VLLMCompatibilityError, check_vllm_version, require
 from tests.conftest import ROOT
@@ -54,7 +54,8 @@ def _run(code: str, env: dict[str, str]) -> subprocess.CompletedProcess:
 
 def _clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
-           if k not in (SECRET_ENV, "VLLM_RAY_EXTRA_ENV_VARS_TO_COPY", ALLOW_UNTESTED_ENV, "VLLM_PLUGINS")}
+           if k not in (SECRET_ENV, ACTIVATION_ENV, "VLLM_RAY_EXTRA_ENV_VARS_TO_COPY", ALLOW_UNTESTED_ENV,
+                         "VLLM_PLUGINS")}
     return env | {"VLLM_TARGET_DEVICE": "cpu"} | extra
 
 
