@@ -1,7 +1,7 @@
 """Language steering on the shipped default model: for each corpus language, clamp its language
 feature (found by label search, as a user would) and count how many of 20 greedy answers to
 prompts in another language come out in it, judged by `lingua` over all its languages with a
-function-word check (server/default_model/language_steering.py: `identify`).
+function-word check (models/recipe/language_steering.py: `identify`).
 
 Starts `steerserve serve` exactly as `make serve` does (unless --base-url is given) and prints,
 per target language and clamp value, the share of answers in the prompts' language unsteered
@@ -55,9 +55,9 @@ UNTUNED_GERMAN = (
 
 
 def main() -> int:
-    from server.default_model.corpus import LANGUAGE_NAMES
-    from server.default_model.language_steering import PROMPTS_FOR_TARGET, clamp_value, measure
-    from server.serve_process import ServeProcess
+    from models.recipe.corpus import LANGUAGE_NAMES
+    from models.recipe.language_steering import PROMPTS_FOR_TARGET, clamp_value, measure
+    from steerserve.serve_process import ServeProcess
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base-url")

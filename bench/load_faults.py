@@ -120,7 +120,7 @@ def wait_idle(base_url: str, key: str, timeout: float = 60) -> tuple[float, floa
 
 def batch_kill_restart(serve_args: list[str], data_dir: Path, log_dir: Path, lines: int) -> dict:
     """Submit a batch, kill -9 the server mid-batch, restart, and count each line's results."""
-    from server.serve_process import ServeProcess
+    from steerserve.serve_process import ServeProcess
 
     headers = {"Authorization": f"Bearer {KEY}"}
     content = "\n".join(json.dumps({"custom_id": f"l{i}", "method": "POST", "url": "/v1/completions", "body": {
@@ -178,7 +178,7 @@ def main() -> int:
     failures = []
     server = None
     work = Path(tempfile.mkdtemp(prefix="steerserve-load-"))
-    from server.tiny_model import build_tiny_model
+    from tests.fixtures.tiny_model import build_tiny_model
 
     model = build_tiny_model(ROOT / ".state" / "tiny-qwen3.5")
     serve_args = [str(model), "--sae", str(model / "sae"), "--sae-layers", "1,2", "--served-model-name", "tiny",
@@ -187,7 +187,7 @@ def main() -> int:
                   "--max-steering-configs", str(args.max_steering_configs)]
     base_url = args.base_url
     if base_url is None:
-        from server.serve_process import ServeProcess
+        from steerserve.serve_process import ServeProcess
 
         server = ServeProcess([*serve_args, "--data-dir", str(work / "load-data")], work / "server.log",
                               env=_env(), cwd=ROOT)

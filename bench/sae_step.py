@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sae_plugins.plugin_config import PluginConfig  # noqa: E402
-from sae_plugins.sae import SAEWeights  # noqa: E402
-from sae_plugins.steering_runtime import StepBatch, SteeringRuntime  # noqa: E402
-from sae_plugins.steering_spec import EXTRA_ARGS_KEY, FeatureEdit, SteeringSpec  # noqa: E402
+from steerserve_sae.vllm_hooks.plugin_config import PluginConfig  # noqa: E402
+from steerserve_sae.sae.autoencoder import SAEWeights  # noqa: E402
+from steerserve_sae.steering.runtime import StepBatch, SteeringRuntime  # noqa: E402
+from steerserve_sae.protocol.spec import EXTRA_ARGS_KEY, FeatureEdit, SteeringSpec  # noqa: E402
 
 D_MODEL, D_SAE, D_MLP, K = 5120, 81920, 17408, 50
 

@@ -295,12 +295,12 @@ def main() -> None:
     if base_url is None:
         engine_args = list(args.engine_args)
         if args.model == str(ROOT / ".state" / "tiny-qwen3.5"):
-            from server.tiny_model import build_tiny_model
+            from tests.fixtures.tiny_model import build_tiny_model
 
             build_tiny_model(args.model)
             engine_args = ["--dtype", "bfloat16", "--max-model-len", "512", "--gpu-memory-utilization", "0.1",
                            *engine_args]
-        from server.serve_process import ServeProcess
+        from steerserve.serve_process import ServeProcess
 
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
         server = ServeProcess([args.model, "--sae", args.sae, "--sae-layers", args.layers, "--served-model-name",

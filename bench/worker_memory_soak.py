@@ -117,7 +117,7 @@ def main() -> None:
         soak(args.base_url, args.server_pid, headers, args.waves, args.streams, args.inspects, args.concurrency,
              args.settle)
         return
-    from server.serve_process import ServeProcess
+    from steerserve.serve_process import ServeProcess
 
     serve = [str(DEFAULT_MODEL), "--config", str(ROOT / "configs" / "default.yaml"), "--sae",
              str(DEFAULT_MODEL / "sae"), *args.serve_arg]

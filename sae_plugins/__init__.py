@@ -17,14 +17,14 @@ ACTIVATION_ENV = "STEERSERVE_ACTIVE"
 def register() -> None:
     if os.environ.get(ACTIVATION_ENV) != "1":
         return
-    from .vllm_compat import check_vllm_version
+    from steerserve_sae.vllm_hooks.compat import check_vllm_version
 
     warning = check_vllm_version()  # raises for a vLLM the patches were not verified against
     if warning:
         logging.getLogger("vllm.steerserve").warning("steerserve: %s", warning)
-    from . import upstream_fixes
-    from .runner_patch import patch_model_runners
-    from .steering_op import register_as_splitting_op
+    from steerserve_sae.vllm_hooks import upstream_fixes
+    from steerserve_sae.vllm_hooks.runner_patch import patch_model_runners
+    from steerserve_sae.backends.op import register_as_splitting_op
 
     upstream_fixes.install()
     register_as_splitting_op()

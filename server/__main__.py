@@ -1,3 +1,3 @@
-from server.cli import main
+from steerserve.cli import main
 
 main()

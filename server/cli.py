@@ -38,11 +38,11 @@ def _positive_int(value: str) -> int:
 
 
 def add_steering_args(parser: argparse.ArgumentParser) -> None:
-    from sae_plugins.plugin_config import DEFAULT_MAX_CONFIGS, DEFAULT_MAX_FEATURES, STEERING_KERNELS
-    from sae_plugins.worker_store import DEFAULT_MAX_STORE_MIB
-    from server.auth import DEFAULT_OPEN_PATHS
-    from server.batch.plugin import DEFAULT_BATCH_CONCURRENCY, DEFAULT_DATA_DIR
-    from server.limits import Limits
+    from steerserve_sae.vllm_hooks.plugin_config import DEFAULT_MAX_CONFIGS, DEFAULT_MAX_FEATURES, STEERING_KERNELS
+    from steerserve_sae.capture.store import DEFAULT_MAX_STORE_MIB
+    from steerserve.middleware.auth import DEFAULT_OPEN_PATHS
+    from steerserve.batch.plugin import DEFAULT_BATCH_CONCURRENCY, DEFAULT_DATA_DIR
+    from steerserve.limits import Limits
 
     group = parser.add_argument_group("steerserve", "SAE steering")
     group.add_argument("--sae", default=None,
@@ -77,7 +77,7 @@ def add_steering_args(parser: argparse.ArgumentParser) -> None:
 
 def _enable_plugins() -> None:
     """vLLM loads endpoint plugins only when VLLM_PLUGINS names them; keep other plugins on."""
-    from server.endpoint_plugin import ENDPOINT_PLUGIN_NAME
+    from steerserve.endpoint_plugin import ENDPOINT_PLUGIN_NAME
 
     ours = [GENERAL_PLUGIN_NAME, ENDPOINT_PLUGIN_NAME]
     current = os.environ.get("VLLM_PLUGINS")
@@ -101,8 +101,8 @@ def prepare_worker_environment() -> None:
     enabled, the plugin's activation, and the deployment's signing secret, also for the Ray
     workers and engine actors of other nodes (tests/test_vllm_compat.py reads vLLM's own
     choice of the variables it copies)."""
-    from sae_plugins import ACTIVATION_ENV
-    from sae_plugins.request_signing import SECRET_ENV, ensure_deployment_secret
+    from steerserve_sae import ACTIVATION_ENV
+    from steerserve_sae.protocol.signing import SECRET_ENV, ensure_deployment_secret
 
     _enable_plugins()
     os.environ[ACTIVATION_ENV] = "1"  # vLLM's processes inherit it: the plugin patches only these
@@ -111,9 +111,9 @@ def prepare_worker_environment() -> None:
 
 
 def _take_api_keys(args: argparse.Namespace) -> None:
-    """steerserve checks the keys on every path (server/auth.py); vLLM's own check covers only
+    """steerserve checks the keys on every path (server/middleware/auth.py); vLLM's own check covers only
     /v1 and a few prefixes and answers in another shape, so vLLM is not given them."""
-    from server.auth import KEYS_ATTRIBUTE, api_keys
+    from steerserve.middleware.auth import KEYS_ATTRIBUTE, api_keys
 
     setattr(args, KEYS_ATTRIBUTE, api_keys(args))
     args.api_key = None
@@ -122,16 +122,16 @@ def _take_api_keys(args: argparse.Namespace) -> None:
 
 def configure_steering(args: argparse.Namespace) -> None:
     """Validate the SAE options early (before the engine starts) and hand them to vLLM."""
-    from sae_plugins.plugin_config import ADDITIONAL_CONFIG_KEY, PluginConfig
-    from sae_plugins.sae_loading import SAELoadError, discover_sae_layers, qwen_scope_k
-    from sae_plugins.worker_extension import WORKER_EXTENSION_CLS
-    from server.sae_source import SAESourceError, resolve_sae_source
+    from steerserve_sae.vllm_hooks.plugin_config import ADDITIONAL_CONFIG_KEY, PluginConfig
+    from steerserve_sae.sae.loading import SAELoadError, discover_sae_layers, qwen_scope_k
+    from steerserve_sae.vllm_hooks.worker_extension import WORKER_EXTENSION_CLS
+    from steerserve.sae_source import SAESourceError, resolve_sae_source
 
     _check_vllm_version()
     prepare_worker_environment()
     _take_api_keys(args)
     if args.feature_labels:
-        from server.feature_labels import LabelsFileError, load_labels
+        from steerserve.analysis.feature_labels import LabelsFileError, load_labels
 
         try:
             load_labels(args.feature_labels)
@@ -184,7 +184,7 @@ def configure_steering(args: argparse.Namespace) -> None:
 
 def _check_vllm_version() -> None:
     """Before any process starts: the plugin's patches are verified against one vLLM release."""
-    from sae_plugins.vllm_compat import VLLMCompatibilityError, check_vllm_version
+    from steerserve_sae.vllm_hooks.compat import VLLMCompatibilityError, check_vllm_version
 
     try:
         warning = check_vllm_version()
@@ -276,8 +276,8 @@ def _preflight_local_model(model: str, sae_dir: str, layers: list[int], *, name:
 
     import torch
 
-    from sae_plugins.architectures import ARCHITECTURES
-    from sae_plugins.sae_loading import SAELoadError, load_sae_layer
+    from steerserve_sae.vllm_hooks.architectures import ARCHITECTURES
+    from steerserve_sae.sae.loading import SAELoadError, load_sae_layer
 
     config_path = Path(model) / "config.json"
     if not config_path.is_file():
@@ -330,7 +330,7 @@ def make_tiny(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="steerserve make-tiny", description=MAKE_TINY_HELP)
     _add_make_tiny_args(parser)
     args = parser.parse_args(argv)
-    from server.tiny_model import build_tiny_model
+    from tests.fixtures.tiny_model import build_tiny_model
 
     print(build_tiny_model(args.out_dir, seed=args.seed, force=args.force))
 
@@ -341,16 +341,16 @@ def main(argv: list[str] | None = None) -> None:
         make_tiny(argv[1:])
         return
     if argv[:1] == ["build-default-model"]:
-        from server.default_model.build import main as build_main
+        from models.recipe.build import main as build_main
 
         build_main(argv[1:])
         return
     if argv[:1] == ["eval"]:
-        from server.eval import main as eval_main
+        from steerserve.analysis.eval import main as eval_main
 
         sys.exit(eval_main(argv[1:]))
     if argv[:1] == ["run-batch"]:
-        from server.batch.offline import run_batch
+        from steerserve.batch.offline import run_batch
 
         sys.exit(run_batch(argv[1:]))
     if _is_cpu_build():

@@ -6,11 +6,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from .config_admission import ConfigAdmission
-from .feature_labels import FeatureLabels
-from .limits import Limits
-from .metrics import SteeringMetrics
-from .worker_takes import WorkerTakes
+from steerserve.steering.admission import ConfigAdmission
+from steerserve.analysis.feature_labels import FeatureLabels
+from steerserve.limits import Limits
+from steerserve.metrics import SteeringMetrics
+from steerserve.steering.worker_takes import WorkerTakes
 
 
 @dataclass

@@ -14,22 +14,22 @@ from fastapi import FastAPI, Request
 from starlette.datastructures import State
 from starlette.exceptions import HTTPException
 
-from sae_plugins.plugin_config import DEFAULT_MAX_CONFIGS, DEFAULT_MAX_FEATURES, PluginConfig
-from sae_plugins.request_signing import SECRET_ENV, sign
+from steerserve_sae.vllm_hooks.plugin_config import DEFAULT_MAX_CONFIGS, DEFAULT_MAX_FEATURES, PluginConfig
+from steerserve_sae.protocol.signing import SECRET_ENV, sign
 
-from .auth import DEFAULT_OPEN_PATHS, AuthMiddleware, api_keys
-from .batch import attach_batch_api, start_batch_service
-from .config_admission import ConfigAdmission
-from .context import SteeringContext
-from .engine_rpc import every_rank, per_engine
-from .feature_labels import load_labels
-from .features_api import router as features_router
-from .errors import APIError
-from .in_process import in_process_client, server_api_key
-from .limits import Limits
-from .routes import router
-from .steering_middleware import SteeringMiddleware
-from .worker_takes import WorkerTakes
+from steerserve.middleware.auth import DEFAULT_OPEN_PATHS, AuthMiddleware, api_keys
+from steerserve.batch import attach_batch_api, start_batch_service
+from steerserve.steering.admission import ConfigAdmission
+from steerserve.context import SteeringContext
+from steerserve.engine_rpc import every_rank, per_engine
+from steerserve.analysis.feature_labels import load_labels
+from steerserve.routers.features import router as features_router
+from steerserve.errors import APIError
+from steerserve.in_process import in_process_client, server_api_key
+from steerserve.limits import Limits
+from steerserve.routers.saes import router
+from steerserve.middleware.steering import SteeringMiddleware
+from steerserve.steering.worker_takes import WorkerTakes
 
 ENDPOINT_PLUGIN_NAME = "steerserve_api"
 logger = logging.getLogger("vllm.steerserve")

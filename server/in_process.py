@@ -12,8 +12,8 @@ from typing import Any
 
 import httpx
 
-from .auth import api_keys
-from .errors import APIError
+from steerserve.middleware.auth import api_keys
+from steerserve.errors import APIError
 
 # What vLLM's chat template call reads from a chat request (its /tokenize takes the same fields).
 CHAT_PROMPT_FIELDS = ("messages", "tools", "add_generation_prompt", "continue_final_message", "chat_template",

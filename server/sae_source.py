@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from sae_plugins.sae_loading import sae_name_of
+from steerserve_sae.sae.loading import sae_name_of
 
 __all__ = ["SAESource", "SAESourceError", "resolve_sae_source"]
 

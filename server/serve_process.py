@@ -48,7 +48,7 @@ class ServeProcess:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "w")
-        command = [sys.executable, "-m", "server", "serve", *serve_args,
+        command = [sys.executable, "-m", "steerserve", "serve", *serve_args,
                    "--host", "127.0.0.1", "--port", str(self.port)]
         self.started = time.monotonic()
         self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=cwd,

@@ -20,14 +20,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sae_plugins.request_signing import SECRET_ENV
-from server.serve_process import ServeProcess
+from steerserve_sae.protocol.signing import SECRET_ENV
+from steerserve.serve_process import ServeProcess
 
 # Unit tests sign specs like the API does; test servers inherit the same deployment secret.
 os.environ.setdefault(SECRET_ENV, "steerserve-test-secret")
 
 ROOT = Path(__file__).resolve().parent.parent
-STEERSERVE = [sys.executable, "-m", "server"]
+STEERSERVE = [sys.executable, "-m", "steerserve"]
 TINY_DIR = ROOT / ".state" / "tiny-qwen3.5"
 SAE_LAYERS = (1, 2)
 MODEL_NAME = "tiny"
@@ -45,7 +45,7 @@ FEATURE_LABELS = [  # the shared server's --feature-labels file
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
-    from server.tiny_model import build_tiny_model
+    from tests.fixtures.tiny_model import build_tiny_model
 
     return build_tiny_model(TINY_DIR)
 

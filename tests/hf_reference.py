@@ -32,7 +32,7 @@ stream upcast, and rounds the edited stream back to bfloat16 (the model's dtype)
 agreement with the server at bfloat16 level, not bit-exact.
 
 Comparing with the server. vLLM's CPU kernels and this model differ by ~1-2% in the residual
-stream. On the tiny test model (server/tiny_model.py) unsteered greedy runs and most steered
+stream. On the tiny test model (tests/fixtures/tiny_model.py) unsteered greedy runs and most steered
 ones match token for token, but steering can create genuine near-ties (two logits within
 ~0.1), where either answer is right, and even this reference's step-by-step recomputation and
 a single full pass can disagree there. tests/test_differential.py therefore compares on cases

@@ -56,10 +56,10 @@ from pathlib import Path
 
 import torch
 
-from server.chatml_tokenizer import save_tokenizer, train_tokenizer
-from server.qwen35_checkpoint import param_shapes, save_checkpoint, save_qwen_scope_layer, text_config
-from server.tiny_model import CORPUS, TinySettings
-from server.tiny_model import SETTINGS as TINY_SETTINGS
+from models.recipe.chatml_tokenizer import save_tokenizer, train_tokenizer
+from models.recipe.qwen35_checkpoint import param_shapes, save_checkpoint, save_qwen_scope_layer, text_config
+from tests.fixtures.tiny_model import CORPUS, TinySettings
+from tests.fixtures.tiny_model import SETTINGS as TINY_SETTINGS
 from tests.sae_files import write_hub_cache
 
 MODEL_REPO = "Qwen/Qwen3.5-27B"

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sae_plugins.steering_runtime import StepBatch
+from steerserve_sae.steering.runtime import StepBatch
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""One definition of each SAE activation (sae_plugins/activations.py), and every path held to
+"""One definition of each SAE activation (sae_plugins/sae/activations.py), and every path held to
 it: the dense encode (inspect, captures), the touched-feature activations of the PyTorch edit,
 the native CPU kernel and (in test_triton_kernel.py) the Triton kernels. The two cases where
 the paths used to disagree are pinned with exact arithmetic: a negative JumpReLU threshold, and
@@ -9,12 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae_plugins import sae_math
-from sae_plugins.activations import JumpReLU, ReLU, TopK
-from sae_plugins.plugin_config import PluginConfig
-from sae_plugins.sae import SAEWeights
-from sae_plugins.steering_runtime import SteeringRuntime
-from sae_plugins.steering_spec import EXTRA_ARGS_KEY, FeatureEdit, SteeringSpec
+from steerserve_sae.sae import sae_math
+from steerserve_sae.sae.activations import JumpReLU, ReLU, TopK
+from steerserve_sae.vllm_hooks.plugin_config import PluginConfig
+from steerserve_sae.sae.autoencoder import SAEWeights
+from steerserve_sae.steering.runtime import SteeringRuntime
+from steerserve_sae.protocol.spec import EXTRA_ARGS_KEY, FeatureEdit, SteeringSpec
 from tests.request_views import RequestView
 
 D_MODEL, D_SAE = 64, 512

@@ -10,7 +10,7 @@ import time
 
 import httpx
 
-from server.serve_process import ServeProcess
+from steerserve.serve_process import ServeProcess
 from tests.conftest import MODEL_NAME, PROMPT, serve_args, start_server
 
 LINES = 30

@@ -15,9 +15,9 @@ import time
 
 import pytest
 
-from server.batch import runner, store as store_module
-from server.batch.lines import more_lines_than, parse_input_file
-from server.batch.store import BatchRecord, FileInUse, FileRecord, Store, now
+from steerserve.batch import runner, store as store_module
+from steerserve.batch.lines import more_lines_than, parse_input_file
+from steerserve.batch.store import BatchRecord, FileInUse, FileRecord, Store, now
 from tests.test_batch_units import CHAT, FakeEngine, Harness, jsonl, line, run
 
 TERMINAL = ("completed", "failed", "cancelled", "expired")
@@ -440,7 +440,7 @@ def test_a_byte_order_mark_is_not_part_of_the_first_line(tmp_path):
 def test_batch_lines_run_behind_interactive_requests_within_the_client_range(tmp_path):
     """Batch lines go at priority 1 or later (vLLM serves lower numbers first), clamped into
     --client-priority-range like any client's, so a line never outranks what a client may send."""
-    from server.limits import PriorityRange
+    from steerserve.limits import PriorityRange
 
     async def priorities(data_dir, allowed: PriorityRange | None) -> list[int]:
         h = Harness(data_dir, FakeEngine(), **({"client_priority_range": allowed} if allowed else {}))

@@ -18,9 +18,9 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from server.batch import attach_batch_api, runner, start_batch_service
-from server.batch.lines import parse_input_file
-from server.batch.store import Store
+from steerserve.batch import attach_batch_api, runner, start_batch_service
+from steerserve.batch.lines import parse_input_file
+from steerserve.batch.store import Store
 
 CHAT = "/v1/chat/completions"
 

@@ -15,7 +15,7 @@ from tests.sae_files import write_qwen_scope
 
 def serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "server", "serve", *args, "--port", "1"],
+        [sys.executable, "-m", "steerserve", "serve", *args, "--port", "1"],
         capture_output=True, text=True, env=server_env() | (env or {}), cwd=ROOT, timeout=300,
     )
 
@@ -114,7 +114,7 @@ def test_unverified_row_layouts_are_refused_with_sae(fake_model, tiny_model_dir,
 
 def test_make_tiny_is_idempotent(tiny_model_dir):
     result = subprocess.run(
-        [sys.executable, "-m", "server", "make-tiny", str(tiny_model_dir)],
+        [sys.executable, "-m", "steerserve", "make-tiny", str(tiny_model_dir)],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )
     assert result.returncode == 0

@@ -12,12 +12,12 @@ import logging
 import pytest
 import torch
 
-from sae_plugins.backends import native_cpu, select_backend
-from sae_plugins.plugin_config import PluginConfig
-from sae_plugins.sae import SAEWeights
-from sae_plugins.steering_runtime import SteeringRuntime
+from steerserve_sae.backends import native_cpu, select_backend
+from steerserve_sae.vllm_hooks.plugin_config import PluginConfig
+from steerserve_sae.sae.autoencoder import SAEWeights
+from steerserve_sae.steering.runtime import SteeringRuntime
 from tests.request_views import RequestView
-from sae_plugins.steering_spec import EXTRA_ARGS_KEY, FeatureEdit, SteeringSpec
+from steerserve_sae.protocol.spec import EXTRA_ARGS_KEY, FeatureEdit, SteeringSpec
 
 D_MODEL, D_SAE = 64, 512
 

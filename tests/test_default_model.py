@@ -25,7 +25,7 @@ NAME = "fortunes-qwen3.5"
 
 
 def test_files_are_the_qwen_scope_format():
-    from sae_plugins.sae_loading import describe_format, discover_sae_layers, load_sae_layer
+    from steerserve_sae.sae.loading import describe_format, discover_sae_layers, load_sae_layer
 
     assert describe_format(MODEL_DIR / "sae") == "qwen-scope"
     assert sorted(discover_sae_layers(MODEL_DIR / "sae")) == list(LAYERS)
@@ -53,7 +53,7 @@ def test_fvu_recomputed_from_the_shipped_files():
 
     tok = AutoTokenizer.from_pretrained(MODEL_DIR)
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
-    text = (ROOT / "server" / "data" / "eval_texts.txt").read_text()
+    text = (ROOT / "server" / "analysis" / "data" / "eval_texts.txt").read_text()
     ids = torch.tensor([tok(text).input_ids[:1024]])
     streams = {}
     hooks = [model.model.layers[layer].register_forward_hook(
@@ -99,8 +99,8 @@ def language_feature(http, name: str) -> dict:
 
 def five_times_mean(feature: dict) -> float:
     """The clamp that switches most answers (bench/language_steering.py: 2x and 3x move few)."""
-    from server.default_model.corpus import LANGUAGE_NAMES
-    from server.default_model.language_steering import clamp_value
+    from models.recipe.corpus import LANGUAGE_NAMES
+    from models.recipe.language_steering import clamp_value
 
     language = next(code for code, name in LANGUAGE_NAMES.items() if name == feature["label"])
     return clamp_value(REPORT, feature["layer"], language, 5)
@@ -115,7 +115,7 @@ def chat(http, content: str, steering=None, **extra) -> dict:
 
 
 def test_clamping_a_language_feature_switches_the_answer_language(default_server, http):
-    from server.default_model.language_steering import ENGLISH_PROMPTS, measure
+    from models.recipe.language_steering import ENGLISH_PROMPTS, measure
 
     feature = language_feature(http, "German")
     result = measure(default_server.base_url, NAME, feature["layer"], feature["index"], five_times_mean(feature), "de",

@@ -22,7 +22,7 @@ def report(server, tmp_path_factory):
     work = tmp_path_factory.mktemp("eval")
     (work / "texts.txt").write_text("\n".join(TEXTS) + "\n")
     run = subprocess.run(
-        [sys.executable, "-m", "server", "eval", "--base-url", server.base_url, "--api-key", API_KEY,
+        [sys.executable, "-m", "steerserve", "eval", "--base-url", server.base_url, "--api-key", API_KEY,
          "--data", str(work / "texts.txt"), "--features", "1:3", "--modes", "clamp,ablate", "--values", "0,8",
          "--output-dir", str(work / "out")],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
@@ -129,7 +129,7 @@ def test_splice_kl_matches_the_reference(report, reference, layer):
     the reference applies the same estimate to its own full distributions, and the exact KL
     bounds it: on this circuit splicing moves most of the mass (exact KL ~ 20-35 nats), which
     the top-20 lists cannot see, so the estimate is well below it (documented in the README)."""
-    from server.sae_quality import kl_top_k
+    from steerserve.analysis.sae_quality import kl_top_k
 
     _, data = report
     estimates, exact = [], []
@@ -147,7 +147,7 @@ def test_splice_kl_matches_the_reference(report, reference, layer):
 
 
 def test_kl_top_k_is_exact_when_the_lists_hold_the_mass():
-    from server.sae_quality import kl_top_k
+    from steerserve.analysis.sae_quality import kl_top_k
 
     g = torch.Generator().manual_seed(0)
     for _ in range(20):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from server.feature_labels import LabelsFileError, load_labels
+from steerserve.analysis.feature_labels import LabelsFileError, load_labels
 from tests.conftest import ROOT, server_env
 
 
@@ -48,7 +48,7 @@ def test_missing_file(tmp_path):
 def test_server_refuses_to_start_with_a_bad_labels_file(tmp_path, tiny_model_dir):
     bad = write(tmp_path, ["not json"])
     result = subprocess.run(
-        [sys.executable, "-m", "server", "serve", str(tiny_model_dir), "--feature-labels", str(bad), "--port", "1"],
+        [sys.executable, "-m", "steerserve", "serve", str(tiny_model_dir), "--feature-labels", str(bad), "--port", "1"],
         capture_output=True, text=True, env=server_env(), cwd=ROOT, timeout=300,
     )
     assert result.returncode != 0

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 import torch
 
-from sae_plugins.gating import GATE_REPORT_KEY, report_extra_arg
-from sae_plugins.plugin_config import PluginConfig
-from sae_plugins.sae import SAEWeights
-from sae_plugins.steering_runtime import SteeringRuntime
-from sae_plugins.steering_spec import EXTRA_ARGS_KEY, FeatureEdit, Gate, SteeringSpec
+from steerserve_sae.steering.gating import GATE_REPORT_KEY, report_extra_arg
+from steerserve_sae.vllm_hooks.plugin_config import PluginConfig
+from steerserve_sae.sae.autoencoder import SAEWeights
+from steerserve_sae.steering.runtime import SteeringRuntime
+from steerserve_sae.protocol.spec import EXTRA_ARGS_KEY, FeatureEdit, Gate, SteeringSpec
 from tests.request_views import RequestView
 from tests.test_cpu_kernel import D_MODEL, make_sae
 
@@ -194,8 +194,8 @@ def test_gate_spec_round_trips_and_keeps_ungated_ids():
 
 
 def test_a_gate_on_another_pipeline_stage_is_refused_by_the_api():
-    from server.errors import APIError
-    from server.steering_schema import parse_steering
+    from steerserve.errors import APIError
+    from steerserve.steering.schema import parse_steering
 
     raw = {"features": [{"layer": 2, "index": 1, "mode": "add", "value": 1.0,
                          "when": {"layer": 1, "index": 1, "above": 0.5}}]}

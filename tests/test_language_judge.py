@@ -1,4 +1,4 @@
-"""The language judge of the language-steering measurement (server/default_model/language_steering.py).
+"""The language judge of the language-steering measurement (models/recipe/language_steering.py).
 
 A judge limited to four languages called German function-word salad English, so a clamp that
 produced it counted as steering into English (issue 21). These run the real identifier on
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.default_model.language_steering import identify
+from models.recipe.language_steering import identify
 
 GERMAN_SALADS = [  # words of German that English shares, in the order a degenerate clamp repeats them
     "so was in an also man will die",

@@ -22,7 +22,7 @@ pytest.importorskip("vllm")
 
 def test_register_patches_nothing_outside_steerserve():
     """Installing steerserve must not change other vLLM programs in the same environment."""
-    code = ("import sae_plugins; sae_plugins.register(); "
+    code = ("import steerserve_sae; steerserve_sae.register(); "
             "from vllm.v1.worker.gpu_model_runner import GPUModelRunner as R; "
             "print(getattr(R._prepare_inputs, '_steerserve', False))")
     env = {k: v for k, v in os.environ.items() if k != "STEERSERVE_ACTIVE"}
@@ -32,10 +32,10 @@ def test_register_patches_nothing_outside_steerserve():
 
 @pytest.fixture(scope="module")
 def v2_runner():
-    import sae_plugins
+    import steerserve_sae
 
-    os.environ[sae_plugins.ACTIVATION_ENV] = "1"  # as `steerserve serve` sets it for vLLM's processes
-    sae_plugins.register()
+    os.environ[steerserve_sae.ACTIVATION_ENV] = "1"  # as `steerserve serve` sets it for vLLM's processes
+    steerserve_sae.register()
     from vllm.v1.worker.gpu.model_runner import GPUModelRunner
 
     return GPUModelRunner
@@ -48,15 +48,15 @@ def test_register_wraps_both_model_runners(v2_runner):
                        (v2_runner, ("add_requests", "prepare_inputs", "execute_model", "load_model"))):
         for name in names:
             assert _is_hook(getattr(cls, name)), f"{cls.__module__}.{name} is not hooked"
-    import sae_plugins
+    import steerserve_sae
 
-    sae_plugins.register()  # idempotent: wrapping twice would route every step twice
+    steerserve_sae.register()  # idempotent: wrapping twice would route every step twice
     assert not _is_hook(v2_runner.prepare_inputs.__wrapped__)
     assert not _is_hook(V1Runner._prepare_inputs.__wrapped__)
 
 
 def _is_hook(method) -> bool:
-    return method.__code__.co_filename.endswith("sae_plugins/runner_patch.py")
+    return method.__code__.co_filename.endswith("sae_plugins/vllm_hooks/runner_patch.py")
 
 
 def test_v2_routing_reads_fields_that_exist(v2_runner):

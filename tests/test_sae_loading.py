@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sae_plugins.sae_loading import (
+from steerserve_sae.sae.loading import (
     QwenScopeName,
     SAELoadError,
     describe_format,

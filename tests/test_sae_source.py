@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae_plugins import sae_math
-from sae_plugins.sae_loading import load_sae_layer
-from server.sae_source import SAESource, SAESourceError, resolve_sae_source
+from steerserve_sae.sae import sae_math
+from steerserve_sae.sae.loading import load_sae_layer
+from steerserve.sae_source import SAESource, SAESourceError, resolve_sae_source
 from tests.sae_files import write_hub_cache, write_qwen_scope, write_saelens
 
 REPO = "Qwen/SAE-Res-Tiny-W1K-L0_8"

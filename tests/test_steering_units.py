@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from sae_plugins import sae_math
-from sae_plugins.config_slots import ConfigSlots, ConfigSlotsExhausted
-from sae_plugins.sae import SAEWeights
-from sae_plugins.steering_spec import FeatureEdit, SteeringSpec
-from sae_plugins.token_routing import APPLY_ALL, APPLY_GENERATION, APPLY_PROMPT, token_slots
-from sae_plugins.worker_extension import CAPTURES, GATE_REPORTS
-from server.config_admission import ConfigAdmission
-from server.worker_takes import WorkerTakes
+from steerserve_sae.sae import sae_math
+from steerserve_sae.steering.config_slots import ConfigSlots, ConfigSlotsExhausted
+from steerserve_sae.sae.autoencoder import SAEWeights
+from steerserve_sae.protocol.spec import FeatureEdit, SteeringSpec
+from steerserve_sae.steering.token_routing import APPLY_ALL, APPLY_GENERATION, APPLY_PROMPT, token_slots
+from steerserve_sae.vllm_hooks.worker_extension import CAPTURES, GATE_REPORTS
+from steerserve.steering.admission import ConfigAdmission
+from steerserve.steering.worker_takes import WorkerTakes
 
 
 def test_token_slots_follow_positions_and_apply_to():
@@ -115,10 +115,10 @@ def test_admission_waits_for_a_free_config_and_shares_equal_ids():
 
 
 def test_runtime_routes_each_row_to_its_own_config():
-    from sae_plugins.plugin_config import PluginConfig
-    from sae_plugins.steering_runtime import SteeringRuntime
+    from steerserve_sae.vllm_hooks.plugin_config import PluginConfig
+    from steerserve_sae.steering.runtime import SteeringRuntime
     from tests.request_views import RequestView
-    from sae_plugins.steering_spec import EXTRA_ARGS_KEY
+    from steerserve_sae.protocol.spec import EXTRA_ARGS_KEY
 
     sae = tiny_sae()
     runtime = SteeringRuntime(PluginConfig("mem", (0,), max_features=4, max_configs=2), {0: sae}, torch.device("cpu"))
@@ -149,10 +149,10 @@ def test_runtime_routes_each_row_to_its_own_config():
 def test_a_forward_that_skipped_the_op_fails_loudly():
     """If a captured graph replayed the op (its Python never ran), the step must fail rather
     than sample unsteered tokens."""
-    from sae_plugins.plugin_config import PluginConfig
-    from sae_plugins.steering_runtime import SteeringRuntime
+    from steerserve_sae.vllm_hooks.plugin_config import PluginConfig
+    from steerserve_sae.steering.runtime import SteeringRuntime
     from tests.request_views import RequestView
-    from sae_plugins.steering_spec import EXTRA_ARGS_KEY
+    from steerserve_sae.protocol.spec import EXTRA_ARGS_KEY
 
     runtime = SteeringRuntime(PluginConfig("mem", (0,), max_features=4, max_configs=2), {0: tiny_sae()},
                               torch.device("cpu"))
@@ -194,10 +194,10 @@ def test_float32_encoder_encodes_the_stored_weights_exactly():
 def test_reused_routing_is_replanned_when_a_slot_changes_hands():
     """A decode step that routes like the last one reuses its plan; a slot freed and re-used by
     a different spec (same slot number, same routing bytes) must not."""
-    from sae_plugins.plugin_config import PluginConfig
-    from sae_plugins.steering_runtime import SteeringRuntime
+    from steerserve_sae.vllm_hooks.plugin_config import PluginConfig
+    from steerserve_sae.steering.runtime import SteeringRuntime
     from tests.request_views import RequestView
-    from sae_plugins.steering_spec import EXTRA_ARGS_KEY
+    from steerserve_sae.protocol.spec import EXTRA_ARGS_KEY
 
     sae = tiny_sae()
     runtime = SteeringRuntime(PluginConfig("mem", (0,), max_features=4, max_configs=1), {0: sae}, torch.device("cpu"))
@@ -231,7 +231,7 @@ def test_cpu_encoder_choice_keeps_large_encoders_in_their_dtype():
 
 
 def test_engine_core_waits_for_workers_by_sleeping(monkeypatch):
-    """sae_plugins/upstream_fixes.py: within its busy window the engine core's wait for worker
+    """sae_plugins/vllm_hooks/upstream_fixes.py: within its busy window the engine core's wait for worker
     output sleeps instead of spinning on sched_yield (which starved the API server sharing its
     CPU); outside the window it still blocks on the queue's notify socket."""
     import time
@@ -239,7 +239,7 @@ def test_engine_core_waits_for_workers_by_sleeping(monkeypatch):
     import zmq
     from vllm.distributed.device_communicators import shm_broadcast
 
-    from sae_plugins import upstream_fixes
+    from steerserve_sae.vllm_hooks import upstream_fixes
 
     context = zmq.Context()
     writer = shm_broadcast.SpinCondition(False, context, "inproc://steerserve-test-notify")  # binds first

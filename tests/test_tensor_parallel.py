@@ -2,7 +2,7 @@
 
 The only end-to-end check of the replicated-SAE design this repository can run: at a steered
 layer's output every TP rank holds the whole residual stream, so each rank applies the same
-edit with no communication (sae_plugins/steering_runtime.py). vLLM's CPU build runs TP=2 with
+edit with no communication (sae_plugins/steering/runtime.py). vLLM's CPU build runs TP=2 with
 one OpenMP thread set per rank. The model is a random Qwen3.5 whose attention and linear
 attention head counts divide by 2 (the embedded default's single linear key head cannot be
 split); it reuses the default's tokenizer and 128-wide SAEs.
@@ -61,7 +61,7 @@ def serve(model: Path, log: Path, tp: int):
             "--max-model-len", "512", "--max-num-seqs", "8", "--gpu-memory-utilization", "0.05",
             "--served-model-name", "tp", "--enforce-eager", "--seed", "0", "--api-key", API_KEY,
             "--data-dir", str(log.parent / f"data-tp{tp}"), *extra]
-    from server.serve_process import ServeProcess
+    from steerserve.serve_process import ServeProcess
 
     running = ServeProcess(args, log, env=env)
     try:

@@ -199,8 +199,8 @@ def test_residuals_count_the_token_budget_vllm_applies(http):
 
 
 def test_residual_bound_reads_each_field_as_vllm_does():
-    from server.errors import APIError
-    from server.traces import parse_trace
+    from steerserve.errors import APIError
+    from steerserve.steering.traces import parse_trace
 
     def positions(body: dict, prompt_tokens: int | None = None, max_model_len: int | None = None,
                   **trace) -> int | tuple[str | None, str]:
@@ -259,7 +259,7 @@ def test_a_stream_carries_the_trace_with_its_chunks(client):
 def test_concurrent_traced_streams_take_their_pieces_together(server, client):
     """8 traced streams at once: each stream's pieces add up to the trace it gets alone, and
     the pieces all streams ask for in the same step go to the workers in one RPC
-    (server/worker_takes.py) instead of one RPC per stream per token."""
+    (server/steering/worker_takes.py) instead of one RPC per stream per token."""
     trace = {"layers": [1, 2], "top_k": 4}
     expected = [[x["index"] for x in e["features"]["2"]] for e in chat(client, trace).choices[0].model_extra["trace"]]
 
@@ -328,8 +328,8 @@ def test_trace_refuses_several_prompts_and_other_routes(http):
 
 
 def test_a_trace_over_the_per_position_limit_is_refused():
-    from server.errors import APIError
-    from server.traces import parse_trace
+    from steerserve.errors import APIError
+    from steerserve.steering.traces import parse_trace
 
     sizes = {1: 1024, 2: 1024}
     assert parse_trace({"layers": [1, 2], "top_k": 5}, sizes, {}, 10).top_k == 5
@@ -340,8 +340,8 @@ def test_a_trace_over_the_per_position_limit_is_refused():
 
 
 def test_residual_vectors_count_positions_layers_choices_and_compare():
-    from server.errors import APIError
-    from server.traces import parse_trace
+    from steerserve.errors import APIError
+    from steerserve.steering.traces import parse_trace
 
     sizes = {1: 64, 2: 64}
 

@@ -14,9 +14,10 @@ import sys
 
 import pytest
 
-from sae_plugins import ACTIVATION_ENV, vllm_compat
-from sae_plugins.request_signing import SECRET_ENV
-from sae_plugins.vllm_compat import ALLOW_UNTESTED_ENV, VLLMCompatibilityError, check_vllm_version, require
+from steerserve_sae import ACTIVATION_ENV
+from steerserve_sae.vllm_hooks import compat
+from steerserve_sae.protocol.signing import SECRET_ENV
+from steerserve_sae.vllm_hooks.compat import ALLOW_UNTESTED_ENV, VLLMCompatibilityError, check_vllm_version, require
 from tests.conftest import ROOT
 
 
@@ -61,7 +62,7 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 def test_serve_refuses_an_unverified_vllm_before_starting_anything(tiny_model_dir):
     code = ("import vllm, sys; vllm.__version__ = '0.99.0'\n"
-            "from server.cli import main\n"
+            "from steerserve.cli import main\n"
             f"main(['serve', {str(tiny_model_dir)!r}, '--sae', {str(tiny_model_dir / 'sae')!r}, '--sae-layers', '1'])")
     done = _run(code, _clean_env())
     assert done.returncode == 1, done.stderr[-3000:]
@@ -71,8 +72,8 @@ def test_serve_refuses_an_unverified_vllm_before_starting_anything(tiny_model_di
 
 def test_the_plugin_refuses_an_unverified_vllm_in_every_process():
     code = ("import vllm; vllm.__version__ = '0.99.0'\n"
-            "import sae_plugins\n"
-            "try:\n    sae_plugins.register()\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
+            "import steerserve_sae\n"
+            "try:\n    steerserve_sae.register()\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
     done = _run(code, _clean_env(STEERSERVE_ACTIVE="1"))
     assert done.stdout.startswith("VLLMCompatibilityError steerserve's vLLM patches were verified"), done.stderr[-3000:]
 
@@ -80,7 +81,7 @@ def test_the_plugin_refuses_an_unverified_vllm_in_every_process():
 def test_ray_workers_and_engine_actors_receive_the_signing_secret():
     code = """
 import json, os
-from server.cli import prepare_worker_environment
+from steerserve.cli import prepare_worker_environment
 prepare_worker_environment()
 from vllm.platforms import current_platform
 from vllm.ray.ray_env import get_env_vars_to_copy
@@ -106,8 +107,8 @@ print(json.dumps({"copied": copied, "secret": os.environ["STEERSERVE_SPEC_SECRET
 
 
 def test_a_patch_whose_wait_target_changed_fails_loudly():
-    from sae_plugins import upstream_fixes
+    from steerserve_sae.vllm_hooks import upstream_fixes
 
     with pytest.raises(VLLMCompatibilityError, match=r"lacks \['wait', 'last_read', 'busy_loop_s'\]"):
         upstream_fixes.sleep_while_busy(None)
-    assert vllm_compat.release_of("0.32.0+cpu") == "0.32.0"
+    assert compat.release_of("0.32.0+cpu") == "0.32.0"

@@ -15,8 +15,8 @@ import time
 import httpx
 import pytest
 
-from sae_plugins.request_signing import SECRET_ENV
-from server.serve_process import ServeProcess
+from steerserve_sae.protocol.signing import SECRET_ENV
+from steerserve.serve_process import ServeProcess
 from tests.conftest import API_KEY, AUTH, SERVER_START_TIMEOUT, serve_args, server_env
 
 SITECUSTOMIZE = f"""

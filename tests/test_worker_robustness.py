@@ -8,24 +8,24 @@ import json
 import pytest
 import torch
 
-from sae_plugins import request_signing
-from sae_plugins.feature_capture import CAPTURE_KEY, CaptureSpec
-from sae_plugins.plugin_config import PluginConfig
-from sae_plugins.steering_runtime import SteeringRuntime
+from steerserve_sae.protocol import signing
+from steerserve_sae.capture.features import CAPTURE_KEY, CaptureSpec
+from steerserve_sae.vllm_hooks.plugin_config import PluginConfig
+from steerserve_sae.steering.runtime import SteeringRuntime
 from tests.request_views import RequestView
-from sae_plugins.steering_spec import EXTRA_ARGS_KEY
+from steerserve_sae.protocol.spec import EXTRA_ARGS_KEY
 from tests.test_steering_units import spec, tiny_sae
 
 CANONICAL = spec((0, 5, "add", 2.0)).canonical_json()
 BAD_EXTRA_ARGS = {
     "unsigned spec": {EXTRA_ARGS_KEY: CANONICAL},
     "forged signature": {EXTRA_ARGS_KEY: "0" * 64 + "." + CANONICAL},
-    "empty object, signed": {EXTRA_ARGS_KEY: request_signing.sign("{}")},
-    "not JSON, signed": {EXTRA_ARGS_KEY: request_signing.sign("add 2 to feature 5")},
+    "empty object, signed": {EXTRA_ARGS_KEY: signing.sign("{}")},
+    "not JSON, signed": {EXTRA_ARGS_KEY: signing.sign("add 2 to feature 5")},
     "not a string": {EXTRA_ARGS_KEY: 12},
     "layer without an SAE": {EXTRA_ARGS_KEY: spec((7, 5, "add", 2.0)).to_extra_arg()},
     "index past d_sae": {EXTRA_ARGS_KEY: spec((0, 16, "clamp", 2.0)).to_extra_arg()},
-    "unknown mode": {EXTRA_ARGS_KEY: request_signing.sign(CANONICAL.replace('"add"', '"boost"'))},
+    "unknown mode": {EXTRA_ARGS_KEY: signing.sign(CANONICAL.replace('"add"', '"boost"'))},
     "capture {} (issue 10's crash)": {CAPTURE_KEY: "{}"},
     "capture top_k past d_sae": {CAPTURE_KEY: CaptureSpec("c", (0,), top_k=17).to_extra_arg()},
     "capture at a layer without an SAE": {CAPTURE_KEY: CaptureSpec("c", (3,), top_k=2).to_extra_arg()},
@@ -66,18 +66,18 @@ def test_a_bad_spec_runs_its_request_unsteered_and_its_neighbours_steered(name):
 
 def test_a_spec_signed_with_another_deployments_secret_is_refused(monkeypatch):
     signed_elsewhere = spec((0, 5, "add", 2.0)).to_extra_arg()
-    monkeypatch.setenv(request_signing.SECRET_ENV, "another-deployment")
+    monkeypatch.setenv(signing.SECRET_ENV, "another-deployment")
     rt = runtime()
     before, after = step(rt, [RequestView("r", {EXTRA_ARGS_KEY: signed_elsewhere}, 1, 0, 1)])
     assert rt.rejected_requests_total == 1 and torch.equal(after, before)
 
 
 def test_signature_round_trip_and_tamper():
-    signed = request_signing.sign('{"a": 1}')
-    assert request_signing.verify(signed) == '{"a": 1}'
+    signed = signing.sign('{"a": 1}')
+    assert signing.verify(signed) == '{"a": 1}'
     mac, payload = signed.split(".", 1)
-    with pytest.raises(request_signing.SignatureError):
-        request_signing.verify(mac + "." + payload.replace("1", "2"))
+    with pytest.raises(signing.SignatureError):
+        signing.verify(mac + "." + payload.replace("1", "2"))
 
 
 def test_pipeline_stage_steers_its_own_layers_of_a_spec_that_spans_stages():
@@ -114,8 +114,8 @@ def test_slots_cover_every_api_process(api_servers, max_configs, slots):
 def test_large_steps_encode_in_bounded_chunks_with_unchanged_results():
     """The PyTorch edit and captures work through ENCODE_CHUNK_ROWS rows at a time (a bounded
     workspace at 27B shapes); the result equals the edit computed on all rows at once."""
-    from sae_plugins import sae_math
-    from sae_plugins.steering_runtime import ENCODE_CHUNK_ROWS
+    from steerserve_sae.sae import sae_math
+    from steerserve_sae.steering.runtime import ENCODE_CHUNK_ROWS
 
     sae = tiny_sae()
     rt = SteeringRuntime(PluginConfig("mem", (0,), max_features=4, max_configs=2, steering_kernel="torch"),

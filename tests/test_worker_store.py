@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from sae_plugins.feature_capture import CAPTURE_KEY, CaptureSpec, trace_key
-from sae_plugins.gating import GATE_REPORT_KEY, report_extra_arg
-from sae_plugins.plugin_config import PluginConfig
-from sae_plugins.rejections import TICKET_KEY
-from sae_plugins.steering_runtime import SteeringRuntime
-from sae_plugins.steering_spec import EXTRA_ARGS_KEY, FeatureEdit, Gate, SteeringSpec
-from sae_plugins.worker_store import CAPTURES, FINISHED_SECONDS, FULL_MARKER, GATE_REPORTS, REJECTIONS, WorkerStore
-from server.worker_takes import WorkerTakes
+from steerserve_sae.capture.features import CAPTURE_KEY, CaptureSpec, trace_key
+from steerserve_sae.steering.gating import GATE_REPORT_KEY, report_extra_arg
+from steerserve_sae.vllm_hooks.plugin_config import PluginConfig
+from steerserve_sae.capture.rejections import TICKET_KEY
+from steerserve_sae.steering.runtime import SteeringRuntime
+from steerserve_sae.protocol.spec import EXTRA_ARGS_KEY, FeatureEdit, Gate, SteeringSpec
+from steerserve_sae.capture.store import CAPTURES, FINISHED_SECONDS, FULL_MARKER, GATE_REPORTS, REJECTIONS, WorkerStore
+from steerserve.steering.worker_takes import WorkerTakes
 from tests.request_views import RequestView
 from tests.test_steering_units import tiny_sae
 

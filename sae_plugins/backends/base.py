@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..sae import SAEWeights
-from ..step_plan import LayerPlan
+from steerserve_sae.sae.autoencoder import SAEWeights
+from steerserve_sae.steering.step_plan import LayerPlan
 
 
 @dataclass(frozen=True, eq=False)

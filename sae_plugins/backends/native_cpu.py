@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .base import KernelBackend, LayerBuffers
+from steerserve_sae.backends.base import KernelBackend, LayerBuffers
 
 logger = logging.getLogger("vllm.steerserve")
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import torch
 
-from .. import gating, sae_math
-from ..feature_capture import ENCODE_CHUNK_ROWS
-from ..step_plan import LayerPlan
-from .base import LayerBuffers, SteeringBackend
+from steerserve_sae.steering import gating
+from steerserve_sae.sae import sae_math
+from steerserve_sae.capture.features import ENCODE_CHUNK_ROWS
+from steerserve_sae.steering.step_plan import LayerPlan
+from steerserve_sae.backends.base import LayerBuffers, SteeringBackend
 
 
 class TorchSteering(SteeringBackend):

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .base import KernelBackend
+from steerserve_sae.backends.base import KernelBackend
 
 
 def _interpreted() -> bool:

@@ -7,6 +7,6 @@ ASGI app, so a line is validated, steered and answered exactly like an interacti
 `plugin` (wiring into vLLM's app), `offline` (`steerserve run-batch`).
 """
 
-from .plugin import attach_batch_api, start_batch_service
+from steerserve.batch.plugin import attach_batch_api, start_batch_service
 
 __all__ = ["attach_batch_api", "start_batch_service"]

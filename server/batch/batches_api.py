@@ -13,10 +13,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..errors import APIError, errors_as_json, from_validation
-from .files_api import list_page, not_found, parse_limit, service_of, stored_or_404
-from .lines import SUPPORTED_ENDPOINTS
-from .store import BatchRecord, Store, now
+from steerserve.errors import APIError, errors_as_json, from_validation
+from steerserve.batch.files_api import list_page, not_found, parse_limit, service_of, stored_or_404
+from steerserve.batch.lines import SUPPORTED_ENDPOINTS
+from steerserve.batch.store import BatchRecord, Store, now
 
 router = APIRouter()
 

@@ -22,9 +22,9 @@ from fastapi.responses import FileResponse, JSONResponse
 from starlette.datastructures import FormData
 from starlette.types import Message
 
-from ..errors import APIError, errors_as_json
-from ..request_guard import declared_over
-from .store import FileInUse, FileRecord, Store, new_file_id, now
+from steerserve.errors import APIError, errors_as_json
+from steerserve.middleware.guard import declared_over
+from steerserve.batch.store import FileInUse, FileRecord, Store, new_file_id, now
 
 router = APIRouter()
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import APIError
-from .store import InputLine, LineResult
+from steerserve.errors import APIError
+from steerserve.batch.store import InputLine, LineResult
 
 SUPPORTED_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 _BLANK = " \t\r\f\v"  # a line of only these holds no request (the line counter agrees)

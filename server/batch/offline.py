@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx
 
-from ..serve_process import ServeProcess, ServerStartError, api_key_of, has_option
+from steerserve.serve_process import ServeProcess, ServerStartError, api_key_of, has_option
 
 DESCRIPTION = "run a JSONL file of OpenAI batch requests through a temporary steerserve server"
 EPILOG = (

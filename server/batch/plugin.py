@@ -16,12 +16,12 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from ..in_process import server_api_key
-from ..limits import Limits
-from .batches_api import router as batches_router
-from .files_api import router as files_router
-from .runner import BatchService
-from .store import Store
+from steerserve.in_process import server_api_key
+from steerserve.limits import Limits
+from steerserve.batch.batches_api import router as batches_router
+from steerserve.batch.files_api import router as files_router
+from steerserve.batch.runner import BatchService
+from steerserve.batch.store import Store
 
 logger = logging.getLogger("vllm.steerserve.batch")  # under vLLM's configured "vllm" logger
 

@@ -44,11 +44,11 @@ from typing import Any
 
 import httpx
 
-from ..errors import APIError
-from ..in_process import in_process_client
-from ..limits import Limits
-from .lines import engine_failure_line, expired_line, line_id, parse_input_file, response_record
-from .store import BatchRecord, FileRecord, InputLine, LineResult, PendingLine, Store, now
+from steerserve.errors import APIError
+from steerserve.in_process import in_process_client
+from steerserve.limits import Limits
+from steerserve.batch.lines import engine_failure_line, expired_line, line_id, parse_input_file, response_record
+from steerserve.batch.store import BatchRecord, FileRecord, InputLine, LineResult, PendingLine, Store, now
 
 logger = logging.getLogger("vllm.steerserve.batch")  # under vLLM's configured "vllm" logger
 

@@ -1,0 +1,156 @@
+"""The normalised steering spec: what a request asks the SAE step to do.
+
+The HTTP layer validates user JSON into this form; it travels to the workers as one signed JSON
+string (signing.py) in `SamplingParams.extra_args[EXTRA_ARGS_KEY]` (vLLM only forwards flat str/int/float values),
+and the workers decode it back. The id is a hash of the canonical form, so equal specs share a
+config slot and a prefix-cache salt however the user ordered them.
+
+An edit may carry a gate (`when`): it applies at a token only where another feature's activation,
+computed in the same forward pass at a layer at or before the edit's, lies in the gate's open
+interval (above, below). A spec's distinct gates are numbered in its canonical order
+(`SteeringSpec.gates`); the workers keep one pass/fail column per gate and row, and report how
+many tokens passed each (gating.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from steerserve_sae.protocol import signing
+
+EXTRA_ARGS_KEY = "steerserve_steering"
+
+Mode = Literal["add", "clamp", "scale", "ablate"]
+ApplyTo = Literal["all", "prompt", "generation"]
+MODES: tuple[str, ...] = ("add", "clamp", "scale", "ablate")  # what the workers accept
+APPLY_TO: tuple[str, ...] = ("all", "prompt", "generation")
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Feature `index` of the SAE at `layer` must be > above and < below (None: unbounded)."""
+
+    layer: int
+    index: int
+    above: float | None = None
+    below: float | None = None
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """The open interval as two floats (what the kernels compare against)."""
+        return (-math.inf if self.above is None else self.above, math.inf if self.below is None else self.below)
+
+    def to_json(self) -> dict:
+        return {"layer": self.layer, "index": self.index} | (
+            {} if self.above is None else {"above": self.above}) | ({} if self.below is None else {"below": self.below})
+
+    @staticmethod
+    def from_json(data: dict) -> "Gate":
+        above, below = data.get("above"), data.get("below")
+        gate = Gate(int(data["layer"]), int(data["index"]), None if above is None else float(above),
+                    None if below is None else float(below))
+        given = [v for v in (gate.above, gate.below) if v is not None]
+        if not given or not all(math.isfinite(v) for v in given) or not gate.bounds[0] < gate.bounds[1]:
+            raise ValueError(f"a gate needs a finite above and/or below, with above < below: {data}")
+        return gate
+
+    def sort_key(self) -> tuple:
+        return (self.layer, self.index, *self.bounds)
+
+
+@dataclass(frozen=True)
+class FeatureEdit:
+    layer: int
+    index: int
+    mode: Mode
+    value: float  # 0.0 for ablate
+    when: Gate | None = None  # applies only at tokens where the gate passes
+
+    @property
+    def target(self) -> float:
+        """Value used by the clamp-family math (ablate is clamp to 0)."""
+        return 0.0 if self.mode == "ablate" else self.value
+
+    def sort_key(self) -> tuple:
+        return (self.layer, self.index, self.mode, self.value, self.when.sort_key() if self.when else ())
+
+    def to_json(self) -> dict:
+        edit = {"layer": self.layer, "index": self.index, "mode": self.mode, "value": self.value}
+        return edit | ({"when": self.when.to_json()} if self.when else {})
+
+
+@dataclass(frozen=True)
+class SteeringSpec:
+    features: tuple[FeatureEdit, ...]  # sorted by (layer, index): order-independent identity
+    apply_to: ApplyTo = "all"
+
+    @staticmethod
+    def create(features: list[FeatureEdit], apply_to: ApplyTo = "all") -> "SteeringSpec":
+        return SteeringSpec(tuple(sorted(features, key=FeatureEdit.sort_key)), apply_to)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(sorted({f.layer for f in self.features}))
+
+    @property
+    def gates(self) -> tuple[Gate, ...]:
+        """Distinct gates in canonical order: gate column c of a row is gates[c]'s pass/fail."""
+        return tuple(dict.fromkeys(f.when for f in self.features if f.when is not None))
+
+    def gate_column(self, gate: Gate) -> int:
+        """The gate column (per row of a step, and per count of the gate report) of `gate`."""
+        return self.gates.index(gate)
+
+    def canonical_json(self) -> str:
+        return json.dumps(
+            {"features": [f.to_json() for f in self.features], "apply_to": self.apply_to},
+            sort_keys=True,
+            separators=(",", ":"),
+        )
+
+    @property
+    def id(self) -> str:
+        digest = hashlib.sha256(self.canonical_json().encode()).hexdigest()
+        return f"steer-{digest[:16]}"
+
+    def echo(self, gate_report: dict | None = None) -> dict:
+        """The `steering` object returned to clients: normalised spec plus its id; with the
+        workers' gate report (gating.py), the tokens the spec steered and, per gated edit, the
+        tokens its gate let through."""
+        passed = gate_report["passed"] if gate_report else None
+        return {
+            "id": self.id,
+            "features": [
+                {"layer": f.layer, "index": f.index, "mode": f.mode}
+                | ({} if f.mode == "ablate" else {"value": f.value})
+                | ({"when": f.when.to_json()} if f.when else {})
+                | ({"edited_tokens": passed[self.gate_column(f.when)]} if f.when and passed else {})
+                for f in self.features
+            ],
+            "apply_to": self.apply_to,
+        } | ({"steered_tokens": gate_report["tokens"]} if gate_report else {})
+
+    def to_extra_arg(self) -> str:
+        return signing.sign(self.canonical_json())
+
+    @staticmethod
+    def from_extra_arg(raw: object) -> "SteeringSpec":
+        """Raises (SignatureError, ValueError, KeyError, TypeError) unless `raw` is what
+        to_extra_arg made in this deployment."""
+        data = json.loads(signing.verify(raw))
+        features = [
+            FeatureEdit(int(f["layer"]), int(f["index"]), f["mode"], float(f["value"]),
+                        Gate.from_json(f["when"]) if f.get("when") is not None else None)
+            for f in data["features"]
+        ]
+        if not features or any(f.mode not in MODES or not math.isfinite(f.value) for f in features):
+            raise ValueError("a steering spec needs features with a known mode and a finite value")
+        if any(f.when is not None and f.when.layer > f.layer for f in features):
+            raise ValueError("a gate must read a layer at or before its edit's")
+        if data["apply_to"] not in APPLY_TO:
+            raise ValueError(f"unknown apply_to {data['apply_to']!r}")
+        return SteeringSpec.create(features, data["apply_to"])

@@ -1,0 +1,301 @@
+"""Mechanistic analysis over HTTP: which features fire on a text, what a feature writes.
+
+`POST /v1/features/inspect` runs the text through the same engine forward that generation uses
+(a one-token completion sent through this server's own app, so `steering` is validated and
+applied exactly as for chat), with a capture spec that makes the workers record each token's
+top SAE features; the result is taken back by capture id over collective RPC.
+`GET /v1/features/{layer}/{index}` reports a feature's norms and logit lens, and
+`GET /v1/features/search` finds features by label text or by the token they promote.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+
+from steerserve_sae.capture.features import CAPTURE_KEY, CaptureSpec
+from steerserve_sae.vllm_hooks.worker_extension import CAPTURES
+
+from steerserve.errors import APIError, errors_as_json, from_validation
+from steerserve.in_process import chat_prompt_ids
+from steerserve.limits import MAX_TOP_K
+from steerserve.steering.sae_checks import index_in_range, loaded_layer
+from steerserve.analysis.sae_quality import QualitySums
+
+router = APIRouter()
+LENS_TOP = 20
+MAX_NEXT_TOKEN_LOGPROBS = 20  # vLLM's default --max-logprobs
+MAX_SEARCH_OFFSET = 10_000  # token search ranks features on the workers: bounded work per request
+
+
+class InspectRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: StrictStr | None = None
+    messages: list[dict[str, Any]] | None = None
+    prompt: StrictStr | None = None
+    add_generation_prompt: StrictBool = True
+    layers: list[StrictInt] | None = None
+    top_k: StrictInt = 10
+    steering: Any = None
+    quality: StrictBool = False  # also report how well each layer's SAE reconstructs this text
+    splice: StrictBool = False  # run the text with each inspected layer replaced by its SAE's reconstruction
+    watch: list[StrictInt] = []  # feature indices reported at every token of every inspected layer
+    # the top-k next-token log-probabilities at every position (eval's KL); implies `nll`
+    next_token_logprobs: StrictInt = Field(default=0, ge=0, le=MAX_NEXT_TOKEN_LOGPROBS)
+
+
+def _context(request: Request):
+    return request.app.state.steerserve
+
+
+def _first(per_rank: list) -> Any:
+    return next((r for r in per_rank if r is not None), None)
+
+
+def _special_ids(tokenizer) -> set[int]:
+    """Special tokens, including added ones such as ChatML's <|im_start|>."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return set(tokenizer.all_special_ids) | {i for i, token in added.items() if getattr(token, "special", False)}
+
+
+def _token_text(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id])
+
+
+def _loaded_layer(context, layer: int, param: str, status=HTTPStatus.BAD_REQUEST) -> dict:
+    loaded_layer(context.sae_sizes, layer, param, status)
+    return context.sae_by_layer[layer]
+
+
+def _require_saes(context) -> None:
+    if not context.saes:
+        raise APIError("feature analysis is unavailable: this server was started without --sae",
+                       code="features_unavailable")
+
+
+@router.post("/v1/features/inspect")
+@errors_as_json
+async def inspect(request: Request):
+    context = _context(request)
+    try:
+        raw = await request.json()
+    except ValueError:
+        raise APIError("the request body is not valid JSON", code="invalid_json")
+    try:
+        req = InspectRequest.model_validate(raw)
+    except ValidationError as exc:
+        raise from_validation(exc, prefix="invalid request", code="invalid_request") from None
+    _require_saes(context)
+    if isinstance(req.steering, dict) and req.steering.get("compare"):
+        raise APIError("inspect takes no steering.compare: inspect the steered and unsteered text in two calls",
+                       param="steering.compare", code="invalid_steering")
+    layers = req.layers if req.layers is not None else sorted(context.sae_by_layer)
+    for i, layer in enumerate(layers):
+        _loaded_layer(context, layer, f"layers[{i}]")
+    if not layers:
+        raise APIError("layers must name at least one loaded layer", param="layers", code="invalid_request")
+    if not 1 <= req.top_k <= MAX_TOP_K:
+        raise APIError(f"top_k must be between 1 and {MAX_TOP_K}", param="top_k", code="invalid_top_k")
+    if len(req.watch) > MAX_TOP_K:
+        raise APIError(f"watch takes at most {MAX_TOP_K} features", param="watch", code="invalid_request")
+    for i, index in enumerate(req.watch):
+        for layer in layers:
+            if not 0 <= index < context.sae_by_layer[layer]["d_sae"]:
+                raise APIError(f"feature index {index} is out of range for layer {layer}", param=f"watch[{i}]",
+                               code="index_out_of_range")
+    token_ids, field = await _tokenize(context, req)
+    return await _run_inspection(context, req, sorted(set(layers)), token_ids, field)
+
+
+async def _tokenize(context, req: InspectRequest) -> tuple[list[int], str]:
+    """Token ids of the input: messages as chat completions render them (vLLM's renderer, through
+    /tokenize), a prompt as the tokenizer splits it. Both are CPU-bound and run off the event loop,
+    only after a character bound that no input fitting the context can exceed by much."""
+    if (req.messages is None) == (req.prompt is None):
+        raise APIError("give exactly one of `messages` or `prompt`", param="messages", code="invalid_request")
+    field = "messages" if req.messages is not None else "prompt"
+    max_tokens = context.max_model_len - 1
+    max_chars = max_tokens * context.limits.max_inspect_chars_per_token
+    chars = len(req.prompt) if req.prompt is not None else sum(len(json.dumps(m)) for m in req.messages)
+    if chars > max_chars:
+        raise APIError(f"the input has {chars} characters; inspect takes at most {max_chars} "
+                       f"({max_tokens} tokens)", param=field, code="too_many_tokens")
+    if req.messages is not None:  # rendered as chat completions render it
+        token_ids = await chat_prompt_ids(context.client, context.served_model,
+                                          {"messages": req.messages, "add_generation_prompt": req.add_generation_prompt})
+    else:
+        token_ids = await asyncio.to_thread(context.engine.get_tokenizer().encode, req.prompt)
+    if not token_ids:
+        raise APIError("the input has no tokens", param=field, code="empty_input")
+    if len(token_ids) > max_tokens:
+        raise APIError(f"the input has {len(token_ids)} tokens; at most {max_tokens} can be inspected",
+                       param=field, code="too_many_tokens")
+    return token_ids, field
+
+
+async def _run_inspection(context, req: InspectRequest, layers: list[int], token_ids: list[int], field: str):
+    tokenizer = context.engine.get_tokenizer()
+    special_ids = _special_ids(tokenizer)
+    special = [t in special_ids for t in token_ids]
+    capture = CaptureSpec(
+        id=uuid.uuid4().hex, layers=tuple(layers), top_k=req.top_k,
+        exclude_from_aggregate=frozenset(i for i, s in enumerate(special) if s), quality=req.quality,
+        splice=req.splice, watch=tuple(req.watch),
+    )
+    body = {"model": context.served_model, "prompt": token_ids, "max_tokens": 1, "temperature": 0,
+            "vllm_xargs": {CAPTURE_KEY: capture.to_extra_arg()},
+            "cache_salt": f"inspect-{capture.id}"}  # every position must really be computed
+    if req.quality or req.next_token_logprobs:
+        body["prompt_logprobs"] = req.next_token_logprobs  # the text's own next-token log-likelihoods
+    if req.steering is not None:
+        body["steering"] = req.steering
+    taken = False
+    try:
+        response = await context.client.post("/v1/completions", content=json.dumps(body),
+                                             headers={"content-type": "application/json"})
+        if response.status_code != 200:  # e.g. invalid steering: the interactive error, unchanged
+            return JSONResponse(response.json(), status_code=response.status_code)
+        taken = True
+        per_rank = await context.takes.take(CAPTURES, capture.id)  # a 503 if it outgrew the workers' store
+    finally:
+        if not taken:  # an error, or this handler cancelled: the workers must not keep the capture
+            context.takes.discard([(CAPTURES, capture.id)])
+    captured: dict[int, dict] = {}
+    for rank in per_rank:
+        captured.update(rank or {})  # pipeline stages each hold their own layers; TP ranks agree
+    if any(layer not in captured for layer in layers):
+        raise APIError("the engine returned no activations for this input", code="capture_lost",
+                       status=HTTPStatus.INTERNAL_SERVER_ERROR, type="server_error")
+    tokens = [
+        {"position": i, "token_id": t, "token": _token_text(tokenizer, t), "special": special[i], "features": {}}
+        for i, t in enumerate(token_ids)
+    ]
+    aggregate = {}
+    for layer in layers:
+        result = captured[layer]
+        for position, indices, values in zip(result["positions"], result["indices"], result["values"]):
+            tokens[position]["features"][str(layer)] = [
+                {"index": i, "activation": v} for i, v in zip(indices, values)]
+        for position, values in zip(result["positions"], result.get("watched", ())):
+            tokens[position].setdefault("watched", {})[str(layer)] = [
+                {"index": i, "activation": v} for i, v in zip(req.watch, values)]
+        aggregate[str(layer)] = result["aggregate"]
+    steering_echo = response.json().get("steering")
+    result = {"object": "feature_inspection", "model": context.served_model, "layers": layers, "top_k": req.top_k,
+              "steering": steering_echo, "tokens": tokens, "aggregate": aggregate}
+    if "prompt_logprobs" in body:
+        prompt_logprobs = response.json()["choices"][0]["prompt_logprobs"]
+        result["nll"] = _mean_nll(prompt_logprobs, token_ids)
+        if req.next_token_logprobs:  # predictions of tokens 1.. (vLLM also lists the actual token)
+            result["next_token_logprobs"] = [{t: e["logprob"] for t, e in entry.items()}
+                                             for entry in prompt_logprobs[1:]]
+    if req.quality:  # summary plus the raw sums, which add up over requests (server/analysis/sae_quality.py)
+        result["quality"] = {
+            str(layer): QualitySums.from_capture(captured[layer]["quality"]).summary(context.sae_by_layer[layer]["d_sae"])
+            | {"sums": captured[layer]["quality"]}
+            for layer in layers if "quality" in captured[layer]
+        }
+    return result
+
+
+def _mean_nll(prompt_logprobs: list, token_ids: list[int]) -> float | None:
+    """Mean negative log-likelihood of the text's tokens after the first (under any splice)."""
+    nll = [-entry[str(t)]["logprob"] for t, entry in zip(token_ids[1:], prompt_logprobs[1:])]
+    return sum(nll) / len(nll) if nll else None
+
+
+@router.get("/v1/features/search")
+@errors_as_json
+async def search(request: Request):
+    context = _context(request)
+    q = request.query_params
+    limit = _int_param(q, "limit", 20, 1, 100)
+    offset = _int_param(q, "offset", 0, 0, MAX_SEARCH_OFFSET)
+    layer = _int_param(q, "layer", None, None, None)
+    if ("q" in q) == ("token" in q):
+        raise APIError("give exactly one of `q` (label text) or `token`", param="q", code="invalid_request")
+    if "q" in q:
+        hits = [{"layer": f.layer, "index": f.index, "label": f.label, "description": f.description,
+                 "score": score} for score, f in context.labels.search(q["q"], layer)]
+    else:
+        _require_saes(context)
+        if layer is not None:
+            _loaded_layer(context, layer, "layer")
+        hits = await _token_search(context, q["token"], layer, offset + limit)
+    page = hits[offset : offset + limit]
+    return {"object": "list", "data": page, "total": len(hits), "limit": limit, "offset": offset,
+            "has_more": offset + limit < len(hits)}
+
+
+async def _token_search(context, token: str, layer: int | None, wanted: int) -> list[dict]:
+    tokenizer = context.engine.get_tokenizer()
+    ids = tokenizer.encode(token, add_special_tokens=False)
+    if len(ids) != 1:
+        raise APIError(f"`token` must be exactly one token; {token!r} is {len(ids)} tokens: "
+                       f"{[_token_text(tokenizer, t) for t in ids]}", param="token", code="not_a_single_token")
+    layers = [layer] if layer is not None else sorted(context.sae_by_layer)
+    key = (ids[0], tuple(layers))
+    cache = context.token_search_cache
+    cached = cache.get(key)
+    if cached is not None:
+        cache.move_to_end(key)
+    if cached is None or len(cached) < wanted:
+        per_rank = await context.engine.collective_rpc("steerserve_token_features", args=(ids[0], layers, wanted))
+        merged: dict[int, list] = {}
+        for rank in per_rank:
+            merged.update(rank or {})
+        cached = sorted(
+            ({"layer": lyr, "index": i, "logit": score, **_label_fields(context, lyr, i)}
+             for lyr, rows in merged.items() for i, score in rows),
+            key=lambda h: (-h["logit"], h["layer"], h["index"]),
+        )
+        cache[key] = cached
+        while len(cache) > context.limits.token_search_cache_entries:
+            cache.popitem(last=False)
+    for hit in cached:
+        hit["token"] = _token_text(tokenizer, ids[0])
+    return cached
+
+
+def _label_fields(context, layer: int, index: int) -> dict:
+    label = context.labels.get(layer, index)
+    return {"label": label.label if label else None, "description": label.description if label else None}
+
+
+def _int_param(q, name: str, default, low, high):
+    if name not in q:
+        return default
+    try:
+        value = int(q[name])
+    except ValueError:
+        raise APIError(f"`{name}` must be an integer", param=name, code="invalid_request")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise APIError(f"`{name}` must be between {low} and {high}" if high is not None
+                       else f"`{name}` must be at least {low}", param=name, code="invalid_request")
+    return value
+
+
+@router.get("/v1/features/{layer}/{index}")
+@errors_as_json
+async def feature(layer: int, index: int, request: Request):
+    context = _context(request)
+    _require_saes(context)
+    info = _loaded_layer(context, layer, "layer", status=HTTPStatus.NOT_FOUND)
+    index_in_range(info["d_sae"], layer, index, "index", status=HTTPStatus.NOT_FOUND)
+    report = _first(await context.engine.collective_rpc("steerserve_feature_report", args=(layer, index, LENS_TOP)))
+    tokenizer = context.engine.get_tokenizer()
+    lens = {
+        side: [{"token_id": t, "token": _token_text(tokenizer, t), "logit": v} for t, v in report[side]]
+        for side in ("promoted", "suppressed")
+    }
+    return {"object": "feature", "layer": layer, "index": index, "d_model": info["d_model"],
+            "decoder_norm": report["decoder_norm"], "encoder_norm": report["encoder_norm"],
+            "encoder_decoder_cosine": report["encoder_decoder_cosine"], "logit_lens": lens,
+            **_label_fields(context, layer, index)}
