@@ -21,10 +21,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from steerserve_sae.vllm_hooks.plugin_config import PluginConfig  # noqa: E402
+from steerserve_sae.protocol.plugin_config import PluginConfig  # noqa: E402
 from steerserve_sae.sae.autoencoder import SAEWeights  # noqa: E402
 from steerserve_sae.steering.runtime import StepBatch, SteeringRuntime  # noqa: E402
-from steerserve_sae.protocol.spec import EXTRA_ARGS_KEY, FeatureEdit, SteeringSpec  # noqa: E402
+from steerserve_sae.protocol.rpc import EXTRA_ARGS_KEY  # noqa: E402
+from steerserve_sae.protocol.spec import FeatureEdit, SteeringSpec  # noqa: E402
 
 D_MODEL, D_SAE, D_MLP, K = 5120, 81920, 17408, 50
 

@@ -14,7 +14,8 @@ from fastapi import FastAPI, Request
 from starlette.datastructures import State
 from starlette.exceptions import HTTPException
 
-from steerserve_sae.vllm_hooks.plugin_config import DEFAULT_MAX_CONFIGS, DEFAULT_MAX_FEATURES, PluginConfig
+from steerserve_sae.protocol import rpc
+from steerserve_sae.protocol.plugin_config import DEFAULT_MAX_CONFIGS, DEFAULT_MAX_FEATURES, PluginConfig
 from steerserve_sae.protocol.signing import SECRET_ENV, sign
 
 from steerserve.middleware.auth import DEFAULT_OPEN_PATHS, AuthMiddleware, api_keys
@@ -55,14 +56,10 @@ class SteerserveEndpointPlugin:
 
     async def init_state(self, engine_client, state: State, args: Namespace) -> None:
         config = PluginConfig.from_additional_config(getattr(args, "additional_config", None))
-        saes: list[dict] = []
-        stages: set[frozenset[int]] = set()
+        saes: list[rpc.SAEInfo] = []
+        stages: tuple[frozenset[int], ...] = ()
         if config is not None and engine_client is not None:
-            per_rank = await every_rank(engine_client, "steerserve_sae_info")
-            # Pipeline stages each load only their own layers: merge what all ranks hold.
-            by_layer = {info["layer"]: info for rank in per_rank for info in rank}
-            saes = [by_layer[layer] for layer in sorted(by_layer)]
-            stages = {frozenset(info["layer"] for info in rank) for rank in per_rank if rank}
+            saes, stages = rpc.merge_sae_info(await every_rank(engine_client, rpc.SAE_INFO))
             if not saes:  # never serve "steerable" requests that nothing would steer
                 raise RuntimeError(
                     "steerserve: --sae was given but no worker installed SAE steering "
@@ -71,7 +68,7 @@ class SteerserveEndpointPlugin:
         context = SteeringContext(
             saes=saes,
             max_features=config.max_features if config else DEFAULT_MAX_FEATURES,
-            sae_stages=tuple(stages),
+            sae_stages=stages,
             admission=ConfigAdmission(config.max_configs if config else DEFAULT_MAX_CONFIGS),
             engine=engine_client,
             takes=WorkerTakes(engine_client) if engine_client is not None else None,
@@ -85,7 +82,7 @@ class SteerserveEndpointPlugin:
         if config is not None and engine_client is not None:
 
             async def worker_stats() -> dict:
-                return _summed_stats([ranks[0] for ranks in await per_engine(engine_client, "steerserve_stats")])
+                return rpc.merge_stats([ranks[0] for ranks in await per_engine(engine_client, rpc.STATS)])
 
             context.metrics.bind(worker_stats, context.admission, context.takes)
             await _check_workers_verify_signatures(engine_client)
@@ -99,25 +96,12 @@ async def _check_workers_verify_signatures(engine_client) -> None:
     """A worker without the deployment's secret (e.g. a Ray node whose environment lacks it) would
     refuse every spec; each such request then fails with a 500 (steering_middleware.py). Say so
     once, loudly, at start-up, naming the workers."""
-    replies = await per_engine(engine_client, "steerserve_verify_signature", (sign("steerserve-start-up-check"),))
+    replies = await per_engine(engine_client, rpc.VERIFY_SIGNATURE, (sign("steerserve-start-up-check"),))
     refusing = [f"engine {e} rank {r}: {why}" for e, ranks in enumerate(replies) for r, why in enumerate(ranks) if why]
     if refusing:
         logger.error("steerserve: workers cannot verify the API's signatures (%s): every steered or traced request "
                      "will fail with a 500 until every vLLM process is started with the same %s",
                      "; ".join(refusing), SECRET_ENV)
-
-
-def _summed_stats(per_engine_stats: list[dict]) -> dict:
-    """One engine's worker stats per data-parallel engine (its ranks agree), as one: counters and
-    gauges added up, the rest (SAE layers and memory, the kernel) as engine 0 has them."""
-    stats = [s for s in per_engine_stats if s]
-    if not stats:
-        return {}
-    summed = dict(stats[0])
-    for key in ("steered_tokens_total", "active_configs", "rejected_requests_total", "steering_seconds_total",
-                "execute_seconds_total", "store_entries", "store_bytes", "store_full_total"):
-        summed[key] = sum(s.get(key, 0) for s in stats)
-    return summed
 
 
 async def _http_error(request: Request, exc: HTTPException):

@@ -11,10 +11,11 @@ import torch
 
 from steerserve_sae.sae import sae_math
 from steerserve_sae.sae.activations import JumpReLU, ReLU, TopK
-from steerserve_sae.vllm_hooks.plugin_config import PluginConfig
+from steerserve_sae.protocol.plugin_config import PluginConfig
 from steerserve_sae.sae.autoencoder import SAEWeights
 from steerserve_sae.steering.runtime import SteeringRuntime
-from steerserve_sae.protocol.spec import EXTRA_ARGS_KEY, FeatureEdit, SteeringSpec
+from steerserve_sae.protocol.rpc import EXTRA_ARGS_KEY
+from steerserve_sae.protocol.spec import FeatureEdit, SteeringSpec
 from tests.request_views import RequestView
 
 D_MODEL, D_SAE = 64, 512

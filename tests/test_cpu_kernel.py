@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from steerserve_sae.backends import native_cpu, select_backend
-from steerserve_sae.vllm_hooks.plugin_config import PluginConfig
+from steerserve_sae.protocol.plugin_config import PluginConfig
 from steerserve_sae.sae.autoencoder import SAEWeights
 from steerserve_sae.steering.runtime import SteeringRuntime
 from tests.request_views import RequestView
-from steerserve_sae.protocol.spec import EXTRA_ARGS_KEY, FeatureEdit, SteeringSpec
+from steerserve_sae.protocol.rpc import EXTRA_ARGS_KEY
+from steerserve_sae.protocol.spec import FeatureEdit, SteeringSpec
 
 D_MODEL, D_SAE = 64, 512
 

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from steerserve_sae.steering.gating import GATE_REPORT_KEY, report_extra_arg
-from steerserve_sae.vllm_hooks.plugin_config import PluginConfig
+from steerserve_sae.protocol.rpc import GATE_REPORT_KEY, report_extra_arg
+from steerserve_sae.protocol.plugin_config import PluginConfig
 from steerserve_sae.sae.autoencoder import SAEWeights
 from steerserve_sae.steering.runtime import SteeringRuntime
-from steerserve_sae.protocol.spec import EXTRA_ARGS_KEY, FeatureEdit, Gate, SteeringSpec
+from steerserve_sae.protocol.rpc import EXTRA_ARGS_KEY
+from steerserve_sae.protocol.spec import FeatureEdit, Gate, SteeringSpec
 from tests.request_views import RequestView
 from tests.test_cpu_kernel import D_MODEL, make_sae
 

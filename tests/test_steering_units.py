@@ -13,7 +13,7 @@ from steerserve_sae.steering.config_slots import ConfigSlots, ConfigSlotsExhaust
 from steerserve_sae.sae.autoencoder import SAEWeights
 from steerserve_sae.protocol.spec import FeatureEdit, SteeringSpec
 from steerserve_sae.steering.token_routing import APPLY_ALL, APPLY_GENERATION, APPLY_PROMPT, token_slots
-from steerserve_sae.vllm_hooks.worker_extension import CAPTURES, GATE_REPORTS
+from steerserve_sae.protocol.rpc import CAPTURES, GATE_REPORTS
 from steerserve.steering.admission import ConfigAdmission
 from steerserve.steering.worker_takes import WorkerTakes
 
@@ -115,10 +115,10 @@ def test_admission_waits_for_a_free_config_and_shares_equal_ids():
 
 
 def test_runtime_routes_each_row_to_its_own_config():
-    from steerserve_sae.vllm_hooks.plugin_config import PluginConfig
+    from steerserve_sae.protocol.plugin_config import PluginConfig
     from steerserve_sae.steering.runtime import SteeringRuntime
     from tests.request_views import RequestView
-    from steerserve_sae.protocol.spec import EXTRA_ARGS_KEY
+    from steerserve_sae.protocol.rpc import EXTRA_ARGS_KEY
 
     sae = tiny_sae()
     runtime = SteeringRuntime(PluginConfig("mem", (0,), max_features=4, max_configs=2), {0: sae}, torch.device("cpu"))
@@ -149,10 +149,10 @@ def test_runtime_routes_each_row_to_its_own_config():
 def test_a_forward_that_skipped_the_op_fails_loudly():
     """If a captured graph replayed the op (its Python never ran), the step must fail rather
     than sample unsteered tokens."""
-    from steerserve_sae.vllm_hooks.plugin_config import PluginConfig
+    from steerserve_sae.protocol.plugin_config import PluginConfig
     from steerserve_sae.steering.runtime import SteeringRuntime
     from tests.request_views import RequestView
-    from steerserve_sae.protocol.spec import EXTRA_ARGS_KEY
+    from steerserve_sae.protocol.rpc import EXTRA_ARGS_KEY
 
     runtime = SteeringRuntime(PluginConfig("mem", (0,), max_features=4, max_configs=2), {0: tiny_sae()},
                               torch.device("cpu"))
@@ -194,10 +194,10 @@ def test_float32_encoder_encodes_the_stored_weights_exactly():
 def test_reused_routing_is_replanned_when_a_slot_changes_hands():
     """A decode step that routes like the last one reuses its plan; a slot freed and re-used by
     a different spec (same slot number, same routing bytes) must not."""
-    from steerserve_sae.vllm_hooks.plugin_config import PluginConfig
+    from steerserve_sae.protocol.plugin_config import PluginConfig
     from steerserve_sae.steering.runtime import SteeringRuntime
     from tests.request_views import RequestView
-    from steerserve_sae.protocol.spec import EXTRA_ARGS_KEY
+    from steerserve_sae.protocol.rpc import EXTRA_ARGS_KEY
 
     sae = tiny_sae()
     runtime = SteeringRuntime(PluginConfig("mem", (0,), max_features=4, max_configs=1), {0: sae}, torch.device("cpu"))

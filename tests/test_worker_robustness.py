@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from steerserve_sae.protocol import signing
-from steerserve_sae.capture.features import CAPTURE_KEY, CaptureSpec
-from steerserve_sae.vllm_hooks.plugin_config import PluginConfig
+from steerserve_sae.protocol.capture import CaptureSpec
+from steerserve_sae.protocol.rpc import CAPTURE_KEY
+from steerserve_sae.protocol.plugin_config import PluginConfig
 from steerserve_sae.steering.runtime import SteeringRuntime
 from tests.request_views import RequestView
-from steerserve_sae.protocol.spec import EXTRA_ARGS_KEY
+from steerserve_sae.protocol.rpc import EXTRA_ARGS_KEY
 from tests.test_steering_units import spec, tiny_sae
 
 CANONICAL = spec((0, 5, "add", 2.0)).canonical_json()

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from steerserve_sae.capture.features import CAPTURE_KEY, CaptureSpec, trace_key
-from steerserve_sae.steering.gating import GATE_REPORT_KEY, report_extra_arg
-from steerserve_sae.vllm_hooks.plugin_config import PluginConfig
-from steerserve_sae.capture.rejections import TICKET_KEY
+from steerserve_sae.capture.store import FINISHED_SECONDS, WorkerStore
+from steerserve_sae.protocol.capture import CaptureSpec
+from steerserve_sae.protocol.plugin_config import PluginConfig
+from steerserve_sae.protocol.rpc import CAPTURE_KEY, CAPTURES, EXTRA_ARGS_KEY, FULL_MARKER, GATE_REPORT_KEY, \
+    GATE_REPORTS, REJECTIONS, TICKET_KEY, report_extra_arg, trace_key
+from steerserve_sae.protocol.spec import FeatureEdit, Gate, SteeringSpec
 from steerserve_sae.steering.runtime import SteeringRuntime
-from steerserve_sae.protocol.spec import EXTRA_ARGS_KEY, FeatureEdit, Gate, SteeringSpec
-from steerserve_sae.capture.store import CAPTURES, FINISHED_SECONDS, FULL_MARKER, GATE_REPORTS, REJECTIONS, WorkerStore
 from steerserve.steering.worker_takes import WorkerTakes
 from tests.request_views import RequestView
 from tests.test_steering_units import tiny_sae

@@ -1,7 +1,7 @@
 """Recording which SAE features fire on a request's tokens, inside the serving forward.
 
-An inspect request, or a completion that asks for a `trace`, carries a capture spec in
-`extra_args[CAPTURE_KEY]`. Each step the runtime
+An inspect request, or a completion that asks for a `trace`, carries a capture spec
+(protocol/capture.py) in `extra_args[rpc.CAPTURE_KEY]`. Each step the runtime
 tells the store which rows of the step belong to capturing requests (`begin_step`); at each
 captured layer the steering op hands over the stream after any steering edit there
 (`record_layer`), which is encoded in chunks of ENCODE_CHUNK_ROWS rows (a bounded workspace)
@@ -12,11 +12,11 @@ has finished. Chunked prefill simply records several times.
 A trace records while the request generates: only from the last prompt position on when it
 asks for `generation_only`, no aggregate, and one result per choice (with `n > 1` vLLM runs a
 child request per choice, all with the same capture spec), under `trace_key(id, choice)`. With
-`residuals` it also keeps each position's stream itself (RESIDUAL_ENCODING), at most that many
+`residuals` it also keeps each position's stream itself (capture.RESIDUAL_ENCODING), at most that many
 positions per layer and result: the API bounds a request's vectors before it runs, and this
 bound keeps a worker's memory safe whatever the API counted.
 
-Results are kept in the worker's WorkerStore (worker_store.py), charged an estimate of the bytes
+Results are kept in the worker's WorkerStore (store.py), charged an estimate of the bytes
 Python holds for them against its budget. A position is recorded once per request: rows a
 preemption makes the engine compute again are left out by the runtime (StepCapture.recorded_below).
 """
@@ -24,61 +24,22 @@ preemption makes the engine compute again are left out by the runtime (StepCaptu
 from __future__ import annotations
 
 import base64
-import json
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 
-from steerserve_sae.protocol import signing
+from steerserve_sae.capture.store import WorkerStore
+from steerserve_sae.protocol.capture import CaptureSpec
+from steerserve_sae.protocol.plugin_config import DEFAULT_MAX_STORE_MIB
+from steerserve_sae.protocol.rpc import CAPTURES, trace_key
 from steerserve_sae.sae import sae_math
 from steerserve_sae.sae.autoencoder import SAEWeights
-from steerserve_sae.capture.store import CAPTURES, DEFAULT_MAX_STORE_MIB, WorkerStore
 
-CAPTURE_KEY = "steerserve_capture"
 AGGREGATE_TOP = 20
 # Rows encoded at once (here and by the PyTorch backend): at Qwen3.5-27B shapes (81,920
 # features, 5,120 wide) one chunk needs at most ~0.4 GB of workspace, whatever the step's size.
 ENCODE_CHUNK_ROWS = 256
-# A residual vector as the API returns it: base64 of the d_model float32s, little-endian (the
-# encoding of OpenAI's embeddings with encoding_format "base64").
-RESIDUAL_ENCODING = "base64-float32-le"
-
-
-@dataclass(frozen=True)
-class CaptureSpec:
-    id: str
-    layers: tuple[int, ...]
-    top_k: int
-    exclude_from_aggregate: frozenset[int] = frozenset()  # positions (e.g. special tokens)
-    quality: bool = False  # also accumulate reconstruction statistics (see _Quality)
-    splice: bool = False  # replace the stream at the captured layers by the SAE's reconstruction
-    watch: tuple[int, ...] = ()  # features whose activation is recorded at every position, top-k or not
-    trace: bool = False  # a completion's trace: per choice, no aggregate
-    generation_only: bool = False  # record from the last prompt position on (the generated tokens' predictors)
-    residuals: int = 0  # a trace's stream vectors: most positions kept per layer and choice (0: none)
-
-    def to_extra_arg(self) -> str:
-        return signing.sign(json.dumps(
-            {"id": self.id, "layers": list(self.layers), "top_k": self.top_k,
-             "exclude_from_aggregate": sorted(self.exclude_from_aggregate), "quality": self.quality,
-             "splice": self.splice, "watch": list(self.watch), "trace": self.trace,
-             "generation_only": self.generation_only, "residuals": self.residuals}
-        ))
-
-    @staticmethod
-    def from_extra_arg(raw: object) -> "CaptureSpec":
-        data = json.loads(signing.verify(raw))
-        return CaptureSpec(
-            str(data["id"]), tuple(int(x) for x in data["layers"]), int(data["top_k"]),
-            frozenset(int(p) for p in data.get("exclude_from_aggregate", ())), bool(data.get("quality", False)),
-            bool(data.get("splice", False)), tuple(int(i) for i in data.get("watch", ())),
-            bool(data.get("trace", False)), bool(data.get("generation_only", False)), int(data.get("residuals", 0)),
-        )
-
-
-def trace_key(capture_id: str, choice: int) -> str:
-    return f"{capture_id}/{choice}"
 
 
 def choice_index(req_id: str) -> int:

@@ -15,6 +15,7 @@ import math
 import torch
 from torch import nn
 
+from steerserve_sae.protocol.rpc import FeatureReport, TokenFeatures
 from steerserve_sae.vllm_hooks.architectures import Architecture
 from steerserve_sae.sae.autoencoder import SAEWeights
 
@@ -28,7 +29,7 @@ class FeatureLens:
         self._inverse_rms: dict[int, torch.Tensor] = {}  # per layer, computed once
 
     @torch.inference_mode()
-    def feature_report(self, layer: int, index: int, top_n: int) -> dict | None:
+    def feature_report(self, layer: int, index: int, top_n: int) -> FeatureReport | None:
         sae = self.saes[layer]
         direction = sae.W_dec[index]
         logits = self.model.compute_logits(self.final_norm(direction[None].to(self._dtype()))[0][None])
@@ -48,7 +49,7 @@ class FeatureLens:
         }
 
     @torch.inference_mode()
-    def token_scores(self, token_id: int, layers: list[int], top_n: int) -> dict[int, list] | None:
+    def token_scores(self, token_id: int, layers: list[int], top_n: int) -> TokenFeatures | None:
         row = self._unembedding_row(token_id)
         if row is None:
             return None

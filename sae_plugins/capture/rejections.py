@@ -6,14 +6,14 @@ rather than crash the step (steering_runtime.py). The API must not then return t
 steered one, so every request the API signs a spec for also carries an unsigned ticket; a worker
 that refuses the spec records the reason under the ticket, and the API takes it with the
 response (server/middleware/steering.py) and answers 5xx instead. A reason is kept whatever the
-worker store's budget (worker_store.py): a few bytes, and dropping it would let the answer pass.
+worker store's budget (store.py): a few bytes, and dropping it would let the answer pass.
 """
 
 from __future__ import annotations
 
-from steerserve_sae.capture.store import DEFAULT_MAX_STORE_MIB, REJECTIONS, WorkerStore
-
-TICKET_KEY = "steerserve_ticket"
+from steerserve_sae.capture.store import WorkerStore
+from steerserve_sae.protocol.plugin_config import DEFAULT_MAX_STORE_MIB
+from steerserve_sae.protocol.rpc import REJECTIONS, TICKET_KEY
 
 
 def ticket_of(extra_args: dict) -> str | None:

@@ -25,19 +25,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
-# The stores the API takes from (worker_extension.steerserve_take): inspect captures and traces
-# (by capture id, or feature_capture.trace_key per choice), gated specs' reports (by report id),
-# and the specs a worker refused (by the request's ticket, rejections.py).
-CAPTURES = "captures"
-GATE_REPORTS = "gate_reports"
-REJECTIONS = "rejections"
-TAKE_STORES = (CAPTURES, GATE_REPORTS, REJECTIONS)
+from steerserve_sae.protocol.rpc import FULL_MARKER, Wanted
 
-DEFAULT_MAX_STORE_MIB = 1024
 FINISHED_SECONDS = 60.0  # an untaken entry of finished requests is kept this long at most
-FULL_MARKER = "steerserve_store_full"  # the key of a take's answer for an entry that outgrew the budget
-
-Key = tuple[str, str]  # (one of TAKE_STORES, key)
 
 
 @dataclass
@@ -53,17 +43,17 @@ class WorkerStore:
         self.held_bytes = 0
         self.full_total = 0  # entries that outgrew the budget
         self._clock = clock
-        self._entries: dict[Key, _Entry] = {}
-        self._owners: dict[Key, set[str]] = {}  # live requests recording under a key
-        self._keys_of: dict[str, list[Key]] = {}  # a live request's keys
-        self._finished: OrderedDict[Key, float] = OrderedDict()  # entries of finished requests, oldest first
-        self._discarded: OrderedDict[Key, float] = OrderedDict()  # keys whose later records are dropped
+        self._entries: dict[Wanted, _Entry] = {}
+        self._owners: dict[Wanted, set[str]] = {}  # live requests recording under a key
+        self._keys_of: dict[str, list[Wanted]] = {}  # a live request's keys
+        self._finished: OrderedDict[Wanted, float] = OrderedDict()  # entries of finished requests, oldest first
+        self._discarded: OrderedDict[Wanted, float] = OrderedDict()  # keys whose later records are dropped
 
     @property
     def num_entries(self) -> int:
         return len(self._entries)
 
-    def own(self, req_id: str, key: Key) -> None:
+    def own(self, req_id: str, key: Wanted) -> None:
         """`req_id`, running, may record under `key`."""
         self._owners.setdefault(key, set()).add(req_id)
         self._keys_of.setdefault(req_id, []).append(key)
@@ -88,14 +78,14 @@ class WorkerStore:
         while self._discarded and next(iter(self._discarded.values())) < now - FINISHED_SECONDS:
             self._discarded.popitem(last=False)
 
-    def discard(self, key: Key) -> None:
+    def discard(self, key: Wanted) -> None:
         """The API will not take `key`: drop its entry, and whatever its requests record later."""
         done = key in self._finished  # its requests finished: nothing more will record under it
         self._drop(key)
         if not done:
             self._discarded[key] = self._clock()
 
-    def entry(self, key: Key, make: Callable[[], Any]) -> _Entry:
+    def entry(self, key: Wanted, make: Callable[[], Any]) -> _Entry:
         """The entry under `key`, made (empty, no bytes) if there is none; for a discarded key, a
         full entry that is not kept (nothing is recorded)."""
         if key in self._discarded:
@@ -107,7 +97,7 @@ class WorkerStore:
                 self._finished[key] = self._clock()
         return found
 
-    def charge(self, key: Key, nbytes: int, force: bool = False) -> bool:
+    def charge(self, key: Wanted, nbytes: int, force: bool = False) -> bool:
         """Charge `nbytes` more to the entry under `key` (made by `entry`); False, with the entry
         marked full and emptied, if the budget cannot hold them even after dropping every
         finished entry. `force`: charge whatever the budget (a few bytes that must be kept)."""
@@ -128,7 +118,7 @@ class WorkerStore:
         self.held_bytes += nbytes
         return True
 
-    def take(self, key: Key) -> _Entry | None:
+    def take(self, key: Wanted) -> _Entry | None:
         """The entry under `key`, removed; None if there is none."""
         entry = self._entries.pop(key, None)
         if entry is None:
@@ -142,7 +132,7 @@ class WorkerStore:
         return {FULL_MARKER: f"the workers' result store (--max-worker-store-mib {self.max_bytes / 2**20:g}) is full "
                              "with the results of running requests"}
 
-    def _drop(self, key: Key) -> None:
+    def _drop(self, key: Wanted) -> None:
         self._finished.pop(key, None)
         entry = self._entries.pop(key, None)
         if entry is not None:

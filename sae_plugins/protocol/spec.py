@@ -1,13 +1,14 @@
 """The normalised steering spec: what a request asks the SAE step to do.
 
 The HTTP layer validates user JSON into this form; it travels to the workers as one signed JSON
-string (signing.py) in `SamplingParams.extra_args[EXTRA_ARGS_KEY]` (vLLM only forwards flat str/int/float values),
+string (signing.py) in `SamplingParams.extra_args[rpc.EXTRA_ARGS_KEY]` (vLLM only forwards flat str/int/float values),
 and the workers decode it back. The id is a hash of the canonical form, so equal specs share a
 config slot and a prefix-cache salt however the user ordered them.
 
 An edit may carry a gate (`when`): it applies at a token only where another feature's activation,
 computed in the same forward pass at a layer at or before the edit's, lies in the gate's open
-interval (above, below). A spec's distinct gates are numbered in its canonical order
+interval (above, below): `gate_passes` is that rule, which the PyTorch backend applies as it is
+and the native and Triton kernels implement. A spec's distinct gates are numbered in its canonical order
 (`SteeringSpec.gates`); the workers keep one pass/fail column per gate and row, and report how
 many tokens passed each (gating.py).
 """
@@ -22,12 +23,28 @@ from typing import Literal
 
 from steerserve_sae.protocol import signing
 
-EXTRA_ARGS_KEY = "steerserve_steering"
-
 Mode = Literal["add", "clamp", "scale", "ablate"]
 ApplyTo = Literal["all", "prompt", "generation"]
 MODES: tuple[str, ...] = ("add", "clamp", "scale", "ablate")  # what the workers accept
 APPLY_TO: tuple[str, ...] = ("all", "prompt", "generation")
+
+
+def gate_passes(activation, above, below):
+    """The gate rule: above < activation < below, elementwise (floats or tensors alike)."""
+    return (activation > above) & (activation < below)
+
+
+def gate_problem(above: float | None, below: float | None) -> tuple[str | None, str] | None:
+    """None if (above, below) is a gate's interval (finite bounds, at least one, above < below);
+    else (the bound at fault, None for both, and why)."""
+    if above is None and below is None:
+        return None, "a gate needs `above`, `below` or both"
+    for name, bound in (("above", above), ("below", below)):
+        if bound is not None and not math.isfinite(bound):
+            return name, f"{name} must be a finite number"
+    if above is not None and below is not None and not above < below:
+        return "below", f"no activation is above {above:g} and below {below:g}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -53,9 +70,9 @@ class Gate:
         above, below = data.get("above"), data.get("below")
         gate = Gate(int(data["layer"]), int(data["index"]), None if above is None else float(above),
                     None if below is None else float(below))
-        given = [v for v in (gate.above, gate.below) if v is not None]
-        if not given or not all(math.isfinite(v) for v in given) or not gate.bounds[0] < gate.bounds[1]:
-            raise ValueError(f"a gate needs a finite above and/or below, with above < below: {data}")
+        problem = gate_problem(gate.above, gate.below)
+        if problem is not None:
+            raise ValueError(f"{problem[1]}: {data}")
         return gate
 
     def sort_key(self) -> tuple:

@@ -1,7 +1,7 @@
-"""Conditional (gated) edits: the pass rule, and each request's count of tokens that passed.
+"""Conditional (gated) edits: each request's count of tokens that passed its gates.
 
-A gate (steering_spec.Gate) passes at a row when its feature's activation there lies strictly
-inside (above, below). Backends evaluate it at the gate's layer into the planner's `gate_state`
+A gate (protocol/spec.py's Gate) passes at a row when its feature's activation there lies strictly
+inside (above, below): spec.gate_passes, applied to a step's rows by `passes`. Backends evaluate it at the gate's layer into the planner's `gate_state`
 (step_plan.py) and multiply the gated edits' coefficients by it, inside the forward, with no
 host round trip. After the forward the runtime reads the step's gate columns once (only on
 steps that route a gated request) and adds up, per request that asked for a report, how many of
@@ -14,30 +14,20 @@ and the API, taking the largest count over ranks, must read 0 from it.
 
 from __future__ import annotations
 
-import json
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from steerserve_sae.protocol import signing
-from steerserve_sae.capture.store import DEFAULT_MAX_STORE_MIB, GATE_REPORTS, WorkerStore
-
-GATE_REPORT_KEY = "steerserve_gate_report"
+from steerserve_sae.capture.store import WorkerStore
+from steerserve_sae.protocol.plugin_config import DEFAULT_MAX_STORE_MIB
+from steerserve_sae.protocol.rpc import GATE_REPORTS, GateReport
+from steerserve_sae.protocol.spec import gate_passes
 
 
 def passes(activations: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
-    """1.0 where above < activation < below, else 0.0; bounds [..., 2] = (above, below)."""
-    above, below = bounds.unbind(-1)
-    return ((activations > above) & (activations < below)).float()
-
-
-def report_extra_arg(report_id: str) -> str:
-    return signing.sign(json.dumps({"id": report_id}))
-
-
-def report_id_from_extra_arg(raw: object) -> str:
-    return str(json.loads(signing.verify(raw))["id"])
+    """1.0 where the gate passes, else 0.0; bounds [..., 2] = (above, below)."""
+    return gate_passes(activations, *bounds.unbind(-1)).float()
 
 
 class GatedRows(NamedTuple):
@@ -83,7 +73,7 @@ class GateReports:
                 continue
             stored.value += counts
 
-    def take(self, report_id: str) -> dict | None:
+    def take(self, report_id: str) -> GateReport | dict | None:
         stored = self.store.take((GATE_REPORTS, report_id))
         if stored is None:
             return None

@@ -40,16 +40,18 @@ from steerserve_sae.steering import gating
 from steerserve_sae.sae import sae_math
 from steerserve_sae.backends import LayerBuffers, select_backend
 from steerserve_sae.steering.config_slots import ConfigSlots, ConfigSlotsExhausted
-from steerserve_sae.capture.features import CAPTURE_KEY, ENCODE_CHUNK_ROWS, CaptureSpec, CaptureStore, StepCapture, choice_index, \
-    trace_key
-from steerserve_sae.vllm_hooks.plugin_config import PluginConfig
+from steerserve_sae.capture.features import ENCODE_CHUNK_ROWS, CaptureStore, StepCapture, choice_index
+from steerserve_sae.protocol.capture import CaptureSpec
+from steerserve_sae.protocol.plugin_config import PluginConfig
+from steerserve_sae.protocol.rpc import CAPTURE_KEY, CAPTURES, EXTRA_ARGS_KEY, GATE_REPORT_KEY, GATE_REPORTS, \
+    REJECTIONS, SAEInfo, WorkerStats, report_id_from_extra_arg, trace_key
 from steerserve_sae.capture.rejections import Rejections, ticket_of
 from steerserve_sae.sae.autoencoder import SAEWeights
 from steerserve_sae.steering.slot_tables import SlotTables
 from steerserve_sae.steering.step_plan import StepPlanner
-from steerserve_sae.protocol.spec import EXTRA_ARGS_KEY, SteeringSpec
+from steerserve_sae.protocol.spec import SteeringSpec
 from steerserve_sae.steering.token_routing import APPLY_CODES, token_slots
-from steerserve_sae.capture.store import CAPTURES, GATE_REPORTS, REJECTIONS, WorkerStore
+from steerserve_sae.capture.store import WorkerStore
 
 logger = logging.getLogger("vllm.steerserve")
 
@@ -215,8 +217,8 @@ class SteeringRuntime:
             return _UNSTEERED
         spec = SteeringSpec.from_extra_arg(raw_spec) if raw_spec is not None else None
         capture = CaptureSpec.from_extra_arg(raw_capture) if raw_capture is not None else None
-        raw_report = extra_args.get(gating.GATE_REPORT_KEY)
-        report = gating.report_id_from_extra_arg(raw_report) if raw_report is not None and spec and spec.gates else None
+        raw_report = extra_args.get(GATE_REPORT_KEY)
+        report = report_id_from_extra_arg(raw_report) if raw_report is not None and spec and spec.gates else None
         all_layers = set(self.config.sae_layers)  # every pipeline stage's, not only this one's
         if spec is not None and len(spec.features) > self.config.max_features:
             raise ValueError(f"{len(spec.features)} features; the tables hold {self.config.max_features}")
@@ -333,7 +335,7 @@ class SteeringRuntime:
         return self.tables.nbytes() + self.planner.nbytes()
 
     # ---- reporting ------------------------------------------------------------------------
-    def sae_info(self) -> list[dict]:
+    def sae_info(self) -> list[SAEInfo]:
         """Per loaded layer; `source` relative to the --sae directory (clients need not learn
         the server's file system), under `hf://owner/name@<commit>/` when --sae was a hub id."""
         def source(sae: SAEWeights) -> str:
@@ -342,7 +344,7 @@ class SteeringRuntime:
 
         return [self.saes[layer].info() | {"source": source(self.saes[layer])} for layer in sorted(self.saes)]
 
-    def stats(self) -> dict:
+    def stats(self) -> WorkerStats:
         return {
             "steered_tokens_total": self.steered_tokens_total,
             "active_configs": self.slots.active,

@@ -28,7 +28,7 @@ from steerserve_sae.steering import registry
 from steerserve_sae.vllm_hooks.architectures import architecture
 from steerserve_sae.capture.logit_lens import FeatureLens
 from steerserve_sae.vllm_hooks.model_patch import is_local_layer, steer_layer
-from steerserve_sae.vllm_hooks.plugin_config import PluginConfig
+from steerserve_sae.protocol.plugin_config import PluginConfig
 from steerserve_sae.sae.loading import load_sae_layer
 from steerserve_sae.backends.op import register_steering_op
 from steerserve_sae.steering.runtime import StepBatch, SteeringRuntime

@@ -29,8 +29,7 @@ from typing import Any, Awaitable, Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from steerserve_sae.capture.features import trace_key
-from steerserve_sae.vllm_hooks.worker_extension import CAPTURES, GATE_REPORTS, REJECTIONS
+from steerserve_sae.protocol.rpc import CAPTURES, GATE_REPORTS, REJECTIONS, Wanted, merge_gate_reports, trace_key
 
 from steerserve.middleware.body_reading import BodyChannel, check_headers, read_json_body, reads_json, refuse
 from steerserve.errors import APIError
@@ -39,7 +38,6 @@ from steerserve.middleware.guard import (
 )
 from steerserve.steering.translation import translate_request
 from steerserve.steering.traces import num_choices, prompt_tokens_for_residuals, take_traces
-from steerserve.steering.worker_takes import Wanted
 
 logger = logging.getLogger("vllm.steerserve")
 
@@ -247,7 +245,7 @@ def _response_end(context, translation, untaken: set[Wanted]) -> Callable[[], Aw
 
         async def gate_report() -> None:
             per_rank = await context.takes.take(GATE_REPORTS, report)
-            result.fields["steering"] = spec.echo(_merged_gate_reports(per_rank))
+            result.fields["steering"] = spec.echo(merge_gate_reports(per_rank))
 
         async def traces() -> None:
             taken = await take_traces(context, trace, choices, whole=not translation.body.get("stream"))
@@ -282,16 +280,6 @@ def _trace_pieces(context, translation) -> Callable[[], Awaitable[dict[int, list
         return await take_traces(context, trace, choices, whole=False)
 
     return pieces
-
-
-def _merged_gate_reports(per_rank: list[dict | None]) -> dict:
-    """One report from every rank's: with tensor parallelism the ranks agree; with pipeline
-    parallelism each stage counts the gates on its own layers (the others read 0)."""
-    reports = [r for r in per_rank if r]
-    if not reports:
-        return {"tokens": 0, "passed": []}
-    return {"tokens": max(r["tokens"] for r in reports),
-            "passed": [max(counts) for counts in zip(*(r["passed"] for r in reports))]}
 
 
 class _EchoingSend:

@@ -20,8 +20,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
-from steerserve_sae.capture.features import CAPTURE_KEY, CaptureSpec
-from steerserve_sae.vllm_hooks.worker_extension import CAPTURES
+from steerserve_sae.protocol import rpc
+from steerserve_sae.protocol.capture import CaptureSpec
+from steerserve_sae.protocol.rpc import CAPTURE_KEY, CAPTURES
 
 from steerserve.errors import APIError, errors_as_json, from_validation
 from steerserve.in_process import chat_prompt_ids
@@ -53,10 +54,6 @@ class InspectRequest(BaseModel):
 
 def _context(request: Request):
     return request.app.state.steerserve
-
-
-def _first(per_rank: list) -> Any:
-    return next((r for r in per_rank if r is not None), None)
 
 
 def _special_ids(tokenizer) -> set[int]:
@@ -167,9 +164,7 @@ async def _run_inspection(context, req: InspectRequest, layers: list[int], token
     finally:
         if not taken:  # an error, or this handler cancelled: the workers must not keep the capture
             context.takes.discard([(CAPTURES, capture.id)])
-    captured: dict[int, dict] = {}
-    for rank in per_rank:
-        captured.update(rank or {})  # pipeline stages each hold their own layers; TP ranks agree
+    captured = rpc.merge_layers(per_rank)
     if any(layer not in captured for layer in layers):
         raise APIError("the engine returned no activations for this input", code="capture_lost",
                        status=HTTPStatus.INTERNAL_SERVER_ERROR, type="server_error")
@@ -247,10 +242,7 @@ async def _token_search(context, token: str, layer: int | None, wanted: int) -> 
     if cached is not None:
         cache.move_to_end(key)
     if cached is None or len(cached) < wanted:
-        per_rank = await context.engine.collective_rpc("steerserve_token_features", args=(ids[0], layers, wanted))
-        merged: dict[int, list] = {}
-        for rank in per_rank:
-            merged.update(rank or {})
+        merged = rpc.merge_layers(await context.engine.collective_rpc(rpc.TOKEN_FEATURES, args=(ids[0], layers, wanted)))
         cached = sorted(
             ({"layer": lyr, "index": i, "logit": score, **_label_fields(context, lyr, i)}
              for lyr, rows in merged.items() for i, score in rows),
@@ -289,7 +281,7 @@ async def feature(layer: int, index: int, request: Request):
     _require_saes(context)
     info = _loaded_layer(context, layer, "layer", status=HTTPStatus.NOT_FOUND)
     index_in_range(info["d_sae"], layer, index, "index", status=HTTPStatus.NOT_FOUND)
-    report = _first(await context.engine.collective_rpc("steerserve_feature_report", args=(layer, index, LENS_TOP)))
+    report = rpc.first_reply(await context.engine.collective_rpc(rpc.FEATURE_REPORT, args=(layer, index, LENS_TOP)))
     tokenizer = context.engine.get_tokenizer()
     lens = {
         side: [{"token_id": t, "token": _token_text(tokenizer, t), "logit": v} for t, v in report[side]]

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
 
-from steerserve_sae.protocol.spec import FeatureEdit, Gate, SteeringSpec
+from steerserve_sae.protocol.spec import FeatureEdit, Gate, SteeringSpec, gate_problem
 
 from steerserve.errors import APIError, from_validation
 from steerserve.steering.sae_checks import index_in_range, loaded_layer
@@ -109,13 +109,8 @@ def _gate(when: FeatureGate, edit_layer: int, sae_sizes: dict[int, int], stages:
         raise APIError(f"layers {when.layer} and {edit_layer} run on different pipeline stages: a gate must be "
                        "on its edit's stage", param=f"{at}.layer", code="invalid_gate")
     index_in_range(d_sae, when.layer, when.index, f"{at}.index")
-    if when.above is None and when.below is None:
-        raise APIError("a gate needs `above`, `below` or both", param=at, code="invalid_gate")
-    for name in ("above", "below"):
-        bound = getattr(when, name)
-        if bound is not None and not math.isfinite(bound):
-            raise APIError(f"{name} must be a finite number", param=f"{at}.{name}", code="invalid_gate")
-    if when.above is not None and when.below is not None and not when.above < when.below:
-        raise APIError(f"no activation is above {when.above:g} and below {when.below:g}", param=f"{at}.below",
-                       code="invalid_gate")
+    problem = gate_problem(when.above, when.below)
+    if problem is not None:
+        bound, message = problem
+        raise APIError(message, param=f"{at}.{bound}" if bound else at, code="invalid_gate")
     return Gate(when.layer, when.index, when.above, when.below)

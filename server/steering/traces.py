@@ -11,7 +11,7 @@ it, so its last entries align with the generated tokens the same way. The API ta
 per choice once the response is complete.
 
 `"residuals": true` adds each entry's stream vectors (the SAE's input at each traced layer, after
-any edit there) for probing, encoded as feature_capture.RESIDUAL_ENCODING. Their number,
+any edit there) for probing, encoded as RESIDUAL_ENCODING (steerserve_sae.protocol.capture). Their number,
 positions x layers x choices, is bounded before the request runs by --max-trace-residuals, with
 every token budget vLLM will apply: the output-token field it reads (chat: `max_completion_tokens`,
 else `max_tokens`; completions: `max_tokens`) and the context left after the prompt (whose tokens
@@ -27,8 +27,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, StrictInt, ValidationError
 
-from steerserve_sae.capture.features import CAPTURE_KEY, CaptureSpec, trace_key
-from steerserve_sae.vllm_hooks.worker_extension import CAPTURES
+from steerserve_sae.protocol.capture import CaptureSpec
+from steerserve_sae.protocol.rpc import CAPTURE_KEY, CAPTURES, merge_layers, trace_key
 
 from steerserve.errors import APIError, from_validation
 from steerserve.in_process import chat_prompt_ids
@@ -163,11 +163,8 @@ async def take_traces(context, capture: CaptureSpec, choices: int, whole: bool =
     A stream takes its
     trace piece by piece (whole=False); the whole of a trace lets choices share prompt entries."""
     per_choice = await context.takes.take_many([(CAPTURES, trace_key(capture.id, c)) for c in range(choices)])
-    by_choice: dict[int, dict[int, dict]] = {}  # choice -> layer -> the worker's result
-    for choice, per_rank in enumerate(per_choice):
-        for layers in per_rank:  # pipeline stages each hold their own layers; TP ranks agree
-            if layers is not None:
-                by_choice.setdefault(choice, {}).update({int(layer): result for layer, result in layers.items()})
+    by_choice = {choice: merge_layers(per_rank) for choice, per_rank in enumerate(per_choice)
+                 if any(rank is not None for rank in per_rank)}  # choice -> layer -> the worker's result
     positions: dict[int, dict[int, dict]] = {}  # choice -> position -> entry
     for choice, layers in by_choice.items():
         entries = positions.setdefault(choice, {})

@@ -15,10 +15,9 @@ import copy
 import uuid
 from dataclasses import dataclass
 
-from steerserve_sae.capture.features import CaptureSpec
-from steerserve_sae.steering.gating import GATE_REPORT_KEY, report_extra_arg
-from steerserve_sae.capture.rejections import TICKET_KEY
-from steerserve_sae.protocol.spec import EXTRA_ARGS_KEY, SteeringSpec
+from steerserve_sae.protocol.capture import CaptureSpec
+from steerserve_sae.protocol.rpc import EXTRA_ARGS_KEY, GATE_REPORT_KEY, TICKET_KEY, report_extra_arg
+from steerserve_sae.protocol.spec import SteeringSpec
 
 from steerserve.errors import APIError
 from steerserve.limits import Limits

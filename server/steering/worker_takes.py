@@ -20,14 +20,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from steerserve_sae.capture.store import FULL_MARKER, TAKE_STORES
+from steerserve_sae.protocol.rpc import TAKE, TAKE_STORES, Wanted, store_full_reason
 
 from steerserve.engine_rpc import every_rank
 from steerserve.errors import APIError
-
-TAKE_METHOD = "steerserve_take"
-
-Wanted = tuple[str, str]  # (store, key): see steerserve_sae.vllm_hooks.worker_extension.TAKE_STORES
 
 
 class WorkerTakes:
@@ -79,7 +75,7 @@ class WorkerTakes:
                 # Every data-parallel engine: the request ran on one of them (server/engine_rpc.py).
                 taken = [w for w, future in batch if future is not None]
                 dropped = [w for w, future in batch if future is None]
-                per_rank = await every_rank(self._engine, TAKE_METHOD, (taken, dropped) if dropped else (taken,))
+                per_rank = await every_rank(self._engine, TAKE, (taken, dropped) if dropped else (taken,))
             except asyncio.CancelledError:
                 # The drain itself was cancelled (shutdown): nobody may wait forever for it.
                 for _, future in [*batch, *self._waiting]:
@@ -96,7 +92,7 @@ class WorkerTakes:
                 if future.done():  # a caller that went away left its result behind
                     continue
                 results = [rank[n] if rank else None for rank in per_rank]
-                full = next((r[FULL_MARKER] for r in results if isinstance(r, dict) and FULL_MARKER in r), None)
+                full = store_full_reason(results)
                 if full is not None:
                     future.set_exception(store_full_error(full))
                 else:

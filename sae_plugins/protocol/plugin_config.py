@@ -2,7 +2,8 @@
 
 `additional_config` is part of the VllmConfig every worker receives (also across Ray nodes) and
 is hashed into vLLM's compile cache key, so a different SAE layer set never reuses a graph
-compiled without it.
+compiled without it. The API process reads it too (the limits it admits requests by), so it
+is part of the protocol and torch-free.
 """
 
 from __future__ import annotations
@@ -10,11 +11,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from steerserve_sae.capture.store import DEFAULT_MAX_STORE_MIB
-
 ADDITIONAL_CONFIG_KEY = "steerserve"
 DEFAULT_MAX_FEATURES = 64
 DEFAULT_MAX_CONFIGS = 64
+DEFAULT_MAX_STORE_MIB = 1024  # --max-worker-store-mib (capture/store.py)
 # The steering op (--steering-kernel): auto/native/torch pick between the native CPU kernel and
 # the PyTorch op (backends/native_cpu.py); triton selects the experimental GPU kernels (backends/triton.py).
 STEERING_KERNELS = ("auto", "native", "torch", "triton")
@@ -31,7 +31,7 @@ class PluginConfig:
     max_configs: int = DEFAULT_MAX_CONFIGS  # distinct steering specs in flight
     steering_kernel: str = "auto"  # one of STEERING_KERNELS
     api_servers: int = 1  # API processes, each admitting up to max_configs specs
-    max_store_mib: int = DEFAULT_MAX_STORE_MIB  # --max-worker-store-mib: results kept for the API (worker_store.py)
+    max_store_mib: int = DEFAULT_MAX_STORE_MIB  # --max-worker-store-mib: results kept for the API (capture/store.py)
 
     @property
     def num_slots(self) -> int:

@@ -1,0 +1,48 @@
+"""The capture spec: what an inspect request, or a completion's `trace`, asks the workers to
+record. It travels signed (signing.py) in `extra_args[rpc.CAPTURE_KEY]`; the workers record as
+capture/features.py describes and keep the result under the capture id (or, for a trace, under
+rpc.trace_key per choice) until the API takes it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from steerserve_sae.protocol import signing
+
+# A residual vector as the API returns it: base64 of the d_model float32s, little-endian (the
+# encoding of OpenAI's embeddings with encoding_format "base64").
+RESIDUAL_ENCODING = "base64-float32-le"
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    id: str
+    layers: tuple[int, ...]
+    top_k: int
+    exclude_from_aggregate: frozenset[int] = frozenset()  # positions (e.g. special tokens)
+    quality: bool = False  # also accumulate reconstruction statistics (capture/features.py's _Quality)
+    splice: bool = False  # replace the stream at the captured layers by the SAE's reconstruction
+    watch: tuple[int, ...] = ()  # features whose activation is recorded at every position, top-k or not
+    trace: bool = False  # a completion's trace: per choice, no aggregate
+    generation_only: bool = False  # record from the last prompt position on (the generated tokens' predictors)
+    residuals: int = 0  # a trace's stream vectors: most positions kept per layer and choice (0: none)
+
+    def to_extra_arg(self) -> str:
+        return signing.sign(json.dumps(
+            {"id": self.id, "layers": list(self.layers), "top_k": self.top_k,
+             "exclude_from_aggregate": sorted(self.exclude_from_aggregate), "quality": self.quality,
+             "splice": self.splice, "watch": list(self.watch), "trace": self.trace,
+             "generation_only": self.generation_only, "residuals": self.residuals}
+        ))
+
+    @staticmethod
+    def from_extra_arg(raw: object) -> "CaptureSpec":
+        data = json.loads(signing.verify(raw))
+        return CaptureSpec(
+            str(data["id"]), tuple(int(x) for x in data["layers"]), int(data["top_k"]),
+            frozenset(int(p) for p in data.get("exclude_from_aggregate", ())), bool(data.get("quality", False)),
+            bool(data.get("splice", False)), tuple(int(i) for i in data.get("watch", ())),
+            bool(data.get("trace", False)), bool(data.get("generation_only", False)), int(data.get("residuals", 0)),
+        )
