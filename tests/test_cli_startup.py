@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT, server_env
+from tests.fixtures.tiny_model import MARKER
 from tests.sae_files import write_qwen_scope
 
 
@@ -112,10 +113,13 @@ def test_unverified_row_layouts_are_refused_with_sae(fake_model, tiny_model_dir,
     assert message in result.stderr
 
 
-def test_make_tiny_is_idempotent(tiny_model_dir):
+def test_tiny_model_build_is_idempotent(tiny_model_dir):
+    """`make tiny-model OUT=DIR` runs this: a complete build is left as it is."""
+    built = (tiny_model_dir / MARKER).stat().st_mtime_ns
     result = subprocess.run(
-        [sys.executable, "-m", "steerserve", "make-tiny", str(tiny_model_dir)],
+        [sys.executable, "-m", "tests.fixtures.tiny_model", str(tiny_model_dir)],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )
     assert result.returncode == 0
     assert result.stdout.strip() == str(tiny_model_dir)
+    assert (tiny_model_dir / MARKER).stat().st_mtime_ns == built

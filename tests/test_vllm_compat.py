@@ -81,7 +81,7 @@ def test_the_plugin_refuses_an_unverified_vllm_in_every_process():
 def test_ray_workers_and_engine_actors_receive_the_signing_secret():
     code = """
 import json, os
-from steerserve.cli import prepare_worker_environment
+from steerserve.cli.serve import prepare_worker_environment
 prepare_worker_environment()
 from vllm.platforms import current_platform
 from vllm.ray.ray_env import get_env_vars_to_copy

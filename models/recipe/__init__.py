@@ -1,2 +1,2 @@
-"""The shipped default model, rebuilt from scratch by `steerserve build-default-model`:
+"""The shipped default model, rebuilt from scratch by `make default-model` (models/recipe/build.py):
 corpus (Debian's fortunes) -> tokenizer -> small Qwen3.5 -> TopK SAEs -> automatic labels."""

@@ -1,6 +1,9 @@
 """Rebuild the shipped default model from scratch: corpus, tokenizer, language model, SAEs, labels.
 
-    steerserve build-default-model OUT_DIR [--work-dir DIR]
+    make default-model            (python -m models.recipe.build OUT_DIR [--work-dir DIR])
+
+It needs the `[build]` extra (torch, transformers, tokenizers) and is not part of the installed
+package.
 
 Deterministic for a given torch version and thread count (every random choice is seeded). The
 work directory keeps the downloaded packages and the trained language model, so a rerun that
@@ -98,7 +101,7 @@ def build(out: Path, work: Path) -> Path:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="steerserve build-default-model", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m models.recipe.build", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--work-dir", type=Path, default=Path(".state/default-model-work"))
     args = parser.parse_args(argv)

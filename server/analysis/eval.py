@@ -15,6 +15,7 @@ measures the tiny default on a laptop and Qwen3.5-27B with Qwen-Scope on GPUs:
     next-token distributions (same estimate), and the share of greedy tokens that
     change on a few prompts.
 Writes report.json and PNG plots into --output-dir, prints a table. `run_eval` is the Python API.
+The plots need matplotlib, which serving does not: the `[eval]` extra.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ DEFAULT_TEXTS = Path(__file__).with_name("data") / "eval_texts.txt"
 PROMPTS = ["Tell me about the weather.", "Write a short poem about the sea.", "How do computers work?"]
 GREEDY_TOKENS = 16
 KL_TOP_K = 20  # next-token log-probabilities per position that KL is estimated from (sae_quality.kl_top_k)
+EVAL_EXTRA = "pip install 'steerserve[eval]'"
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args, serve_args = _parser().parse_known_args(argv)
+    try:
+        _pyplot()  # checked before a server starts (minutes), not after the run
+    except ImportError as exc:
+        print(f"eval: {exc}", file=sys.stderr)
+        return 1
     texts = [line.replace("\\n", "\n") for line in args.data.read_text().splitlines() if line.strip()][: args.max_texts]
     sweeps = [FeatureSweep(int(layer), int(index), tuple(args.modes.split(",")),
                            tuple(float(v) for v in args.values.split(",")))
@@ -211,13 +218,21 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(report: dict, out: Path) -> list[Path]:
-    """report.json, sae_quality.png and one dose-response PNG per swept feature."""
-    import matplotlib
-
+def _pyplot():
+    """matplotlib's pyplot, headless; it is an extra, so a missing one is named with its install line."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError(f"the plots need matplotlib, which serving does not install: {EVAL_EXTRA}") from exc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def write_report(report: dict, out: Path) -> list[Path]:
+    """report.json, sae_quality.png and one dose-response PNG per swept feature."""
+    plt = _pyplot()
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     written = [out / "report.json"]

