@@ -58,8 +58,9 @@ import torch
 
 from models.recipe.chatml_tokenizer import save_tokenizer, train_tokenizer
 from models.recipe.qwen35_checkpoint import param_shapes, save_checkpoint, save_qwen_scope_layer, text_config
-from tests.fixtures.tiny_model import CORPUS, TinySettings
-from tests.fixtures.tiny_model import SETTINGS as TINY_SETTINGS
+from tests.fixtures.tiny_circuit import SETTINGS as TINY_SETTINGS
+from tests.fixtures.tiny_circuit import TinySettings
+from tests.fixtures.tiny_model import CORPUS
 from tests.sae_files import write_hub_cache
 
 MODEL_REPO = "Qwen/Qwen3.5-27B"
