@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from steerserve_sae.sae.activations import TopK
+
 from models.recipe.corpus import Document
 from models.recipe.qwen35_checkpoint import save_qwen_scope_config, save_qwen_scope_layer
 
@@ -69,9 +71,8 @@ def residual_streams(model, stream: torch.Tensor, layers: tuple[int, ...], seq_l
 
 
 def encode(sae: dict[str, torch.Tensor], x: torch.Tensor, k: int) -> torch.Tensor:
-    pre = torch.relu(x @ sae["W_enc"].T + sae["b_enc"])
-    top = pre.topk(k, dim=-1)
-    return torch.zeros_like(pre).scatter_(-1, top.indices, top.values)
+    """Feature activations as the server computes them (steerserve_sae.sae.activations.TopK)."""
+    return TopK(k).dense(x @ sae["W_enc"].T + sae["b_enc"])
 
 
 def quality(sae: dict[str, torch.Tensor], x: torch.Tensor, k: int) -> dict[str, float]:
@@ -112,21 +113,16 @@ def train_sae(x: torch.Tensor, settings: SaeSettings, log: Callable[[str], None]
     for step in range(settings.steps):
         idx = torch.randint(0, len(x), (settings.batch_tokens,), generator=g)
         batch = x[idx]
-        pre = torch.relu(batch @ params["W_enc"].T + params["b_enc"])
-        top = pre.topk(settings.k, dim=-1)
-        f = torch.zeros_like(pre).scatter(-1, top.indices, top.values)
+        pre = batch @ params["W_enc"].T + params["b_enc"]
+        f = TopK(settings.k).dense(pre)
         x_hat = f @ params["W_dec"].T + params["b_dec"]
         err = batch - x_hat
         loss = err.pow(2).sum(-1).mean() / scale**2
         seen += len(batch)
-        fired = torch.zeros(settings.d_sae, dtype=torch.bool)
-        fired[top.indices[top.values > 0].unique()] = True
-        last_fired[fired] = seen
+        last_fired[(f > 0).any(dim=0)] = seen
         dead = (seen - last_fired) > settings.dead_after_tokens
         if dead.any():  # AuxK: dead latents reconstruct the residual error
-            aux_pre = pre.masked_fill(~dead, 0.0)
-            aux = aux_pre.topk(min(settings.aux_k, int(dead.sum())), dim=-1)
-            f_aux = torch.zeros_like(pre).scatter(-1, aux.indices, aux.values)
+            f_aux = TopK(min(settings.aux_k, int(dead.sum()))).dense(pre.masked_fill(~dead, 0.0))
             aux_err = err.detach() - f_aux @ params["W_dec"].T
             loss = loss + settings.aux_weight * aux_err.pow(2).sum(-1).mean() / scale**2
         opt.zero_grad(set_to_none=True)

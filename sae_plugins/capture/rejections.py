@@ -2,7 +2,7 @@
 
 A worker that cannot verify the API's signature (a node started without the deployment's
 STEERSERVE_SPEC_SECRET) or finds a spec that does not fit its tables runs the request unsteered
-rather than crash the step (steering_runtime.py). The API must not then return that answer as a
+rather than crash the step (steering/runtime.py). The API must not then return that answer as a
 steered one, so every request the API signs a spec for also carries an unsigned ticket; a worker
 that refuses the spec records the reason under the ticket, and the API takes it with the
 response (server/middleware/steering.py) and answers 5xx instead. A reason is kept whatever the

@@ -24,7 +24,7 @@ STEERING_KERNELS = ("auto", "native", "torch", "triton")
 class PluginConfig:
     sae_path: str
     sae_layers: tuple[int, ...]
-    sae_name: str | None = None  # what a Qwen-Scope set's width and k are read from (sae_loading.qwen_scope_k)
+    sae_name: str | None = None  # what a Qwen-Scope set's width and k are read from (sae/loading.py, qwen_scope_k)
     sae_k: int | None = None  # --sae-k
     sae_hub_url: str | None = None  # hf://owner/name@<commit> when --sae was a hub id (SAESource.hub_url)
     max_features: int = DEFAULT_MAX_FEATURES  # per request, over all layers

@@ -1,15 +1,16 @@
 """Conditional (gated) edits: each request's count of tokens that passed its gates.
 
-A gate (protocol/spec.py's Gate) passes at a row when its feature's activation there lies strictly
-inside (above, below): spec.gate_passes, applied to a step's rows by `passes`. Backends evaluate it at the gate's layer into the planner's `gate_state`
-(step_plan.py) and multiply the gated edits' coefficients by it, inside the forward, with no
-host round trip. After the forward the runtime reads the step's gate columns once (only on
-steps that route a gated request) and adds up, per request that asked for a report, how many of
-its routed tokens passed each gate; the API takes the report by id once the request is done,
-as inspect takes its capture. A token is counted once (the runtime leaves out rows a preemption
-computes again), and only for the gates whose layer this worker holds: a pipeline stage never
-writes the gate columns of another stage's layers, so what its gate_state holds there is stale,
-and the API, taking the largest count over ranks, must read 0 from it.
+A gate (protocol/spec.py's Gate) passes at a row when its feature's activation there lies
+strictly inside (above, below): spec.gate_passes, applied to a step's rows by `passes`. Backends
+evaluate it at the gate's layer into the planner's `gate_state` (step_plan.py) and multiply the
+gated edits' coefficients by it, inside the forward, with no host round trip. After the forward
+the runtime reads the step's gate columns once (only on steps that route a gated request) and
+adds up, per request that asked for a report, how many of its routed tokens passed each gate;
+the API takes the report by id once the request is done, as inspect takes its capture. A token
+is counted once (the runtime leaves out rows a preemption computes again), and only for the
+gates whose layer this worker holds: a pipeline stage never writes the gate columns of another
+stage's layers, so what its gate_state holds there is stale, and the API, taking the largest
+count over ranks, must read 0 from it.
 """
 
 from __future__ import annotations

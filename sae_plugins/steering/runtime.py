@@ -5,13 +5,13 @@
   * config_slots.py: which request holds which config slot (equal specs share one);
   * slot_tables.py: what each slot does at each layer (device tables written once per config);
   * step_plan.py: this step's rows per layer, in fixed device buffers;
-  * feature_capture.py: the rows of requests that record features;
+  * capture/features.py: the rows of requests that record features;
   * gating.py: how many tokens passed each gate of the requests that want a report;
-  * worker_store.py: the results kept for the API (captures, gate reports, refusals), within a
-    byte budget, owned by their requests while they run;
+  * capture/store.py: the results kept for the API (captures, gate reports, refusals), within
+    a byte budget, owned by their requests while they run;
   * backends/: the edit itself (PyTorch reference, native CPU kernel, Triton).
-The custom op (steering_op.py) finds the runtime in registry.py and calls `apply` at each
-steered layer; runner_patch.py calls the per-step methods.
+The custom op (backends/op.py) finds the runtime in registry.py and calls `apply` at each
+steered layer; vllm_hooks/runner_patch.py calls the per-step methods.
 
 Tensor parallelism. At a decoder layer's output, `hidden` and `residual` are replicated on
 every TP rank (row-parallel projections all-reduce), so each rank holds the whole SAE and

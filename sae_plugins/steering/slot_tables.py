@@ -6,7 +6,7 @@ steering). Which request holds which slot is config_slots.py's business; this mo
 holds the tables' contents, plus host mirrors of their shape so the step planner never reads
 the device.
 
-Gated edits (steering_spec.Gate) go through the encoded table whatever their mode (a gated `add`
+Gated edits (protocol/spec.py's Gate) go through the encoded table whatever their mode (a gated `add`
 is the entry (value, 0): coefficient value whatever the feature's activation), each entry
 naming the gate column that multiplies it; column `max_features` is all ones (ungated). A
 layer's gate probes list, per gate column, the feature whose activation there decides it (-1:

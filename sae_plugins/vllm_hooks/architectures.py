@@ -1,6 +1,6 @@
 """Where each supported architecture keeps what steering needs: one entry per architecture.
 
-The layer patch (model_patch.py), the logit lens (feature_lens.py) and the CLI's pre-flight
+The layer patch (model_patch.py), the logit lens (capture/logit_lens.py) and the CLI's pre-flight
 all read it from here; supporting a new architecture is one more entry.
 """
 
