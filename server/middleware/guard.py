@@ -2,7 +2,7 @@
 plugin's reserved `vllm_xargs` keys, and which routes take `steering`.
 
 Pure functions over bytes and parsed JSON, each raising the APIError a client gets; the
-middleware (steering_middleware.py) decides when to call them.
+middleware (steering.py) decides when to call them.
 """
 
 from __future__ import annotations
