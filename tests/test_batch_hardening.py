@@ -15,9 +15,10 @@ import time
 
 import pytest
 
-from steerserve.batch import runner, store as store_module
+from steerserve.batch import line_executor, runner, schema
 from steerserve.batch.lines import more_lines_than, parse_input_file
-from steerserve.batch.store import BatchRecord, FileInUse, FileRecord, Store, now
+from steerserve.batch.records import BatchRecord, FileInUse, FileRecord, now
+from steerserve.batch.store import Store
 from tests.test_batch_units import CHAT, FakeEngine, Harness, jsonl, line, run
 
 TERMINAL = ("completed", "failed", "cancelled", "expired")
@@ -70,8 +71,8 @@ def test_poison_line_fails_after_max_attempts_and_lines_sharing_its_crash_comple
         lives.append(engine)
         attempts_seen.append(attempts)
 
-    assert len(lives) == runner.MAX_LINE_ATTEMPTS + 1
-    assert sum(e.calls["p"] for e in lives) == runner.MAX_LINE_ATTEMPTS  # then never sent again
+    assert len(lives) == line_executor.MAX_LINE_ATTEMPTS + 1
+    assert sum(e.calls["p"] for e in lives) == line_executor.MAX_LINE_ATTEMPTS  # then never sent again
     assert attempts_seen[0] == {0: 1, 1: 1, 2: 1, 3: 1, 4: 0, 5: 0, 6: 0, 7: 0}  # committed before the send
     assert lives[1].company == {"a": [0], "p": [0]}  # after a crash, its suspects run alone
     assert lives[2].company == {"p": [0]}
@@ -84,12 +85,12 @@ def test_poison_line_fails_after_max_attempts_and_lines_sharing_its_crash_comple
     assert poison["custom_id"] == "p" and poison["response"]["status_code"] == 500
     error = poison["response"]["body"]["error"]
     assert error["type"] == "server_error" and error["code"] == "engine_failure" and error["param"] is None
-    assert f"failed {runner.MAX_LINE_ATTEMPTS} times while running this line" in error["message"]
+    assert f"failed {line_executor.MAX_LINE_ATTEMPTS} times while running this line" in error["message"]
 
 
 def test_database_of_an_older_release_opens_and_gains_the_new_columns(tmp_path):
     conn = sqlite3.connect(tmp_path / "steerserve.sqlite3")
-    conn.executescript(store_module.SCHEMA)  # the tables as the first release created them
+    conn.executescript(schema.SCHEMA)  # the tables as the first release created them
     conn.execute("INSERT INTO batch_lines (batch_id, line_index, custom_id, url, body) VALUES ('b', 0, 'a', ?, '{}')",
                  (CHAT,))
     conn.commit()

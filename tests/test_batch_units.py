@@ -18,7 +18,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from steerserve.batch import attach_batch_api, runner, start_batch_service
+from steerserve.batch import attach_batch_api, line_executor, runner, start_batch_service
 from steerserve.batch.lines import parse_input_file
 from steerserve.batch.store import Store
 
@@ -284,7 +284,7 @@ def test_cancel_in_progress_keeps_partial_results_consistent(tmp_path):
 
 
 def test_server_errors_retry_then_fail_and_dead_engine_records_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "SERVER_ERROR_ATTEMPTS", 2)
+    monkeypatch.setattr(line_executor, "SERVER_ERROR_ATTEMPTS", 2)
     monkeypatch.setattr(runner, "RETRY_PAUSE", 0.2)
 
     async def body():

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from steerserve.errors import APIError
-from steerserve.batch.store import InputLine, LineResult
+from steerserve.batch.records import InputLine, LineResult
 
 SUPPORTED_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 _BLANK = " \t\r\f\v"  # a line of only these holds no request (the line counter agrees)

@@ -5,21 +5,7 @@ endpoint wakes it) it reads the unfinished batches and starts what each needs: v
 `validating`, execution for the oldest `in_progress`, finalize for `finalizing` and
 `cancelling`. After a restart the same loop resumes whatever a crash left behind.
 
-Each line is POSTed through the server's own ASGI app in-process, so it gets the interactive
-path's validation, steering translation, admission, echo and error objects (no second code
-path), and shares the engine with interactive traffic: at most `concurrency` lines in flight,
-and `priority` 1 (served after interactive requests) when the engine schedules by priority.
-
-A line is done when its result row is committed. Answers that are not the line's real answer
-are never recorded: anything produced while the server shuts down, a 5xx while the engine is
-dead, or a choice the engine aborted. Those lines stay pending and run again.
-
-Poison pills: every send of a line is counted in the database before it goes out, so after a
-crash (even kill -9) the lines that were in flight are known. They run first, one at a time
-with nothing else in flight, so a line that merely shared a crash is cleared and the line that
-causes it is caught alone; a line the engine died on MAX_LINE_ATTEMPTS times is recorded as
-failed (`engine_failure`) instead of crashing the engine again at every start. A clean stop
-does not count against the lines it interrupts.
+Which lines run, in which order, and which answers are recorded: line_executor.py.
 
 No input spins the loop: a batch's task (validation, execution, finalize) that raises is retried
 after a pause that doubles each time (TASK_RETRY_PAUSE up to TASK_RETRY_MAX), and after
@@ -32,30 +18,23 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import json
 import logging
 import os
-import random
 import time
-import uuid
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-import httpx
-
-from steerserve.errors import APIError
 from steerserve.in_process import in_process_client
 from steerserve.limits import Limits
-from steerserve.batch.lines import engine_failure_line, expired_line, line_id, parse_input_file, response_record
-from steerserve.batch.store import BatchRecord, FileRecord, InputLine, LineResult, PendingLine, Store, now
+from steerserve.batch.line_executor import LineExecutor
+from steerserve.batch.lines import expired_line, parse_input_file
+from steerserve.batch.records import BatchRecord, FileRecord, now
+from steerserve.batch.store import Store
 
 logger = logging.getLogger("vllm.steerserve.batch")  # under vLLM's configured "vllm" logger
 
 POLL_SECONDS = 1.0
-SERVER_ERROR_ATTEMPTS = 3  # a line whose 5xx repeats this often (engine healthy) is recorded as failed
 RETRY_PAUSE = 5.0  # after a pass that left lines pending (engine trouble), before the next pass
-MAX_LINE_ATTEMPTS = 3  # sends of one line that ended with the engine or server dead: then it fails
 TASK_RETRY_PAUSE = 1.0  # after a batch's task raised; doubled at each failure in a row
 TASK_RETRY_MAX = 300.0
 MAX_TASK_FAILURES = 5  # failures in a row of a batch's task: then the batch fails
@@ -77,21 +56,19 @@ class BatchService:
         self.store = store
         self.limits = limits  # the routes read the upload and line limits here
         self.concurrency = max(1, concurrency)
-        self.priority = priority
         self._engine_dead = engine_dead
         self._client = in_process_client(app, api_key)
+        self._lines = LineExecutor(store, self._client, concurrency=self.concurrency, priority=priority,
+                                   limits=limits, engine_dead=engine_dead, stopping=lambda: self._stopping)
         self._wake = asyncio.Event()
         self._stopping = False
         self._clean_stop = False  # the engine was healthy when the stop began
-        self._charged: set[tuple[str, int]] = set()  # (batch id, line) sent, attempt counted, no answer yet
         self._loop_task: asyncio.Task | None = None
         self._busy: dict[str, asyncio.Task] = {}  # batch id -> the task handling it (strong refs)
-        self._in_flight: dict[str, set[asyncio.Task]] = {}  # batch id -> running line requests
         self._not_before: dict[str, float] = {}  # batch id -> loop time of its next pass
         self._failures: dict[str, tuple[int, str]] = {}  # batch id -> (its task's failures in a row, the last)
         self._logged_at: dict[str, tuple[float, int]] = {}  # repeated failure -> (last logged, dropped since)
         self._executing: str | None = None  # the one batch whose lines run now
-        self._cancel_requested: set[str] = set()  # batches whose workers must take no new line
         self._lock_file: int | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -128,8 +105,8 @@ class BatchService:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._clean_stop and self._charged:
-            await asyncio.to_thread(self.store.refund_attempts, list(self._charged))
+        if self._clean_stop and self._lines.charged:
+            await asyncio.to_thread(self.store.refund_attempts, list(self._lines.charged))
         await self._client.aclose()
         if self._lock_file is not None:
             os.close(self._lock_file)
@@ -160,9 +137,7 @@ class BatchService:
         for batch in batches:
             stop_lines = batch.status == "cancelling" or (batch.status == "in_progress" and _expired(batch))
             if stop_lines and batch.id == self._executing:
-                self._cancel_requested.add(batch.id)
-                for task in self._in_flight.get(batch.id, ()):
-                    task.cancel()  # the executor then finalizes the batch as cancelled or expired
+                self._lines.cancel(batch.id)  # _execute then finalizes the batch as cancelled or expired
             if batch.id in self._busy or loop_time < self._not_before.get(batch.id, 0.0):
                 continue
             if self._failures.get(batch.id, (0, ""))[0] >= MAX_TASK_FAILURES:
@@ -239,16 +214,7 @@ class BatchService:
             await asyncio.to_thread(self.store.save_validation, batch.id, parsed.lines, parsed.early_results)
 
     async def _execute(self, batch: BatchRecord) -> None:
-        self._in_flight[batch.id] = set()
-        try:
-            pending = await asyncio.to_thread(self.store.pending_lines, batch.id)
-            await self._fail_spent_lines(batch.id, [p for p in pending if p.attempts >= MAX_LINE_ATTEMPTS])
-            suspects = [p.index for p in pending if 0 < p.attempts < MAX_LINE_ATTEMPTS]
-            await self._run_lines(batch.id, suspects, width=1)  # alone: see the module docstring
-            await self._run_lines(batch.id, [p.index for p in pending if p.attempts == 0], self.concurrency)
-        finally:
-            del self._in_flight[batch.id]
-            self._cancel_requested.discard(batch.id)
+        await self._lines.run(batch.id)
         if self._stopping:
             return
         current = await asyncio.to_thread(self.store.get_batch, batch.id)
@@ -265,60 +231,6 @@ class BatchService:
                     await self._finalize(batch.id, ("finalizing",), "completed")
             else:  # lines the engine could not answer: try again a little later
                 self._not_before[batch.id] = asyncio.get_running_loop().time() + RETRY_PAUSE
-
-    async def _run_lines(self, batch_id: str, indexes: list[int], width: int) -> None:
-        pending = deque(indexes)
-        workers = [asyncio.create_task(self._worker(batch_id, pending)) for _ in range(min(width, len(pending)))]
-        try:
-            await asyncio.gather(*workers)
-        finally:
-            for w in workers:
-                w.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
-
-    def _may_send(self, batch_id: str) -> bool:
-        """No line goes to a dead engine: it could not answer, and the send would count against it."""
-        return not (self._stopping or self._engine_dead() or batch_id in self._cancel_requested)
-
-    async def _worker(self, batch_id: str, pending: deque[int]) -> None:
-        while pending and self._may_send(batch_id):
-            result = await self._attempt(batch_id, pending.popleft())
-            if result is None or self._stopping:
-                return  # no real answer (batch cancelled, engine down or going down): the line stays pending
-            await asyncio.to_thread(self.store.record_results, batch_id, [result])
-
-    async def _attempt(self, batch_id: str, index: int) -> LineResult | None:
-        """Send the line once, the attempt counted first; None when there is no answer to record."""
-        line = await asyncio.to_thread(self.store.get_line, batch_id, index)
-        key = (batch_id, index)
-        self._charged.add(key)  # from here on a clean stop refunds the attempt (stop())
-        try:
-            await asyncio.to_thread(self.store.begin_attempt, batch_id, index)
-            request = asyncio.create_task(self._run_line(batch_id, line))
-            in_flight = self._in_flight[batch_id]
-            in_flight.add(request)
-            try:
-                return await request
-            except asyncio.CancelledError:
-                if request.cancelled() and not _current_task_cancelling():
-                    return None  # this line was cancelled with its batch
-                raise
-            finally:
-                in_flight.discard(request)
-        finally:
-            if not self._stopping:  # a stop leaves it for stop() to refund
-                self._charged.discard(key)
-
-    async def _fail_spent_lines(self, batch_id: str, spent: list[PendingLine]) -> None:
-        """Lines the engine died on MAX_LINE_ATTEMPTS times: recorded as failed, never sent again."""
-        results = []
-        for p in spent:
-            line = await asyncio.to_thread(self.store.get_line, batch_id, p.index)
-            logger.warning("batch %s line %d: the engine died %d times while running it; recorded as failed",
-                           batch_id, p.index, p.attempts)
-            results.append(engine_failure_line(batch_id, p.index, line.custom_id, p.attempts))
-        if results:
-            await asyncio.to_thread(self.store.record_results, batch_id, results)
 
     async def _expire(self, batch: BatchRecord) -> None:
         pending = await asyncio.to_thread(self.store.pending_lines, batch.id)
@@ -366,67 +278,6 @@ class BatchService:
         }
         self.store.finish(batch_id, from_statuses, to_status, files, **fields)
 
-    # ------------------------------------------------------------------ one line
-
-    async def _run_line(self, batch_id: str, line: InputLine) -> LineResult | None:
-        """The line's answer, or None when there is no real answer to record now."""
-        body = json.loads(line.body)
-        if self.priority is not None:  # never ahead of interactive requests, and within the clients' range
-            given = body.get("priority")
-            given = given if isinstance(given, int) and not isinstance(given, bool) else self.priority
-            body["priority"] = self.limits.client_priority_range.clamp(max(given, self.priority))
-        content = json.dumps(body).encode()
-        server_errors = 0
-        busy_waits = 0
-        while True:
-            request_id = f"{line_id(batch_id, line.index)}-{uuid.uuid4().hex[:8]}"
-            headers = {"content-type": "application/json", "x-request-id": request_id}
-            try:
-                response = await self._client.post(line.url, content=content, headers=headers)
-                status, payload = response.status_code, _json_or_error(response)
-            except Exception as exc:  # the app itself failed; treat like a 500
-                logger.exception("batch %s line %d failed in the app", batch_id, line.index)
-                status = 500
-                payload = APIError(f"internal error: {exc!r}", code="internal_error", status=500,
-                                   type="server_error").body()
-            if self._stopping or self._engine_dead():
-                return None
-            if status == 503:  # overloaded (queue limits): wait, it is not the line's fault
-                busy_waits += 1
-                await asyncio.sleep(min(30.0, 0.5 * 2 ** min(busy_waits, 6)) * (0.5 + random.random()))
-                continue
-            aborted = status == 200 and _was_aborted(payload)
-            if status < 500 and not aborted:
-                record = response_record(batch_id, line.index, line.custom_id, status, request_id, payload)
-                return LineResult(line.index, 200 <= status < 300, record)
-            server_errors += 1
-            if server_errors >= SERVER_ERROR_ATTEMPTS:
-                if aborted:
-                    status, payload = 500, APIError("the engine aborted this request", code="aborted",
-                                                    status=500, type="server_error").body()
-                record = response_record(batch_id, line.index, line.custom_id, status, request_id, payload)
-                return LineResult(line.index, False, record)
-            await asyncio.sleep(2.0 ** server_errors)
-
 
 def _expired(batch: BatchRecord) -> bool:
     return batch.expires_at is not None and now() >= batch.expires_at
-
-
-def _current_task_cancelling() -> bool:
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
-
-
-def _json_or_error(response: httpx.Response) -> Any:
-    try:
-        return response.json()
-    except ValueError:
-        return APIError(response.text[:2000] or f"HTTP {response.status_code}", code="invalid_response",
-                        status=response.status_code, type="server_error").body()
-
-
-def _was_aborted(payload: Any) -> bool:
-    """A choice the engine aborted (e.g. while stopping) is not the request's answer."""
-    choices = payload.get("choices") if isinstance(payload, dict) else None
-    return any(isinstance(c, dict) and c.get("finish_reason") == "abort" for c in choices or ())

@@ -6,179 +6,26 @@ so a line is done exactly when its row exists: after a crash the pending lines a
 lines without a row, and output files are rebuilt from rows at finalize. Request counts are
 derived from the same rows, so they can never disagree with the files.
 
-One connection shared by threads (`check_same_thread=False`) behind a lock; every method is
-short and synchronous, and async callers run it with `asyncio.to_thread`. WAL mode lets readers
-(other API processes, `sqlite3` in a shell) see the state while a batch runs.
+The tables, their upgrade and the shared connection: schema.py; the records: records.py.
 
 Each line also counts its attempts (sends that did not end with a recorded result), committed
 before the send: after a crash the lines that were in flight are known, and a line that keeps
-killing the engine can be failed instead of being resumed forever (runner.py).
+killing the engine can be failed instead of being resumed forever (line_executor.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import secrets
-import sqlite3
-import threading
-import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS files (
-    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
-    id          TEXT NOT NULL UNIQUE,
-    filename    TEXT NOT NULL,
-    purpose     TEXT NOT NULL,
-    bytes       INTEGER NOT NULL,
-    created_at  INTEGER NOT NULL,
-    status      TEXT NOT NULL DEFAULT 'processed'
-);
-CREATE TABLE IF NOT EXISTS batches (
-    seq               INTEGER PRIMARY KEY AUTOINCREMENT,
-    id                TEXT NOT NULL UNIQUE,
-    input_file_id     TEXT NOT NULL,
-    endpoint          TEXT NOT NULL,
-    completion_window TEXT NOT NULL,
-    status            TEXT NOT NULL,
-    metadata          TEXT,
-    errors            TEXT,
-    output_file_id    TEXT,
-    error_file_id     TEXT,
-    total             INTEGER NOT NULL DEFAULT 0,
-    created_at        INTEGER NOT NULL,
-    in_progress_at    INTEGER,
-    expires_at        INTEGER,
-    finalizing_at     INTEGER,
-    completed_at      INTEGER,
-    failed_at         INTEGER,
-    expired_at        INTEGER,
-    cancelling_at     INTEGER,
-    cancelled_at      INTEGER
-);
-CREATE INDEX IF NOT EXISTS batches_status ON batches (status);
-CREATE TABLE IF NOT EXISTS batch_lines (
-    batch_id    TEXT NOT NULL,
-    line_index  INTEGER NOT NULL,
-    custom_id   TEXT,
-    url         TEXT,
-    body        TEXT,
-    PRIMARY KEY (batch_id, line_index)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS batch_results (
-    batch_id    TEXT NOT NULL,
-    line_index  INTEGER NOT NULL,
-    ok          INTEGER NOT NULL,
-    record      TEXT NOT NULL,
-    created_at  INTEGER NOT NULL,
-    PRIMARY KEY (batch_id, line_index)
-) WITHOUT ROWID;
-"""
-# Columns added after the first release (ALTER TABLE at open, so existing data dirs still open).
-ADDED_COLUMNS = {
-    "batch_lines": {"attempts": "INTEGER NOT NULL DEFAULT 0"},
-    # Drawn once at finalize, before the files are written: a re-run after a crash reuses them.
-    "batches": {"reserved_output_file_id": "TEXT", "reserved_error_file_id": "TEXT"},
-}
-
-ACTIVE_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
-TIMESTAMP_FIELDS = (
-    "created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at",
-    "failed_at", "expired_at", "cancelling_at", "cancelled_at",
+from steerserve.batch.records import (
+    ACTIVE_STATUSES, TIMESTAMP_FIELDS, BatchRecord, FileInUse, FileRecord, InputLine, LineResult, PendingLine,
+    new_file_id, now,
 )
-
-
-def now() -> int:
-    return int(time.time())
-
-
-def new_file_id() -> str:
-    """Random, so nobody can derive a file's id (e.g. a batch's output file from its batch id)."""
-    return "file-" + secrets.token_hex(12)
-
-
-class FileInUse(Exception):
-    """The file is the input of a batch that has not finished."""
-
-    def __init__(self, file_id: str, batch_id: str, status: str):
-        super().__init__(f"file {file_id} is the input of batch {batch_id} ({status})")
-        self.batch_id, self.status = batch_id, status
-
-
-@dataclass
-class FileRecord:
-    id: str
-    filename: str
-    purpose: str
-    bytes: int
-    created_at: int
-    status: str = "processed"
-
-    def to_api(self) -> dict[str, Any]:
-        return {
-            "id": self.id, "object": "file", "bytes": self.bytes, "created_at": self.created_at,
-            "filename": self.filename, "purpose": self.purpose, "status": self.status,
-            "expires_at": None, "status_details": None,
-        }
-
-
-@dataclass
-class BatchRecord:
-    id: str
-    input_file_id: str
-    endpoint: str
-    completion_window: str
-    status: str
-    created_at: int
-    expires_at: int | None
-    metadata: dict[str, str] | None = None
-    errors: list[dict[str, Any]] | None = None
-    output_file_id: str | None = None
-    error_file_id: str | None = None
-    total: int = 0
-    completed: int = 0
-    failed: int = 0
-    timestamps: dict[str, int | None] = field(default_factory=dict)
-
-    def to_api(self) -> dict[str, Any]:
-        stamps = {name: self.timestamps.get(name) for name in TIMESTAMP_FIELDS}
-        stamps["created_at"], stamps["expires_at"] = self.created_at, self.expires_at
-        return {
-            "id": self.id, "object": "batch", "endpoint": self.endpoint,
-            "errors": {"object": "list", "data": self.errors} if self.errors else None,
-            "input_file_id": self.input_file_id, "completion_window": self.completion_window,
-            "status": self.status, "output_file_id": self.output_file_id,
-            "error_file_id": self.error_file_id, **stamps,
-            "request_counts": {"total": self.total, "completed": self.completed, "failed": self.failed},
-            "metadata": self.metadata,
-        }
-
-
-@dataclass(frozen=True)
-class InputLine:
-    """One input line as validated: url/body are None for a line that already has its error."""
-
-    index: int
-    custom_id: str | None
-    url: str | None
-    body: str | None
-
-
-class PendingLine(NamedTuple):
-    index: int
-    attempts: int  # > 0: it was in flight when the engine or the server died
-
-
-@dataclass(frozen=True)
-class LineResult:
-    index: int
-    ok: bool
-    record: dict[str, Any]
-
+from steerserve.batch.schema import Database
 
 _BATCH_COLUMNS = (
     "id, input_file_id, endpoint, completion_window, status, metadata, errors, output_file_id, "
@@ -190,57 +37,14 @@ _COUNTS = (
 )
 
 
-class Store:
+class Store(Database):
+    """Files and batches: every read and every state change is one query or one transaction."""
+
     def __init__(self, data_dir: str | os.PathLike):
         self.data_dir = Path(data_dir).resolve()
         self.files_dir = self.data_dir / "files"
         self.files_dir.mkdir(parents=True, exist_ok=True)
-        self.db_path = self.data_dir / "steerserve.sqlite3"
-        self._lock = threading.RLock()
-        self._conn = sqlite3.connect(self.db_path, check_same_thread=False, timeout=30, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")  # a committed line result survives power loss too
-        self._conn.executescript(SCHEMA)
-        self._add_missing_columns()
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-    # ------------------------------------------------------------------ plumbing
-
-    def _tx(self):
-        """`with self._tx() as c:` runs the block in one IMMEDIATE transaction under the lock."""
-        store = self
-
-        class _Tx:
-            def __enter__(self):
-                store._lock.acquire()
-                store._conn.execute("BEGIN IMMEDIATE")
-                return store._conn
-
-            def __exit__(self, exc_type, exc, tb):
-                try:
-                    store._conn.execute("ROLLBACK" if exc_type else "COMMIT")
-                finally:
-                    store._lock.release()
-                return False
-
-        return _Tx()
-
-    def _add_missing_columns(self) -> None:
-        """Bring a database created by an older release up to date (in a transaction, so two
-        processes opening it at once do not both add a column)."""
-        with self._tx() as c:
-            for table, columns in ADDED_COLUMNS.items():
-                present = {row[1] for row in c.execute(f"PRAGMA table_info({table})")}
-                for name, declaration in columns.items():
-                    if name not in present:
-                        c.execute(f"ALTER TABLE {table} ADD COLUMN {name} {declaration}")
-
-    def _query(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
-        with self._lock:
-            return self._conn.execute(sql, tuple(params)).fetchall()
+        super().__init__(self.data_dir / "steerserve.sqlite3")
 
     # ------------------------------------------------------------------ files
 
