@@ -81,6 +81,12 @@ def test_bad_command_lines_are_usage_errors(args, message):
     assert message in result.stderr
 
 
+def test_a_bad_layer_number_is_an_error_line_not_a_traceback():
+    result = run("serve", "model", "--sae", "sae", "--sae-layers", "8,x", timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == "error: --sae-layers: 'x' is not a layer number"
+
+
 def test_eval_without_matplotlib_names_the_extra_before_starting_anything():
     """`--base-url` points at a closed port: the missing extra is reported before any request."""
     result = run("eval", "--base-url", "http://127.0.0.1:9", prelude="sys.modules['matplotlib'] = None")

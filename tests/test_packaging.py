@@ -9,7 +9,6 @@ import sys
 import tomllib
 import zipfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 

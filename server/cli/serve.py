@@ -27,7 +27,7 @@ def _layer_list(values: list[str]) -> list[int]:
             try:
                 layers.append(int(part))
             except ValueError:
-                raise argparse.ArgumentTypeError(f"--sae-layers: {part!r} is not a layer number")
+                sys.exit(f"error: --sae-layers: {part!r} is not a layer number")
     return layers
 
 
