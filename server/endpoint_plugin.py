@@ -25,11 +25,12 @@ from steerserve.context import SteeringContext
 from steerserve.engine_rpc import every_rank, per_engine
 from steerserve.analysis.feature_labels import load_labels
 from steerserve.routers.features import router as features_router
-from steerserve.errors import APIError
+from steerserve.errors import APIError, answer_api_errors
 from steerserve.in_process import in_process_client, server_api_key
 from steerserve.limits import Limits
 from steerserve.routers.saes import router
 from steerserve.middleware.steering import SteeringMiddleware
+from steerserve.steering.openapi import describe_steering_fields
 from steerserve.steering.worker_takes import WorkerTakes
 
 ENDPOINT_PLUGIN_NAME = "steerserve_api"
@@ -42,8 +43,10 @@ class SteerserveEndpointPlugin:
 
     def attach_router(self, app: FastAPI) -> None:
         args = app.state.args  # vLLM sets it before calling endpoint plugins
+        answer_api_errors(app)
         app.include_router(router)
         app.include_router(features_router)
+        describe_steering_fields(app)
         app.add_middleware(SteeringMiddleware)
         # Added last, so it runs first: nothing is read before the key is checked.
         app.add_middleware(AuthMiddleware, keys=api_keys(args),

@@ -1,17 +1,19 @@
 """OpenAI-shaped errors: every rejection the server makes goes through here.
 
-One error type (APIError), one way to turn a pydantic failure into it (`from_validation`),
-and one route decorator that answers an APIError raised inside a handler (`errors_as_json`).
+One error type (APIError), one way to turn pydantic's findings into it (`first_problem`), and one
+exception handler that answers an APIError raised inside a route (`answer_api_errors`).
 """
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import Any
 
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 
 @dataclass
@@ -29,7 +31,20 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status)
 
 
-def json_path(loc: tuple, root: str = "") -> str:
+class OpenAIErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIError(BaseModel):
+    """The body of every error response, as /openapi.json describes it."""
+
+    error: OpenAIErrorInfo
+
+
+def json_path(loc: Sequence, root: str = "") -> str:
     """A pydantic error location as a JSON path: ("features", 2, "index") -> features[2].index."""
     path = root
     for part in loc:
@@ -37,25 +52,28 @@ def json_path(loc: tuple, root: str = "") -> str:
     return path
 
 
-def from_validation(exc: ValidationError, *, prefix: str, code: str, root: str = "",
-                    missing_code: str | None = None) -> APIError:
+def first_problem(errors: Sequence[dict[str, Any]], *, prefix: str, code: str, root: str = "",
+                  missing_code: str | None = None) -> APIError:
     """The first problem pydantic found, as a 400 whose `param` is the JSON path of the value."""
-    first = exc.errors()[0]
+    first = errors[0]
     message = f"unknown key {first['loc'][-1]!r}" if first["type"] == "extra_forbidden" else first["msg"]
     if first["type"] == "missing" and missing_code is not None:
         code = missing_code
     return APIError(f"{prefix}: {message}", param=json_path(first["loc"], root) or None, code=code)
 
 
-def errors_as_json(handler):
-    """Route decorator: an APIError raised by the handler becomes its JSON response (vLLM's
-    exception handlers would reshape it)."""
+def from_validation(exc: ValidationError, *, prefix: str, code: str, root: str = "",
+                    missing_code: str | None = None) -> APIError:
+    return first_problem(exc.errors(), prefix=prefix, code=code, root=root, missing_code=missing_code)
 
-    @functools.wraps(handler)
-    async def wrapped(*args, **kwargs):
-        try:
-            return await handler(*args, **kwargs)
-        except APIError as error:
-            return error.response()
 
-    return wrapped
+async def _answer(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    return exc.response()
+
+
+def answer_api_errors(app: FastAPI) -> None:
+    """Registers the handler that answers an APIError raised by a route with its JSON body
+    (vLLM's handler for plain exceptions would make it a 500)."""
+    app.add_exception_handler(APIError, _answer)
+

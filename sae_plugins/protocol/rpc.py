@@ -12,7 +12,9 @@ tensor-parallel ranks agree, pipeline stages each answer for their own layers.
 from __future__ import annotations
 
 import json
-from typing import Literal, TypedDict
+from typing import Literal
+
+from typing_extensions import TypedDict  # pydantic reads (GET /v1/saes) no typing.TypedDict before 3.12
 
 from steerserve_sae.protocol import signing
 

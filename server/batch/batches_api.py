@@ -4,44 +4,32 @@ the runner (runner.py), which does the work; so every state change survives a re
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import uuid
 from http import HTTPStatus
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from fastapi import APIRouter, Query, Request
 
-from steerserve.errors import APIError, errors_as_json, from_validation
+from steerserve.batch.api_models import (
+    BATCH_LIST_LIMIT, MAX_BATCH_LIST_LIMIT, BatchList, BatchListQuery, BatchObject, CreateBatch,
+)
 from steerserve.batch.files_api import list_page, not_found, parse_limit, service_of, stored_or_404
 from steerserve.batch.lines import SUPPORTED_ENDPOINTS
-from steerserve.batch.store import BatchRecord, Store, now
-
-router = APIRouter()
+from steerserve.batch.records import BatchRecord, now
+from steerserve.errors import APIError
+from steerserve.routers.route import SteerserveRoute
 
 MAX_WINDOW_HOURS = 168
 CANCELLABLE = ("validating", "in_progress")
 
 
-class CreateBatch(BaseModel):
-    """The body of POST /v1/batches (unknown keys are ignored, as new OpenAI clients may send more)."""
+class BatchesRoute(SteerserveRoute):
+    validation_code = "invalid_value"
+    missing_code = "missing_required_parameter"
 
-    model_config = ConfigDict(extra="ignore")
-    input_file_id: str = Field(min_length=1)
-    endpoint: str
-    completion_window: str
-    metadata: dict[str, str] | None = None
 
-    @field_validator("metadata")
-    @classmethod
-    def _metadata_limits(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        if value is not None:
-            if len(value) > 16:
-                raise ValueError("at most 16 metadata pairs")
-            if any(len(k) > 64 or len(v) > 512 for k, v in value.items()):
-                raise ValueError("metadata keys have at most 64 characters and values at most 512")
-        return value
+router = APIRouter(route_class=BatchesRoute)
 
 
 def window_seconds(window: str) -> int:
@@ -55,26 +43,10 @@ def window_seconds(window: str) -> int:
     return int(match.group(1)) * 3600
 
 
-async def _parse_create(request: Request) -> CreateBatch:
-    try:
-        raw = json.loads((await request.body()).decode("utf-8"))
-    except ValueError as exc:  # UnicodeDecodeError included
-        raise APIError(f"the request body is not valid UTF-8 JSON ({exc})", code="invalid_json") from None
-    except RecursionError:
-        raise APIError("the request body is nested too deeply", code="invalid_json") from None
-    try:
-        return CreateBatch.model_validate(raw)
-    except ValidationError as exc:
-        raise from_validation(exc, prefix="invalid request", code="invalid_value",
-                              missing_code="missing_required_parameter") from None
-
-
-@router.post("/v1/batches")
-@errors_as_json
-async def create_batch(request: Request) -> Any:
+@router.post("/v1/batches", response_model=BatchObject)
+async def create_batch(request: Request, body: CreateBatch) -> dict[str, Any]:
     service = service_of(request)
-    store: Store = service.store
-    body = await _parse_create(request)
+    store = service.store
     if body.endpoint not in SUPPORTED_ENDPOINTS:
         raise APIError(f"endpoint {body.endpoint!r} is not supported; supported: {list(SUPPORTED_ENDPOINTS)}",
                        param="endpoint", code="invalid_endpoint")
@@ -96,29 +68,25 @@ async def create_batch(request: Request) -> Any:
     return stored.to_api()
 
 
-@router.get("/v1/batches")
-@errors_as_json
-async def list_batches(request: Request) -> Any:
-    store: Store = service_of(request).store
-    limit = parse_limit(request.query_params.get("limit"), 20, 100)
-    after = request.query_params.get("after")
-    page = await asyncio.to_thread(store.list_batches, after=after, limit=limit)
+@router.get("/v1/batches", response_model=BatchList)
+async def list_batches(request: Request, query: Annotated[BatchListQuery, Query()]) -> dict[str, Any]:
+    store = service_of(request).store
+    limit = parse_limit(query.limit, BATCH_LIST_LIMIT, MAX_BATCH_LIST_LIMIT)
+    page = await asyncio.to_thread(store.list_batches, after=query.after, limit=limit)
     if page is None:
-        raise not_found("Batch", after, param="after")
+        raise not_found("Batch", query.after, param="after")
     return list_page(*page)
 
 
-@router.get("/v1/batches/{batch_id}")
-@errors_as_json
-async def retrieve_batch(batch_id: str, request: Request) -> Any:
+@router.get("/v1/batches/{batch_id}", response_model=BatchObject)
+async def retrieve_batch(batch_id: str, request: Request) -> dict[str, Any]:
     return (await stored_or_404("Batch", service_of(request).store.get_batch, batch_id)).to_api()
 
 
-@router.post("/v1/batches/{batch_id}/cancel")
-@errors_as_json
-async def cancel_batch(batch_id: str, request: Request) -> Any:
+@router.post("/v1/batches/{batch_id}/cancel", response_model=BatchObject)
+async def cancel_batch(batch_id: str, request: Request) -> dict[str, Any]:
     service = service_of(request)
-    store: Store = service.store
+    store = service.store
     if await asyncio.to_thread(store.transition, batch_id, CANCELLABLE, "cancelling", cancelling_at=now()):
         service.wake()
     batch = await stored_or_404("Batch", store.get_batch, batch_id)

@@ -5,7 +5,8 @@ OpenAI error object as the rest of the server (server/errors.py).
 
 An upload over `max_upload_bytes` is refused from its Content-Length before the body is read,
 or, without one, as soon as the bytes received pass the limit: the multipart parser stops there
-and deletes what it spooled, so neither memory nor disk ever holds more than the limit.
+and deletes what it spooled, so neither memory nor disk ever holds more than the limit. The form
+is read so by FilesRoute before FastAPI validates its `file` and `purpose`.
 """
 
 from __future__ import annotations
@@ -15,21 +16,21 @@ import os
 import shutil
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Annotated, Any, BinaryIO
 
-from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi.responses import FileResponse
 from starlette.datastructures import FormData
 from starlette.types import Message
 
-from steerserve.errors import APIError, errors_as_json
+from steerserve.batch.api_models import (
+    MAX_FILE_LIST_LIMIT, FileDeleted, FileList, FileListQuery, FileObject, UploadPurpose, UPLOAD_PURPOSES,
+)
+from steerserve.batch.records import FileInUse, FileRecord, new_file_id, now
+from steerserve.errors import APIError
 from steerserve.middleware.guard import declared_over
-from steerserve.batch.store import FileInUse, FileRecord, Store, new_file_id, now
+from steerserve.routers.route import SteerserveRoute
 
-router = APIRouter()
-
-UPLOAD_PURPOSES = ("batch", "user_data", "assistants", "fine-tune", "vision", "evals")
-MAX_LIST_LIMIT = 10_000
 # Non-file form fields (`purpose`) are held in memory: few and small.
 FORM_FIELDS = 16
 FORM_FIELD_BYTES = 64 << 10
@@ -131,59 +132,67 @@ def _save(source: BinaryIO, path: os.PathLike) -> int:
     return size
 
 
-@router.post("/v1/files")
-@errors_as_json
-async def create_file(request: Request) -> Any:
-    service = service_of(request)
-    form = await _read_form(request, service.limits.max_upload_bytes)
-    try:
-        return await _store_upload(service.store, form)
-    finally:
-        await form.close()
+class FilesRoute(SteerserveRoute):
+    """Reads an upload within --max-upload-bytes, and says what is wrong with its fields."""
+
+    async def read_form(self, request: Request) -> FormData:
+        return await _read_form(request, service_of(request).limits.max_upload_bytes)
+
+    def problem(self, error: dict[str, Any]) -> APIError:
+        field = error["loc"][0] if error["loc"] else None
+        if field == "file":  # missing, or sent as a text field
+            return APIError("`file` is required (a multipart file field)", param="file",
+                            code="missing_required_parameter")
+        if field == "purpose" and error["type"] == "missing":  # an empty field counts as missing
+            return APIError("`purpose` is required", param="purpose", code="missing_required_parameter")
+        if field == "purpose":
+            return APIError(f"purpose {error['input']!r} is not one of {list(UPLOAD_PURPOSES)}", param="purpose",
+                            code="invalid_purpose")
+        return super().problem(error)
 
 
-async def _store_upload(store: Store, form: FormData) -> dict[str, Any]:
-    upload, purpose = form.get("file"), form.get("purpose")
-    if upload is None or isinstance(upload, str):
-        raise APIError("`file` is required (a multipart file field)", param="file", code="missing_required_parameter")
-    if not isinstance(purpose, str) or not purpose:
-        raise APIError("`purpose` is required", param="purpose", code="missing_required_parameter")
-    if purpose not in UPLOAD_PURPOSES:
-        raise APIError(f"purpose {purpose!r} is not one of {list(UPLOAD_PURPOSES)}", param="purpose",
-                       code="invalid_purpose")
+router = APIRouter(route_class=FilesRoute)
+
+
+@router.post("/v1/files", response_model=FileObject)
+async def create_file(
+    request: Request,
+    file: Annotated[UploadFile, File(description="the file's bytes: for a batch, JSONL request lines")],
+    purpose: Annotated[UploadPurpose, Form()],
+) -> dict[str, Any]:
+    store = service_of(request).store
     file_id = new_file_id()
-    size = await asyncio.to_thread(_save, upload.file, store.file_path(file_id))
-    record = FileRecord(file_id, os.path.basename(upload.filename or "upload.jsonl"), purpose, size, now())
+    size = await asyncio.to_thread(_save, file.file, store.file_path(file_id))
+    record = FileRecord(file_id, os.path.basename(file.filename or "upload.jsonl"), purpose, size, now())
     await asyncio.to_thread(store.add_file, record)
     return record.to_api()
 
 
-@router.get("/v1/files")
-@errors_as_json
-async def list_files(request: Request) -> Any:
-    store: Store = service_of(request).store
-    q = request.query_params
-    order = q.get("order", "desc")
+@router.get("/v1/files", response_model=FileList)
+async def list_files(request: Request, query: Annotated[FileListQuery, Query()]) -> dict[str, Any]:
+    store = service_of(request).store
+    order = "desc" if query.order is None else query.order
     if order not in ("asc", "desc"):
         raise APIError(f"order must be 'asc' or 'desc', got {order!r}", param="order", code="invalid_order")
-    limit = parse_limit(q.get("limit"), MAX_LIST_LIMIT, MAX_LIST_LIMIT)
-    page = await asyncio.to_thread(store.list_files, purpose=q.get("purpose"), after=q.get("after"),
+    limit = parse_limit(query.limit, MAX_FILE_LIST_LIMIT, MAX_FILE_LIST_LIMIT)
+    page = await asyncio.to_thread(store.list_files, purpose=query.purpose, after=query.after,
                                    limit=limit, newest_first=order == "desc")
     if page is None:
-        raise not_found("File", q["after"], param="after")
+        raise not_found("File", query.after, param="after")
     return list_page(*page)
 
 
-@router.get("/v1/files/{file_id}")
-@errors_as_json
-async def retrieve_file(file_id: str, request: Request) -> Any:
+@router.get("/v1/files/{file_id}", response_model=FileObject)
+async def retrieve_file(file_id: str, request: Request) -> dict[str, Any]:
     return (await stored_or_404("File", service_of(request).store.get_file, file_id)).to_api()
 
 
-@router.get("/v1/files/{file_id}/content")
-@errors_as_json
-async def file_content(file_id: str, request: Request) -> Any:
-    store: Store = service_of(request).store
+@router.get("/v1/files/{file_id}/content", response_class=FileResponse,
+            responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string",
+                                                                                  "format": "binary"}}},
+                             "description": "the file's bytes"}})
+async def file_content(file_id: str, request: Request) -> FileResponse:
+    store = service_of(request).store
     record = await asyncio.to_thread(store.get_file, file_id)
     path = store.file_path(file_id)
     if record is None or not path.is_file():
@@ -191,9 +200,8 @@ async def file_content(file_id: str, request: Request) -> Any:
     return FileResponse(path, media_type="application/octet-stream", filename=record.filename)
 
 
-@router.delete("/v1/files/{file_id}")
-@errors_as_json
-async def delete_file(file_id: str, request: Request) -> Any:
+@router.delete("/v1/files/{file_id}", response_model=FileDeleted)
+async def delete_file(file_id: str, request: Request) -> dict[str, Any]:
     try:
         deleted = await asyncio.to_thread(service_of(request).store.delete_file, file_id)
     except FileInUse as busy:
@@ -202,4 +210,4 @@ async def delete_file(file_id: str, request: Request) -> Any:
                        code="file_in_use", status=HTTPStatus.CONFLICT) from None
     if not deleted:
         raise not_found("File", file_id)
-    return JSONResponse({"id": file_id, "object": "file", "deleted": True})
+    return {"id": file_id, "object": "file", "deleted": True}

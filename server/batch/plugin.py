@@ -16,6 +16,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from steerserve.errors import answer_api_errors
 from steerserve.in_process import server_api_key
 from steerserve.limits import Limits
 from steerserve.batch.batches_api import router as batches_router
@@ -32,6 +33,7 @@ BATCH_PRIORITY = 1  # vLLM serves lower numbers first; interactive requests defa
 
 
 def attach_batch_api(app: FastAPI) -> None:
+    answer_api_errors(app)
     app.include_router(files_router)
     app.include_router(batches_router)
     inner = app.router.lifespan_context

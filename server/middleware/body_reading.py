@@ -5,9 +5,9 @@ same rules, or a client can show each a different request. Starlette's `Headers`
 handlers use) returns the first of repeated headers and a dict of the raw headers the last, so a
 request with several `Content-Type` headers is refused outright. Every route but the multipart
 upload routes (FORM_PATHS) reads its body as JSON (vLLM's own JSON routes refuse any media type
-but `application/json`, steerserve's parse whatever they get), so there a non-empty body must be
-declared `application/json`: the guard then parses exactly what the handler will, with its
-size and depth limits, whatever the client declared.
+but `application/json`, steerserve's also read an undeclared one, routers/route.py), so there a
+non-empty body must be declared `application/json`: the guard then parses exactly what the
+handler will, with its size and depth limits.
 
 A refusal sent before the body is read must not close the connection on a client still writing
 it (a client that writes the whole body before reading, like Python's urllib, would get a

@@ -10,46 +10,31 @@ top SAE features; the result is taken back by capture id over collective RPC.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from http import HTTPStatus
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from steerserve_sae.protocol import rpc
 from steerserve_sae.protocol.capture import CaptureSpec
 from steerserve_sae.protocol.rpc import CAPTURE_KEY, CAPTURES
 
-from steerserve.errors import APIError, errors_as_json, from_validation
-from steerserve.in_process import chat_prompt_ids
-from steerserve.limits import MAX_TOP_K
-from steerserve.steering.sae_checks import index_in_range, loaded_layer
 from steerserve.analysis.sae_quality import QualitySums
+from steerserve.errors import APIError
+from steerserve.limits import MAX_TOP_K
+from steerserve.prompt_tokens import prompt_token_ids
+from steerserve.routers.feature_models import (
+    MAX_SEARCH_LIMIT, MAX_SEARCH_OFFSET, SEARCH_LIMIT, Feature, FeatureInspection, FeatureSearchPage, InspectRequest,
+    SearchQuery,
+)
+from steerserve.routers.route import SteerserveRoute
+from steerserve.steering.sae_checks import index_in_range, loaded_layer
 
-router = APIRouter()
+router = APIRouter(route_class=SteerserveRoute)
 LENS_TOP = 20
-MAX_NEXT_TOKEN_LOGPROBS = 20  # vLLM's default --max-logprobs
-MAX_SEARCH_OFFSET = 10_000  # token search ranks features on the workers: bounded work per request
-
-
-class InspectRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: StrictStr | None = None
-    messages: list[dict[str, Any]] | None = None
-    prompt: StrictStr | None = None
-    add_generation_prompt: StrictBool = True
-    layers: list[StrictInt] | None = None
-    top_k: StrictInt = 10
-    steering: Any = None
-    quality: StrictBool = False  # also report how well each layer's SAE reconstructs this text
-    splice: StrictBool = False  # run the text with each inspected layer replaced by its SAE's reconstruction
-    watch: list[StrictInt] = []  # feature indices reported at every token of every inspected layer
-    # the top-k next-token log-probabilities at every position (eval's KL); implies `nll`
-    next_token_logprobs: StrictInt = Field(default=0, ge=0, le=MAX_NEXT_TOKEN_LOGPROBS)
 
 
 def _context(request: Request):
@@ -77,18 +62,9 @@ def _require_saes(context) -> None:
                        code="features_unavailable")
 
 
-@router.post("/v1/features/inspect")
-@errors_as_json
-async def inspect(request: Request):
+@router.post("/v1/features/inspect", response_model=FeatureInspection, response_model_exclude_unset=True)
+async def inspect(request: Request, req: InspectRequest) -> dict[str, Any] | JSONResponse:
     context = _context(request)
-    try:
-        raw = await request.json()
-    except ValueError:
-        raise APIError("the request body is not valid JSON", code="invalid_json")
-    try:
-        req = InspectRequest.model_validate(raw)
-    except ValidationError as exc:
-        raise from_validation(exc, prefix="invalid request", code="invalid_request") from None
     _require_saes(context)
     if isinstance(req.steering, dict) and req.steering.get("compare"):
         raise APIError("inspect takes no steering.compare: inspect the steered and unsteered text in two calls",
@@ -107,37 +83,20 @@ async def inspect(request: Request):
             if not 0 <= index < context.sae_by_layer[layer]["d_sae"]:
                 raise APIError(f"feature index {index} is out of range for layer {layer}", param=f"watch[{i}]",
                                code="index_out_of_range")
-    token_ids, field = await _tokenize(context, req)
-    return await _run_inspection(context, req, sorted(set(layers)), token_ids, field)
-
-
-async def _tokenize(context, req: InspectRequest) -> tuple[list[int], str]:
-    """Token ids of the input: messages as chat completions render them (vLLM's renderer, through
-    /tokenize), a prompt as the tokenizer splits it. Both are CPU-bound and run off the event loop,
-    only after a character bound that no input fitting the context can exceed by much."""
     if (req.messages is None) == (req.prompt is None):
         raise APIError("give exactly one of `messages` or `prompt`", param="messages", code="invalid_request")
-    field = "messages" if req.messages is not None else "prompt"
-    max_tokens = context.max_model_len - 1
-    max_chars = max_tokens * context.limits.max_inspect_chars_per_token
-    chars = len(req.prompt) if req.prompt is not None else sum(len(json.dumps(m)) for m in req.messages)
-    if chars > max_chars:
-        raise APIError(f"the input has {chars} characters; inspect takes at most {max_chars} "
-                       f"({max_tokens} tokens)", param=field, code="too_many_tokens")
-    if req.messages is not None:  # rendered as chat completions render it
-        token_ids = await chat_prompt_ids(context.client, context.served_model,
-                                          {"messages": req.messages, "add_generation_prompt": req.add_generation_prompt})
+    if req.messages is not None:  # rendered as chat completions render them
+        field, prompt = "messages", {"messages": req.messages, "add_generation_prompt": req.add_generation_prompt}
     else:
-        token_ids = await asyncio.to_thread(context.engine.get_tokenizer().encode, req.prompt)
-    if not token_ids:
-        raise APIError("the input has no tokens", param=field, code="empty_input")
-    if len(token_ids) > max_tokens:
-        raise APIError(f"the input has {len(token_ids)} tokens; at most {max_tokens} can be inspected",
-                       param=field, code="too_many_tokens")
-    return token_ids, field
+        field, prompt = "prompt", {"prompt": req.prompt}
+    # one position is left for the token the forward generates
+    token_ids = await prompt_token_ids(context, prompt, field, context.max_model_len - 1)
+    assert token_ids is not None  # InspectRequest admits only a text or a chat
+    return await _run_inspection(context, req, sorted(set(layers)), token_ids)
 
 
-async def _run_inspection(context, req: InspectRequest, layers: list[int], token_ids: list[int], field: str):
+async def _run_inspection(context, req: InspectRequest, layers: list[int], token_ids: list[int]
+                          ) -> dict[str, Any] | JSONResponse:
     tokenizer = context.engine.get_tokenizer()
     special_ids = _special_ids(tokenizer)
     special = [t in special_ids for t in token_ids]
@@ -206,24 +165,22 @@ def _mean_nll(prompt_logprobs: list, token_ids: list[int]) -> float | None:
     return sum(nll) / len(nll) if nll else None
 
 
-@router.get("/v1/features/search")
-@errors_as_json
-async def search(request: Request):
+@router.get("/v1/features/search", response_model=FeatureSearchPage, response_model_exclude_unset=True)
+async def search(request: Request, query: Annotated[SearchQuery, Query()]) -> dict[str, Any]:
     context = _context(request)
-    q = request.query_params
-    limit = _int_param(q, "limit", 20, 1, 100)
-    offset = _int_param(q, "offset", 0, 0, MAX_SEARCH_OFFSET)
-    layer = _int_param(q, "layer", None, None, None)
-    if ("q" in q) == ("token" in q):
+    limit = _int_param(query.limit, "limit", SEARCH_LIMIT, 1, MAX_SEARCH_LIMIT)
+    offset = _int_param(query.offset, "offset", 0, 0, MAX_SEARCH_OFFSET)
+    layer = _int_param(query.layer, "layer", None, None, None)
+    if (query.q is None) == (query.token is None):
         raise APIError("give exactly one of `q` (label text) or `token`", param="q", code="invalid_request")
-    if "q" in q:
+    if query.q is not None:
         hits = [{"layer": f.layer, "index": f.index, "label": f.label, "description": f.description,
-                 "score": score} for score, f in context.labels.search(q["q"], layer)]
+                 "score": score} for score, f in context.labels.search(query.q, layer)]
     else:
         _require_saes(context)
         if layer is not None:
             _loaded_layer(context, layer, "layer")
-        hits = await _token_search(context, q["token"], layer, offset + limit)
+        hits = await _token_search(context, query.token, layer, offset + limit)
     page = hits[offset : offset + limit]
     return {"object": "list", "data": page, "total": len(hits), "limit": limit, "offset": offset,
             "has_more": offset + limit < len(hits)}
@@ -261,11 +218,11 @@ def _label_fields(context, layer: int, index: int) -> dict:
     return {"label": label.label if label else None, "description": label.description if label else None}
 
 
-def _int_param(q, name: str, default, low, high):
-    if name not in q:
+def _int_param(raw: str | None, name: str, default, low, high):
+    if raw is None:
         return default
     try:
-        value = int(q[name])
+        value = int(raw)
     except ValueError:
         raise APIError(f"`{name}` must be an integer", param=name, code="invalid_request")
     if (low is not None and value < low) or (high is not None and value > high):
@@ -274,9 +231,8 @@ def _int_param(q, name: str, default, low, high):
     return value
 
 
-@router.get("/v1/features/{layer}/{index}")
-@errors_as_json
-async def feature(layer: int, index: int, request: Request):
+@router.get("/v1/features/{layer}/{index}", response_model=Feature)
+async def feature(layer: int, index: int, request: Request) -> dict[str, Any]:
     context = _context(request)
     _require_saes(context)
     info = _loaded_layer(context, layer, "layer", status=HTTPStatus.NOT_FOUND)

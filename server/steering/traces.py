@@ -20,8 +20,6 @@ are counted first for positions "all"). An entry whose residual was not recorded
 
 from __future__ import annotations
 
-import asyncio
-import json
 import uuid
 from typing import Literal
 
@@ -31,9 +29,9 @@ from steerserve_sae.protocol.capture import CaptureSpec
 from steerserve_sae.protocol.rpc import CAPTURE_KEY, CAPTURES, merge_layers, trace_key
 
 from steerserve.errors import APIError, from_validation
-from steerserve.in_process import chat_prompt_ids
 from steerserve.limits import MAX_TOP_K
 from steerserve.middleware.guard import as_vllm_reads_int
+from steerserve.prompt_tokens import prompt_token_ids
 from steerserve.steering.sae_checks import loaded_layer
 
 MAX_CHOICES = 128  # most choices (`n`) a traced request may ask for
@@ -117,27 +115,15 @@ def _residual_positions(trace: TraceRequest, body: dict, max_residuals: int, pro
 
 
 async def prompt_tokens_for_residuals(context, payload: object) -> int | None:
-    """The prompt's token count when a trace of all positions asks for residuals (else None):
-    a chat prompt rendered by vLLM itself (in_process.chat_prompt_ids), a text prompt tokenized
-    off the event loop, both after a character bound no prompt that fits the context exceeds
-    by much."""
+    """The prompt's token count when a trace of all positions asks for residuals (else None), by
+    the server's one counter (prompt_tokens.py): a prompt whose tokens do not fit the context, or
+    that vLLM cannot render, is a 400 before the request runs."""
     raw = payload.get("trace") if isinstance(payload, dict) else None
     if not (isinstance(raw, dict) and raw.get("residuals") is True and raw.get("positions") == "all"):
         return None
-    chat = "messages" in payload  # chat completions, or /invocations in the chat form
-    field = "messages" if chat else "prompt"
-    prompt = payload.get(field)
-    if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt) and not chat:
-        return len(prompt)
-    max_chars = context.max_model_len * context.limits.max_inspect_chars_per_token
-    if len(json.dumps(prompt)) > max_chars:
-        raise APIError(f"the prompt is longer than {max_chars} characters, more than the context holds",
-                       param=field, code="too_many_tokens")
-    if chat:
-        return len(await chat_prompt_ids(context.client, context.served_model, payload))
-    if not isinstance(prompt, str):
-        return None
-    return len(await asyncio.to_thread(context.engine.get_tokenizer().encode, prompt))
+    field = "messages" if "messages" in payload else "prompt"  # chat completions, or /invocations in the chat form
+    token_ids = await prompt_token_ids(context, payload, field, context.max_model_len)
+    return None if token_ids is None else len(token_ids)
 
 
 def attach_trace(body: dict, trace: TraceRequest) -> CaptureSpec:
