@@ -38,7 +38,7 @@ def chromium() -> tuple[str, str]:
     return browser, driver
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session, like default_server, so that it is set up first: no server without a browser
 def browser():
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -98,7 +98,7 @@ def api_chat(http, steering=None) -> dict:
     return http.post("/v1/chat/completions", json=body).raise_for_status().json()["choices"][0]
 
 
-def test_search_feature_steer_and_trace_in_a_browser(default_server, http, browser):
+def test_search_feature_steer_and_trace_in_a_browser(browser, default_server, http):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
@@ -143,7 +143,7 @@ def test_search_feature_steer_and_trace_in_a_browser(default_server, http, brows
     steering = {"features": [{"layer": german["layer"], "index": german["index"], "mode": "clamp", "value": CLAMP}]}
     plain, steered = api_chat(http), api_chat(http, steering)
     assert find("#answer-default").text == plain["message"]["content"].strip()
-    assert find("#answer-steered").text == steered["message"]["content"].strip(), (find("#answer-steered").text, steered["message"]["content"], find("#request-code").get_attribute("textContent"))
+    assert find("#answer-steered").text == steered["message"]["content"].strip()
     assert plain["message"]["content"] != steered["message"]["content"]
     assert find("#chat-message-line").text == "done: the answers differ"
 

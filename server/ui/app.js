@@ -127,6 +127,7 @@ function renderHistogram(histogram) {
   const width = 12, height = 80;
   const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
   svg.setAttribute("viewBox", `0 0 ${histogram.counts.length * width} ${height}`);
+  svg.setAttribute("preserveAspectRatio", "none");
   svg.setAttribute("role", "img");
   svg.setAttribute("aria-label", "activation histogram");
   histogram.counts.forEach((count, i) => {
