@@ -216,8 +216,8 @@ function chatBody(steered) {
     seed: 0,
     stream: true,
     logprobs: true,  // the generated tokens one by one, for the trace's heatmap
-    trace: { layers: state.layers, top_k: Number($("chat-top-k").value) },
   };
+  if (state.layers.length) body.trace = { layers: state.layers, top_k: Number($("chat-top-k").value) };  // none without --sae
   if (steered) body.steering = steeringSpec();
   return body;
 }
@@ -265,7 +265,7 @@ async function runChat(event) {
     const [plain, edited] = await Promise.all([stream(chatBody(false), outs.default), stream(steered, outs.steered)]);
     state.traces = { default: plain, steered: edited };
     line.textContent = outs.default.textContent === outs.steered.textContent ? "done: the answers are the same" : "done: the answers differ";
-    showTrace();
+    if (edited.trace.length) showTrace();
   } catch (e) {
     line.textContent = e.message;
   } finally {
