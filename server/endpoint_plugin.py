@@ -28,6 +28,7 @@ from steerserve.routers.features import router as features_router
 from steerserve.errors import APIError, answer_api_errors
 from steerserve.in_process import in_process_client, server_api_key
 from steerserve.limits import Limits
+from steerserve.playground import PLAYGROUND_PATHS, router as playground_router
 from steerserve.routers.saes import router
 from steerserve.middleware.steering import SteeringMiddleware
 from steerserve.steering.openapi import describe_steering_fields
@@ -47,10 +48,11 @@ class SteerserveEndpointPlugin:
         app.include_router(router)
         app.include_router(features_router)
         describe_steering_fields(app)
+        app.include_router(playground_router)  # /ui: static files that call the API with the user's key
         app.add_middleware(SteeringMiddleware)
         # Added last, so it runs first: nothing is read before the key is checked.
-        app.add_middleware(AuthMiddleware, keys=api_keys(args),
-                           open_paths=tuple(getattr(args, "unauthenticated_paths", None) or DEFAULT_OPEN_PATHS))
+        open_paths = tuple(getattr(args, "unauthenticated_paths", None) or DEFAULT_OPEN_PATHS) + PLAYGROUND_PATHS
+        app.add_middleware(AuthMiddleware, keys=api_keys(args), open_paths=open_paths)
         attach_batch_api(app)  # /v1/files, /v1/batches
         self._app = app  # batch lines are sent through this app in-process
         # Unknown routes and methods answer in the OpenAI error shape like everything else

@@ -106,6 +106,19 @@ def server(tiny_model_dir, tmp_path_factory) -> ServeProcess:
         running.stop()
 
 
+@pytest.fixture(scope="session")
+def default_server(tmp_path_factory) -> ServeProcess:
+    """The shipped default model as `make serve` serves it (configs/default.yaml), compiled, with
+    an API key; shared by test_default_model.py and test_playground.py."""
+    model_dir = ROOT / "models" / "fortunes-qwen3.5"
+    work = tmp_path_factory.mktemp("default-model")
+    args = [str(model_dir), "--config", str(ROOT / "configs" / "default.yaml"), "--sae", str(model_dir / "sae"),
+            "--feature-labels", str(model_dir / "sae" / "labels.jsonl"), "--seed", "0",
+            "--api-key", API_KEY, "--data-dir", str(work / "data")]
+    with serving(args, work / "server.log") as running:
+        yield running
+
+
 def openai_client(server: ServeProcess):
     """The official client, against a test server (they all require API_KEY)."""
     import openai

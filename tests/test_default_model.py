@@ -16,7 +16,7 @@ import httpx
 import pytest
 import torch
 
-from tests.conftest import API_KEY, AUTH, ROOT, openai_client, serving
+from tests.conftest import API_KEY, AUTH, ROOT, openai_client
 
 MODEL_DIR = ROOT / "models" / "fortunes-qwen3.5"
 REPORT = json.loads((MODEL_DIR / "build_report.json").read_text())
@@ -72,17 +72,6 @@ def test_fvu_recomputed_from_the_shipped_files():
         x_hat = torch.zeros_like(pre).scatter(-1, idx, vals) @ sae["W_dec"].T + sae["b_dec"]
         fvu = float(((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum())
         assert fvu < 0.25, (layer, fvu)
-
-
-@pytest.fixture(scope="module")
-def default_server(tmp_path_factory):
-    """The `make serve` command line (configs/default.yaml), compiled, with an API key."""
-    work = tmp_path_factory.mktemp("default-model")
-    args = [str(MODEL_DIR), "--config", str(ROOT / "configs" / "default.yaml"), "--sae", str(MODEL_DIR / "sae"),
-            "--feature-labels", str(MODEL_DIR / "sae" / "labels.jsonl"), "--seed", "0",
-            "--api-key", API_KEY, "--data-dir", str(work / "data")]
-    with serving(args, work / "server.log") as running:
-        yield running
 
 
 @pytest.fixture(scope="module")

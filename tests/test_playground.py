@@ -1,0 +1,181 @@
+"""The browser playground at /ui (issue 24, item 3), in a real headless Chromium driven by Selenium,
+against the shipped default model as `make serve` serves it (with an API key).
+
+A user's path: open the page (served without a key), give the key, search "German", open the
+feature, steer a chat with it (default and steered answers streamed side by side), hover the
+trace's heatmap, copy the request as curl and as Python and run both. What the page shows is
+compared with what the API answers for the same requests. One screenshot per panel goes to
+.state/screenshots/ (SCREENSHOTS).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import API_KEY, AUTH, ROOT
+
+SCREENSHOTS = ROOT / ".state" / "screenshots"
+NAME = "fortunes-qwen3.5"
+CLAMP = 76.2  # five times the German feature's mean activation when it fires (README, first look)
+MAX_TOKENS = 32
+
+
+def chromium() -> tuple[str, str]:
+    """Debian's chromium and its driver (`make setup` installs them where it can)."""
+    browser = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+    driver = shutil.which("chromedriver")
+    if browser is None or driver is None:
+        pytest.skip(f"Chromium not found (browser: {browser}, chromedriver: {driver}); "
+                    "install Debian's chromium and chromium-driver (`make setup` does as root or with sudo -n)")
+    return browser, driver
+
+
+@pytest.fixture(scope="session")  # session, like default_server, so that it is set up first: no server without a browser
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    binary, driver = chromium()
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1200",
+                 "--force-device-scale-factor=1"):
+        options.add_argument(flag)
+    chrome = webdriver.Chrome(service=Service(driver), options=options)
+    try:
+        yield chrome
+    finally:
+        chrome.quit()
+
+
+@pytest.fixture(scope="module")
+def http(default_server):
+    with httpx.Client(base_url=default_server.base_url, headers=AUTH, timeout=300) as client:
+        yield client
+
+
+def test_the_page_needs_no_key_and_the_data_does(default_server):
+    base = default_server.base_url
+    assert httpx.get(f"{base}/ui", follow_redirects=True).text.startswith("<!doctype html>")
+    for name, kind in (("app.js", "text/javascript"), ("style.css", "text/css")):
+        response = httpx.get(f"{base}/ui/{name}")
+        assert response.status_code == 200 and response.headers["content-type"].startswith(kind)
+    assert httpx.get(f"{base}/v1/features/search", params={"q": "German"}).status_code == 401
+    assert httpx.get(f"{base}/ui/secrets.txt").status_code == 401  # only the shipped files are open
+    missing = httpx.get(f"{base}/ui/secrets.txt", headers=AUTH)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+def wait_for(browser, condition, timeout: float = 120):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(browser, timeout, poll_frequency=0.1).until(lambda _: condition())
+
+
+def shot(browser, panel: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    element = browser.find_element(By.ID, f"{panel}-panel")
+    browser.execute_script("arguments[0].scrollIntoView()", element)
+    element.screenshot(str(SCREENSHOTS / f"playground-{panel}.png"))
+
+
+def api_chat(http, steering=None) -> dict:
+    """What the page's request asks, as one JSON response (same sampling: temperature 0, seed 0)."""
+    body = {"model": NAME, "messages": [{"role": "user", "content": "Tell me something."}], "max_tokens": MAX_TOKENS,
+            "temperature": 0, "seed": 0, "trace": {"layers": [1, 2, 3], "top_k": 5}}
+    if steering:
+        body["steering"] = steering
+    return http.post("/v1/chat/completions", json=body).raise_for_status().json()["choices"][0]
+
+
+def test_search_feature_steer_and_trace_in_a_browser(browser, default_server, http):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    started = time.monotonic()
+    find = lambda css: browser.find_element(By.CSS_SELECTOR, css)  # noqa: E731
+    finds = lambda css: browser.find_elements(By.CSS_SELECTOR, css)  # noqa: E731
+
+    browser.get(f"{default_server.base_url}/ui")
+    wait_for(browser, lambda: "401" in find("#status").text)  # no key yet: the API refuses, the page says so
+    find("#api-key").send_keys(API_KEY)
+    find("#key-form button").click()
+    wait_for(browser, lambda: find("#status").text == f"{NAME}; SAE layers 1, 2, 3")
+
+    # Search: the page lists what the API finds.
+    expected = http.get("/v1/features/search", params={"q": "German", "limit": 20}).json()
+    german = expected["data"][0]
+    assert german["label"] == "German"
+    find("#search-q").send_keys("German")
+    find("#search-form button").click()
+    wait_for(browser, lambda: len(finds("#search-results li")) == len(expected["data"]))
+    first = finds("#search-results li button")[0]
+    assert first.text == f"L{german['layer']} #{german['index']}: German"
+    shot(browser, "search")
+
+    # The feature page: label and the logit lens, token for token.
+    first.click()
+    wait_for(browser, lambda: find("#feature-title").text == f"L{german['layer']} #{german['index']}: German")
+    lens = http.get(f"/v1/features/{german['layer']}/{german['index']}").json()["logit_lens"]
+    for side in ("promoted", "suppressed"):
+        cells = [row.find_element(By.TAG_NAME, "code").text for row in finds(f"#lens-{side} tbody tr")]
+        shown = [t["token"].replace("\n", "↵").replace(" ", "·") or "∅" for t in lens[side]]
+        assert cells == shown and len(cells) == 20
+    shot(browser, "feature")
+
+    # Steer: clamp the feature, generate; both answers stream in and equal the API's.
+    find("#feature-steer").click()
+    value = find(f"#steer-{german['layer']}-{german['index']}-value")
+    value.clear()
+    value.send_keys(str(CLAMP))
+    find("#chat-run").click()
+    wait_for(browser, lambda: find("#chat-message-line").text.startswith("done"))
+    steering = {"features": [{"layer": german["layer"], "index": german["index"], "mode": "clamp", "value": CLAMP}]}
+    plain, steered = api_chat(http), api_chat(http, steering)
+    assert find("#answer-default").text == plain["message"]["content"].strip()
+    assert find("#answer-steered").text == steered["message"]["content"].strip()
+    assert plain["message"]["content"] != steered["message"]["content"]
+    assert find("#chat-message-line").text == "done: the answers differ"
+
+    # The request as curl and as Python: both run, and stream the steered answer.
+    find("#request-view summary").click()
+    curl = find("#request-code").text
+    find("#tab-python").click()
+    python = find("#request-code").text
+    env = dict(os.environ, STEERSERVE_API_KEY=API_KEY)
+    ran = subprocess.run([sys.executable, "-c", python], capture_output=True, text=True, env=env, timeout=300)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() == steered["message"]["content"].strip()
+    if shutil.which("curl"):
+        streamed = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, env=env, timeout=300).stdout
+        chunks = [json.loads(line[6:]) for line in streamed.splitlines() if line.startswith("data: {")]
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+        assert text == steered["message"]["content"]
+    find("#tab-curl").click()
+    shot(browser, "chat")
+
+    # The trace heatmap: one cell per generated token plus the end of the prompt, coloured, and
+    # hovering a token lists the features the API traced at its position.
+    wait_for(browser, lambda: find("#trace-panel").is_displayed())
+    tokens = finds("#heatmap-steered .tok")
+    assert len(tokens) == len(steered["trace"]) + 1
+    colours = {t.value_of_css_property("background-color") for t in tokens}
+    assert len(colours) > 2, colours
+    j = 3
+    ActionChains(browser).move_to_element(tokens[j]).perform()  # cell j reads generated token j - 1: entry j
+    wait_for(browser, lambda: "position" in find("#token-details h3").text)
+    want = [f"#{f['index']}" for f in steered["trace"][j]["features"]["3"]]
+    assert [row.find_element(By.TAG_NAME, "button").text for row in finds("#token-details tbody tr")] == want
+    assert f"(position {steered['trace'][j]['position']}), layer 3" in find("#token-details h3").text
+    shot(browser, "trace")
+    print(f"\nbrowser walk-through: {time.monotonic() - started:.1f}s; screenshots in {SCREENSHOTS}", file=sys.stderr)
