@@ -8,6 +8,8 @@ a running server, then measures, on that same engine:
   * throughput with K = 1, 8, 32, 64 distinct steering configs in flight, relative to K = 1;
   * gated steering (`when`) against the same edits ungated: the gate on the edited layer, and
     on another layer (which then needs an encode of its own);
+  * direction vectors: a vector `add` against the feature `add` at 1 and all steered layers,
+    and a vector `ablate` (a projection per row and layer) against unsteered requests;
   * traces: untraced requests' throughput beside traced ones (half the clients trace every
     layer), as a ratio to the same untraced requests beside untraced ones; and all clients
     tracing against none.
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import statistics
@@ -41,6 +44,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,6 +54,18 @@ def clamp_spec(layers: list[int], variant: int, gate_layer: int | None = None) -
     gate = {} if gate_layer is None else {"when": {"layer": gate_layer, "index": 11, "above": 0.5}}
     return {"features": [{"layer": layer, "index": (7 + 13 * variant) % 512, "mode": "clamp", "value": 4.0} | gate
                          for layer in layers]}
+
+
+def feature_add_spec(layers: list[int]) -> dict:
+    return {"features": [{"layer": layer, "index": 7, "mode": "add", "value": 4.0} for layer in layers]}
+
+
+def vector_spec(layers: list[int], mode: str, d_model: int) -> dict:
+    """One random direction per layer, added (value 4) or ablated."""
+    rng = np.random.default_rng(0)
+    value = {"value": 4.0} if mode == "add" else {}
+    return {"vectors": [{"layer": layer, "mode": mode, "vector": base64.b64encode(
+        rng.standard_normal(d_model).astype("<f4").tobytes()).decode()} | value for layer in layers]}
 
 
 async def send(client: httpx.AsyncClient, base_url: str, i: int, spec: dict | None, max_tokens: int,
@@ -189,6 +205,8 @@ async def measure(args, base_url: str) -> None:
         await configs_section(args, base_url, layers)
     if "gated" in sections:
         await gated_section(args, base_url, layers)
+    if "vectors" in sections:
+        await vectors_section(args, base_url, layers)
     if "traced" in sections:
         await traced_section(args, base_url, layers)
 
@@ -253,6 +271,32 @@ async def gated_section(args, base_url: str, layers: list[int]) -> None:
                   f"{wall:>11.1%}")
 
 
+async def vectors_section(args, base_url: str, layers: list[int]) -> None:
+    """Vector `add` against the feature `add` it can stand for (both fold into one precomputed
+    vector per config), and `ablate` (a projection per row) against unsteered; all requests
+    steered. The feature-add-vs-itself row is this section's noise floor."""
+    async with httpx.AsyncClient(timeout=60) as client:
+        d_model = (await client.get(f"{base_url}/v1/saes")).json()["data"][0]["d_model"]
+    print(f"\ndirection vectors (all requests steered, d_model {d_model}): {args.repeats} interleaved pairs")
+    print(f"{'conc':>5} {'case':>34} {'decode tok/s':>13} {'ratio':>7} {'spread':>7} {'steer/execute':>14} "
+          f"{'steer/wall':>11}")
+    one, every = layers[:1], layers
+    cases = [("feature add vs itself", feature_add_spec(one), feature_add_spec(one)),
+             ("vector add vs feature add, 1 layer", feature_add_spec(one), vector_spec(one, "add", d_model)),
+             (f"vector add vs feature add, {len(every)} layers", feature_add_spec(every),
+              vector_spec(every, "add", d_model)),
+             ("ablate vs unsteered, 1 layer", None, vector_spec(one, "ablate", d_model)),
+             (f"ablate vs unsteered, {len(every)} layers", None, vector_spec(every, "ablate", d_model))]
+    for concurrency in (8, 32):
+        n = max(2 * concurrency, args.min_requests)
+        for name, base, variant in cases:
+            await run_load(base_url, [variant] * n, concurrency, args.max_tokens)  # warm-up
+            decode_ratio, _, spread, decode, _, share, wall = await paired_ratio(
+                base_url, [base] * n, [variant] * n, concurrency, args)
+            print(f"{concurrency:>5} {name:>34} {decode:>13.1f} {decode_ratio:>7.3f} {spread:>7.3f} {share:>14.1%} "
+                  f"{wall:>11.1%}")
+
+
 async def traced_section(args, base_url: str, layers: list[int]) -> None:
     """The untraced clients' throughput with traced neighbours (half the clients) against the
     same clients with untraced neighbours; then every client tracing against none."""
@@ -284,8 +328,8 @@ def main() -> None:
     parser.add_argument("--arm-seconds", type=float, default=1.5, help="minimum wall time of each arm of a pair")
     parser.add_argument("--share-seconds", type=float, default=3.0,
                         help="wall time of the variant arm whose steering share is measured")
-    parser.add_argument("--sections", default="steering,configs,gated,traced",
-                        help="comma-separated subset of: steering, configs, gated, traced")
+    parser.add_argument("--sections", default="steering,configs,gated,vectors,traced",
+                        help="comma-separated subset of: steering, configs, gated, vectors, traced")
     parser.add_argument("--log", default="/tmp/steerserve-bench.log")
     parser.add_argument("engine_args", nargs="*", help="extra `steerserve serve` arguments after --")
     args = parser.parse_args()

@@ -34,5 +34,10 @@ class SteeringContext:
         return {info["layer"]: info for info in self.saes}
 
     @property
+    def d_model(self) -> int:
+        """The residual stream's width (every SAE reads the same stream); 0 without SAEs."""
+        return self.saes[0]["d_model"] if self.saes else 0
+
+    @property
     def sae_sizes(self) -> dict[int, int]:
         return {info["layer"]: info["d_sae"] for info in self.saes}

@@ -9,6 +9,8 @@ import argparse
 from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
 
+from steerserve_sae.protocol.plugin_config import DEFAULT_MAX_VECTORS
+
 MiB = 1 << 20
 MAX_TOP_K = 100  # most features listed per token: inspect's top_k and watch, a trace's top_k
 
@@ -63,6 +65,9 @@ class Limits:
     max_steering_value: float = _limit(
         1e4, "largest |value| of a steering edit (400 above): bigger values only turn the residual "
              "stream into inf/NaN; Qwen-Scope's community ports steer with 5 to 100")
+    max_steering_vectors: int = _limit(
+        DEFAULT_MAX_VECTORS, "most direction vectors one request may steer with, over all layers (400 above); "
+                             "each worker reserves this many d_model float32 rows per steering config slot")
     max_upload_bytes: int = _limit(200 * MiB, "largest file uploaded to /v1/files, in bytes (413 above)")
     max_batch_lines: int = _limit(50_000, "most lines in one batch input file (the batch fails validation above)")
     max_inspect_chars_per_token: int = _limit(

@@ -14,7 +14,14 @@ i.e. the output of `model.model.layers[n]`), with d_i feature i's decoder direct
     scale:  x += (value - 1) * f_i * d_i
     ablate: clamp to 0
 
-All features of one layer read f from the same unedited x; their edits are summed.
+Direction vectors, at the same point, with v a raw d_model direction and u = v / |v|:
+
+    add:    x += value * v
+    cap:    x -= max(0, x . u - value) * u     (the projection on u is at most value)
+    ablate: x -= (x . u) * u
+
+All features and vectors of one layer read f (and x . u) from the same unedited x; their edits
+are summed.
 
 Gates (`when`): an edit with `when = {layer: L, index: j, above: a, below: b}` is multiplied,
 per position, by 1 if a < f_j < b (a missing bound is unbounded) else 0, where f_j is computed
@@ -45,6 +52,7 @@ whose greedy choices are clear (see its docstring).
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -93,6 +101,43 @@ class Feature:
 
 
 FeatureLike = Feature | Sequence | Mapping
+VECTOR_MODES = ("add", "cap", "ablate")
+
+
+@dataclass(frozen=True, eq=False)
+class Vector:
+    """One direction-vector instruction at layer `layer` (where `when` passes)."""
+
+    layer: int
+    v: torch.Tensor  # float32 [d_model]
+    mode: str
+    value: float = 0.0
+    when: When | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in VECTOR_MODES:
+            raise ValueError(f"unknown vector mode {self.mode!r}; expected one of {VECTOR_MODES}")
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """The edit [..., d_model] (float32) of stream x."""
+        x = x.to(torch.float32)
+        if self.mode == "add":
+            return torch.full(x.shape[:-1], self.value).unsqueeze(-1) * self.v
+        u = self.v.double() / self.v.double().norm()
+        projection = x.double() @ u
+        removed = projection if self.mode == "ablate" else torch.clamp(projection - self.value, min=0.0)
+        return (-removed.unsqueeze(-1) * u).to(torch.float32)
+
+
+def as_vector(spec: Vector | Mapping) -> Vector:
+    """Accept a Vector or the API's dict: `vector` is base64 of little-endian float32s."""
+    if isinstance(spec, Vector):
+        return spec
+    raw = base64.b64decode(spec["vector"])
+    v = torch.frombuffer(bytearray(raw), dtype=torch.float32).clone()  # little-endian hosts only
+    when = spec.get("when")
+    return Vector(int(spec["layer"]), v, spec["mode"], float(spec.get("value") or 0.0),
+                  When(**when) if when is not None else None)
 
 
 def as_feature(spec: FeatureLike) -> Feature:
@@ -284,6 +329,7 @@ class ReferenceModel:
         apply_to: ApplyTo = "all",
         prompt_len: int | None = None,
         capture: bool = False,
+        vectors: Iterable[Vector | Mapping] | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Float32 logits [T, vocab] of one sequence, and (if capture) each layer's resid_post.
 
@@ -293,6 +339,7 @@ class ReferenceModel:
         if apply_to not in APPLY_TO:
             raise ValueError(f"unknown apply_to {apply_to!r}; expected one of {APPLY_TO}")
         features = [as_feature(s) for s in steering or ()]
+        vecs = [as_vector(v) for v in vectors or ()]
         for f in features:
             self.sae(f.layer)  # load and validate before any hook is installed
         length = len(token_ids)
@@ -302,9 +349,11 @@ class ReferenceModel:
         handles = []
         for layer in range(self.num_layers):
             layer_feats = [f for f in features if f.layer == layer]
-            layer_gates = {f.when for f in features if f.when is not None and f.when.layer == layer}
-            if layer_feats or layer_gates or capture:
-                hook = self._make_hook(layer, layer_feats, mask, captured if capture else None, layer_gates, gates)
+            layer_vecs = [v for v in vecs if v.layer == layer]
+            layer_gates = {e.when for e in (*features, *vecs) if e.when is not None and e.when.layer == layer}
+            if layer_feats or layer_vecs or layer_gates or capture:
+                hook = self._make_hook(layer, layer_feats, mask, captured if capture else None, layer_gates, gates,
+                                       layer_vecs)
                 handles.append(self.layers[layer].register_forward_hook(hook))
         try:
             ids = torch.tensor([list(token_ids)], dtype=torch.long)
@@ -315,7 +364,7 @@ class ReferenceModel:
         return out.logits[0].to(torch.float32), captured if capture else []
 
     def _make_hook(self, layer: int, feats: list[Feature], mask: torch.Tensor, captured: list | None,
-                   layer_gates: set[When] = frozenset(), gates: dict | None = None):
+                   layer_gates: set[When] = frozenset(), gates: dict | None = None, vecs: Sequence[Vector] = ()):
         """Forward hook on decoder layer `layer`: evaluate the gates read here, then edit its
         output (the residual stream)."""
 
@@ -323,9 +372,12 @@ class ReferenceModel:
             hidden = output[0] if isinstance(output, tuple) else output  # [1, T, d]
             for gate in layer_gates:  # on the stream as it arrived, before this layer's edits
                 gates[gate] = gate.passes(self.sae(layer).encode(hidden[0])[..., gate.index])
-            if feats:
+            if feats or vecs:
                 x = hidden[0]
-                delta = self.sae(layer).steering_delta(x, feats, gates)
+                delta = self.sae(layer).steering_delta(x, feats, gates) if feats else torch.zeros(x.shape)
+                for vec in vecs:
+                    gate = gates[vec.when].to(torch.float32).unsqueeze(-1) if vec.when is not None else 1.0
+                    delta = delta + vec.delta(x) * gate
                 edited = (x.to(torch.float32) + delta).to(hidden.dtype)
                 edited = torch.where(mask.unsqueeze(-1), edited, x).unsqueeze(0)
                 hidden = edited
@@ -349,6 +401,7 @@ class ReferenceModel:
         steering: Iterable[FeatureLike] | None = None,
         apply_to: ApplyTo = "all",
         stop_token_ids: Iterable[int] = (),
+        vectors: Iterable[Vector | Mapping] | None = None,
     ) -> tuple[list[int], list[float]]:
         """Greedy continuation and the log-probability of each chosen token.
 
@@ -356,13 +409,14 @@ class ReferenceModel:
         stops early only on `stop_token_ids` (empty by default, like `ignore_eos`).
         """
         features = [as_feature(s) for s in steering or ()]
+        vecs = [as_vector(v) for v in vectors or ()]
         stops = set(stop_token_ids)
         prompt = list(prompt_token_ids)
         seq = list(prompt)
         tokens: list[int] = []
         logprobs: list[float] = []
         for _ in range(max_tokens):
-            logits, _ = self.forward(seq, features, apply_to, prompt_len=len(prompt))
+            logits, _ = self.forward(seq, features, apply_to, prompt_len=len(prompt), vectors=vecs)
             last = torch.log_softmax(logits[-1], dim=-1)
             token = int(torch.argmax(last))
             tokens.append(token)

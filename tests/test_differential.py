@@ -59,9 +59,10 @@ def assert_server_matches_reference(client, reference, steering, messages=PROMPT
     """Same greedy tokens as the reference, logprobs within tolerance; returns the prompt ids."""
     prompt_ids, tokens, logprobs = server_greedy(client, steering, messages)
     assert prompt_ids == reference.chat_prompt_ids(messages)
-    features = steering["features"] if steering else None
+    features = steering.get("features") if steering else None
     apply_to = steering.get("apply_to", "all") if steering else "all"
-    ref_tokens, ref_logprobs = reference.greedy_generate(prompt_ids, MAX_TOKENS, features, apply_to)
+    vectors = steering.get("vectors") if steering else None
+    ref_tokens, ref_logprobs = reference.greedy_generate(prompt_ids, MAX_TOKENS, features, apply_to, vectors=vectors)
     assert tokens == ref_tokens
     worst = max(abs(a - b) for a, b in zip(logprobs, ref_logprobs))
     assert worst < LOGPROB_TOLERANCE, (worst, logprobs, ref_logprobs)

@@ -125,7 +125,7 @@ def run(kernel: str, saes, streams, spec_list):
         runtime.apply(layer, out[layer], residual)
     runtime.end_step()
     reports = [runtime.gate_reports.take(f"g{i}") for i in range(len(spec_list))]
-    return out, [[r["tokens"], *r["passed"]] for r in reports]
+    return out, [[r["tokens"], *r["passed"]] if r else None for r in reports]  # None: a spec without gates
 
 
 def gated_results(kernel: str) -> list[dict]:

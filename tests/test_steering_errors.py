@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
+import numpy as np
 import pytest
 
 from tests.conftest import MODEL_NAME, PROMPT
@@ -19,6 +21,12 @@ def post(http, steering, path="/v1/chat/completions", **extra):
 
 def feature(**kw):
     return {"layer": 1, "index": 3, "mode": "add", "value": 1.0, **kw}
+
+
+def vector(n=128, fill=0.5, **kw):
+    """A steering vector entry; the shared server's d_model is 128."""
+    v = base64.b64encode(np.full(n, fill, dtype="<f4").tobytes()).decode()
+    return {"layer": 1, "vector": v, "mode": "cap", "value": 1.0, **kw}
 
 
 CASES = [
@@ -40,6 +48,23 @@ CASES = [
     ({"features": [feature(), feature()]}, "steering.features[1]", "duplicate_feature", "already appears at steering.features[0]"),
     ("add 8 to feature 3", "steering", "invalid_steering", "invalid steering"),
     ({"features": [feature(index=i) for i in range(65)]}, "steering.features", "too_many_features", "at most 64"),
+    ({"vectors": [vector(n=127)]}, "steering.vectors[0].vector", "invalid_vector", "has 127 float32 values"),
+    ({"vectors": [vector(vector="not base64!")]}, "steering.vectors[0].vector", "invalid_vector", "not valid base64"),
+    ({"vectors": [vector(vector="AAAAAAAAAAA=")]}, "steering.vectors[0].vector", "invalid_vector", "has 2 float32"),
+    ({"vectors": [vector(vector="AAA=")]}, "steering.vectors[0].vector", "invalid_vector", "whole number of float32"),
+    ({"vectors": [vector(fill=float("nan"))]}, "steering.vectors[0].vector", "invalid_vector", "must be finite"),
+    ({"vectors": [vector(fill=0.0)]}, "steering.vectors[0].vector", "invalid_vector", "non-zero vector"),
+    ({"vectors": [vector(vector=[0.5] * 128)]}, "steering.vectors[0].vector", "invalid_steering", "valid string"),
+    ({"vectors": [vector(mode="clamp")]}, "steering.vectors[0].mode", "invalid_steering", "'add', 'cap' or 'ablate'"),
+    ({"vectors": [vector(value=None)]}, "steering.vectors[0].value", "missing_value", "needs a numeric value"),
+    ({"vectors": [vector(mode="ablate")]}, "steering.vectors[0].value", "invalid_value", "takes no value"),
+    ({"vectors": [vector(value=1e9)]}, "steering.vectors[0].value", "value_out_of_range", "at most"),
+    ({"vectors": [vector(), vector(layer=3)]}, "steering.vectors[1].layer", "layer_not_loaded", "no SAE is loaded at layer 3"),
+    ({"vectors": [vector(layer=1, when={"layer": 2, "index": 5, "above": 0.0})]}, "steering.vectors[0].when.layer",
+     "invalid_gate", "at or before its edit's"),
+    ({"vectors": [vector(norm=2)]}, "steering.vectors[0].norm", "invalid_steering", "unknown key 'norm'"),
+    ({"vectors": [vector() for _ in range(9)]}, "steering.vectors", "too_many_vectors", "at most 8"),
+    ({"vectors": []}, "steering.features", "invalid_steering", "at least 1"),
 ]
 
 

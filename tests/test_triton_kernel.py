@@ -2,7 +2,7 @@
 interpreter on CPU (the kernels are never compiled here: there is no GPU). The same request
 mixes as test_cpu_kernel.py, and the exact cases of test_activations.py held to the activations'
 definition (ties at the k-th value, a negative JumpReLU threshold), and test_gating.py's gated
-edits held to their definition; the cases run in a child process, because TRITON_INTERPRET must
+edits and test_vectors.py's direction vectors held to their definition; the cases run in a child process, because TRITON_INTERPRET must
 be set before the kernels are defined."""
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ for activation in ("topk", "relu", "jumprelu"):
 print("RESULTS " + json.dumps(results))
 from test_gating import gated_results
 print("GATED " + json.dumps(gated_results("triton")))
+from test_vectors import vector_results
+print("VECTORS " + json.dumps(vector_results("triton")))
 """
 
 
@@ -69,3 +71,8 @@ def test_triton_kernels_equal_the_torch_op_in_the_interpreter():
     assert [r["activation"] for r in gated] == ["topk", "relu", "jumprelu"]
     for r in gated:
         assert r["max_abs"] <= 1e-4 and r["counts"] == r["expected_counts"] and r["plain_untouched"], r
+    line = next(line for line in done.stdout.splitlines() if line.startswith("VECTORS "))
+    vectors = json.loads(line.removeprefix("VECTORS "))
+    assert [r["activation"] for r in vectors] == ["topk", "relu"]
+    for r in vectors:
+        assert r["max_abs"] <= 1e-4 and r["steered"] and r["untouched"], r

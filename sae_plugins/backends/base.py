@@ -23,8 +23,8 @@ class LayerBuffers:
 
     layer: int
     sae: SAEWeights
-    routing: torch.Tensor  # [4, max_rows] int64, rows step_plan.STEER_ROWS .. ENCODE_SLOTS
-    plan_counts: torch.Tensor  # [4] int64: the live LayerPlan
+    routing: torch.Tensor  # [6, max_rows] int64, rows step_plan.STEER_ROWS .. VECTOR_SLOTS
+    plan_counts: torch.Tensor  # [6] int64: the live LayerPlan
     add_vectors: torch.Tensor  # [slots, d_model] float32
     feature_ids: torch.Tensor  # [slots, max_features] int64
     coefficients: torch.Tensor  # [slots, max_features, 2] float32 (offset, gain)
@@ -32,6 +32,10 @@ class LayerBuffers:
     gate_ids: torch.Tensor  # [slots, max_features] int64: per gate column, its feature here (-1: none)
     gate_bounds: torch.Tensor  # [slots, max_features, 2] float32 (above, below)
     gate_state: torch.Tensor  # [max_rows, max_features + 1] float32, shared by every layer
+    vector_pool: torch.Tensor  # [slots * max_vectors, d_model] float32, shared by every layer
+    vector_ids: torch.Tensor  # [slots, max_vectors] int64: pool row of each vector entry
+    vector_rules: torch.Tensor  # [slots, max_vectors, 3] float32 (offset, gain, upper): vector_math.py
+    vector_gates: torch.Tensor  # [slots, max_vectors] int64: gate column of each vector entry
 
 
 class SteeringBackend(ABC):
@@ -72,7 +76,8 @@ def kernel_arguments(layer: LayerBuffers) -> tuple:
     W_enc, b_enc = sae.encoder()
     return (
         layer.routing, layer.plan_counts, layer.add_vectors, layer.feature_ids, layer.coefficients,
-        layer.edit_gates, layer.gate_ids, layer.gate_bounds, layer.gate_state, W_enc, sae.encoder_panels, b_enc, sae.b_dec.float() if sae.apply_b_dec_to_input else None,
+        layer.edit_gates, layer.gate_ids, layer.gate_bounds, layer.gate_state, layer.vector_pool, layer.vector_ids,
+        layer.vector_rules, layer.vector_gates, W_enc, sae.encoder_panels, b_enc, sae.b_dec.float() if sae.apply_b_dec_to_input else None,
         sae.W_dec.contiguous(), sae.threshold.float() if sae.activation == "jumprelu" else None,
         sae.k if sae.activation == "topk" else 0,
     )

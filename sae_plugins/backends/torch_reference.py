@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from steerserve_sae.steering import gating
+from steerserve_sae.steering import gating, vector_math
 from steerserve_sae.sae import sae_math
 from steerserve_sae.capture.features import ENCODE_CHUNK_ROWS
 from steerserve_sae.steering.step_plan import LayerPlan
@@ -19,8 +19,14 @@ class TorchSteering(SteeringBackend):
     def apply(self, layer: LayerBuffers, plan: LayerPlan | None, hidden: torch.Tensor, residual: torch.Tensor) -> None:
         if plan is None:
             return
-        steer_rows, steer_slots, encode_rows, encode_slots = layer.routing.unbind(0)
+        steer_rows, steer_slots, encode_rows, encode_slots, vector_rows, vector_slots = layer.routing.unbind(0)
         width, gate_width = plan.width, plan.gate_width
+        if plan.num_vectored:  # projections of the stream as it arrived, before any edit here
+            rows, slots = vector_rows[: plan.num_vectored], vector_slots[: plan.num_vectored]
+            directions = layer.vector_pool[layer.vector_ids.index_select(0, slots)[:, : plan.vector_width]]
+            x = hidden.index_select(0, rows).float() + residual.index_select(0, rows)
+            vector_coef = vector_math.projected_coefficients(
+                x, directions, layer.vector_rules.index_select(0, slots)[:, : plan.vector_width])
         # Every edit and gate at a layer reads the stream as it arrived there; chunks bound the
         # workspace (pre-activations [rows, d_sae] and decoder rows [rows, width, d_model]).
         for lo in range(0, plan.num_encoded, ENCODE_CHUNK_ROWS):
@@ -43,6 +49,12 @@ class TorchSteering(SteeringBackend):
             delta = sae_math.decode_edits(layer.sae, ids, torch.addcmul(offset, gain, acts[:, :width]) * gate)
             # Encoded rows are distinct, so write them back (one rounding) rather than add.
             hidden.index_copy_(0, rows, h.add_(delta).to(hidden.dtype))
+        if plan.num_vectored:  # after the encoded edits, which wrote the gates probed here
+            rows, slots = vector_rows[: plan.num_vectored], vector_slots[: plan.num_vectored]
+            gate = layer.gate_state.index_select(0, rows).gather(
+                1, layer.vector_gates.index_select(0, slots)[:, : plan.vector_width])
+            delta = torch.bmm((vector_coef * gate).unsqueeze(1), directions).squeeze(1)
+            hidden.index_copy_(0, rows, hidden.index_select(0, rows).float().add_(delta).to(hidden.dtype))
         if plan.num_steered:
             rows, slots = steer_rows[: plan.num_steered], steer_slots[: plan.num_steered]
             hidden.index_add_(0, rows, layer.add_vectors.index_select(0, slots).to(hidden.dtype))

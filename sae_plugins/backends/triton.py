@@ -6,7 +6,9 @@ forward's row count N, d_sae), and each program reads the live counts from `plan
 the device and exits early past them. That is what a replayed CUDA graph needs: the host only
 rewrites the buffers in place before each step.
 
-Five launches per steered layer:
+Seven launches per steered layer:
+  0. vector projections: per row with projected vector edits (steering/vector_math.py), each
+     entry's coefficient min(offset + gain * (x . dir), upper) from the stream as it arrived;
   1. touched pre-activations: per encoded row, x = hidden + residual (- b_dec) against the
      encoder rows of its touched features only (edited features in lanes [0, F_BLOCK), gate
      probes in lanes [F_BLOCK, 2 F_BLOCK));
@@ -18,7 +20,8 @@ Five launches per steered layer:
      otherwise) against its bounds, into the row's gate_state column (gating.py);
   4. the edit: the same activation rule, coefficient gate * (offset + gain * f),
      x += sum coef * W_dec[f], written back with one rounding;
-  5. `add` vectors, added to their rows.
+  5. the vector edits: x += sum gate * coef * dir (the gates written by 3), one rounding;
+  6. `add` vectors, added to their rows.
 
 Status: checked against the PyTorch op in Triton's interpreter on CPU
 (tests/test_triton_kernel.py); never compiled or timed on a GPU, so `--steering-kernel triton`
@@ -31,7 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-from steerserve_sae.backends.base import KernelBackend
+from steerserve_sae.backends.base import KernelBackend, LayerBuffers
 
 
 def _interpreted() -> bool:
@@ -214,6 +217,53 @@ def _apply_encoded_edits(hidden, routing, counts, feature_ids, coefficients, edi
 
 
 @triton.jit
+def _vector_projections(hidden, residual, routing, counts, vector_pool, vector_ids, vector_rules, vcoef, max_rows, d,
+                        stride_h, stride_r, V, V_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    e = tl.program_id(0)
+    if e < tl.load(counts + 4):
+        row = tl.load(routing + 4 * max_rows + e)
+        slot = tl.load(routing + 5 * max_rows + e)
+        vs = tl.arange(0, V_BLOCK)
+        vmask = vs < tl.load(counts + 5)
+        ids = tl.load(vector_ids + slot * V + vs, mask=vmask, other=0)
+        acc = tl.zeros([V_BLOCK], dtype=tl.float32)
+        for j0 in range(0, d, BLOCK_D):
+            js = j0 + tl.arange(0, BLOCK_D)
+            jmask = js < d
+            x = tl.load(hidden + row * stride_h + js, mask=jmask, other=0.0).to(tl.float32)
+            x += tl.load(residual + row * stride_r + js, mask=jmask, other=0.0).to(tl.float32)
+            w = tl.load(vector_pool + ids[:, None] * d + js[None, :], mask=vmask[:, None] & jmask[None, :], other=0.0)
+            acc += tl.sum(w * x[None, :], axis=1)
+        offset = tl.load(vector_rules + (slot * V + vs) * 3, mask=vmask, other=0.0)
+        gain = tl.load(vector_rules + (slot * V + vs) * 3 + 1, mask=vmask, other=0.0)
+        upper = tl.load(vector_rules + (slot * V + vs) * 3 + 2, mask=vmask, other=0.0)
+        tl.store(vcoef + e * V_BLOCK + vs, tl.minimum(offset + gain * acc, upper), mask=vmask)
+
+
+@triton.jit
+def _apply_vector_edits(hidden, routing, counts, vector_pool, vector_ids, vector_gates, gate_state, vcoef, max_rows,
+                        d, stride_h, V, F, V_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    e = tl.program_id(0)
+    if e < tl.load(counts + 4):
+        row = tl.load(routing + 4 * max_rows + e)
+        slot = tl.load(routing + 5 * max_rows + e)
+        vs = tl.arange(0, V_BLOCK)
+        vmask = vs < tl.load(counts + 5)
+        ids = tl.load(vector_ids + slot * V + vs, mask=vmask, other=0)
+        column = tl.load(vector_gates + slot * V + vs, mask=vmask, other=F)
+        gate = tl.load(gate_state + row * (F + 1) + column, mask=vmask, other=0.0)
+        coef = gate * tl.load(vcoef + e * V_BLOCK + vs, mask=vmask, other=0.0)
+        for j0 in range(0, d, BLOCK_D):
+            js = j0 + tl.arange(0, BLOCK_D)
+            jmask = js < d
+            w = tl.load(vector_pool + ids[:, None] * d + js[None, :], mask=vmask[:, None] & jmask[None, :], other=0.0)
+            delta = tl.sum(coef[:, None] * w, axis=0)
+            h = tl.load(hidden + row * stride_h + js, mask=jmask, other=0.0).to(tl.float32)
+            out = _rounded(h + delta, hidden.dtype.element_ty)
+            tl.store(hidden + row * stride_h + js, out.to(hidden.dtype.element_ty), mask=jmask)
+
+
+@triton.jit
 def _add_vectors(hidden, routing, counts, add_table, max_rows, d, stride_h, BLOCK_D: tl.constexpr):
     i = tl.program_id(0)
     if i < tl.load(counts):
@@ -229,8 +279,8 @@ def _add_vectors(hidden, routing, counts, add_table, max_rows, d, stride_h, BLOC
 
 
 class TritonSteering(KernelBackend):
-    """Owns the per-row scratch (touched activations and rank counts), allocated once and
-    shared by the layers, which run in turn."""
+    """Owns the per-row scratch (touched activations and rank counts, vector coefficients),
+    allocated once and shared by the layers, which run in turn."""
 
     name = "triton"
 
@@ -240,9 +290,17 @@ class TritonSteering(KernelBackend):
         # per encoded row: lanes [0, f_block) edited features, [f_block, 2 f_block) gate probes
         self.act = torch.zeros((max_rows, 2 * self.f_block), dtype=torch.float32, device=device)
         self.above = torch.zeros((max_rows, 2 * self.f_block), dtype=torch.int32, device=device)
+        self.vcoef: torch.Tensor | None = None  # [max_rows, v_block]: sized by the vector table (prepare)
+
+    def prepare(self, layer: LayerBuffers) -> None:
+        super().prepare(layer)
+        if self.vcoef is None:
+            v_block = max(16, triton.next_power_of_2(layer.vector_ids.shape[1]))
+            self.vcoef = torch.zeros((self.act.shape[0], v_block), dtype=torch.float32, device=self.act.device)
 
     def launch(self, hidden, residual, routing, counts, add_table, feature_ids, coefficients, edit_gates, gate_ids,
-               gate_bounds, gate_state, W_enc, encoder_panels, b_enc, b_dec_in, W_dec, threshold, k) -> None:
+               gate_bounds, gate_state, vector_pool, vector_ids, vector_rules, vector_gates, W_enc, encoder_panels,
+               b_enc, b_dec_in, W_dec, threshold, k) -> None:
         n, d = hidden.shape
         d_sae, max_rows, width = W_enc.shape[0], routing.shape[1], feature_ids.shape[1]
         assert W_enc.is_contiguous() and W_dec.is_contiguous() and hidden.stride(1) == residual.stride(1) == 1
@@ -251,6 +309,11 @@ class TritonSteering(KernelBackend):
         encode = dict(HAS_B_DEC=b_dec_in is not None, F_BLOCK=self.f_block)
         rule = dict(TOPK=k > 0, HAS_THRESHOLD=threshold is not None, F_BLOCK=self.f_block)
         threshold = threshold if threshold is not None else b_enc  # unread without HAS_THRESHOLD
+        vectors = dict(V_BLOCK=self.vcoef.shape[1], BLOCK_D=128)
+        num_vectors = vector_ids.shape[1]
+        assert vector_pool.is_contiguous() and vector_pool.shape[1] == d and vector_gates.shape == vector_ids.shape
+        _vector_projections[(n,)](hidden, residual, routing, counts, vector_pool, vector_ids, vector_rules, self.vcoef,
+                                  max_rows, d, hidden.stride(0), residual.stride(0), num_vectors, **vectors)
         _touched_pre_activations[(n,)](
             hidden, residual, routing, counts, feature_ids, gate_ids, W_enc, b_enc, b_dec, self.act, self.above,
             max_rows, d, hidden.stride(0), residual.stride(0), width, BLOCK_D=128, **encode)
@@ -265,4 +328,6 @@ class TritonSteering(KernelBackend):
         _apply_encoded_edits[(n,)](
             hidden, routing, counts, feature_ids, coefficients, edit_gates, gate_state, W_dec, threshold,
             self.act, self.above, max_rows, d, hidden.stride(0), width, k, BLOCK_D=128, **rule)
+        _apply_vector_edits[(n,)](hidden, routing, counts, vector_pool, vector_ids, vector_gates, gate_state, self.vcoef,
+                                  max_rows, d, hidden.stride(0), num_vectors, width, **vectors)
         _add_vectors[(n,)](hidden, routing, counts, add_table, max_rows, d, hidden.stride(0), BLOCK_D=128)

@@ -15,6 +15,7 @@ ADDITIONAL_CONFIG_KEY = "steerserve"
 DEFAULT_MAX_FEATURES = 64
 DEFAULT_MAX_CONFIGS = 64
 DEFAULT_MAX_STORE_MIB = 1024  # --max-worker-store-mib (capture/store.py)
+DEFAULT_MAX_VECTORS = 8
 # The steering op (--steering-kernel): auto/native/torch pick between the native CPU kernel and
 # the PyTorch op (backends/native_cpu.py); triton selects the experimental GPU kernels (backends/triton.py).
 STEERING_KERNELS = ("auto", "native", "torch", "triton")
@@ -29,6 +30,7 @@ class PluginConfig:
     sae_hub_url: str | None = None  # hf://owner/name@<commit> when --sae was a hub id (SAESource.hub_url)
     max_features: int = DEFAULT_MAX_FEATURES  # per request, over all layers
     max_configs: int = DEFAULT_MAX_CONFIGS  # distinct steering specs in flight
+    max_vectors: int = DEFAULT_MAX_VECTORS  # direction vectors per request (--max-steering-vectors)
     steering_kernel: str = "auto"  # one of STEERING_KERNELS
     api_servers: int = 1  # API processes, each admitting up to max_configs specs
     max_store_mib: int = DEFAULT_MAX_STORE_MIB  # --max-worker-store-mib: results kept for the API (capture/store.py)
@@ -63,6 +65,7 @@ class PluginConfig:
             sae_hub_url=raw.get("sae_hub_url"),
             max_features=int(raw.get("max_features", DEFAULT_MAX_FEATURES)),
             max_configs=int(raw.get("max_configs", DEFAULT_MAX_CONFIGS)),
+            max_vectors=int(raw.get("max_vectors", DEFAULT_MAX_VECTORS)),
             steering_kernel=str(raw.get("steering_kernel", "auto")),
             api_servers=int(raw.get("api_servers", 1)),
             max_store_mib=int(raw.get("max_store_mib", DEFAULT_MAX_STORE_MIB)),

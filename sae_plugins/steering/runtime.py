@@ -49,7 +49,7 @@ from steerserve_sae.capture.rejections import Rejections, ticket_of
 from steerserve_sae.sae.autoencoder import SAEWeights
 from steerserve_sae.steering.slot_tables import SlotTables
 from steerserve_sae.steering.step_plan import StepPlanner
-from steerserve_sae.protocol.spec import SteeringSpec
+from steerserve_sae.protocol.spec import FeatureEdit, SteeringSpec
 from steerserve_sae.steering.token_routing import APPLY_CODES, token_slots
 from steerserve_sae.capture.store import WorkerStore
 
@@ -86,7 +86,7 @@ class SteeringRuntime:
         self.saes = saes  # this worker's layers (a pipeline stage holds only its own)
         self.device = device
         self.slots = ConfigSlots(config.num_slots)
-        self.tables = SlotTables(saes, config.num_slots, config.max_features, device)
+        self.tables = SlotTables(saes, config.num_slots, config.max_features, device, config.max_vectors)
         self.planner = StepPlanner(self.tables, max_rows, device)
         self.store = WorkerStore(config.max_store_bytes)
         self.captures = CaptureStore(self.store)
@@ -97,7 +97,8 @@ class SteeringRuntime:
             layer: LayerBuffers(layer, saes[layer], self.planner.routing[li], self.planner.plan_counts[li],
                                 self.tables.add_vectors[li], self.tables.feature_ids[li], self.tables.coefficients[li],
                                 self.tables.edit_gates[li], self.tables.gate_ids[li], self.tables.gate_bounds[li],
-                                self.planner.gate_state)
+                                self.planner.gate_state, self.tables.vector_pool, self.tables.vector_ids[li],
+                                self.tables.vector_rules[li], self.tables.vector_gates[li])
             for layer, li in self.tables.layer_pos.items()
         }
         for layer in self._layers.values():
@@ -222,6 +223,10 @@ class SteeringRuntime:
         all_layers = set(self.config.sae_layers)  # every pipeline stage's, not only this one's
         if spec is not None and len(spec.features) > self.config.max_features:
             raise ValueError(f"{len(spec.features)} features; the tables hold {self.config.max_features}")
+        if spec is not None and len(spec.vectors) > self.config.max_vectors:
+            raise ValueError(f"{len(spec.vectors)} vectors; the tables hold {self.config.max_vectors}")
+        if spec is not None and len(spec.gates) > self.config.max_features:
+            raise ValueError(f"{len(spec.gates)} gates; the gate state holds {self.config.max_features}")
 
         def check_feature(what: str, layer: int, index: int) -> None:
             if layer not in all_layers:
@@ -230,8 +235,15 @@ class SteeringRuntime:
             if sae is not None and not 0 <= index < sae.d_sae:
                 raise ValueError(f"{what} index {index} out of range at layer {layer}")
 
-        for f in spec.features if spec else ():
-            check_feature("feature", f.layer, f.index)
+        for v in spec.vectors if spec else ():
+            if v.layer not in all_layers:
+                raise ValueError(f"vector at layer {v.layer}, which has no SAE loaded")
+            sae = self.saes.get(v.layer)
+            if sae is not None and v.values().size != sae.d_model:
+                raise ValueError(f"vector of {v.values().size} values at layer {v.layer} (d_model {sae.d_model})")
+        for f in (*spec.features, *spec.vectors) if spec else ():
+            if isinstance(f, FeatureEdit):
+                check_feature("feature", f.layer, f.index)
             if f.when is None:
                 continue
             check_feature("gate feature", f.when.layer, f.when.index)

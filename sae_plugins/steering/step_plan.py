@@ -2,9 +2,10 @@
 
 Built on the host, where the scheduler's data already is, from each row's config slot and the
 slot tables' host mirrors: per layer the rows with an `add` vector and their slots, the rows
-that need an encode and their slots, and the live counts of both plus the widths of the
-feature table and the gate probes in use. One host-to-device copy writes it into `routing`
-[layers, 4, max_rows] and `plan_counts` [layers, 4] (the counts as a tensor: the native and
+that need an encode and their slots, the rows with projected vector edits (vector_math.py) and
+their slots, and the live counts of these plus the widths of the feature table, the gate
+probes and the vector table in use. One host-to-device copy writes it into `routing`
+[layers, 6, max_rows] and `plan_counts` [layers, 6] (the counts as a tensor: the native and
 Triton backends read them there, so their calls never depend on this step's requests). A
 decode step usually routes exactly like the previous one; then the buffers already hold its
 plan and nothing is copied.
@@ -25,7 +26,7 @@ from steerserve_sae.steering.slot_tables import SlotTables
 
 # Rows of the routing buffer, per layer (kernels/steer_rows_cpu.cpp and the Triton kernels
 # index them by these numbers).
-STEER_ROWS, STEER_SLOTS, ENCODE_ROWS, ENCODE_SLOTS = range(4)
+STEER_ROWS, STEER_SLOTS, ENCODE_ROWS, ENCODE_SLOTS, VECTOR_ROWS, VECTOR_SLOTS = range(6)
 
 
 class LayerPlan(NamedTuple):
@@ -35,6 +36,8 @@ class LayerPlan(NamedTuple):
     num_encoded: int  # rows whose config clamps/scales/ablates, gates an edit or probes a gate here
     width: int  # feature-table columns in use at this layer
     gate_width: int  # gate columns probed at this layer
+    num_vectored: int = 0  # rows with projected vector edits here (cap, ablate, gated add)
+    vector_width: int = 0  # vector-table columns in use at this layer
 
 
 class StepPlanner:
@@ -42,8 +45,8 @@ class StepPlanner:
         self.tables = tables
         self.max_rows = max_rows  # vLLM's max_num_batched_tokens: rows of the largest step
         num_layers = len(tables.layer_pos)
-        self.routing = torch.zeros((num_layers, 4, max_rows), dtype=torch.int64, device=device)
-        self.plan_counts = torch.zeros((num_layers, 4), dtype=torch.int64, device=device)
+        self.routing = torch.zeros((num_layers, 6, max_rows), dtype=torch.int64, device=device)
+        self.plan_counts = torch.zeros((num_layers, 6), dtype=torch.int64, device=device)
         self.gate_state = torch.zeros((max_rows, tables.ungated + 1), dtype=torch.float32, device=device)
         self.gate_state[:, tables.ungated] = 1.0
         self.plans: list[LayerPlan | None] = [None] * num_layers  # None: nothing to do there
@@ -64,9 +67,10 @@ class StepPlanner:
         num_layers = len(t.layer_pos)
         self.plans = [None] * num_layers
         live = np.unique(slots[slots > 0])
-        layers = np.flatnonzero((t.has_add[:, live] | t.needs_encode[:, live]).any(axis=1))
-        host = np.zeros((num_layers, 4, slots.size), dtype=np.int64)
-        counts = np.zeros((num_layers, 4), dtype=np.int64)
+        layers = np.flatnonzero((t.has_add[:, live] | t.needs_encode[:, live] | (t.vector_counts[:, live] > 0))
+                                .any(axis=1))
+        host = np.zeros((num_layers, 6, slots.size), dtype=np.int64)
+        counts = np.zeros((num_layers, 6), dtype=np.int64)
         for li in layers:
             steered = np.flatnonzero(t.has_add[li][slots])
             encoded = np.flatnonzero(t.needs_encode[li][slots])
@@ -76,7 +80,11 @@ class StepPlanner:
             host[li, ENCODE_SLOTS, : encoded.size] = slots[encoded]
             width = int(t.encode_counts[li, slots[encoded]].max()) if encoded.size else 0
             gate_width = int(t.gate_counts[li, slots[encoded]].max()) if encoded.size else 0
-            self.plans[li] = LayerPlan(steered.size, encoded.size, width, gate_width)
+            vectored = np.flatnonzero(t.vector_counts[li][slots] > 0)
+            host[li, VECTOR_ROWS, : vectored.size] = vectored
+            host[li, VECTOR_SLOTS, : vectored.size] = slots[vectored]
+            vector_width = int(t.vector_counts[li, slots[vectored]].max()) if vectored.size else 0
+            self.plans[li] = LayerPlan(steered.size, encoded.size, width, gate_width, vectored.size, vector_width)
             counts[li] = self.plans[li]
         self.routing[:, :, : slots.size].copy_(torch.from_numpy(host), non_blocking=True)
         self.plan_counts.copy_(torch.from_numpy(counts), non_blocking=True)

@@ -172,6 +172,7 @@ def configure_steering(args: argparse.Namespace) -> None:
         sae_hub_url=source.hub_url,
         max_features=args.max_steering_features,
         max_configs=args.max_steering_configs,
+        max_vectors=args.max_steering_vectors,
         steering_kernel=args.steering_kernel,
         # vLLM defaults --api-server-count to the data-parallel size when it is not given.
         api_servers=max(1, getattr(args, "api_server_count", None) or getattr(args, "data_parallel_size", 1) or 1),

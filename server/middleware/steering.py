@@ -89,7 +89,8 @@ class SteeringMiddleware:
             try:
                 prompt_tokens = await prompt_tokens_for_residuals(context, payload)
                 translation = translate_request(payload, context.sae_sizes, context.max_features, context.limits,
-                                                context.sae_stages, prompt_tokens, context.max_model_len)
+                                                context.sae_stages, prompt_tokens, context.max_model_len,
+                                                context.d_model)
             except APIError as error:
                 context.metrics.validation_error(error.code)
                 await error.response()(scope, _replay(b"", receive), send)

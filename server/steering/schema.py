@@ -9,9 +9,12 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
+import numpy as np
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
-from steerserve_sae.protocol.spec import FeatureEdit, Gate, SteeringSpec, gate_problem
+from steerserve_sae.protocol.spec import FeatureEdit, Gate, SteeringSpec, VectorEdit, decode_vector, encode_vector, \
+    gate_problem
+from steerserve_sae.protocol.plugin_config import DEFAULT_MAX_VECTORS
 
 from steerserve.errors import APIError, from_validation
 from steerserve.steering.sae_checks import index_in_range, loaded_layer
@@ -36,20 +39,33 @@ class FeatureSteering(BaseModel):
     when: FeatureGate | None = None
 
 
+class VectorSteering(BaseModel):
+    """A direction vector: base64 of d_model little-endian float32s (the `trace` residual encoding)."""
+
+    model_config = ConfigDict(extra="forbid")
+    layer: StrictInt
+    vector: StrictStr
+    mode: Literal["add", "cap", "ablate"]
+    value: StrictFloat | None = None
+    when: FeatureGate | None = None
+
+
 class Steering(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    features: list[FeatureSteering] = Field(min_length=1)
+    features: list[FeatureSteering] = []
+    vectors: list[VectorSteering] = []
     apply_to: Literal["all", "prompt", "generation"] = "all"
     compare: StrictBool = False  # also return the unsteered completion (not part of the spec)
 
 
 def parse_steering(
     raw: object, sae_sizes: dict[int, int], max_features: int, max_value: float,
-    stages: tuple[frozenset[int], ...] = (),
+    stages: tuple[frozenset[int], ...] = (), d_model: int = 0, max_vectors: int = DEFAULT_MAX_VECTORS,
 ) -> tuple[SteeringSpec, bool]:
     """Validate user JSON into a normalised spec and the `compare` flag.
     `sae_sizes` maps loaded layer -> d_sae; `max_value` bounds |value| (see server/limits.py);
-    `stages` are the layer sets of the pipeline stages (a gate must share its edit's)."""
+    `stages` are the layer sets of the pipeline stages (a gate must share its edit's);
+    `d_model` is the length of a steering vector, `max_vectors` how many a request may have."""
     if not sae_sizes:
         raise APIError(
             "steering is unavailable: this server was started without --sae",
@@ -60,6 +76,9 @@ def parse_steering(
         steering = Steering.model_validate(raw)
     except ValidationError as exc:
         raise from_validation(exc, prefix="invalid steering", code="invalid_steering", root="steering") from None
+    if not steering.features and not steering.vectors:
+        raise APIError("steering needs at least 1 feature or vector", param="steering.features",
+                       code="invalid_steering")
     if len(steering.features) > max_features:
         raise APIError(
             f"steering has {len(steering.features)} features; this server allows at most {max_features}",
@@ -71,19 +90,7 @@ def parse_steering(
     for i, f in enumerate(steering.features):
         at = f"steering.features[{i}]"
         index_in_range(loaded_layer(sae_sizes, f.layer, f"{at}.layer"), f.layer, f.index, f"{at}.index")
-        if f.mode == "ablate":
-            if f.value is not None:
-                raise APIError("mode 'ablate' takes no value", param=f"{at}.value", code="invalid_value")
-            value = 0.0
-        else:
-            if f.value is None:
-                raise APIError(f"mode {f.mode!r} needs a numeric value", param=f"{at}.value", code="missing_value")
-            value = float(f.value)
-            if not math.isfinite(value):
-                raise APIError("value must be a finite number", param=f"{at}.value", code="invalid_value")
-            if abs(value) > max_value:
-                raise APIError(f"|value| must be at most {max_value:g} on this server (--max-steering-value)",
-                               param=f"{at}.value", code="value_out_of_range")
+        value = _value(f.mode, f.value, max_value, at)
         key = (f.layer, f.index)
         if key in seen:
             raise APIError(
@@ -94,7 +101,59 @@ def parse_steering(
         seen[key] = i
         gate = _gate(f.when, f.layer, sae_sizes, stages, f"{at}.when") if f.when is not None else None
         edits.append(FeatureEdit(f.layer, f.index, f.mode, value, gate))
-    return SteeringSpec.create(edits, steering.apply_to), steering.compare
+    vectors = _vectors(steering.vectors, sae_sizes, max_value, stages, d_model, max_vectors)
+    spec = SteeringSpec.create(edits, steering.apply_to, vectors)
+    if len(spec.gates) > max_features:  # gate columns per row are as many as a request's features
+        raise APIError(f"steering has {len(spec.gates)} distinct gates; this server allows at most {max_features}",
+                       param="steering", code="too_many_gates")
+    return spec, steering.compare
+
+
+def _value(mode: str, value: float | None, max_value: float, at: str) -> float:
+    """An edit's value: none for ablate, else a finite number within --max-steering-value."""
+    if mode == "ablate":
+        if value is not None:
+            raise APIError("mode 'ablate' takes no value", param=f"{at}.value", code="invalid_value")
+        return 0.0
+    if value is None:
+        raise APIError(f"mode {mode!r} needs a numeric value", param=f"{at}.value", code="missing_value")
+    if not math.isfinite(value):
+        raise APIError("value must be a finite number", param=f"{at}.value", code="invalid_value")
+    if abs(value) > max_value:
+        raise APIError(f"|value| must be at most {max_value:g} on this server (--max-steering-value)",
+                       param=f"{at}.value", code="value_out_of_range")
+    return float(value)
+
+
+def _vectors(vectors: list[VectorSteering], sae_sizes: dict[int, int], max_value: float,
+             stages: tuple[frozenset[int], ...], d_model: int, max_vectors: int) -> list[VectorEdit]:
+    """Direction vectors, at steerable layers, each d_model finite float32s (non-zero where the
+    mode needs a direction)."""
+    if len(vectors) > max_vectors:
+        raise APIError(f"steering has {len(vectors)} vectors; this server allows at most {max_vectors} "
+                       "(--max-steering-vectors)", param="steering.vectors", code="too_many_vectors")
+    edits = []
+    for i, v in enumerate(vectors):
+        at = f"steering.vectors[{i}]"
+        loaded_layer(sae_sizes, v.layer, f"{at}.layer")
+        try:
+            values = decode_vector(v.vector)
+        except ValueError as exc:
+            raise APIError(f"vector must be base64 of {d_model} little-endian float32 values: {exc}",
+                           param=f"{at}.vector", code="invalid_vector") from None
+        if values.size != d_model:
+            raise APIError(f"vector has {values.size} float32 values; the residual stream has {d_model} (d_model)",
+                           param=f"{at}.vector", code="invalid_vector")
+        if not np.isfinite(values).all():
+            raise APIError("vector components must be finite (no NaN or infinity)", param=f"{at}.vector",
+                           code="invalid_vector")
+        if v.mode != "add" and not np.any(values):
+            raise APIError(f"mode {v.mode!r} needs a non-zero vector (it projects on its direction)",
+                           param=f"{at}.vector", code="invalid_vector")
+        value = _value(v.mode, v.value, max_value, at)
+        gate = _gate(v.when, v.layer, sae_sizes, stages, f"{at}.when") if v.when is not None else None
+        edits.append(VectorEdit(v.layer, encode_vector(values), v.mode, value, gate))
+    return edits
 
 
 def _gate(when: FeatureGate, edit_layer: int, sae_sizes: dict[int, int], stages: tuple[frozenset[int], ...],

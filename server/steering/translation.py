@@ -44,8 +44,9 @@ class Translation:
 
 def translate_request(body: dict, sae_sizes: dict[int, int], max_features: int, limits: Limits,
                       stages: tuple[frozenset[int], ...] = (), prompt_tokens: int | None = None,
-                      max_model_len: int | None = None) -> Translation:
+                      max_model_len: int | None = None, d_model: int = 0) -> Translation:
     """`body` has passed request_guard's checks (reserved keys, vllm_xargs, cache_salt);
+    d_model: the residual stream's width (the length of a steering vector);
     prompt_tokens: its prompt's token count, where a trace needs it (traces.prompt_tokens_for_residuals);
     max_model_len: the context, which bounds what a trace may return."""
     had_fields = "steering" in body or "trace" in body
@@ -57,7 +58,8 @@ def translate_request(body: dict, sae_sizes: dict[int, int], max_features: int, 
         capture = attach_trace(body, trace) if trace is not None else None
         return Translation(body, None, body_changed=had_fields, trace=capture,
                            ticket=_ticket(body) if capture is not None else None)
-    spec, compare = parse_steering(body.pop("steering"), sae_sizes, max_features, limits.max_steering_value, stages)
+    spec, compare = parse_steering(body.pop("steering"), sae_sizes, max_features, limits.max_steering_value, stages,
+                                   d_model, limits.max_steering_vectors)
     baseline = baseline_trace = None
     if compare:
         if body.get("stream"):

@@ -1,12 +1,15 @@
 // The steering step at one layer as a single native CPU op (see sae_plugins/backends/native_cpu.py).
 //
 // It does what the PyTorch reference backend (torch_reference.py) does, reading everything
-// from the runtime's fixed buffers: this layer's routing [4, max_rows] and its live counts
-// [4] = (rows with an add vector, rows to encode, feature-table width in use, gate probes in
-// use). Nothing branches on request data in Python; a step with nothing planned here returns
+// from the runtime's fixed buffers: this layer's routing [6, max_rows] and its live counts
+// [6] = (rows with an add vector, rows to encode, feature-table width in use, gate probes in
+// use, rows with projected vector edits, vector-table width in use). Nothing branches on request data in Python; a step with nothing planned here returns
 // after reading 4 ints. Gates (sae_plugins/gating.py): a row's gate probes here write its
 // gate_state columns from the stream as it arrived, before any edit; every encoded entry's
 // coefficient is multiplied by the gate_state column it names (the last column is all ones).
+// Direction vectors (sae_plugins/steering/vector_math.py): each projected entry's coefficient
+// min(offset + gain * (x . dir), upper) is taken from the stream as it arrived, before the
+// encoded edits, and applied after them (times its gate), before the add vectors.
 // The reference costs ~20 eager kernels (~100 us for one row on a small SAE); here the
 // encode is one matmul (register-tiled for a few float32 rows, else ATen's addmm) and the
 // rest (top-k threshold, touched-feature coefficients, decode, write-back) is one pass per row.
@@ -25,7 +28,8 @@
 namespace {
 
 // Rows of a layer's routing buffer (step_plan.py: STEER_ROWS, ...).
-constexpr int64_t kSteerRows = 0, kSteerSlots = 1, kEncodeRows = 2, kEncodeSlots = 3;
+constexpr int64_t kSteerRows = 0, kSteerSlots = 1, kEncodeRows = 2, kEncodeSlots = 3, kVectorRows = 4,
+                  kVectorSlots = 5, kRoutingRows = 6;
 
 void check_rows(const int64_t* rows, int64_t n, int64_t num_tokens) {
   for (int64_t i = 0; i < n; ++i) {
@@ -162,6 +166,72 @@ void touched_feature_deltas(const at::Tensor& pre, const int64_t* rows, const in
   });
 }
 
+// The vector tables of this layer (see slot_tables.py).
+struct Vectors {
+  const float* pool;     // [pool_rows, d]: directions
+  int64_t pool_rows;
+  const int64_t* ids;    // [slots, V]: pool row of each entry
+  const float* rules;    // [slots, V, 3]: (offset, gain, upper)
+  const int64_t* gates;  // [slots, V]: gate column of each entry
+  int64_t table_width;   // V
+  int64_t width;         // entries in use at this layer (live count)
+};
+
+// coef[e, v] = min(offset + gain * (x_e . dir), upper), x_e = hidden + residual as float.
+template <typename hidden_t>
+std::vector<float> vector_coefficients(const at::Tensor& hidden, const at::Tensor& residual, const int64_t* rows,
+                                       const int64_t* slots, int64_t n, const Vectors& vec) {
+  const int64_t d = hidden.size(1), width = vec.width;
+  const hidden_t* hid = hidden.data_ptr<hidden_t>();
+  const hidden_t* res = residual.data_ptr<hidden_t>();
+  std::vector<float> coef(n * width, 0.0f);
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> x(d);
+    for (int64_t e = begin; e < end; ++e) {
+      const hidden_t* hr = hid + rows[e] * hidden.stride(0);
+      const hidden_t* rr = res + rows[e] * residual.stride(0);
+      for (int64_t j = 0; j < d; ++j) x[j] = static_cast<float>(hr[j]) + static_cast<float>(rr[j]);
+      for (int64_t v = 0; v < width; ++v) {
+        const int64_t entry = slots[e] * vec.table_width + v;
+        const float* rule = vec.rules + 3 * entry;
+        const int64_t id = vec.ids[entry];
+        TORCH_CHECK(id >= 0 && id < vec.pool_rows, "steerserve: vector pool row ", id, " out of range");
+        const float* dir = vec.pool + id * d;
+        float p = 0.0f;
+        for (int64_t j = 0; j < d; ++j) p += x[j] * dir[j];
+        coef[e * width + v] = std::min(rule[0] + rule[1] * p, rule[2]);  // padding (0, 0, 0) gives 0
+      }
+    }
+  });
+  return coef;
+}
+
+// hidden[row] = round(hidden[row] + sum_v gate * coef * dir), after the encoded edits wrote the gates.
+template <typename hidden_t>
+void apply_vectors(at::Tensor& hidden, const int64_t* rows, const int64_t* slots, int64_t n,
+                   const std::vector<float>& coef, const Vectors& vec, const Gates& gates) {
+  const int64_t d = hidden.size(1), width = vec.width;
+  hidden_t* hid = hidden.data_ptr<hidden_t>();
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> delta(d);
+    for (int64_t e = begin; e < end; ++e) {
+      std::fill(delta.begin(), delta.end(), 0.0f);
+      const float* state = gates.state + rows[e] * gates.columns;
+      for (int64_t v = 0; v < width; ++v) {
+        const int64_t entry = slots[e] * vec.table_width + v;
+        const int64_t column = vec.gates[entry];
+        TORCH_CHECK(column >= 0 && column < gates.columns, "steerserve: gate column ", column, " out of range");
+        const float c = coef[e * width + v] * state[column];
+        if (c == 0.0f) continue;
+        const float* dir = vec.pool + vec.ids[entry] * d;
+        for (int64_t j = 0; j < d; ++j) delta[j] += c * dir[j];
+      }
+      hidden_t* hr = hid + rows[e] * hidden.stride(0);
+      for (int64_t j = 0; j < d; ++j) hr[j] = static_cast<hidden_t>(static_cast<float>(hr[j]) + delta[j]);
+    }
+  });
+}
+
 // Float32 encodes of a cache-resident encoder are a GEMV (a decode step's few rows) that BLAS
 // serves badly: one row against a 1024 x 128 encoder took 15 us in addmm. The runtime packs
 // such an encoder into panels [d_sae / 16, d_model, 16] (16 features' weights for each input
@@ -281,15 +351,19 @@ void encode_and_edit(at::Tensor& hidden, const at::Tensor& residual, const int64
 void steer_rows(at::Tensor hidden, const at::Tensor& residual, const at::Tensor& routing,
                 const at::Tensor& counts, const at::Tensor& add_table, const at::Tensor& feature_ids,
                 const at::Tensor& coefficients, const at::Tensor& edit_gates, const at::Tensor& gate_ids,
-                const at::Tensor& gate_bounds, at::Tensor gate_state, const at::Tensor& W_enc,
+                const at::Tensor& gate_bounds, at::Tensor gate_state, const at::Tensor& vector_pool,
+                const at::Tensor& vector_ids, const at::Tensor& vector_rules, const at::Tensor& vector_gates,
+                const at::Tensor& W_enc,
                 const c10::optional<at::Tensor>& panels, const at::Tensor& b_enc,
                 const c10::optional<at::Tensor>& b_dec_in, const at::Tensor& W_dec,
                 const c10::optional<at::Tensor>& threshold, int64_t k) {
   const int64_t* live = counts.data_ptr<int64_t>();
   const int64_t num_steered = live[0], num_encoded = live[1], width = live[2], gate_width = live[3];
-  if (num_steered == 0 && num_encoded == 0) return;
+  const int64_t num_vectored = live[4], vector_width = live[5];
+  if (num_steered == 0 && num_encoded == 0 && num_vectored == 0) return;
   TORCH_CHECK(hidden.dim() == 2 && hidden.stride(1) == 1, "steerserve: hidden must be [rows, d_model] with unit stride");
-  TORCH_CHECK(routing.is_contiguous() && routing.size(0) == 4, "steerserve: bad routing buffer");
+  TORCH_CHECK(routing.is_contiguous() && routing.size(0) == kRoutingRows && counts.numel() == kRoutingRows,
+              "steerserve: bad routing buffer");
   TORCH_CHECK(add_table.is_contiguous() && feature_ids.is_contiguous() && coefficients.is_contiguous() &&
                   W_dec.is_contiguous() && add_table.scalar_type() == at::kFloat &&
                   coefficients.scalar_type() == at::kFloat && feature_ids.scalar_type() == at::kLong,
@@ -306,14 +380,37 @@ void steer_rows(at::Tensor hidden, const at::Tensor& residual, const at::Tensor&
               "steerserve: gate tables must be contiguous and match the feature table");
   const Gates gates{edit_gates.data_ptr<int64_t>(), gate_ids.data_ptr<int64_t>(), gate_bounds.data_ptr<float>(),
                     gate_state.data_ptr<float>(), gate_state.size(1), gate_width};
+  TORCH_CHECK(vector_pool.is_contiguous() && vector_ids.is_contiguous() && vector_rules.is_contiguous() &&
+                  vector_gates.is_contiguous() && vector_pool.scalar_type() == at::kFloat &&
+                  vector_rules.scalar_type() == at::kFloat && vector_ids.scalar_type() == at::kLong &&
+                  vector_gates.sizes() == vector_ids.sizes() && vector_pool.size(1) == hidden.size(1) &&
+                  num_vectored <= max_rows && vector_width <= vector_ids.size(1),
+              "steerserve: vector tables must be contiguous (float32 pool/rules, int64 ids) and match the stream");
+  const Vectors vectors{vector_pool.data_ptr<float>(), vector_pool.size(0), vector_ids.data_ptr<int64_t>(),
+                        vector_rules.data_ptr<float>(), vector_gates.data_ptr<int64_t>(), vector_ids.size(1),
+                        vector_width};
   const int64_t* route = routing.data_ptr<int64_t>();
 
+  std::vector<float> vector_coef;  // projections of the stream as it arrived, before any edit here
+  if (num_vectored > 0) {
+    check_rows(route + kVectorRows * max_rows, num_vectored, std::min(num_tokens, max_rows));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "steer_rows_project", [&] {
+      vector_coef = vector_coefficients<scalar_t>(hidden, residual, route + kVectorRows * max_rows,
+                                                  route + kVectorSlots * max_rows, num_vectored, vectors);
+    });
+  }
   if (num_encoded > 0) {  // every edit at a layer reads the stream as it arrived there
     const int64_t* rows = route + kEncodeRows * max_rows;
     check_rows(rows, num_encoded, std::min(num_tokens, max_rows));  // gate_state has max_rows rows
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "steer_rows_encode", [&] {
       encode_and_edit<scalar_t>(hidden, residual, rows, route + kEncodeSlots * max_rows, num_encoded, width,
                                 feature_ids, coefficients, gates, W_enc, panels, b_enc, b_dec_in, W_dec, threshold, k);
+    });
+  }
+  if (num_vectored > 0) {  // after the encoded edits, which wrote the gates probed here
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden.scalar_type(), "steer_rows_vectors", [&] {
+      apply_vectors<scalar_t>(hidden, route + kVectorRows * max_rows, route + kVectorSlots * max_rows, num_vectored,
+                              vector_coef, vectors, gates);
     });
   }
   if (num_steered > 0) {
@@ -331,7 +428,8 @@ TORCH_LIBRARY(steerserve_cpu, m) {
   m.def(
       "steer_rows(Tensor(a!) hidden, Tensor residual, Tensor routing, Tensor counts, Tensor add_table, "
       "Tensor feature_ids, Tensor coefficients, Tensor edit_gates, Tensor gate_ids, Tensor gate_bounds, "
-      "Tensor(b!) gate_state, Tensor W_enc, Tensor? encoder_panels, Tensor b_enc, Tensor? b_dec_in, Tensor W_dec, "
+      "Tensor(b!) gate_state, Tensor vector_pool, Tensor vector_ids, Tensor vector_rules, Tensor vector_gates, "
+      "Tensor W_enc, Tensor? encoder_panels, Tensor b_enc, Tensor? b_dec_in, Tensor W_dec, "
       "Tensor? threshold, int k) -> ()");
   m.impl("steer_rows", c10::DispatchKey::CPU, TORCH_FN(steer_rows));
 }
