@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from steerserve_sae.protocol.spec import (
-    EXTRA_ARGS_KEY, FeatureEdit, Gate, SteeringSpec, VectorEdit, decode_vector, encode_vector,
+    FeatureEdit, Gate, SteeringSpec, VectorEdit, decode_vector, encode_vector,
 )
+from steerserve_sae.protocol.rpc import EXTRA_ARGS_KEY
 from steerserve_sae.steering.runtime import SteeringRuntime
 from steerserve_sae.protocol.plugin_config import PluginConfig
 from tests.request_views import RequestView
