@@ -99,7 +99,7 @@ class SteerserveEndpointPlugin:
 
 async def _check_workers_verify_signatures(engine_client) -> None:
     """A worker without the deployment's secret (e.g. a Ray node whose environment lacks it) would
-    refuse every spec; each such request then fails with a 500 (steering_middleware.py). Say so
+    refuse every spec; each such request then fails with a 500 (middleware/response_end.py). Say so
     once, loudly, at start-up, naming the workers."""
     replies = await per_engine(engine_client, rpc.VERIFY_SIGNATURE, (sign("steerserve-start-up-check"),))
     refusing = [f"engine {e} rank {r}: {why}" for e, ranks in enumerate(replies) for r, why in enumerate(ranks) if why]

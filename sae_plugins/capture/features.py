@@ -198,7 +198,7 @@ class CaptureStore:
 
     def take(self, capture_id: str) -> dict | None:
         """JSON-safe result per layer, positions in order; None if unknown (or dropped); the
-        store's full marker (worker_store.full_marker) if it outgrew the budget."""
+        store's full marker (store.full_marker) if it outgrew the budget."""
         stored = self.store.take((CAPTURES, capture_id))
         if stored is None:
             return None

@@ -40,7 +40,7 @@ ENGINE_WAIT_SLEEP_S = 50e-6
 
 def install() -> None:
     """Idempotent. Both fixes are for vLLM's CPU build; there, each requires the symbol it
-    replaces (vllm_compat.require), so another vLLM fails loudly instead of losing a fix."""
+    replaces (compat.require), so another vLLM fails loudly instead of losing a fix."""
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():

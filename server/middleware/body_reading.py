@@ -1,6 +1,6 @@
 """Reading a request body once, the way vLLM will read it, and refusing what is ambiguous.
 
-The guard (steering_middleware.py) and the handler behind it must read the same bytes with the
+The guard (middleware/steering.py) and the handler behind it must read the same bytes with the
 same rules, or a client can show each a different request. Starlette's `Headers` (which vLLM's
 handlers use) returns the first of repeated headers and a dict of the raw headers the last, so a
 request with several `Content-Type` headers is refused outright. Every route but the multipart

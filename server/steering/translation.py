@@ -45,7 +45,7 @@ class Translation:
 def translate_request(body: dict, sae_sizes: dict[int, int], max_features: int, limits: Limits,
                       stages: tuple[frozenset[int], ...] = (), prompt_tokens: int | None = None,
                       max_model_len: int | None = None, d_model: int = 0) -> Translation:
-    """`body` has passed request_guard's checks (reserved keys, vllm_xargs, cache_salt);
+    """`body` has passed middleware/guard.py's checks (reserved keys, vllm_xargs, cache_salt);
     d_model: the residual stream's width (the length of a steering vector);
     prompt_tokens: its prompt's token count, where a trace needs it (traces.prompt_tokens_for_residuals);
     max_model_len: the context, which bounds what a trace may return."""
