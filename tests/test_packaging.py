@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from collections.abc import Iterator
 
@@ -58,6 +57,7 @@ def test_the_wheel_holds_every_module_and_the_data_files(wheel):
 
 
 def test_every_package_folder_is_listed_in_pyproject():
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert setuptools["package-dir"] == PACKAGE_DIRS
     folders = {p.parent for folder in PACKAGE_DIRS.values() for p in (ROOT / folder).rglob("__init__.py")}
