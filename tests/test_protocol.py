@@ -27,12 +27,13 @@ START_UP = ("cli.py", "cli/", "sae_source.py")
 
 
 def test_the_protocol_imports_without_torch():
+    """numpy is allowed: direction vectors travel as float32 arrays (spec.decode_vector)."""
     code = ("import pkgutil, sys, importlib, steerserve_sae.protocol as p\n"
             "names = [m.name for m in pkgutil.iter_modules(p.__path__)]\n"
             "[importlib.import_module(f'steerserve_sae.protocol.{n}') for n in names]\n"
-            "print(sorted(names), 'torch' in sys.modules, 'numpy' in sys.modules)")
+            "print(sorted(names), 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['capture', 'plugin_config', 'rpc', 'signing', 'spec'] False False"
+    assert out.strip() == "['capture', 'plugin_config', 'rpc', 'signing', 'spec'] False"
 
 
 def _plugin_imports(path: Path) -> list[str]:

@@ -47,9 +47,10 @@ from steerserve_sae.protocol.rpc import CAPTURE_KEY, CAPTURES, EXTRA_ARGS_KEY, G
     REJECTIONS, SAEInfo, WorkerStats, report_id_from_extra_arg, trace_key
 from steerserve_sae.capture.rejections import Rejections, ticket_of
 from steerserve_sae.sae.autoencoder import SAEWeights
+from steerserve_sae.steering.request_fit import check_fits
 from steerserve_sae.steering.slot_tables import SlotTables
 from steerserve_sae.steering.step_plan import StepPlanner
-from steerserve_sae.protocol.spec import FeatureEdit, SteeringSpec
+from steerserve_sae.protocol.spec import SteeringSpec
 from steerserve_sae.steering.token_routing import APPLY_CODES, token_slots
 from steerserve_sae.capture.store import WorkerStore
 
@@ -220,44 +221,7 @@ class SteeringRuntime:
         capture = CaptureSpec.from_extra_arg(raw_capture) if raw_capture is not None else None
         raw_report = extra_args.get(GATE_REPORT_KEY)
         report = report_id_from_extra_arg(raw_report) if raw_report is not None and spec and spec.gates else None
-        all_layers = set(self.config.sae_layers)  # every pipeline stage's, not only this one's
-        if spec is not None and len(spec.features) > self.config.max_features:
-            raise ValueError(f"{len(spec.features)} features; the tables hold {self.config.max_features}")
-        if spec is not None and len(spec.vectors) > self.config.max_vectors:
-            raise ValueError(f"{len(spec.vectors)} vectors; the tables hold {self.config.max_vectors}")
-        if spec is not None and len(spec.gates) > self.config.max_features:
-            raise ValueError(f"{len(spec.gates)} gates; the gate state holds {self.config.max_features}")
-
-        def check_feature(what: str, layer: int, index: int) -> None:
-            if layer not in all_layers:
-                raise ValueError(f"{what} at layer {layer}, which has no SAE loaded")
-            sae = self.saes.get(layer)
-            if sae is not None and not 0 <= index < sae.d_sae:
-                raise ValueError(f"{what} index {index} out of range at layer {layer}")
-
-        for v in spec.vectors if spec else ():
-            if v.layer not in all_layers:
-                raise ValueError(f"vector at layer {v.layer}, which has no SAE loaded")
-            sae = self.saes.get(v.layer)
-            if sae is not None and v.values().size != sae.d_model:
-                raise ValueError(f"vector of {v.values().size} values at layer {v.layer} (d_model {sae.d_model})")
-        for f in (*spec.features, *spec.vectors) if spec else ():
-            if isinstance(f, FeatureEdit):
-                check_feature("feature", f.layer, f.index)
-            if f.when is None:
-                continue
-            check_feature("gate feature", f.when.layer, f.when.index)
-            if (f.layer in self.saes) != (f.when.layer in self.saes):
-                raise ValueError(f"gate at layer {f.when.layer} and its edit at layer {f.layer} sit on "
-                                 "different pipeline stages")
-        for layer in capture.layers if capture else ():
-            if layer not in all_layers:
-                raise ValueError(f"capture at layer {layer}, which has no SAE loaded")
-            sae = self.saes.get(layer)
-            if sae is not None and not 1 <= capture.top_k <= sae.d_sae:
-                raise ValueError(f"capture top_k {capture.top_k} out of range at layer {layer}")
-            if sae is not None and not all(0 <= i < sae.d_sae for i in capture.watch):
-                raise ValueError(f"capture watches a feature out of range at layer {layer}")
+        check_fits(spec, capture, self.config, self.saes)
         local_gates = np.array([gate.layer in self.saes for gate in spec.gates], dtype=bool) if report else None
         return _RequestSteering(spec, capture, report, ticket_of(extra_args), local_gates)
 
