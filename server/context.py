@@ -10,6 +10,7 @@ from steerserve.steering.admission import ConfigAdmission
 from steerserve.analysis.feature_labels import FeatureLabels
 from steerserve.limits import Limits
 from steerserve.metrics import SteeringMetrics
+from steerserve.steering.presets import PresetStore
 from steerserve.steering.worker_takes import WorkerTakes
 
 
@@ -23,6 +24,8 @@ class SteeringContext:
     takes: WorkerTakes | None = None  # what finished requests left in the workers, taken over that RPC
     client: Any = None  # in-process client of this server's own app (server/in_process.py)
     served_model: str = ""
+    served_models: tuple[str, ...] = ()  # every name vLLM serves the model under (--served-model-name)
+    presets: PresetStore | None = None  # named specs served as models (server/steering/presets.py)
     max_model_len: int = 0
     limits: Limits = field(default_factory=Limits)
     labels: FeatureLabels = field(default_factory=FeatureLabels)

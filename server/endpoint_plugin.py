@@ -8,6 +8,7 @@ which SAEs they loaded.
 from __future__ import annotations
 
 import logging
+import os
 from argparse import Namespace
 
 from fastapi import FastAPI, Request
@@ -20,11 +21,13 @@ from steerserve_sae.protocol.signing import SECRET_ENV, sign
 
 from steerserve.middleware.auth import DEFAULT_OPEN_PATHS, AuthMiddleware, api_keys
 from steerserve.batch import attach_batch_api, start_batch_service
+from steerserve.batch.plugin import DEFAULT_DATA_DIR
 from steerserve.steering.admission import ConfigAdmission
 from steerserve.context import SteeringContext
 from steerserve.engine_rpc import every_rank, per_engine
 from steerserve.analysis.feature_labels import load_labels
 from steerserve.routers.features import router as features_router
+from steerserve.routers.presets import router as presets_router
 from steerserve.errors import APIError, answer_api_errors
 from steerserve.in_process import in_process_client, server_api_key
 from steerserve.limits import Limits
@@ -32,6 +35,7 @@ from steerserve.playground import PLAYGROUND_PATHS, router as playground_router
 from steerserve.routers.saes import router
 from steerserve.middleware.steering import SteeringMiddleware
 from steerserve.steering.openapi import describe_steering_fields
+from steerserve.steering.presets import PresetStore, seed_from_file
 from steerserve.steering.worker_takes import WorkerTakes
 
 ENDPOINT_PLUGIN_NAME = "steerserve_api"
@@ -47,6 +51,7 @@ class SteerserveEndpointPlugin:
         answer_api_errors(app)
         app.include_router(router)
         app.include_router(features_router)
+        app.include_router(presets_router)
         describe_steering_fields(app)
         app.include_router(playground_router)  # /ui: static files that call the API with the user's key
         app.add_middleware(SteeringMiddleware)
@@ -79,11 +84,13 @@ class SteerserveEndpointPlugin:
             takes=WorkerTakes(engine_client) if engine_client is not None else None,
             client=in_process_client(self._app, server_api_key(args)) if hasattr(self, "_app") else None,
             served_model=(getattr(args, "served_model_name", None) or [args.model])[0],
+            served_models=tuple(getattr(args, "served_model_name", None) or [args.model]),
             max_model_len=engine_client.model_config.max_model_len if engine_client is not None else 0,
             limits=Limits.from_args(args),
         )
         if getattr(args, "feature_labels", None):
             context.labels = load_labels(args.feature_labels)
+        _open_presets(context, args)
         if config is not None and engine_client is not None:
 
             async def worker_stats() -> dict:
@@ -95,6 +102,19 @@ class SteerserveEndpointPlugin:
         state.steerserve = context
         if engine_client is not None and getattr(self, "_app", None) is not None:
             start_batch_service(self._app, engine_client, state, args)
+
+
+def _open_presets(context: SteeringContext, args: Namespace) -> None:
+    """The data dir's presets, seeded from --steering-presets; a preset of that file that does not
+    fit the loaded SAEs stops the start-up (the message names the file and the preset)."""
+    context.presets = PresetStore(os.path.abspath(getattr(args, "data_dir", None) or DEFAULT_DATA_DIR))
+    path = getattr(args, "steering_presets", None)
+    if path:
+        try:
+            count = seed_from_file(context.presets, path, context, set(context.served_models))
+        except (OSError, ValueError) as exc:
+            raise RuntimeError(f"steerserve: --steering-presets {exc}") from None
+        logger.info("steerserve: %d steering presets from %s", count, path)
 
 
 async def _check_workers_verify_signatures(engine_client) -> None:

@@ -182,6 +182,33 @@ def test_fuzz_methods_headers_and_bodies(server):
     given(methods, paths, content_types, bodies, st.booleans())(FUZZ(run))()
 
 
+def test_fuzz_presets(http):
+    """Preset bodies and names; one valid preset is then used as a model with fuzzed fields
+    (inline steering merged into it included), and every preset created is deleted again."""
+    names = st.one_of(st.sampled_from(["fuzz-preset", MODEL_NAME, "", "a" * 65, "a/b", "%2e%2e"]), st.text(max_size=12),
+                      scalars)
+    preset_body = st.fixed_dictionaries({}, optional={"name": names, "steering": steering,
+                                                      "description": st.one_of(st.text(max_size=20), scalars),
+                                                      "extra": scalars})
+    model_body = st.fixed_dictionaries({"model": st.just("fuzz-preset"), "messages": messages}, optional=common)
+    assert http.post("/v1/steering/presets", json={"name": "fuzz-preset", "steering": {"features": [
+        {"layer": 1, "index": 3, "mode": "add", "value": 2.0}]}}).status_code == 200
+
+    def run(body, name, chat):
+        response = http.post("/v1/steering/presets", json=body)
+        check(response)
+        if response.status_code == 200:
+            assert http.delete(f"/v1/steering/presets/{quote(response.json()['name'], safe='')}").status_code == 200
+        path_name = quote(name if isinstance(name, str) else json.dumps(name), safe="")
+        check(http.get(f"/v1/steering/presets/{path_name}"))
+        send(http, "/v1/chat/completions", bounded(chat))
+
+    try:
+        given(preset_body, names, model_body)(FUZZ(run))()
+    finally:
+        http.delete("/v1/steering/presets/fuzz-preset")
+
+
 def test_engine_survived_the_fuzzing(server, http):
     assert server.proc.poll() is None
     response = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "the weather", "max_tokens": 2})

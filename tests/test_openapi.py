@@ -27,6 +27,10 @@ ROUTES = {  # (method, path): (JSON or form body properties, query parameters, p
     ("GET", "/v1/batches"): (None, {"after", "limit"}, set()),
     ("GET", "/v1/batches/{batch_id}"): (None, set(), {"batch_id"}),
     ("POST", "/v1/batches/{batch_id}/cancel"): (None, set(), {"batch_id"}),
+    ("POST", "/v1/steering/presets"): ({"name", "steering", "description"}, set(), set()),
+    ("GET", "/v1/steering/presets"): (None, set(), set()),
+    ("GET", "/v1/steering/presets/{name}"): (None, set(), {"name"}),
+    ("DELETE", "/v1/steering/presets/{name}"): (None, set(), {"name"}),
 }
 BODY_TYPES = {"/v1/files": "multipart/form-data"}  # the others take JSON
 

@@ -70,7 +70,11 @@ def add_steering_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--feature-labels", default=None,
                        help="JSONL of {layer, index, label, description?} shown by the features API")
     group.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
-                       help="where the Files/Batches API keeps its SQLite database and file contents")
+                       help="where the Files/Batches API and the steering presets keep their SQLite databases "
+                            "and file contents")
+    group.add_argument("--steering-presets", default=None, metavar="FILE",
+                       help="YAML or JSON mapping preset name -> steering spec (or {steering, description}); each "
+                            "is served as a model and stored in --data-dir, replacing a stored one of that name")
     group.add_argument("--batch-concurrency", type=int, default=DEFAULT_BATCH_CONCURRENCY,
                        help="batch lines in flight at once (they run at lower priority than interactive requests)")
     group.add_argument("--unauthenticated-paths", nargs="*", default=list(DEFAULT_OPEN_PATHS),
@@ -141,6 +145,13 @@ def configure_steering(args: argparse.Namespace) -> None:
             load_labels(args.feature_labels)
         except LabelsFileError as exc:
             sys.exit(f"error: --feature-labels: {exc}")
+    if args.steering_presets:  # its specs are checked against the SAEs once the workers loaded them
+        from steerserve.steering.presets import read_presets_file
+
+        try:
+            read_presets_file(args.steering_presets)
+        except (OSError, ValueError) as exc:
+            sys.exit(f"error: --steering-presets: {exc}")
     if args.sae is None:
         for option, given in (("--sae-layers", args.sae_layers), ("--sae-k", args.sae_k)):
             if given:

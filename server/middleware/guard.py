@@ -22,8 +22,9 @@ from steerserve.limits import PriorityRange
 # Routes whose requests the middleware translates (`steering` validated, applied, echoed).
 # `/invocations` is SageMaker's alias that dispatches to chat or text completions by body.
 STEERABLE_PATHS = ("/v1/chat/completions", "/v1/completions", "/invocations")
-# Steerserve's own routes that take `steering` and forward it through a steerable route.
-FORWARDING_PREFIXES = ("/v1/features/",)
+# Steerserve's own routes that take `steering`: forwarded through a steerable route, or stored
+# as a preset (validated like an inline field there).
+FORWARDING_PREFIXES = ("/v1/features/", "/v1/steering/presets")
 
 
 def declared_over(content_length: str | None, limit: int) -> bool:

@@ -35,7 +35,9 @@ from steerserve.middleware.guard import (
     check_cache_salt, check_priority, check_route_takes_steering, check_vllm_xargs, is_steerable, parse_json_body,
 )
 from steerserve.middleware.response_end import asked_keys, response_end, stream_rejection, trace_keys, trace_pieces
+from steerserve.middleware.model_list import MODELS_PATH, PresetModelsSend
 from steerserve.middleware.response_rewrite import EchoingSend
+from steerserve.steering.presets import named_by_preset, resolve_model
 from steerserve.steering.translation import translate_request
 from steerserve.steering.traces import num_choices, prompt_tokens_for_residuals, take_traces
 
@@ -82,15 +84,18 @@ class SteeringMiddleware:
             await refuse(error, scope, channel, send, context.limits.max_request_bytes)
             return
         if not reading:
-            await self.app(scope, receive, send)
+            listing = scope["path"] == MODELS_PATH and scope["method"] == "GET" and context.presets is not None
+            await self.app(scope, receive, PresetModelsSend(send, context) if listing else send)
             return
         translation = None
         if isinstance(payload, dict) and is_steerable(scope["path"]):
             try:
+                payload, preset = resolve_model(payload, context.presets, context.served_model)
                 prompt_tokens = await prompt_tokens_for_residuals(context, payload)
                 translation = translate_request(payload, context.sae_sizes, context.max_features, context.limits,
                                                 context.sae_stages, prompt_tokens, context.max_model_len,
                                                 context.d_model)
+                translation.preset = preset.name if preset is not None else None
             except APIError as error:
                 context.metrics.validation_error(error.code)
                 await error.response()(scope, _replay(b"", receive), send)
@@ -132,6 +137,9 @@ class SteeringMiddleware:
                                 untaken: set[Wanted]) -> None:
         spec = translation.spec
         additions: dict[str, Any] = {"steering": spec.echo()} if spec is not None else {}
+        final = response_end(context, translation, untaken)
+        if translation.preset is not None:  # the response names the preset as its model
+            additions, final = named_by_preset(additions, final, translation.preset)
         if translation.baseline_body is not None:
             baseline = json.dumps(translation.baseline_body).encode()
             baseline_keys = trace_keys(translation.baseline_trace, num_choices(translation.baseline_body))
@@ -154,7 +162,7 @@ class SteeringMiddleware:
                     choice["trace"] = traces.get(choice.get("index"), [])
         new_body = json.dumps(translation.body).encode()
         untaken.update(asked_keys(translation))
-        echoing = EchoingSend(send, additions, response_end(context, translation, untaken),
+        echoing = EchoingSend(send, additions, final,
                               trace_pieces(context, translation), stream_rejection(context, translation, untaken))
         if spec is None:
             await self.app(_with_length(scope, new_body), _replay(new_body, receive), echoing)

@@ -35,6 +35,7 @@ class Translation:
     trace: CaptureSpec | None = None  # the request's trace (server/steering/traces.py)
     baseline_trace: CaptureSpec | None = None  # the baseline's own trace, when both are asked for
     ticket: str | None = None  # where a worker records refusing the request's spec (rejections.py)
+    preset: str | None = None  # the preset the request named as its model (server/steering/presets.py)
 
     @property
     def extended(self) -> bool:

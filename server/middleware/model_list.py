@@ -1,0 +1,50 @@
+"""`GET /v1/models` with every steering preset listed after vLLM's own entries, each in the shape
+vLLM gives a LoRA adapter (server/steering/presets.py `Preset.card`): clients that can only pick
+a model find the presets where they look for models."""
+
+from __future__ import annotations
+
+import json
+
+from starlette.types import Message, Send
+
+MODELS_PATH = "/v1/models"
+
+
+class PresetModelsSend:
+    """Buffers vLLM's model list (one small JSON body) and appends the presets' cards; any other
+    answer (an error, a non-JSON body) passes unchanged."""
+
+    def __init__(self, send: Send, context):
+        self._send = send
+        self._context = context
+        self._start: Message | None = None
+        self._buffer = b""
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            content_type = dict(message.get("headers", [])).get(b"content-type", b"")
+            if message["status"] == 200 and content_type.startswith(b"application/json"):
+                self._start = message
+                return
+        if self._start is None or message["type"] != "http.response.body":
+            await self._send(message)
+            return
+        self._buffer += message.get("body", b"")
+        if message.get("more_body", False):
+            return
+        body = self._with_presets(self._buffer)
+        headers = [(k, v) for k, v in self._start["headers"] if k.lower() != b"content-length"]
+        await self._send({**self._start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+        await self._send({"type": "http.response.body", "body": body, "more_body": False})
+
+    def _with_presets(self, raw: bytes) -> bytes:
+        try:
+            listing = json.loads(raw)
+        except ValueError:
+            return raw
+        if not isinstance(listing, dict) or not isinstance(listing.get("data"), list):
+            return raw
+        context = self._context
+        listing["data"].extend(p.card(context.served_model, context.max_model_len) for p in context.presets.all())
+        return json.dumps(listing).encode()

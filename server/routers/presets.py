@@ -1,0 +1,96 @@
+"""`/v1/steering/presets`: named steering specs that clients steer by as a `model`
+(server/steering/presets.py keeps them; the steering middleware resolves them)."""
+
+from __future__ import annotations
+
+import time
+from http import HTTPStatus
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictStr
+
+from steerserve.errors import APIError
+from steerserve.routers.route import SteerserveRoute
+from steerserve.steering.presets import Preset, PresetStore, check_name, validate_spec
+from steerserve.steering.schema import Steering
+
+router = APIRouter(route_class=SteerserveRoute)
+# The spec is passed on as sent: validate_spec checks it like an inline field, so its errors
+# name `steering.features[i]...` exactly as on chat completions.
+SteeringField = Annotated[Any, PlainValidator(lambda value: value, json_schema_input_type=Steering)]
+
+
+class PresetCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: StrictStr = Field(description="1 to 64 characters of A-Z a-z 0-9 . _ : -; the model name clients pick")
+    steering: SteeringField
+    description: StrictStr | None = None
+
+
+class PresetObject(BaseModel):
+    object: Literal["steering.preset"]
+    name: str
+    steering: dict[str, Any]
+    description: str | None
+    created_at: int
+    source: str = Field(description='"api", or the --steering-presets file it came from')
+
+
+class PresetList(BaseModel):
+    object: Literal["list"]
+    data: list[PresetObject]
+
+
+class PresetDeleted(BaseModel):
+    object: Literal["steering.preset.deleted"]
+    name: str
+    deleted: bool
+
+
+def _store(request: Request) -> PresetStore:
+    store = request.app.state.steerserve.presets
+    if store is None:
+        raise APIError("presets are unavailable on this server", code="presets_unavailable")
+    return store
+
+
+def _not_found(name: str) -> APIError:
+    return APIError(f"no steering preset named {name!r}", param="name", code="preset_not_found",
+                    status=HTTPStatus.NOT_FOUND)
+
+
+@router.post("/v1/steering/presets", response_model=PresetObject)
+async def create_preset(request: Request, req: PresetCreate) -> dict[str, Any]:
+    context = request.app.state.steerserve
+    store = _store(request)
+    name = check_name(req.name)
+    if name in context.served_models:
+        raise APIError(f"{name!r} is the name of a served model", param="name", code="model_name_taken",
+                       status=HTTPStatus.CONFLICT)
+    validate_spec(req.steering, context)
+    preset = Preset(name, req.steering, req.description, int(time.time()), "api")
+    if not store.put(preset, replace=False):
+        raise APIError(f"a steering preset named {name!r} exists; delete it first", param="name",
+                       code="preset_exists", status=HTTPStatus.CONFLICT)
+    return preset.public()
+
+
+@router.get("/v1/steering/presets", response_model=PresetList)
+async def list_presets(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": [p.public() for p in _store(request).all()]}
+
+
+@router.get("/v1/steering/presets/{name}", response_model=PresetObject)
+async def get_preset(name: str, request: Request) -> dict[str, Any]:
+    preset = _store(request).get(name)
+    if preset is None:
+        raise _not_found(name)
+    return preset.public()
+
+
+@router.delete("/v1/steering/presets/{name}", response_model=PresetDeleted)
+async def delete_preset(name: str, request: Request) -> dict[str, Any]:
+    if not _store(request).delete(name):
+        raise _not_found(name)
+    return {"object": "steering.preset.deleted", "name": name, "deleted": True}
