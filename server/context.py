@@ -11,6 +11,7 @@ from steerserve.analysis.feature_labels import FeatureLabels
 from steerserve.limits import Limits
 from steerserve.metrics import SteeringMetrics
 from steerserve.steering.presets import PresetStore
+from steerserve.steering.vector_store import VectorStore
 from steerserve.steering.worker_takes import WorkerTakes
 
 
@@ -26,6 +27,7 @@ class SteeringContext:
     served_model: str = ""
     served_models: tuple[str, ...] = ()  # every name vLLM serves the model under (--served-model-name)
     presets: PresetStore | None = None  # named specs served as models (server/steering/presets.py)
+    vectors: VectorStore | None = None  # stored direction vectors (server/steering/vector_store.py)
     max_model_len: int = 0
     limits: Limits = field(default_factory=Limits)
     labels: FeatureLabels = field(default_factory=FeatureLabels)

@@ -27,6 +27,8 @@ from steerserve.context import SteeringContext
 from steerserve.engine_rpc import every_rank, per_engine
 from steerserve.analysis.feature_labels import load_labels
 from steerserve.routers.features import router as features_router
+from steerserve.routers.contrast import router as contrast_router
+from steerserve.routers.vectors import router as vectors_router
 from steerserve.routers.presets import router as presets_router
 from steerserve.errors import APIError, answer_api_errors
 from steerserve.in_process import in_process_client, server_api_key
@@ -36,6 +38,7 @@ from steerserve.routers.saes import router
 from steerserve.middleware.steering import SteeringMiddleware
 from steerserve.steering.openapi import describe_steering_fields
 from steerserve.steering.presets import PresetStore, seed_from_file
+from steerserve.steering.vector_store import VectorStore
 from steerserve.steering.worker_takes import WorkerTakes
 
 ENDPOINT_PLUGIN_NAME = "steerserve_api"
@@ -51,6 +54,8 @@ class SteerserveEndpointPlugin:
         answer_api_errors(app)
         app.include_router(router)
         app.include_router(features_router)
+        app.include_router(vectors_router)
+        app.include_router(contrast_router)
         app.include_router(presets_router)
         describe_steering_fields(app)
         app.include_router(playground_router)  # /ui: static files that call the API with the user's key
@@ -90,6 +95,7 @@ class SteerserveEndpointPlugin:
         )
         if getattr(args, "feature_labels", None):
             context.labels = load_labels(args.feature_labels)
+        context.vectors = _open_vectors(context, args, engine_client)
         _open_presets(context, args)
         if config is not None and engine_client is not None:
 
@@ -115,6 +121,15 @@ def _open_presets(context: SteeringContext, args: Namespace) -> None:
         except (OSError, ValueError) as exc:
             raise RuntimeError(f"steerserve: --steering-presets {exc}") from None
         logger.info("steerserve: %d steering presets from %s", count, path)
+
+
+def _open_vectors(context: SteeringContext, args: Namespace, engine_client) -> VectorStore | None:
+    """The data dir's stored vectors, for this model's residual width."""
+    d_model = context.d_model or (engine_client.model_config.get_hidden_size() if engine_client is not None else 0)
+    if not d_model:
+        return None
+    data_dir = os.path.abspath(getattr(args, "data_dir", None) or DEFAULT_DATA_DIR)
+    return VectorStore(data_dir, d_model, context.limits.max_stored_vectors)
 
 
 async def _check_workers_verify_signatures(engine_client) -> None:

@@ -69,10 +69,19 @@ class Limits:
         DEFAULT_MAX_VECTORS, "most direction vectors one request may steer with, over all layers (400 above); "
                              "each worker reserves this many d_model float32 rows per steering config slot")
     max_upload_bytes: int = _limit(200 * MiB, "largest file uploaded to /v1/files, in bytes (413 above)")
+    max_vector_upload_bytes: int = _limit(
+        64 * MiB, "largest file uploaded to /v1/steering/vectors, in bytes (413 above)")
+    max_stored_vectors: int = _limit(
+        4096, "most vectors /v1/steering/vectors stores, counting each layer of a control vector (400 above); "
+              "each is d_model float32s, held in memory")
     max_batch_lines: int = _limit(50_000, "most lines in one batch input file (the batch fails validation above)")
     max_inspect_chars_per_token: int = _limit(
         32, "inspect refuses, before tokenizing, inputs longer than this many characters per token of "
             "context (the token count is checked after tokenizing too)")
+    max_contrast_texts: int = _limit(
+        64, "most examples in each set (positive, negative) of /v1/features/contrast (400 above)")
+    max_contrast_tokens: int = _limit(
+        16384, "most tokens of all the examples of one /v1/features/contrast request (400 above)")
     max_trace_features: int = _limit(
         256, "most features a `trace` returns per position, layers x top_k (400 above): a trace's size "
              "grows with its positions times this")

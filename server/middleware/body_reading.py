@@ -29,6 +29,9 @@ from steerserve.middleware.guard import declared_over, too_large
 # Routes whose bodies are multipart forms, each bounded by its own handler: the Files API's
 # uploads (files_api.py) and vLLM's audio routes (served only for speech-to-text models).
 FORM_PATHS = frozenset({"/v1/files", "/v1/audio/transcriptions", "/v1/audio/translations"})
+# Routes that take JSON or, sent as multipart/form-data, an upload their handler bounds
+# (stored vectors, routers/vectors.py).
+JSON_OR_FORM_PATHS = frozenset({"/v1/steering/vectors"})
 BODY_METHODS = ("POST", "PUT", "PATCH")
 DRAIN_FACTOR = 4  # a refused body is read (and dropped) up to this many times the limit
 DRAIN_SECONDS = 10.0  # and for at most this long
@@ -59,7 +62,9 @@ def header_values(scope: Scope, name: bytes) -> list[bytes]:
 
 def reads_json(scope: Scope) -> bool:
     """Whether the guard reads this request's body: any body sent to a route that is not a
-    multipart upload route."""
+    multipart upload route, nor an upload to a route that also takes one."""
+    if scope["path"] in JSON_OR_FORM_PATHS and _media_type(scope) == "multipart/form-data":
+        return False
     return scope["type"] == "http" and scope["method"] in BODY_METHODS and scope["path"] not in FORM_PATHS
 
 

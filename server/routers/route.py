@@ -76,7 +76,7 @@ def integer_query(minimum: int | None = None, maximum: int | None = None, defaul
                      Field(description=None if default is None else f"default: {default}")]
 
 
-def _declares_json(request: Request) -> bool:
+def declares_json(request: Request) -> bool:
     """Whether FastAPI reads this body as JSON (no Content-Type counts: the routes are lenient)."""
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     return media_type in ("", "application/json") or (media_type.startswith("application/")
@@ -110,7 +110,7 @@ class SteerserveRoute(APIRoute):
         if isinstance(self.body_field.field_info, params.Form):
             return ReadRequest(request, form=await self.read_form(request))
         body = await request.body()
-        if not _declares_json(request):
+        if not declares_json(request):
             raise APIError(f"{self.path} takes a JSON body: send `Content-Type: application/json`",
                            code="unsupported_media_type", status=HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
         return ReadRequest(request, body, payload=parse_json(body))

@@ -23,6 +23,7 @@ from steerserve.errors import APIError
 from steerserve.limits import Limits
 from steerserve.steering.schema import parse_steering
 from steerserve.steering.traces import attach_trace, parse_trace
+from steerserve.steering.vector_store import VectorStore, resolve_names
 
 
 @dataclass
@@ -45,11 +46,13 @@ class Translation:
 
 def translate_request(body: dict, sae_sizes: dict[int, int], max_features: int, limits: Limits,
                       stages: tuple[frozenset[int], ...] = (), prompt_tokens: int | None = None,
-                      max_model_len: int | None = None, d_model: int = 0) -> Translation:
+                      max_model_len: int | None = None, d_model: int = 0,
+                      vectors: VectorStore | None = None) -> Translation:
     """`body` has passed middleware/guard.py's checks (reserved keys, vllm_xargs, cache_salt);
     d_model: the residual stream's width (the length of a steering vector);
     prompt_tokens: its prompt's token count, where a trace needs it (traces.prompt_tokens_for_residuals);
-    max_model_len: the context, which bounds what a trace may return."""
+    max_model_len: the context, which bounds what a trace may return;
+    vectors: the stored vectors a spec may name instead of giving base64."""
     had_fields = "steering" in body or "trace" in body
     raw_trace = body.pop("trace", None)
     trace = parse_trace(raw_trace, sae_sizes, body, limits.max_trace_features, limits.max_trace_residuals,
@@ -59,6 +62,7 @@ def translate_request(body: dict, sae_sizes: dict[int, int], max_features: int, 
         capture = attach_trace(body, trace) if trace is not None else None
         return Translation(body, None, body_changed=had_fields, trace=capture,
                            ticket=_ticket(body) if capture is not None else None)
+    resolve_names(body["steering"], vectors)
     spec, compare = parse_steering(body.pop("steering"), sae_sizes, max_features, limits.max_steering_value, stages,
                                    d_model, limits.max_steering_vectors)
     baseline = baseline_trace = None
