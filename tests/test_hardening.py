@@ -48,7 +48,7 @@ def test_reserved_vllm_xargs_are_refused_on_every_route(http, route, key):
         assert_error(http.post(route, json=body), 400, "reserved_field", f"vllm_xargs.{key}")
 
 
-@pytest.mark.parametrize("route", ["/v1/responses", "/v1/messages", "/v1/chat/completions/batch"])
+@pytest.mark.parametrize("route", ["/v1/chat/completions/batch"])
 def test_steering_on_a_route_that_cannot_apply_it_is_refused(http, route):
     body = {**GENERATING_ROUTES[route], "steering": STEER}
     error = assert_error(http.post(route, json=body), 400, "steering_unsupported_route", "steering")

@@ -20,8 +20,9 @@ from steerserve.errors import APIError
 from steerserve.limits import PriorityRange
 
 # Routes whose requests the middleware translates (`steering` validated, applied, echoed).
-# `/invocations` is SageMaker's alias that dispatches to chat or text completions by body.
-STEERABLE_PATHS = ("/v1/chat/completions", "/v1/completions", "/invocations")
+# `/invocations` is SageMaker's alias that dispatches to chat or text completions by body;
+# where the Responses and Messages APIs keep the echo: middleware/api_shapes.py.
+STEERABLE_PATHS = ("/v1/chat/completions", "/v1/completions", "/invocations", "/v1/responses", "/v1/messages")
 # Steerserve's own routes that take `steering`: forwarded through a steerable route, or stored
 # as a preset (validated like an inline field there).
 FORWARDING_PREFIXES = ("/v1/features/", "/v1/steering/presets")
@@ -130,5 +131,7 @@ def check_route_takes_steering(path: str, payload: dict) -> None:
         return
     for name in ("steering", "trace"):
         if payload.get(name) is not None:
-            raise APIError(f"{name} is not supported on {path}; use /v1/chat/completions or /v1/completions",
+            routes = "/v1/chat/completions, /v1/completions, /v1/responses or /v1/messages" if name == "steering" \
+                else "/v1/chat/completions or /v1/completions"
+            raise APIError(f"{name} is not supported on {path}; use {routes}",
                            param=name, code="steering_unsupported_route")

@@ -10,6 +10,7 @@ from typing import Any, Awaitable, Callable
 from starlette.types import Message, Send
 
 from steerserve.errors import APIError
+from steerserve.middleware.api_shapes import COMPLETIONS, CompletionsShape
 from steerserve.middleware.response_end import ResponseEnd
 
 
@@ -18,13 +19,16 @@ class EchoingSend:
     every `data:` event of a stream. `final`, when given, makes the additions of the end of the
     response: merged into the JSON body, or sent as one more chunk before the stream's `[DONE]`.
     `trace_pieces`, for a traced stream: each chunk's choice carries the trace entries recorded
-    since the previous chunk (the last chunk the rest), so the stream's pieces add up to the trace."""
+    since the previous chunk (the last chunk the rest), so the stream's pieces add up to the trace.
+    `shape`: where the API keeps the echo in its stream's events (api_shapes.py)."""
 
     def __init__(self, send: Send, additions: dict[str, Any],
                  final: Callable[[], Awaitable[ResponseEnd]] | None = None,
                  trace_pieces: Callable[[], Awaitable[dict[int, list[dict]]]] | None = None,
-                 rejection: Callable[[], Awaitable[APIError | None]] | None = None):
+                 rejection: Callable[[], Awaitable[APIError | None]] | None = None,
+                 shape: CompletionsShape = COMPLETIONS):
         self._send = send
+        self._shape = shape
         self._additions = additions
         self._final = final
         self._trace_pieces = trace_pieces
@@ -92,8 +96,7 @@ class EchoingSend:
                 self._buffer = b""
         except APIError as error:  # mid-stream: the status is sent, so an error event ends the stream
             self._mode = "rejected"
-            body = b"data: " + json.dumps(error.body()).encode() + b"\n\ndata: [DONE]\n\n"
-            await self._send({"type": "http.response.body", "body": body, "more_body": False})
+            await self._send({"type": "http.response.body", "body": self._shape.error_event(error), "more_body": False})
             return
         await self._send({"type": "http.response.body", "body": out, "more_body": more})
 
@@ -104,14 +107,20 @@ class EchoingSend:
                                       (b"content-length", str(len(body)).encode())]})
         await self._send({"type": "http.response.body", "body": body, "more_body": False})
 
-    def _with_additions(self, raw: bytes, per_choice: dict[int, dict[str, Any]] | None = None) -> bytes:
+    def _with_additions(self, raw: bytes, per_choice: dict[int, dict[str, Any]] | None = None,
+                        event: bool = False) -> bytes:
+        """`raw` with the additions: a JSON body's top level, or where the API keeps them in a
+        stream's event."""
         try:
             data = json.loads(raw)
         except ValueError:
+            self._last_chunk = {}
             return raw
+        self._last_chunk = data if isinstance(data, dict) else {}
         if isinstance(data, dict):
-            self._last_chunk = data
-            data.update(self._additions)
+            target = self._shape.echo_target(data) if event else data
+            if target is not None:
+                target.update(self._additions)
             for choice in data.get("choices", []) if per_choice else ():
                 choice.update(per_choice.get(choice.get("index"), {}))
             for choice in data.get("choices", []) if self._trace_pieces is not None else ():
@@ -119,12 +128,15 @@ class EchoingSend:
         return json.dumps(data).encode()
 
     async def _sse_event(self, event: bytes) -> bytes:
+        # `data: {...}`, or a named event: `event: name\ndata: {...}`
         prefix = b"data: "
-        if not event.startswith(prefix):
+        start = 0 if event.startswith(prefix) else event.find(b"\n" + prefix) + 1
+        if start == 0 and not event.startswith(prefix):
             return event
-        if event[len(prefix):].strip() != b"[DONE]":
-            return prefix + self._with_additions(event[len(prefix):])
-        if self._final is None:
+        head, start = event[:start], start + len(prefix)
+        if event[start:].strip() != b"[DONE]":
+            return head + prefix + await self._named_end(self._with_additions(event[start:], event=True))
+        if self._final is None or not self._shape.ends_with_done:
             return event
         # One last chunk, like a usage chunk: the end-of-response fields, and per choice an empty
         # delta (or text) carrying that choice's trace.
@@ -138,3 +150,15 @@ class EchoingSend:
         choices = [{"index": i, **empty, "finish_reason": None, **fields} for i, fields in sorted(end.per_choice.items())]
         final = json.dumps({**last, "choices": choices, **self._additions, **end.fields}).encode()
         return prefix + final + b"\n\n" + event
+
+    async def _named_end(self, data: bytes) -> bytes:
+        """For an API whose stream ends with an event of its own (api_shapes.py): that event
+        takes the end-of-response fields."""
+        target = self._shape.end_target(self._last_chunk)
+        if target is None:
+            return data
+        end, self._final = (await self._final() if self._final is not None else ResponseEnd()), None  # taken once
+        if end.rejected is not None:
+            raise end.rejected
+        target.update({**self._additions, **end.fields})
+        return json.dumps(self._last_chunk).encode()

@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from steerserve_sae.protocol.rpc import Wanted
 
+from steerserve.middleware.api_shapes import api_shape
 from steerserve.middleware.body_reading import BodyChannel, check_headers, read_json_body, reads_json, refuse
 from steerserve.errors import APIError
 from steerserve.middleware.guard import (
@@ -91,6 +92,7 @@ class SteeringMiddleware:
         if isinstance(payload, dict) and is_steerable(scope["path"]):
             try:
                 payload, preset = resolve_model(payload, context.presets, context.served_model)
+                api_shape(scope["path"]).check_request(payload)
                 prompt_tokens = await prompt_tokens_for_residuals(context, payload)
                 translation = translate_request(payload, context.sae_sizes, context.max_features, context.limits,
                                                 context.sae_stages, prompt_tokens, context.max_model_len,
@@ -163,7 +165,8 @@ class SteeringMiddleware:
         new_body = json.dumps(translation.body).encode()
         untaken.update(asked_keys(translation))
         echoing = EchoingSend(send, additions, final,
-                              trace_pieces(context, translation), stream_rejection(context, translation, untaken))
+                              trace_pieces(context, translation), stream_rejection(context, translation, untaken),
+                              api_shape(scope["path"]))
         if spec is None:
             await self.app(_with_length(scope, new_body), _replay(new_body, receive), echoing)
             return
