@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import MODEL_NAME
+from tests.conftest import MODEL_NAME, PROMPT
 
 POSITIVE = ["The rain fell on the quiet town all night.", "Storm clouds gathered over the hills."]
 NEGATIVE = ["She baked fresh bread every morning.", "The bakery sold warm rolls and cakes."]
@@ -21,6 +21,13 @@ NEGATIVE = ["She baked fresh bread every morning.", "The bakery sold warm rolls 
 
 def decode(text: str) -> np.ndarray:
     return np.frombuffer(base64.b64decode(text), dtype="<f4")
+
+
+def greedy(client, model: str, steering: dict | None = None) -> tuple[list[int], list[float]]:
+    extra = {"return_token_ids": True, "ignore_eos": True} | ({"steering": steering} if steering else {})
+    choice = client.chat.completions.create(model=model, messages=PROMPT, max_tokens=8, temperature=0, logprobs=True,
+                                            extra_body=extra).choices[0]
+    return list(choice.model_extra["token_ids"]), [t.logprob for t in choice.logprobs.content]
 
 
 def reference_means(http, reference, texts: list[str], layer: int) -> tuple[np.ndarray, np.ndarray]:
@@ -36,13 +43,13 @@ def reference_means(http, reference, texts: list[str], layer: int) -> tuple[np.n
     return np.stack(features), np.stack(streams)
 
 
-def test_contrast_matches_the_reference_and_saves_the_direction(http, reference):
+def test_contrast_matches_the_reference_and_saves_the_direction(http, client, reference):
     response = http.post("/v1/features/contrast", json={"positive": POSITIVE, "negative": NEGATIVE, "layers": [2, 1],
                                                         "top_k": 5, "save_as": "rain-vs-bread"})
     assert response.status_code == 200, response.text
     result = response.json()
     assert result["layers"] == [1, 2] and result["positive"]["texts"] == 2 and result["saved"] == {
-        "vector": "rain-vs-bread"}
+        "vector": "rain-vs-bread", "preset": "rain-vs-bread"}
     for layer in (1, 2):
         p_f, p_s = reference_means(http, reference, POSITIVE, layer)
         n_f, n_s = reference_means(http, reference, NEGATIVE, layer)
@@ -60,6 +67,13 @@ def test_contrast_matches_the_reference_and_saves_the_direction(http, reference)
         assert cosine > 0.99 and got["direction"]["norm"] == pytest.approx(float(np.linalg.norm(expected)), rel=0.05)
         stored = http.get("/v1/steering/vectors/rain-vs-bread").json()
         assert next(e for e in stored["layers"] if e["layer"] == layer)["vector"] == got["direction"]["vector"]
+    inline = [{"layer": layer, "vector": result["contrast"][str(layer)]["direction"]["vector"], "mode": "add",
+               "value": 1.0} for layer in (1, 2)]
+    assert greedy(client, "rain-vs-bread") == greedy(client, MODEL_NAME, {"vectors": inline}) != greedy(client, MODEL_NAME)
+    again = http.post("/v1/features/contrast", json={"positive": POSITIVE, "negative": NEGATIVE, "layers": [1],
+                                                     "save_as": "rain-vs-bread"})
+    assert again.status_code == 409 and again.json()["error"]["param"] == "save_as", again.text
+    assert http.delete("/v1/steering/presets/rain-vs-bread").status_code == 200
     assert http.delete("/v1/steering/vectors/rain-vs-bread").status_code == 200
 
 

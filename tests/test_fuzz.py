@@ -10,6 +10,7 @@ or several Content-Type headers of any kind, JSON, deep or raw bodies.
 
 from __future__ import annotations
 
+import base64
 import json
 from urllib.parse import quote
 
@@ -37,9 +38,15 @@ feature = st.fixed_dictionaries(
     optional={"mode": st.one_of(st.sampled_from(["add", "clamp", "scale", "ablate"]), scalars),
               "value": st.one_of(st.floats(min_value=-20, max_value=20), scalars),
               "strength": scalars})
+vector_entry = st.fixed_dictionaries(  # a stored vector's name, an inline base64 one, or garbage
+    {"layer": st.one_of(st.sampled_from([1, 2]), small_ints, scalars),
+     "vector": st.one_of(st.sampled_from(["fuzz-v", "fuzz-ctrl", "nope", "AAAAAA=="]), scalars)},
+    optional={"mode": st.one_of(st.sampled_from(["add", "cap", "ablate"]), scalars),
+              "value": st.one_of(st.floats(min_value=-20, max_value=20), scalars)})
 steering = st.one_of(
     st.fixed_dictionaries({"features": st.lists(feature, max_size=3)},
-                          optional={"apply_to": st.one_of(st.sampled_from(["all", "prompt", "generation"]), scalars),
+                          optional={"vectors": st.lists(vector_entry, max_size=2),
+                                    "apply_to": st.one_of(st.sampled_from(["all", "prompt", "generation"]), scalars),
                                     "compare": st.one_of(st.booleans(), scalars)}),
     json_values)
 forged = st.one_of(scalars, st.just("{}"), st.just('{"features": [], "apply_to": "all"}'),
@@ -104,6 +111,22 @@ def send(http, path: str, body) -> None:
         check(response, anthropic=path == "/v1/messages")
 
 
+@pytest.fixture(scope="module")
+def d_model(http) -> int:
+    return http.get("/v1/saes").json()["data"][0]["d_model"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def stored_vectors(http, d_model):
+    """Two stored vectors, so that the fuzzed `steering.vectors` also name real ones."""
+    zero = base64.b64encode(bytes(4 * d_model)).decode()
+    for name, layer in (("fuzz-v", None), ("fuzz-ctrl", 1)):
+        http.post("/v1/steering/vectors", json={"name": name, "vector": zero, "layer": layer})
+    yield
+    for name in ("fuzz-v", "fuzz-ctrl"):
+        http.delete(f"/v1/steering/vectors/{name}")
+
+
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/invocations"])
 def test_fuzz_chat(http, path):
     given(chat_body)(FUZZ(lambda body: send(http, path, bounded(body))))()
@@ -121,8 +144,31 @@ def test_fuzz_other_generating_routes(http):
     given(routes, body)(FUZZ(lambda path, b: send(http, path, bounded(b))))()
 
 
+@pytest.mark.parametrize("path, text", [("/v1/responses", "input"), ("/v1/messages", "messages")])
+def test_fuzz_steering_on_responses_and_messages(http, path, text):
+    """Bodies each route accepts, with `steering` (applied there) and `trace` (refused there)."""
+    trace = st.one_of(st.fixed_dictionaries({"layers": st.lists(small_ints, max_size=2)}), json_values)
+    body = st.fixed_dictionaries({"model": st.just(MODEL_NAME), text: st.one_of(messages, prompt)},
+                                 optional={**common, "trace": trace})
+    given(body)(settings(FUZZ, max_examples=EXAMPLES // 2)(lambda b: send(http, path, bounded(b))))()
+
+
 def test_fuzz_inspect(http):
     given(inspect_body)(FUZZ(lambda body: send(http, "/v1/features/inspect", body)))()
+
+
+def test_fuzz_contrast(http):
+    examples = st.one_of(st.lists(st.one_of(st.text(max_size=20), messages), max_size=3), json_values)
+    body = st.fixed_dictionaries({}, optional={
+        "positive": examples, "negative": examples, "layers": st.one_of(st.lists(small_ints, max_size=3), json_values),
+        "top_k": st.one_of(small_ints, scalars), "save_as": st.one_of(st.sampled_from(["fuzz-c", "no spaces"]), scalars),
+        "add_generation_prompt": scalars, "model": scalars, "extra": scalars})
+
+    def run(b):
+        send(http, "/v1/features/contrast", b)
+        http.delete("/v1/steering/vectors/fuzz-c")
+
+    given(body)(FUZZ(run))()
 
 
 def test_fuzz_batches_and_files(http):
@@ -140,6 +186,31 @@ def test_fuzz_batches_and_files(http):
           ids)(FUZZ(run))()
 
 
+def test_fuzz_stored_vectors(http, d_model):
+    """Creating, reading and deleting stored vectors."""
+    vector_body = st.fixed_dictionaries({}, optional={
+        "name": st.one_of(st.sampled_from(["fuzz-x", "fuzz-v", "a" * 65, "bad name"]), scalars),
+        "vector": st.one_of(st.just(base64.b64encode(bytes(4 * d_model)).decode()), st.sampled_from(["", "AAAA"]),
+                            scalars),
+        "layer": st.one_of(small_ints, scalars), "description": st.one_of(st.text(max_size=20), scalars),
+        "extra": scalars})
+    form_values = st.dictionaries(st.sampled_from(["name", "layer", "tensor", "description", "x"]),
+                                  st.text(max_size=12), max_size=4)
+    names = st.one_of(st.text(min_size=1, max_size=30).map(lambda t: quote(t, safe="")),
+                      st.sampled_from(["fuzz-x", "%2e%2e", "a" * 70]))
+
+    def run(body, file_bytes, form, name):
+        send(http, "/v1/steering/vectors", body)
+        check(http.post("/v1/steering/vectors", files={"file": ("v.npy", file_bytes)}, data=form))
+        check(http.get("/v1/steering/vectors"))
+        check(http.get(f"/v1/steering/vectors/{name}"))
+        check(http.delete(f"/v1/steering/vectors/{name}"))
+
+    given(vector_body, st.one_of(st.binary(max_size=300), st.sampled_from([b"GGUF" + bytes(40), b"\x93NUMPY" + bytes(20),
+                                                                           b"PK\x03\x04" + bytes(20)])),
+          form_values, names)(FUZZ(run))()
+
+
 def test_fuzz_feature_lookups(http):
     query_value = st.one_of(st.text(max_size=10), st.integers(min_value=-(10**40), max_value=10**40).map(str))
 
@@ -155,7 +226,7 @@ def test_fuzz_methods_headers_and_bodies(server):
     """The key is checked first, then the content type (one, JSON on a JSON route), then the body."""
     methods = st.sampled_from(["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"])
     paths = st.sampled_from(["/v1/completions", "/v1/chat/completions", "/invocations", "/v1/features/inspect",
-                             "/v1/batches", "/v1/files", "/tokenize", "/metrics", "/v1/models", "/health"])
+                             "/v1/batches", "/v1/files", "/v1/steering/vectors", "/tokenize", "/metrics", "/v1/models", "/health"])
     content_types = st.lists(st.sampled_from([
         "application/json", "application/json; charset=utf-8", "APPLICATION/JSON", "multipart/form-data; boundary=x",
         "text/plain", "application/x-www-form-urlencoded", "application/jsonl", ""]), max_size=3)
@@ -173,7 +244,8 @@ def test_fuzz_methods_headers_and_bodies(server):
         elif len(types) > 1:
             assert response.status_code == 400
             assert method == "HEAD" or response.json()["error"]["code"] == "ambiguous_content_type"
-        elif method in ("POST", "PUT", "PATCH") and path != "/v1/files" and body.strip() and (
+        elif method in ("POST", "PUT", "PATCH") and path != "/v1/files" and body.strip() and not (
+                path == "/v1/steering/vectors" and types and types[0].lower().startswith("multipart/form-data")) and (
                 not types or types[0].split(";")[0].strip().lower() != "application/json"):
             assert response.status_code == 415
         if response.status_code >= 400 and method != "HEAD":

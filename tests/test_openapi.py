@@ -6,9 +6,11 @@ and `trace` fields steerserve adds to the completion routes are described there 
 
 from __future__ import annotations
 
+import base64
 import time
 
 import jsonschema
+import numpy as np
 import pytest
 
 INSPECT_FIELDS = {"model", "messages", "prompt", "add_generation_prompt", "layers", "top_k", "steering", "quality",
@@ -16,6 +18,8 @@ INSPECT_FIELDS = {"model", "messages", "prompt", "add_generation_prompt", "layer
 ROUTES = {  # (method, path): (JSON or form body properties, query parameters, path parameters)
     ("GET", "/v1/saes"): (None, set(), set()),
     ("POST", "/v1/features/inspect"): (INSPECT_FIELDS, set(), set()),
+    ("POST", "/v1/features/contrast"): ({"model", "positive", "negative", "layers", "top_k", "add_generation_prompt",
+                                        "save_as"}, set(), set()),
     ("GET", "/v1/features/search"): (None, {"q", "token", "layer", "limit", "offset"}, set()),
     ("GET", "/v1/features/{layer}/{index}"): (None, set(), {"layer", "index"}),
     ("POST", "/v1/files"): ({"file", "purpose"}, set(), set()),
@@ -31,8 +35,13 @@ ROUTES = {  # (method, path): (JSON or form body properties, query parameters, p
     ("GET", "/v1/steering/presets"): (None, set(), set()),
     ("GET", "/v1/steering/presets/{name}"): (None, set(), {"name"}),
     ("DELETE", "/v1/steering/presets/{name}"): (None, set(), {"name"}),
+    ("POST", "/v1/steering/vectors"): ({"name", "vector", "layer", "description"}, set(), set()),
+    ("GET", "/v1/steering/vectors"): (None, set(), set()),
+    ("GET", "/v1/steering/vectors/{name}"): (None, set(), {"name"}),
+    ("DELETE", "/v1/steering/vectors/{name}"): (None, set(), {"name"}),
 }
-BODY_TYPES = {"/v1/files": "multipart/form-data"}  # the others take JSON
+# The others take JSON; the first type's fields are ROUTES' body.
+BODY_TYPES = {"/v1/files": ("multipart/form-data",), "/v1/steering/vectors": ("application/json", "multipart/form-data")}
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +73,9 @@ def test_every_route_is_described_with_its_request(document, method, path):
         assert "requestBody" not in operation
     else:
         content = operation["requestBody"]["content"]
-        assert list(content) == [BODY_TYPES.get(path, "application/json")]
-        assert set(resolve(document, content[BODY_TYPES.get(path, "application/json")]["schema"])["properties"]) == body
+        types = BODY_TYPES.get(path, ("application/json",))
+        assert list(content) == list(types)
+        assert set(resolve(document, content[types[0]]["schema"])["properties"]) == body
     responses = operation["responses"]
     assert "422" not in responses  # a refused request is a 400
     for status in ("4XX", "5XX"):
@@ -82,6 +92,9 @@ def test_documented_bounds_and_choices(document):
     upload = document["paths"]["/v1/files"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     purpose = resolve(document, upload)["properties"]["purpose"]
     assert purpose["enum"] == ["batch", "user_data", "assistants", "fine-tune", "vision", "evals"]
+    vector_upload = document["paths"]["/v1/steering/vectors"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    assert set(vector_upload["schema"]["properties"]) == {"file", "name", "layer", "tensor", "description"}
+    assert vector_upload["schema"]["properties"]["file"]["format"] == "binary"
     search = {p["name"]: p for p in document["paths"]["/v1/features/search"]["get"]["parameters"]}
     assert search["limit"]["schema"] == {"type": "integer", "minimum": 1, "maximum": 100, "title": "Limit"}
     assert search["limit"]["description"] == "default: 20"
@@ -95,7 +108,7 @@ def test_completion_bodies_carry_steering_and_trace(document, path):
         "properties"]
     assert set(added["properties"]) == {"steering", "trace"}
     steering = resolve(document, added["properties"]["steering"]["anyOf"][0])
-    assert set(steering["properties"]) == {"features", "apply_to", "compare"}
+    assert set(steering["properties"]) == {"features", "vectors", "apply_to", "compare"}
     feature = resolve(document, steering["properties"]["features"]["items"])
     assert set(feature["properties"]) == {"layer", "index", "mode", "value", "when"}
     assert feature["properties"]["mode"]["enum"] == ["add", "clamp", "scale", "ablate"]
@@ -157,3 +170,14 @@ def test_files_and_batches_answers_conform(http, document):
     conforms(document, "GET", "/v1/batches/{batch_id}", batch)
     conforms(document, "GET", "/v1/batches", http.get("/v1/batches", params={"limit": 3}).json())
     conforms(document, "DELETE", "/v1/files/{file_id}", http.delete(f"/v1/files/{file_id}").json())
+
+
+def test_stored_vector_answers_conform(http, document):
+    d_model = http.get("/v1/saes").json()["data"][0]["d_model"]
+    vector = base64.b64encode(np.ones(d_model, dtype="<f4").tobytes()).decode()
+    created = http.post("/v1/steering/vectors", json={"name": "openapi-v", "vector": vector, "layer": 1})
+    assert created.status_code == 200, created.text
+    conforms(document, "POST", "/v1/steering/vectors", created.json())
+    conforms(document, "GET", "/v1/steering/vectors", http.get("/v1/steering/vectors").json())
+    conforms(document, "GET", "/v1/steering/vectors/{name}", http.get("/v1/steering/vectors/openapi-v").json())
+    conforms(document, "DELETE", "/v1/steering/vectors/{name}", http.delete("/v1/steering/vectors/openapi-v").json())

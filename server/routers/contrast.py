@@ -8,13 +8,17 @@ stream are averaged over those tokens (a feature outside a token's top MAX_TOP_K
 exact for TopK SAEs with k <= MAX_TOP_K); per set, the texts' means are averaged, each text
 weighing the same. Features are ranked by the difference of the set means, with a Welch t score
 over the texts; the direction is the difference of the stream's set means (contrastive activation
-addition, CAA). `save_as` stores the directions as a vector with one entry per layer.
+addition, CAA). `save_as` stores the directions as a vector with one entry per layer, and a
+preset of the same name that adds each at its layer (value 1: with several layers these add up,
+each layer's difference already holding the earlier layers' effect).
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import time
+from http import HTTPStatus
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -30,6 +34,7 @@ from steerserve.prompt_tokens import prompt_token_ids
 from steerserve.routers.feature_models import InspectRequest
 from steerserve.routers.features import _context, _label_fields, _loaded_layer, _require_saes, _run_inspection
 from steerserve.routers.route import SteerserveRoute
+from steerserve.steering.presets import Preset, validate_spec
 from steerserve.steering.vector_store import check_name, new_vector
 
 router = APIRouter(route_class=SteerserveRoute)
@@ -88,7 +93,7 @@ class FeatureContrast(BaseModel):
     positive: SetSize
     negative: SetSize
     contrast: dict[str, LayerContrast]
-    saved: dict[str, Any] | None = None
+    saved: dict[str, str] | None = None  # with save_as: the vector's and the preset's name
 
 
 async def _tokens(context, examples: list, side: str, add_generation_prompt: bool) -> list[list[int]]:
@@ -191,10 +196,38 @@ async def contrast(request: Request, req: ContrastRequest) -> dict[str, Any] | J
               "positive": {"texts": len(pos), "tokens": sum(m[2] for m in pos)},
               "negative": {"texts": len(neg), "tokens": sum(m[2] for m in neg)}, "contrast": result}
     if req.save_as is not None:
-        vector = new_vector(req.save_as, {layer: decode_vector(result[str(layer)]["direction"]["vector"])
-                                          for layer in layers},
-                            f"contrast of {len(pos)} positive and {len(neg)} negative examples", "contrast",
-                            store.d_model)
-        await asyncio.to_thread(store.put, vector)
-        answer["saved"] = {"vector": req.save_as}
+        directions = {layer: decode_vector(result[str(layer)]["direction"]["vector"]) for layer in layers}
+        answer["saved"] = await _save(context, req.save_as, directions,
+                                      f"contrast of {len(pos)} positive and {len(neg)} negative examples")
     return answer
+
+
+async def _save(context, name: str, directions: dict[int, np.ndarray], description: str) -> dict[str, str]:
+    """The directions as a vector `name` and a preset `name` that adds each (value 1) at its layer;
+    neither is stored when either cannot be."""
+    presets = context.presets
+    if name in context.served_models:
+        raise APIError(f"{name!r} is the name of a served model", param="save_as", code="model_name_taken",
+                       status=HTTPStatus.CONFLICT)
+    if presets is not None and presets.get(name) is not None:
+        raise APIError(f"a steering preset named {name!r} exists; delete it first", param="save_as",
+                       code="preset_exists", status=HTTPStatus.CONFLICT)
+    try:
+        await asyncio.to_thread(context.vectors.put, new_vector(name, directions, description, "contrast",
+                                                                context.vectors.d_model))
+    except APIError as error:
+        error.param = "save_as"
+        raise
+    if presets is None:
+        return {"vector": name}
+    steering = {"vectors": [{"layer": layer, "vector": name, "mode": "add", "value": 1.0} for layer in directions]}
+    try:
+        validate_spec(steering, context)
+        if not presets.put(Preset(name, steering, description, int(time.time()), "contrast"), replace=False):
+            raise APIError(f"a steering preset named {name!r} exists; delete it first", param="save_as",
+                           code="preset_exists", status=HTTPStatus.CONFLICT)
+    except APIError as error:
+        context.vectors.delete(name)
+        error.param = "save_as"
+        raise
+    return {"vector": name, "preset": name}

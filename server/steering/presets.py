@@ -10,6 +10,7 @@ start (a preset that no longer fits the loaded SAEs is refused at start-up, not 
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import sqlite3
@@ -25,6 +26,7 @@ from steerserve_sae.protocol.spec import SteeringSpec
 
 from steerserve.errors import APIError
 from steerserve.steering.schema import parse_steering
+from steerserve.steering.vector_store import resolve_names
 
 # Not only dots: "." and ".." would not survive in a URL path (/v1/steering/presets/{name}).
 NAME_PATTERN = re.compile(r"(?!\.+$)[A-Za-z0-9._:-]{1,64}")
@@ -119,6 +121,8 @@ def validate_spec(steering: object, context: Any) -> SteeringSpec:
         raise APIError("a preset takes no `compare`: ask for it in the request that uses the preset",
                        param="steering.compare", code="invalid_steering")
     limits = context.limits
+    steering = copy.deepcopy(steering)  # the preset keeps a stored vector's name, resolved per request
+    resolve_names(steering, getattr(context, "vectors", None))
     spec, _ = parse_steering(steering, context.sae_sizes, context.max_features, limits.max_steering_value,
                              context.sae_stages, context.d_model, limits.max_steering_vectors)
     return spec
