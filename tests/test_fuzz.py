@@ -153,15 +153,6 @@ def test_fuzz_steering_on_responses_and_messages(http, path, text):
     given(body)(settings(FUZZ, max_examples=EXAMPLES // 2)(lambda b: send(http, path, bounded(b))))()
 
 
-@pytest.mark.parametrize("path, text", [("/v1/responses", "input"), ("/v1/messages", "messages")])
-def test_fuzz_steering_on_responses_and_messages(http, path, text):
-    """Bodies each route accepts, with `steering` (applied there) and `trace` (refused there)."""
-    trace = st.one_of(st.fixed_dictionaries({"layers": st.lists(small_ints, max_size=2)}), json_values)
-    body = st.fixed_dictionaries({"model": st.just(MODEL_NAME), text: st.one_of(messages, prompt)},
-                                 optional={**common, "trace": trace})
-    given(body)(settings(FUZZ, max_examples=EXAMPLES // 2)(lambda b: send(http, path, bounded(b))))()
-
-
 def test_fuzz_inspect(http):
     given(inspect_body)(FUZZ(lambda body: send(http, "/v1/features/inspect", body)))()
 
