@@ -5,6 +5,9 @@ read it (body_reading.py: one Content-Type, declared JSON), bounded in size, par
 depth, and checked for the plugin's reserved `vllm_xargs` keys and the client priority range
 (guard.py), so no route of vLLM's or ours can hand the workers an unchecked spec, let a
 client jump the queue, or crash on hostile JSON.
+On the steerable routes a `model` that names a steering preset is first resolved to the served
+model steered by the preset (server/steering/presets.py; the response is named by the preset), and
+`GET /v1/models` gets the presets appended (model_list.py).
 On the steerable routes the body is then validated and translated (server/steering/translation.py),
 and the response, JSON or server-sent events, gets the normalised spec echoed back
 (response_rewrite.py, with what response_end.py takes from the workers); any other
