@@ -106,6 +106,10 @@ def test_responses_and_messages_resolve_a_preset(client, preset, http):
     text = inline_chat(http, STEER)["choices"][0]["message"]["content"]
     response = client.responses.create(model=PRESET, input=PROMPT, max_output_tokens=MAX_TOKENS, temperature=0)
     assert (response.output_text, response.model, response.model_extra["steering"]["preset"]) == (text, PRESET, PRESET)
+    streamed = [event.response for event in client.responses.create(
+        model=PRESET, input=PROMPT, max_output_tokens=MAX_TOKENS, temperature=0, stream=True) if hasattr(event, "response")]
+    assert streamed and {(r.model, r.model_extra["steering"]["preset"]) for r in streamed} == {(PRESET, PRESET)}
+    assert streamed[-1].output_text == text
     message = http.post("/v1/messages", json={"model": PRESET, "messages": PROMPT, "max_tokens": MAX_TOKENS,
                                               "temperature": 0}).json()
     assert (message["content"][0]["text"], message["model"], message["steering"]["preset"]) == (text, PRESET, PRESET), message
