@@ -23,7 +23,9 @@ from steerserve.batch import attach_batch_api, start_batch_service
 from steerserve.steering.admission import ConfigAdmission
 from steerserve.context import SteeringContext
 from steerserve.engine_rpc import every_rank, per_engine
+from steerserve.analysis.dashboard_store import DashboardIndex, DashboardStore
 from steerserve.analysis.feature_labels import load_labels
+from steerserve.routers.dashboards import router as dashboards_router
 from steerserve.routers.features import router as features_router
 from steerserve.errors import APIError
 from steerserve.in_process import in_process_client, server_api_key
@@ -43,6 +45,7 @@ class SteerserveEndpointPlugin:
     def attach_router(self, app: FastAPI) -> None:
         args = app.state.args  # vLLM sets it before calling endpoint plugins
         app.include_router(router)
+        app.include_router(dashboards_router)
         app.include_router(features_router)
         app.add_middleware(SteeringMiddleware)
         # Added last, so it runs first: nothing is read before the key is checked.
@@ -79,6 +82,8 @@ class SteerserveEndpointPlugin:
         )
         if getattr(args, "feature_labels", None):
             context.labels = load_labels(args.feature_labels)
+        if getattr(args, "feature_dashboards", None):
+            context.dashboards = DashboardIndex(DashboardStore(args.feature_dashboards, readonly=True))
         if config is not None and engine_client is not None:
 
             async def worker_stats() -> dict:
