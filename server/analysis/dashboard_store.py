@@ -132,14 +132,28 @@ def feature_fields(store: DashboardStore, layer: int, index: int) -> dict:
 
 
 class DashboardIndex:
-    """The served file, with each feature's example text held lower-cased for search."""
+    """The served file, with each feature's example text held lower-cased for search. A file a
+    running `steerserve dashboards` is still filling is served as committed so far: the text
+    index is rebuilt when more documents have been committed."""
 
     def __init__(self, store: DashboardStore):
         self.store = store
+        self._docs = -1
+        self._texts: dict[tuple[int, int], str] = {}
+
+    def _refresh(self) -> None:
+        docs = self.store.db.execute("SELECT count(*) FROM docs").fetchone()[0]
+        if docs == self._docs:
+            return
+        if self.store.settings is None:
+            self.store.settings = json.loads(self.store._meta("settings") or "null")
+        self._docs = docs
         self._texts = {(layer, idx): " | ".join("".join(e["tokens"]) for e in f.examples).lower()
-                       for layer in (store.settings or {}).get("layers", ()) for idx, f in store.features(layer).items()}
+                       for layer in (self.store.settings or {}).get("layers", ())
+                       for idx, f in self.store.features(layer).items()}
 
     def fields(self, layer: int, index: int) -> dict:
+        self._refresh()
         return feature_fields(self.store, layer, index)
 
     def search(self, query: str, layer: int | None = None) -> list[tuple[int, int, int]]:
@@ -147,6 +161,7 @@ class DashboardIndex:
         q = query.strip().lower()
         if not q:
             return []
+        self._refresh()
         hits = [(lyr, idx, text.count(q)) for (lyr, idx), text in self._texts.items()
                 if (layer is None or lyr == layer) and q in text]
         return sorted(hits, key=lambda h: (-h[2], h[0], h[1]))

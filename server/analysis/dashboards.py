@@ -109,7 +109,7 @@ def build(http: httpx.Client, store: DashboardStore, docs: list[dict], layers: l
           batch_size: int) -> dict:
     """Fold the documents not yet committed into `store`, then fill in the logit lens."""
     model = _ok(http.get("/v1/models"))["data"][0]["id"]
-    settings = {"model": model, "layers": sorted(layers), "top_n": top_n, "documents": len(docs)}
+    settings = {"model": model, "layers": sorted(layers), "top_n": top_n}
     done = store.done_docs()
     todo = [i for i in range(len(docs)) if i not in done]
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
