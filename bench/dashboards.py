@@ -3,7 +3,7 @@
 Starts `steerserve serve` on the default model once (or uses --base-url), then, alternating
 over --repeats rounds so the machine's drift hits every arm alike:
   * plain: every text as a prompt-only completion (max_tokens 1, no capture, a cache salt per
-    request so every position is computed), as many in flight as the dashboards command keeps;
+    request so every position is computed), 64 in flight (the engine runs --max-num-seqs of them);
   * dashboards at 1 layer and at all --layers: `steerserve dashboards`' own build loop into a
     fresh file (analysis/dashboards.build, logit lens excluded: it is per feature, not per token).
 Prints prompt tokens/s of each arm and the dashboard arms' median ratio to the plain arm.
@@ -65,7 +65,7 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=DEFAULT_TEXTS)
     p.add_argument("--max-docs", type=int, default=512)
     p.add_argument("--layers", default="1,2,3")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--base-url")
     args = p.parse_args()
@@ -79,13 +79,14 @@ def main() -> None:
                                    "--sae", str(MODEL / "sae")], Path(tmp) / "server.log")
             server.wait_ready(1800)
         try:
-            with httpx.Client(base_url=args.base_url or server.base_url, timeout=3600) as http:
+            with httpx.Client(base_url=args.base_url or server.base_url, timeout=3600,
+                              limits=httpx.Limits(max_connections=256)) as http:
                 model = dashboards._ok(http.get("/v1/models"))["data"][0]["id"]
-                plain(http, model, docs[:64], 2 * args.batch_size)  # warm-up
+                plain(http, model, docs[:64], 64)  # warm-up
                 arms = {"plain": [], "1 layer": [], f"{len(layers)} layers": []}
                 for _ in range(args.repeats):
                     for name in arms:
-                        tokens, seconds = (plain(http, model, docs, 2 * args.batch_size) if name == "plain" else
+                        tokens, seconds = (plain(http, model, docs, 64) if name == "plain" else
                                            dashboard(http, docs, layers[-1:] if name == "1 layer" else layers,
                                                      args.batch_size, Path(tmp)))
                         arms[name].append(tokens / seconds)

@@ -21,11 +21,7 @@ import math
 
 import torch
 
-from steerserve_sae.protocol.capture import DashboardSpec
-
-# The take's arrays per layer: name -> (numpy dtype, shape after the fired-feature axis).
-DASHBOARD_ARRAYS = {"features": "<i4", "fired": "<i8", "sum": "<f8", "max": "<f4", "hist": "<i8",
-                    "top_val": "<f4", "top_doc": "<i4", "top_pos": "<i4", "top_win": "<f4"}
+from steerserve_sae.protocol.capture import DASHBOARD_ARRAYS, DashboardSpec
 
 
 def histogram_bins(values: torch.Tensor, spec: DashboardSpec) -> torch.Tensor:
@@ -35,11 +31,6 @@ def histogram_bins(values: torch.Tensor, spec: DashboardSpec) -> torch.Tensor:
     lo, hi = math.log10(spec.low), math.log10(spec.high)
     scaled = (values.double().log10() - lo) * (spec.bins / (hi - lo))
     return scaled.floor().clamp(0, spec.bins - 1).long()
-
-
-def histogram_edges(spec: DashboardSpec) -> list[float]:
-    lo, hi = math.log10(spec.low), math.log10(spec.high)
-    return [10 ** (lo + (hi - lo) * i / spec.bins) for i in range(spec.bins + 1)]
 
 
 class DashboardAccumulator:

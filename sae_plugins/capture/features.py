@@ -217,8 +217,9 @@ class CaptureStore:
             if not self.store.charge(store_key, DashboardAccumulator.nbytes(features.shape[-1], spec.dashboard)):
                 return
             layers[layer] = DashboardAccumulator(features.shape[-1], spec.dashboard, features.device)
-        counted = torch.tensor([first_position + i not in spec.exclude_from_aggregate for i in range(features.shape[0])],
-                               device=features.device)
+        rows = range(first_position, first_position + features.shape[0])
+        counted = (torch.tensor([p not in spec.exclude_from_aggregate for p in rows], device=features.device)
+                   if spec.exclude_from_aggregate else torch.ones(len(rows), dtype=torch.bool, device=features.device))
         layers[layer].add(features, spec.dashboard.doc, first_position, counted)
 
     def take(self, capture_id: str) -> dict | None:

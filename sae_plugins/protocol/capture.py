@@ -7,6 +7,7 @@ rpc.trace_key per choice) until the API takes it.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 from steerserve_sae.protocol import signing
@@ -14,6 +15,13 @@ from steerserve_sae.protocol import signing
 # A residual vector as the API returns it: base64 of the d_model float32s, little-endian (the
 # encoding of OpenAI's embeddings with encoding_format "base64").
 RESIDUAL_ENCODING = "base64-float32-le"
+
+
+# A dashboard take's arrays per layer (capture/dashboards.py), each little-endian bytes of this
+# dtype, one row per feature that fired (hist [rows, bins], top_* [rows, top_n], top_win
+# [rows, top_n, window]).
+DASHBOARD_ARRAYS = {"features": "<i4", "fired": "<i8", "sum": "<f8", "max": "<f4", "hist": "<i8",
+                    "top_val": "<f4", "top_doc": "<i4", "top_pos": "<i4", "top_win": "<f4"}
 
 
 @dataclass(frozen=True)
@@ -33,6 +41,10 @@ class DashboardSpec:
     @property
     def window(self) -> int:
         return self.before + 1 + self.after
+
+    def histogram_edges(self) -> list[float]:
+        lo, hi = math.log10(self.low), math.log10(self.high)
+        return [10 ** (lo + (hi - lo) * i / self.bins) for i in range(self.bins + 1)]
 
     def to_json(self) -> dict:
         return {"doc": self.doc, "top_n": self.top_n, "before": self.before, "after": self.after,

@@ -27,7 +27,7 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-from steerserve_sae.capture.dashboards import DASHBOARD_ARRAYS
+from steerserve_sae.protocol.capture import DASHBOARD_ARRAYS
 
 from steerserve.analysis.dashboard_store import DashboardFileError, DashboardStore, FeatureDashboard
 from steerserve.analysis.eval import DEFAULT_TEXTS, _ok
@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", required=True, help="SAE layers, e.g. 3 or 1,2,3")
     p.add_argument("--output", type=Path, required=True, help="the SQLite file (resumed if it exists)")
     p.add_argument("--top-n", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=64, help="documents per request to the server")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="documents per request to the server (its reply's size depends on the SAE's width, not on this)")
     p.add_argument("--max-docs", type=int, default=None)
     p.add_argument("--labels-out", type=Path, default=None, help="also write a --feature-labels JSONL")
     p.add_argument("--base-url", help="use a running server instead of starting one")
@@ -168,20 +169,28 @@ def merge(state: dict[int, dict[int, FeatureDashboard]], reply: dict, top_n: int
         tokens[layer] = layer_reply["tokens"]
         feats, before = state[layer], layer_reply["before"]
         changed[layer] = {}
-        for row, idx in enumerate(a["features"].tolist()):
+        rows = a["features"].tolist()
+        # a slot only matters if it beats the feature's current N-th example (once it has N)
+        floors = np.array([_floor(feats.get(idx), top_n) for idx in rows], dtype=np.float32)
+        candidates = a["top_val"] > floors[:, None]
+        for row, idx in enumerate(rows):
             f = feats.setdefault(idx, FeatureDashboard(hist=[0] * layer_reply["bins"]))
             f.fired += int(a["fired"][row])
             f.sum += float(a["sum"][row])
             f.max = max(f.max, float(a["max"][row]))
-            f.hist = [x + int(y) for x, y in zip(f.hist, a["hist"][row])]
-            for slot in range(layer_reply["top_n"]):
-                value = float(a["top_val"][row, slot])
-                if value > 0:
-                    f.examples.append(_example(reply["documents"], int(a["top_doc"][row, slot]),
-                                               int(a["top_pos"][row, slot]), value, a["top_win"][row, slot], before))
-            f.examples = sorted(f.examples, key=lambda e: (-e["activation"], e["doc"]))[:top_n]
+            f.hist = (np.asarray(f.hist, dtype=np.int64) + a["hist"][row]).tolist()
+            slots = np.flatnonzero(candidates[row])
+            if slots.size:
+                f.examples += [_example(reply["documents"], int(a["top_doc"][row, slot]), int(a["top_pos"][row, slot]),
+                                        float(a["top_val"][row, slot]), a["top_win"][row, slot], before)
+                               for slot in slots]
+                f.examples = sorted(f.examples, key=lambda e: (-e["activation"], e["doc"]))[:top_n]
             changed[layer][idx] = f
     return tokens, changed
+
+
+def _floor(f: FeatureDashboard | None, top_n: int) -> float:
+    return f.examples[-1]["activation"] if f is not None and len(f.examples) >= top_n else 0.0
 
 
 def _example(documents: dict, doc: int, peak: int, value: float, window: np.ndarray, before: int) -> dict:

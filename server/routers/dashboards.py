@@ -19,7 +19,6 @@ import uuid
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
-from steerserve_sae.capture.dashboards import histogram_edges
 from steerserve_sae.protocol import rpc
 from steerserve_sae.protocol.capture import CaptureSpec, DashboardSpec
 from steerserve_sae.protocol.rpc import CAPTURE_KEY, CAPTURES
@@ -96,7 +95,7 @@ async def dashboard_batch(request: Request):
     tokenizer = context.engine.get_tokenizer()
     texts = await asyncio.to_thread(lambda: {str(d.id): [_token_text(tokenizer, t) for t in tokens]
                                              for d, tokens in zip(req.documents, ids)})
-    return {"object": "feature_dashboard_batch", "histogram_edges": histogram_edges(spec),
+    return {"object": "feature_dashboard_batch", "histogram_edges": spec.histogram_edges(),
             "layers": {str(layer): _encoded(result) for layer, result in layers.items()},
             "documents": texts, "truncated": [d.id for d, t in zip(req.documents, ids) if t.truncated]}
 
