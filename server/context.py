@@ -31,6 +31,7 @@ class SteeringContext:
     max_model_len: int = 0
     limits: Limits = field(default_factory=Limits)
     labels: FeatureLabels = field(default_factory=FeatureLabels)
+    dashboards: Any = None  # analysis/dashboard_store.DashboardStore from --feature-dashboards
     token_search_cache: "OrderedDict[tuple, list[dict]]" = field(default_factory=OrderedDict)  # LRU
     metrics: SteeringMetrics = field(default_factory=SteeringMetrics)
 

@@ -25,7 +25,9 @@ from steerserve.batch.plugin import DEFAULT_DATA_DIR
 from steerserve.steering.admission import ConfigAdmission
 from steerserve.context import SteeringContext
 from steerserve.engine_rpc import every_rank, per_engine
+from steerserve.analysis.dashboard_store import DashboardIndex, DashboardStore
 from steerserve.analysis.feature_labels import load_labels
+from steerserve.routers.dashboards import router as dashboards_router
 from steerserve.routers.features import router as features_router
 from steerserve.routers.contrast import router as contrast_router
 from steerserve.routers.vectors import router as vectors_router
@@ -53,6 +55,7 @@ class SteerserveEndpointPlugin:
         args = app.state.args  # vLLM sets it before calling endpoint plugins
         answer_api_errors(app)
         app.include_router(router)
+        app.include_router(dashboards_router)
         app.include_router(features_router)
         app.include_router(vectors_router)
         app.include_router(contrast_router)
@@ -97,6 +100,8 @@ class SteerserveEndpointPlugin:
             context.labels = load_labels(args.feature_labels)
         context.vectors = _open_vectors(context, args, engine_client)
         _open_presets(context, args)
+        if getattr(args, "feature_dashboards", None):
+            context.dashboards = DashboardIndex(DashboardStore(args.feature_dashboards, readonly=True))
         if config is not None and engine_client is not None:
 
             async def worker_stats() -> dict:

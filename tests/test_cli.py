@@ -31,11 +31,12 @@ def test_help_lists_every_subcommand_with_one_line_each():
                             env=os.environ | {"COLUMNS": "100"})
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == "usage: steerserve [-h] {serve,eval,run-batch} ..."
+    assert lines[0] == "usage: steerserve [-h] {serve,eval,dashboards,run-batch} ..."
     listed = {line.split()[0]: " ".join(line.split()[1:]) for line in lines if line.startswith("    ")}
     assert listed == {
         "serve": "vLLM's OpenAI-compatible server with SAE steering",
         "eval": "SAE quality and steering-effect reports from a server",
+        "dashboards": "feature dashboards (histograms, top examples) of a corpus, into SQLite",
         "run-batch": "a JSONL file of OpenAI batch requests, offline",
     }
 
@@ -72,7 +73,7 @@ def test_serve_help_is_vllms_serve_parser_with_the_sae_options():
 @pytest.mark.parametrize(("args", "message"), [
     ((), "error: the following arguments are required: command"),
     (("make-tiny", "out"), "error: argument command: invalid choice: 'make-tiny' (choose from 'serve', 'eval', "
-                           "'run-batch')"),
+                           "'dashboards', 'run-batch')"),
     (("--seed=1", "eval"), "error: unrecognized arguments: --seed=1"),
 ])
 def test_bad_command_lines_are_usage_errors(args, message):

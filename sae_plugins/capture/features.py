@@ -16,6 +16,9 @@ child request per choice, all with the same capture spec), under `trace_key(id, 
 positions per layer and result: the API bounds a request's vectors before it runs, and this
 bound keeps a worker's memory safe whatever the API counted.
 
+A dashboard capture (`dashboard` in the spec) keeps no per-position record: every chunk is folded
+into its batch's bounded per-feature accumulators (capture/dashboards.py).
+
 Results are kept in the worker's WorkerStore (store.py), charged an estimate of the bytes
 Python holds for them against its budget. A position is recorded once per request: rows a
 preemption makes the engine compute again are left out by the runtime (StepCapture.recorded_below).
@@ -29,6 +32,7 @@ from typing import NamedTuple
 
 import torch
 
+from steerserve_sae.capture.dashboards import DashboardAccumulator
 from steerserve_sae.capture.store import WorkerStore
 from steerserve_sae.protocol.capture import CaptureSpec
 from steerserve_sae.protocol.plugin_config import DEFAULT_MAX_STORE_MIB
@@ -140,6 +144,10 @@ class CaptureStore:
                 x_hat = sae_math.decode(sae, features) if spec.quality or spec.splice else None
                 position = first_position + lo - start
                 new = max(0, min(hi - lo, recorded_below - position))  # rows before it were recorded already
+                if spec.dashboard is not None:
+                    if new < hi - lo:
+                        self.record_dashboard(spec, layer, features[new:], position + new, key)
+                    continue
                 if new < hi - lo:
                     self.record(spec, layer, list(range(position + new, position + hi - lo)), features[new:],
                                 (x[new:], x_hat[new:]) if spec.quality else None, key,
@@ -196,6 +204,24 @@ class CaptureStore:
             entry.count += (counted > 0).sum(dim=0)
             entry.aggregated_positions += counted.shape[0]
 
+    def record_dashboard(self, spec: CaptureSpec, layer: int, features: torch.Tensor, first_position: int,
+                         key: str) -> None:
+        """Fold a document's rows into the dashboard accumulator of its batch (capture/dashboards.py),
+        charged once per layer for its fixed size."""
+        store_key = (CAPTURES, key)
+        stored = self.store.entry(store_key, dict)
+        if stored.full:
+            return
+        layers: dict[int, DashboardAccumulator] = stored.value
+        if layer not in layers:
+            if not self.store.charge(store_key, DashboardAccumulator.nbytes(features.shape[-1], spec.dashboard)):
+                return
+            layers[layer] = DashboardAccumulator(features.shape[-1], spec.dashboard, features.device)
+        rows = range(first_position, first_position + features.shape[0])
+        counted = (torch.tensor([p not in spec.exclude_from_aggregate for p in rows], device=features.device)
+                   if spec.exclude_from_aggregate else torch.ones(len(rows), dtype=torch.bool, device=features.device))
+        layers[layer].add(features, spec.dashboard.doc, first_position, counted)
+
     def take(self, capture_id: str) -> dict | None:
         """JSON-safe result per layer, positions in order; None if unknown (or dropped); the
         store's full marker (store.full_marker) if it outgrew the budget."""
@@ -204,7 +230,8 @@ class CaptureStore:
             return None
         if stored.full:
             return self.store.full_marker()
-        return {layer: _layer_result(entry) for layer, entry in stored.value.items()}
+        return {layer: entry.result() if isinstance(entry, DashboardAccumulator) else _layer_result(entry)
+                for layer, entry in stored.value.items()}
 
 
 # What Python holds, roughly, per recorded row: list slots, ints and floats (CPython sizes), a

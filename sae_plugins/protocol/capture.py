@@ -7,6 +7,7 @@ rpc.trace_key per choice) until the API takes it.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 from steerserve_sae.protocol import signing
@@ -14,6 +15,45 @@ from steerserve_sae.protocol import signing
 # A residual vector as the API returns it: base64 of the d_model float32s, little-endian (the
 # encoding of OpenAI's embeddings with encoding_format "base64").
 RESIDUAL_ENCODING = "base64-float32-le"
+
+
+# A dashboard take's arrays per layer (capture/dashboards.py), each little-endian bytes of this
+# dtype, one row per feature that fired (hist [rows, bins], top_* [rows, top_n], top_win
+# [rows, top_n, window]).
+DASHBOARD_ARRAYS = {"features": "<i4", "fired": "<i8", "sum": "<f8", "max": "<f4", "hist": "<i8",
+                    "top_val": "<f4", "top_doc": "<i4", "top_pos": "<i4", "top_win": "<f4"}
+
+
+@dataclass(frozen=True)
+class DashboardSpec:
+    """A dashboard capture (capture/dashboards.py): many requests, one per document, add to one
+    accumulator under the capture id; each request is document `doc`. Histogram bins are
+    log-spaced, `bins` of them from `low` to `high` (values outside go to the end bins)."""
+
+    doc: int
+    top_n: int = 20
+    before: int = 16  # tokens of context before an example's peak
+    after: int = 7  # and after it
+    bins: int = 56
+    low: float = 1e-3
+    high: float = 1e4
+
+    @property
+    def window(self) -> int:
+        return self.before + 1 + self.after
+
+    def histogram_edges(self) -> list[float]:
+        lo, hi = math.log10(self.low), math.log10(self.high)
+        return [10 ** (lo + (hi - lo) * i / self.bins) for i in range(self.bins + 1)]
+
+    def to_json(self) -> dict:
+        return {"doc": self.doc, "top_n": self.top_n, "before": self.before, "after": self.after,
+                "bins": self.bins, "low": self.low, "high": self.high}
+
+    @staticmethod
+    def from_json(data: dict) -> "DashboardSpec":
+        return DashboardSpec(int(data["doc"]), int(data["top_n"]), int(data["before"]), int(data["after"]),
+                             int(data["bins"]), float(data["low"]), float(data["high"]))
 
 
 @dataclass(frozen=True)
@@ -28,13 +68,15 @@ class CaptureSpec:
     trace: bool = False  # a completion's trace: per choice, no aggregate
     generation_only: bool = False  # record from the last prompt position on (the generated tokens' predictors)
     residuals: int = 0  # a trace's stream vectors: most positions kept per layer and choice (0: none)
+    dashboard: DashboardSpec | None = None  # accumulate feature dashboards instead of per-position records
 
     def to_extra_arg(self) -> str:
         return signing.sign(json.dumps(
             {"id": self.id, "layers": list(self.layers), "top_k": self.top_k,
              "exclude_from_aggregate": sorted(self.exclude_from_aggregate), "quality": self.quality,
              "splice": self.splice, "watch": list(self.watch), "trace": self.trace,
-             "generation_only": self.generation_only, "residuals": self.residuals}
+             "generation_only": self.generation_only, "residuals": self.residuals,
+             "dashboard": self.dashboard.to_json() if self.dashboard else None}
         ))
 
     @staticmethod
@@ -45,4 +87,5 @@ class CaptureSpec:
             frozenset(int(p) for p in data.get("exclude_from_aggregate", ())), bool(data.get("quality", False)),
             bool(data.get("splice", False)), tuple(int(i) for i in data.get("watch", ())),
             bool(data.get("trace", False)), bool(data.get("generation_only", False)), int(data.get("residuals", 0)),
+            DashboardSpec.from_json(data["dashboard"]) if data.get("dashboard") else None,
         )

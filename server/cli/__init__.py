@@ -36,6 +36,12 @@ def _eval(argv: list[str]) -> int | None:
     return main(argv)
 
 
+def _dashboards(argv: list[str]) -> int | None:
+    from steerserve.analysis.dashboards import main
+
+    return main(argv)
+
+
 def _run_batch(argv: list[str]) -> int | None:
     from steerserve.batch.offline import run_batch
 
@@ -45,6 +51,7 @@ def _run_batch(argv: list[str]) -> int | None:
 COMMANDS = {
     "serve": Command("vLLM's OpenAI-compatible server with SAE steering", _serve),
     "eval": Command("SAE quality and steering-effect reports from a server", _eval),
+    "dashboards": Command("feature dashboards (histograms, top examples) of a corpus, into SQLite", _dashboards),
     "run-batch": Command("a JSONL file of OpenAI batch requests, offline", _run_batch),
 }
 

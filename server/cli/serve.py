@@ -69,6 +69,8 @@ def add_steering_args(parser: argparse.ArgumentParser) -> None:
                             "(experimental capture-safe kernels, not yet validated on a GPU)")
     group.add_argument("--feature-labels", default=None,
                        help="JSONL of {layer, index, label, description?} shown by the features API")
+    group.add_argument("--feature-dashboards", default=None,
+                       help="SQLite file from `steerserve dashboards`: histograms and top examples in the features API")
     group.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
                        help="where the Files/Batches API and the steering presets keep their SQLite databases "
                             "and file contents")
@@ -152,6 +154,13 @@ def configure_steering(args: argparse.Namespace) -> None:
             read_presets_file(args.steering_presets)
         except (OSError, ValueError) as exc:
             sys.exit(f"error: --steering-presets: {exc}")
+    if args.feature_dashboards:
+        from steerserve.analysis.dashboard_store import DashboardFileError, DashboardStore
+
+        try:
+            DashboardStore(args.feature_dashboards, readonly=True).close()
+        except DashboardFileError as exc:
+            sys.exit(f"error: --feature-dashboards: {exc}")
     if args.sae is None:
         for option, given in (("--sae-layers", args.sae_layers), ("--sae-k", args.sae_k)):
             if given:

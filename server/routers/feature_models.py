@@ -110,8 +110,9 @@ class FeatureHit(BaseModel):
     logit: float | None = None  # token search: the token's logit through the feature's decoder direction
     label: str | None
     description: str | None
-    score: float | None = None  # label search: how well the label matches
+    score: float | None = None  # label search: how well the label matches (0.5: found in top examples)
     token: str | None = None  # token search
+    examples_matched: int | None = None  # with --feature-dashboards: times the text is in the top examples
 
 
 class FeatureSearchPage(BaseModel):
@@ -134,6 +135,16 @@ class LogitLens(BaseModel):
     suppressed: list[LensToken]
 
 
+class Histogram(BaseModel):
+    edges: list[float]  # log-spaced bin edges, one more than counts
+    counts: list[int]
+
+
+class TopExample(BaseModel):
+    tokens: list[str]  # a window of tokens around the top activation
+    activations: list[float]  # the feature's activation at each
+
+
 class Feature(BaseModel):
     object: Literal["feature"]
     layer: int
@@ -145,3 +156,9 @@ class Feature(BaseModel):
     logit_lens: LogitLens
     label: str | None
     description: str | None
+    # with --feature-dashboards (steerserve dashboards), for a layer the file covers:
+    firing_rate: float | None = None
+    mean_activation: float | None = None  # over the tokens it fires on
+    max_activation: float | None = None
+    histogram: Histogram | None = None
+    top_examples: list[TopExample] | None = None

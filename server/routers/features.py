@@ -176,6 +176,10 @@ async def search(request: Request, query: Annotated[SearchQuery, Query()]) -> di
     if query.q is not None:
         hits = [{"layer": f.layer, "index": f.index, "label": f.label, "description": f.description,
                  "score": score} for score, f in context.labels.search(query.q, layer)]
+        if context.dashboards is not None:  # then features whose top examples contain the text
+            labelled = {(h["layer"], h["index"]) for h in hits}
+            hits += [{"layer": lyr, "index": i, **_label_fields(context, lyr, i), "score": 0.5, "examples_matched": n}
+                     for lyr, i, n in context.dashboards.search(query.q, layer) if (lyr, i) not in labelled]
     else:
         _require_saes(context)
         if layer is not None:
@@ -231,7 +235,7 @@ def _int_param(raw: str | None, name: str, default, low, high):
     return value
 
 
-@router.get("/v1/features/{layer}/{index}", response_model=Feature)
+@router.get("/v1/features/{layer}/{index}", response_model=Feature, response_model_exclude_unset=True)
 async def feature(layer: int, index: int, request: Request) -> dict[str, Any]:
     context = _context(request)
     _require_saes(context)
@@ -246,4 +250,5 @@ async def feature(layer: int, index: int, request: Request) -> dict[str, Any]:
     return {"object": "feature", "layer": layer, "index": index, "d_model": info["d_model"],
             "decoder_norm": report["decoder_norm"], "encoder_norm": report["encoder_norm"],
             "encoder_decoder_cosine": report["encoder_decoder_cosine"], "logit_lens": lens,
-            **_label_fields(context, layer, index)}
+            **_label_fields(context, layer, index),
+            **(context.dashboards.fields(layer, index) if context.dashboards is not None else {})}

@@ -1,0 +1,136 @@
+"""`steerserve dashboards` on the default model (issue 24), against one server that serves the
+file while the command fills it (`--feature-dashboards`): every feature of the three layers
+gets its dashboard from a small held-out corpus, the numbers agree with an independent
+recomputation from inspect's per-token activations of the same texts, a build resumed after a
+partial run equals one built at once, and the features API serves the fields (its 400s and 404s
+unchanged)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import httpx
+import pytest
+
+from steerserve.analysis.dashboard_store import DashboardStore
+from steerserve.analysis.dashboards import main as dashboards_main
+from tests.conftest import ROOT, serving
+
+MODEL = ROOT / "models" / "fortunes-qwen3.5"
+CORPUS = ROOT / "tests" / "fixtures" / "dashboards_corpus.jsonl"  # 6 held-out fortunes per language
+LAYERS = (1, 2, 3)
+GERMAN = (3, 424)
+BINS, LOW, HIGH, BEFORE, AFTER, TOP_N = 56, 1e-3, 1e4, 16, 7, 20
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dashboards")
+    out = tmp / "dash.db"
+    DashboardStore(out).close()  # an empty file: the server serves it as the command fills it
+    args = [str(MODEL), "--config", str(ROOT / "configs" / "default.yaml"), "--sae", str(MODEL / "sae"),
+            "--feature-labels", str(MODEL / "sae" / "labels.jsonl"), "--feature-dashboards", str(out)]
+    with serving(args, tmp / "server.log") as server:
+        common = ["--base-url", server.base_url, "--data", str(CORPUS), "--layers", "1,2,3", "--batch-size", "8"]
+        assert dashboards_main([*common, "--output", str(out), "--max-docs", "10"]) == 0
+        partial = DashboardStore(out).done_docs()
+        assert dashboards_main([*common, "--output", str(out), "--labels-out", str(tmp / "labels.jsonl")]) == 0
+        assert dashboards_main([*common, "--output", str(tmp / "once.db")]) == 0
+        with httpx.Client(base_url=server.base_url, timeout=600) as http:
+            yield {"http": http, "out": out, "once": tmp / "once.db", "partial": partial, "labels": tmp / "labels.jsonl"}
+
+
+def test_resumed_build_equals_one_built_at_once(built):
+    assert built["partial"] == set(range(10))  # the partial run committed its documents
+    resumed, once = DashboardStore(built["out"]), DashboardStore(built["once"])
+    assert resumed.done_docs() == once.done_docs() == set(range(24))
+    assert resumed.tokens() == once.tokens()
+    for layer in LAYERS:
+        a, b = resumed.features(layer), once.features(layer)
+        assert a.keys() == b.keys()
+        for idx in a:
+            assert (a[idx].fired, a[idx].hist) == (b[idx].fired, b[idx].hist)
+            assert [e["doc"] for e in a[idx].examples] == [e["doc"] for e in b[idx].examples]
+            assert a[idx].max == pytest.approx(b[idx].max, rel=1e-2)
+
+
+def test_every_feature_has_a_dashboard(built):
+    store = DashboardStore(built["out"])
+    http = built["http"]
+    fired = {layer: store.features(layer) for layer in LAYERS}
+    assert sum(map(len, fired.values())) > 2900  # of 3,072: nearly all fire on 24 short texts
+    for layer in LAYERS:
+        for index in (0, 511, 1023):
+            body = http.get(f"/v1/features/{layer}/{index}").json()
+            assert {"firing_rate", "mean_activation", "max_activation", "histogram", "top_examples"} <= body.keys()
+            hist = body["histogram"]
+            assert len(hist["edges"]) == len(hist["counts"]) + 1 or hist == {"edges": [], "counts": []}
+            assert sum(hist["counts"]) == round(body["firing_rate"] * store.tokens()[layer])
+            for example in body["top_examples"]:
+                assert set(example) == {"tokens", "activations"}
+                assert len(example["tokens"]) == len(example["activations"]) and example["tokens"]
+    assert len(built["labels"].read_text().splitlines()) == sum(
+        1 for feats in fired.values() for f in feats.values() if f.examples)
+
+
+def test_dashboards_agree_with_inspect(built):
+    """Recomputed from scratch: every document inspected alone, the watched features' activation
+    at every token, folded by the rules the dashboards document."""
+    http, store = built["http"], DashboardStore(built["out"])
+    watch = [GERMAN[1], 3, 100, 700, 1000]
+    docs = [json.loads(line)["text"] for line in CORPUS.read_text().splitlines()]
+    per_doc = []
+    for text in docs:
+        body = http.post("/v1/features/inspect", json={"prompt": text, "layers": list(LAYERS), "top_k": 1,
+                                                       "watch": watch}).json()
+        per_doc.append([t for t in body["tokens"]])
+    for layer in LAYERS:
+        tokens = sum(1 for doc in per_doc for t in doc if not t["special"])
+        assert store.tokens()[layer] == tokens
+        for w, index in enumerate(watch):
+            acts = [[t["watched"][str(layer)][w]["activation"] if not t["special"] else 0.0 for t in doc]
+                    for doc in per_doc]
+            f = store.feature(layer, index)
+            values = [a for doc in acts for a in doc if a > 0]
+            assert f.fired == pytest.approx(len(values), abs=1)
+            assert f.max == pytest.approx(max(values), rel=2e-2)
+            assert f.sum == pytest.approx(sum(values), rel=2e-2)
+            hist = [0] * BINS
+            for v in values:
+                lo, hi = math.log10(LOW), math.log10(HIGH)
+                hist[min(BINS - 1, max(0, math.floor((math.log10(v) - lo) * BINS / (hi - lo))))] += 1
+            assert sum(abs(a - b) for a, b in zip(f.hist, hist)) <= 2
+            peaks = sorted(((max(doc), d, doc.index(max(doc))) for d, doc in enumerate(acts) if max(doc) > 0),
+                           key=lambda p: (-p[0], p[1]))[:TOP_N]
+            strong = [p for p in peaks if p[0] > 0.2 * peaks[0][0]]  # near-ties among weak peaks may swap
+            assert [e["doc"] for e in f.examples[:len(strong)]] == [d for _, d, _ in strong]
+            for example, (value, d, pos) in zip(f.examples, strong):
+                assert example["position"] == pos and example["activation"] == pytest.approx(value, rel=2e-2)
+                window = acts[d][max(0, pos - BEFORE): pos + AFTER + 1]
+                assert example["activations"] == pytest.approx(window, rel=2e-2, abs=1e-2)
+
+
+def test_feature_api_serves_and_searches_dashboards(built):
+    http = built["http"]
+    german = http.get(f"/v1/features/{GERMAN[0]}/{GERMAN[1]}").json()
+    assert german["label"] == "German" and german["top_examples"]
+    languages = [json.loads(line)["language"] for line in CORPUS.read_text().splitlines()]
+    top = DashboardStore(built["out"]).feature(*GERMAN).examples[:6]
+    assert sum(languages[e["doc"]] == "de" for e in top) >= 4, [languages[e["doc"]] for e in top]
+    phrase = "".join(german["top_examples"][0]["tokens"]).strip()[:24]  # a piece of the example's text
+    pages = [http.get("/v1/features/search", params={"q": phrase, "layer": 3, "limit": 100, "offset": offset}).json()
+             for offset in range(0, 1024, 100)]
+    found = [h for page in pages for h in page["data"] if (h["layer"], h["index"]) == GERMAN]
+    assert found and found[0]["examples_matched"] >= 1
+    # bad input answers as before
+    missing = http.get("/v1/features/9/0")
+    assert missing.status_code == 404 and set(missing.json()["error"]) == {"message", "type", "param", "code"}
+    assert http.get("/v1/features/search").status_code == 400
+    bad = http.post("/v1/features/dashboards", json={"layers": [9], "documents": [{"id": 0, "prompt": "x"}]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "layers[0]"
+    bad = http.post("/v1/features/dashboards", content=b"{", headers={"content-type": "application/json"})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
+    bad = http.post("/v1/features/dashboards", json={"layers": [3], "documents": [{"id": 0}]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "documents[0]"
