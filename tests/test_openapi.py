@@ -20,6 +20,8 @@ ROUTES = {  # (method, path): (JSON or form body properties, query parameters, p
     ("POST", "/v1/features/inspect"): (INSPECT_FIELDS, set(), set()),
     ("POST", "/v1/features/contrast"): ({"model", "positive", "negative", "layers", "top_k", "add_generation_prompt",
                                         "save_as"}, set(), set()),
+    ("POST", "/v1/features/dashboards"): ({"layers", "documents", "top_n", "before", "after", "bins", "low", "high"},
+                                          set(), set()),
     ("GET", "/v1/features/search"): (None, {"q", "token", "layer", "limit", "offset"}, set()),
     ("GET", "/v1/features/{layer}/{index}"): (None, set(), {"layer", "index"}),
     ("POST", "/v1/files"): ({"file", "purpose"}, set(), set()),

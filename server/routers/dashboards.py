@@ -17,17 +17,18 @@ import json
 import uuid
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from steerserve_sae.protocol import rpc
 from steerserve_sae.protocol.capture import CaptureSpec, DashboardSpec
 from steerserve_sae.protocol.rpc import CAPTURE_KEY, CAPTURES
 
-from steerserve.errors import APIError, errors_as_json, from_validation
-from steerserve.in_process import chat_prompt_ids
+from steerserve.errors import APIError
+from steerserve.prompt_tokens import chat_prompt_ids
+from steerserve.routers.route import SteerserveRoute
 from steerserve.routers.features import _context, _loaded_layer, _require_saes, _special_ids, _token_text
 
-router = APIRouter()
+router = APIRouter(route_class=SteerserveRoute)
 MAX_DOCUMENTS = 1024  # per batch: the workers' accumulators are per batch, the documents run at once
 
 
@@ -51,15 +52,8 @@ class DashboardBatch(BaseModel):
 
 
 @router.post("/v1/features/dashboards")
-@errors_as_json
-async def dashboard_batch(request: Request):
+async def dashboard_batch(request: Request, req: DashboardBatch) -> dict:
     context = _context(request)
-    try:
-        req = DashboardBatch.model_validate(await request.json())
-    except ValueError as exc:
-        if isinstance(exc, ValidationError):
-            raise from_validation(exc, prefix="invalid request", code="invalid_request") from None
-        raise APIError("the request body is not valid JSON", code="invalid_json")
     _require_saes(context)
     for i, layer in enumerate(req.layers):
         _loaded_layer(context, layer, f"layers[{i}]")
