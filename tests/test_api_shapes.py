@@ -138,3 +138,9 @@ def test_messages_stream_carries_the_echo_in_anthropic_events(http):
     assert [e["event"] for e in events][0] == "message_start" and events[-1]["event"] == "message_stop"
     start = json.loads(events[0]["data"])
     assert start["message"]["steering"]["id"].startswith("steer-") and "steering" not in start
+
+
+def test_count_tokens_refuses_steering(http):
+    """/v1/messages/count_tokens generates nothing: a `steering` there is refused, not ignored."""
+    response = http.post("/v1/messages/count_tokens", json={**BODIES["/v1/messages"], "steering": STEER})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "steering_unsupported_route"

@@ -27,6 +27,12 @@ if "--multiprocessing-fork" in sys.argv:  # a process vLLM spawned, not the API 
 STEERED = {"model": "tiny", "messages": [{"role": "user", "content": "Tell me about the weather."}],
            "max_tokens": 4, "temperature": 0,
            "steering": {"features": [{"layer": 1, "index": 3, "mode": "add", "value": 6.0}]}}
+STEERED_BY_ROUTE = {  # the same steered request on every route that takes `steering` inline
+    "/v1/chat/completions": STEERED,
+    "/v1/responses": {"model": "tiny", "input": STEERED["messages"], "max_output_tokens": 4, "temperature": 0,
+                      "steering": STEERED["steering"]},
+    "/v1/messages": STEERED,  # Anthropic's body has the same fields here
+}
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +58,16 @@ def _assert_rejected(response: httpx.Response) -> None:
     assert "bad signature" in error["message"] and SECRET_ENV in error["message"]
 
 
-def test_a_steered_completion_is_a_500_not_an_unsteered_answer(misconfigured):
+@pytest.mark.parametrize("route", STEERED_BY_ROUTE)
+def test_a_steered_completion_is_a_500_not_an_unsteered_answer(misconfigured, route):
     _, http = misconfigured
-    _assert_rejected(http.post("/v1/chat/completions", json=STEERED))
+    _assert_rejected(http.post(route, json=STEERED_BY_ROUTE[route]))
 
 
-def test_a_steered_stream_is_a_500_before_any_event(misconfigured):
+@pytest.mark.parametrize("route", STEERED_BY_ROUTE)
+def test_a_steered_stream_is_a_500_before_any_event(misconfigured, route):
     _, http = misconfigured
-    with http.stream("POST", "/v1/chat/completions", json={**STEERED, "stream": True}) as response:
+    with http.stream("POST", route, json={**STEERED_BY_ROUTE[route], "stream": True}) as response:
         response.read()
         _assert_rejected(response)
 

@@ -32,6 +32,11 @@ class CompletionsShape:
         """The object of this event that takes the end-of-response fields; None: not this event."""
         return None
 
+    def before_generation(self, events: bytes) -> bool:
+        """Whether these stream events all go out before the first token (a worker's refusal of
+        the spec is known only after it: response_end.stream_rejection)."""
+        return False
+
     def error_event(self, error: APIError) -> bytes:
         return b"data: " + json.dumps(error.body()).encode() + b"\n\ndata: [DONE]\n\n"
 
@@ -68,6 +73,10 @@ class ResponsesShape(_ObjectShape):
     path = "/v1/responses"
     object_key = "response"
     end_events = ("response.completed", "response.incomplete")
+    _opening = (b"event: response.created\n", b"event: response.in_progress\n")
+
+    def before_generation(self, events: bytes) -> bool:
+        return all(event.startswith(self._opening) for event in events.split(b"\n\n") if event.strip())
 
     def error_event(self, error: APIError) -> bytes:
         body = {"type": "error", **error.body()["error"]}

@@ -37,6 +37,7 @@ class EchoingSend:
         self._start: Message | None = None
         self._mode = "passthrough"
         self._buffer = b""
+        self._held = b""  # a stream's events from before its first token, until the refusal check
         self._last_chunk: dict[str, Any] = {}  # the stream's last data event
 
     async def __call__(self, message: Message) -> None:
@@ -59,6 +60,11 @@ class EchoingSend:
             await self._send(message)
             return
         if self._mode == "sse" and self._start is not None:
+            held = self._held + message.get("body", b"")
+            if message.get("more_body", False) and self._shape.before_generation(held):
+                self._held = held  # the worker reads the spec with the first token: check after it
+                return
+            message, self._held = {**message, "body": held}, b""
             start, self._start = self._start, None
             assert self._rejection is not None
             rejected = await self._rejection()
