@@ -11,7 +11,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -34,6 +37,30 @@ def api_key_of(argv: list[str]) -> str | None:
         if a.startswith("--api-key="):
             return a.split("=", 1)[1]
     return os.environ.get("VLLM_API_KEY") or None
+
+
+@contextmanager
+def server_client(base_url: str | None, serve_args: list[str], server_log: str | Path | None,
+                  timeout: float) -> Iterator[httpx.Client]:
+    """A client of the running server at `base_url`, or of a private one started from
+    `serve_args` (its --data-dir in a temporary directory unless given), stopped on exit; the
+    client sends the key the serve arguments give. ServerStartError if the private one fails."""
+    with tempfile.TemporaryDirectory(prefix="steerserve-") as tmp:
+        server = None
+        if base_url is None:
+            extra = [] if has_option(serve_args, "--data-dir") else ["--data-dir", os.path.join(tmp, "data")]
+            server = ServeProcess(serve_args + extra, server_log or Path(tmp) / "server.log")
+        try:
+            if server is not None:
+                server.wait_ready(1800)
+                base_url = server.base_url
+            key = api_key_of(serve_args)
+            with httpx.Client(base_url=base_url, timeout=timeout,
+                              headers={"Authorization": f"Bearer {key}"} if key else {}) as http:
+                yield http
+        finally:
+            if server is not None:
+                server.stop()
 
 
 def free_port() -> int:

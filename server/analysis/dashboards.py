@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
 import sys
-import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +29,7 @@ from steerserve_sae.protocol.capture import DASHBOARD_ARRAYS
 
 from steerserve.analysis.dashboard_store import DashboardFileError, DashboardStore, FeatureDashboard
 from steerserve.analysis.eval import DEFAULT_TEXTS, _ok
-from steerserve.serve_process import ServeProcess, ServerStartError, api_key_of, has_option
+from steerserve.serve_process import ServerStartError, server_client
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,34 +72,18 @@ def main(argv: list[str]) -> int:
     args, serve_args = _parser().parse_known_args(argv)
     layers = [int(x) for x in args.layers.split(",")]
     docs = read_documents(args.data)[: args.max_docs]
-    with tempfile.TemporaryDirectory(prefix="steerserve-dashboards-") as tmp:
-        server, base_url = None, args.base_url
-        if base_url is None:
-            if not serve_args:
-                _parser().error("give the MODEL and its serve options (or --base-url)")
-            extra = [] if has_option(serve_args, "--data-dir") else ["--data-dir", os.path.join(tmp, "data")]
-            server = ServeProcess(serve_args + extra, args.server_log or Path(tmp) / "server.log")
-            try:
-                server.wait_ready(1800)
-            except ServerStartError as exc:
-                print(f"dashboards: {exc}", file=sys.stderr)
-                return 1
-            base_url = server.base_url
-        try:
-            key = api_key_of(serve_args)
-            with httpx.Client(base_url=base_url, timeout=3600,
-                              headers={"Authorization": f"Bearer {key}"} if key else {}) as http:
-                store = DashboardStore(args.output)
-                summary = build(http, store, docs, layers, args.top_n, args.batch_size)
-                if args.labels_out:
-                    summary["labels"] = write_labels(store, args.labels_out)
-                store.close()
-        except DashboardFileError as exc:
-            print(f"dashboards: {exc}", file=sys.stderr)
-            return 1
-        finally:
-            if server is not None:
-                server.stop()
+    if args.base_url is None and not serve_args:
+        _parser().error("give the MODEL and its serve options (or --base-url)")
+    try:
+        with server_client(args.base_url, serve_args, args.server_log, timeout=3600) as http:
+            store = DashboardStore(args.output)
+            summary = build(http, store, docs, layers, args.top_n, args.batch_size)
+            if args.labels_out:
+                summary["labels"] = write_labels(store, args.labels_out)
+            store.close()
+    except (ServerStartError, DashboardFileError) as exc:
+        print(f"dashboards: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps(summary))
     return 0
 

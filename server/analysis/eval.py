@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +33,7 @@ import httpx
 from tqdm import tqdm
 
 from steerserve.analysis.sae_quality import QualitySums, kl_top_k
-from steerserve.serve_process import ServeProcess, ServerStartError, api_key_of, has_option
+from steerserve.serve_process import ServerStartError, server_client
 
 DEFAULT_TEXTS = Path(__file__).with_name("data") / "eval_texts.txt"
 PROMPTS = ["Tell me about the weather.", "Write a short poem about the sea.", "How do computers work?"]
@@ -80,28 +78,14 @@ def main(argv: list[str]) -> int:
                            tuple(float(v) for v in args.values.split(",")))
               for layer, index in (item.split(":") for item in args.features.split(",") if item)]
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="steerserve-eval-") as tmp:
-        server = None
-        base_url = args.base_url
-        if base_url is None:
-            if not serve_args:
-                _parser().error("give the MODEL and its serve options (or --base-url)")
-            extra = [] if has_option(serve_args, "--data-dir") else ["--data-dir", os.path.join(tmp, "data")]
-            server = ServeProcess(serve_args + extra, args.server_log or Path(tmp) / "server.log")
-            try:
-                server.wait_ready(1800)
-            except ServerStartError as exc:
-                print(f"eval: {exc}", file=sys.stderr)
-                return 1
-            base_url = server.base_url
-        try:
-            key = api_key_of(serve_args)
-            headers = {"Authorization": f"Bearer {key}"} if key else {}
-            with httpx.Client(base_url=base_url, timeout=600, headers=headers) as http:
-                report = run_eval(http, texts, sweeps)
-        finally:
-            if server is not None:
-                server.stop()
+    if args.base_url is None and not serve_args:
+        _parser().error("give the MODEL and its serve options (or --base-url)")
+    try:
+        with server_client(args.base_url, serve_args, args.server_log, timeout=600) as http:
+            report = run_eval(http, texts, sweeps)
+    except ServerStartError as exc:
+        print(f"eval: {exc}", file=sys.stderr)
+        return 1
     report["seconds"] = round(time.monotonic() - started, 1)
     write_report(report, args.output_dir)
     print(format_table(report))
