@@ -171,6 +171,20 @@ def test_fuzz_contrast(http):
     given(body)(FUZZ(run))()
 
 
+def test_fuzz_dashboard_batches(http):
+    """`steerserve dashboards`' per-batch route: documents, layers and the accumulator settings."""
+    document = st.one_of(st.fixed_dictionaries({"id": st.one_of(small_ints, scalars)},
+                                               optional={"prompt": st.one_of(st.text(max_size=20), scalars),
+                                                         "messages": st.one_of(messages, json_values),
+                                                         "extra": scalars}), json_values)
+    numbers = st.one_of(small_ints, scalars)
+    body = st.fixed_dictionaries({}, optional={
+        "layers": st.one_of(st.lists(small_ints, max_size=3), json_values), "documents": st.one_of(
+            st.lists(document, max_size=3), json_values), "top_n": numbers, "before": numbers, "after": numbers,
+        "bins": numbers, "low": numbers, "high": numbers, "extra": scalars})
+    given(body)(settings(FUZZ, max_examples=EXAMPLES // 2)(lambda b: send(http, "/v1/features/dashboards", b)))()
+
+
 def test_fuzz_batches_and_files(http):
     def run(body, file_bytes, name, purpose, object_id):
         send(http, "/v1/batches", body)
