@@ -151,6 +151,16 @@ def test_a_stored_vector_steers_like_the_same_vector_inline(http, client, direct
     inline = server_greedy(client, {"vectors": [{"layer": 1, "vector": b64(direction), "mode": "add", "value": 1.0}]})
     named = server_greedy(client, {"vectors": [{"layer": 1, "vector": "d3x8", "mode": "add", "value": 1.0}]})
     assert named == inline and inline[1] != server_greedy(client, None)[1]
+    # the echo names the stored vector beside its digest, on every API's response object
+    spec = {"vectors": [{"layer": 1, "vector": "d3x8", "mode": "add", "value": 1.0},
+                        {"layer": 2, "vector": b64(direction), "mode": "ablate"}]}
+    chat = http.post("/v1/chat/completions", json={"model": MODEL_NAME, "max_tokens": 2, "steering": spec,
+                                                   "messages": [{"role": "user", "content": "hello"}]}).json()
+    responses = http.post("/v1/responses", json={"model": MODEL_NAME, "input": "hello", "max_output_tokens": 2,
+                                                 "steering": spec}).json()
+    for echo in (chat["steering"], responses["steering"]):
+        assert [(v["layer"], v.get("name")) for v in echo["vectors"]] == [(1, "d3x8"), (2, None)]
+        assert all(v["vector_id"].startswith("vec-") for v in echo["vectors"])
     listed = http.get("/v1/steering/vectors").json()["data"]
     assert [v["name"] for v in listed if v["name"] == "d3x8"] and "vector" not in listed[0]["layers"][0]
     assert http.get("/v1/steering/vectors/d3x8").json()["layers"][0]["vector"] == b64(direction)

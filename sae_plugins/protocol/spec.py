@@ -204,10 +204,12 @@ class SteeringSpec:
         digest = hashlib.sha256(self.canonical_json().encode()).hexdigest()
         return f"steer-{digest[:16]}"
 
-    def echo(self, gate_report: dict | None = None) -> dict:
+    def echo(self, gate_report: dict | None = None, vector_names: dict[tuple[int, str], str] | None = None) -> dict:
         """The `steering` object returned to clients: normalised spec plus its id; with the
         workers' gate report (gating.py), the tokens the spec steered and, per gated edit, the
-        tokens its gate let through."""
+        tokens its gate let through. `vector_names` ((layer, base64) -> name) names the vectors
+        a request took from the store by name."""
+        names = vector_names or {}
         passed = gate_report["passed"] if gate_report else None
 
         def gated(edit: FeatureEdit | VectorEdit) -> dict:
@@ -217,6 +219,7 @@ class SteeringSpec:
 
         vectors = {"vectors": [
             {"layer": v.layer, "vector_id": v.vector_id, "norm": float(np.linalg.norm(v.values())), "mode": v.mode}
+            | ({"name": names[(v.layer, v.vector)]} if (v.layer, v.vector) in names else {})
             | gated(v) for v in self.vectors]} if self.vectors else {}
         return {
             "id": self.id,

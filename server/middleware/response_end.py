@@ -88,7 +88,7 @@ def response_end(context, translation, untaken: set[Wanted]) -> Callable[[], Awa
 
         async def gate_report() -> None:
             per_rank = await context.takes.take(GATE_REPORTS, report)
-            result.fields["steering"] = spec.echo(merge_gate_reports(per_rank))
+            result.fields["steering"] = spec.echo(merge_gate_reports(per_rank), translation.vector_names)
 
         async def traces() -> None:
             taken = await take_traces(context, trace, choices, whole=not translation.body.get("stream"))

@@ -141,7 +141,8 @@ class SteeringMiddleware:
     async def _respond_extended(self, scope: Scope, receive: Receive, send: Send, context, translation,
                                 untaken: set[Wanted]) -> None:
         spec = translation.spec
-        additions: dict[str, Any] = {"steering": spec.echo()} if spec is not None else {}
+        additions: dict[str, Any] = {} if spec is None else {
+            "steering": spec.echo(vector_names=translation.vector_names)}
         final = response_end(context, translation, untaken)
         if translation.preset is not None:  # the response names the preset as its model
             additions, final = named_by_preset(additions, final, translation.preset)

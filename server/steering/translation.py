@@ -37,6 +37,7 @@ class Translation:
     baseline_trace: CaptureSpec | None = None  # the baseline's own trace, when both are asked for
     ticket: str | None = None  # where a worker records refusing the request's spec (rejections.py)
     preset: str | None = None  # the preset the request named as its model (server/steering/presets.py)
+    vector_names: dict[tuple[int, str], str] | None = None  # stored vectors named by the request, for the echo
 
     @property
     def extended(self) -> bool:
@@ -62,7 +63,7 @@ def translate_request(body: dict, sae_sizes: dict[int, int], max_features: int, 
         capture = attach_trace(body, trace) if trace is not None else None
         return Translation(body, None, body_changed=had_fields, trace=capture,
                            ticket=_ticket(body) if capture is not None else None)
-    resolve_names(body["steering"], vectors)
+    vector_names = resolve_names(body["steering"], vectors)
     spec, compare = parse_steering(body.pop("steering"), sae_sizes, max_features, limits.max_steering_value, stages,
                                    d_model, limits.max_steering_vectors)
     baseline = baseline_trace = None
@@ -80,7 +81,7 @@ def translate_request(body: dict, sae_sizes: dict[int, int], max_features: int, 
     body["cache_salt"] = cache_salt(body.get("cache_salt"), spec)
     capture = attach_trace(body, trace) if trace is not None else None
     return Translation(body, spec, baseline, gate_report=report, trace=capture, baseline_trace=baseline_trace,
-                       ticket=_ticket(body))
+                       ticket=_ticket(body), vector_names=vector_names)
 
 
 def _ticket(body: dict) -> str:

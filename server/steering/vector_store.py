@@ -151,12 +151,14 @@ def new_vector(name: str, layers: dict[int | None, np.ndarray], description: str
     return StoredVector(check_name(name), checked, description, int(time.time()), source)
 
 
-def resolve_names(steering: object, store: VectorStore | None) -> None:
+def resolve_names(steering: object, store: VectorStore | None) -> dict[tuple[int, str], str]:
     """Replace each `steering.vectors[i].vector` that names a stored vector by its base64 (the
     stored vector of that layer, or the one for any layer), so the spec is validated, identified
-    and applied exactly as the same vector given inline. Anything else is left to the schema."""
+    and applied exactly as the same vector given inline. Anything else is left to the schema.
+    Returns (layer, base64) -> name of what was replaced, for the echo to name the vectors."""
+    names: dict[tuple[int, str], str] = {}
     if store is None or not isinstance(steering, dict) or not isinstance(steering.get("vectors"), list):
-        return
+        return names
     for i, entry in enumerate(steering["vectors"]):
         if not isinstance(entry, dict) or not isinstance(entry.get("vector"), str):
             continue
@@ -174,5 +176,7 @@ def resolve_names(steering: object, store: VectorStore | None) -> None:
             raise APIError(f"stored vector {name!r} has no direction for layer {layer!r} (it has layers "
                            f"{sorted(l for l in stored.layers if l is not None)})",
                            param=f"steering.vectors[{i}].layer", code="vector_layer_missing")
-        steering["vectors"] = [*steering["vectors"][:i], {**entry, "vector": encode_vector(values)},
-                               *steering["vectors"][i + 1:]]
+        encoded = encode_vector(values)
+        steering["vectors"] = [*steering["vectors"][:i], {**entry, "vector": encoded}, *steering["vectors"][i + 1:]]
+        names[(layer, encoded)] = name
+    return names
