@@ -9,10 +9,12 @@ request counters show that both engines served requests, so the test really cros
 
 from __future__ import annotations
 
+import base64
 import re
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.conftest import API_KEY, AUTH, ServeProcess, serve_args, serving
@@ -93,6 +95,33 @@ def test_every_concurrent_inspect_gets_its_capture(dp_server):
         reports = list(pool.map(lambda i: _inspect(dp_server.base_url, i), range(REQUESTS)))
     for report in reports:
         assert report["tokens"] and all(len(t["features"]["1"]) == 2 for t in report["tokens"])
+
+
+def _dashboards(base_url: str, texts: list[str], first_id: int = 0) -> dict:
+    body = {"layers": [1], "top_n": 3, "documents": [{"id": first_id + i, "prompt": t} for i, t in enumerate(texts)]}
+    with httpx.Client(base_url=base_url, headers=AUTH, timeout=300) as http:
+        response = http.post("/v1/features/dashboards", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _fired_total(reply: dict) -> int:
+    return int(np.frombuffer(base64.b64decode(reply["layers"]["1"]["fired"]), dtype="<i8").sum())
+
+
+def test_dashboard_batch_counts_the_documents_of_both_engines(dp_server):
+    """A batch's documents run on both engines; the reply merges both engines' parts: every
+    document's tokens are counted, and the firings equal those of the documents run one batch
+    each (each such batch runs on one engine, whole)."""
+    texts = [f"Document number {i} talks about the weather and the sea." * (1 + i % 3) for i in range(REQUESTS)]
+    before = _requests_per_engine(dp_server)
+    batch = _dashboards(dp_server.base_url, texts)
+    after = _requests_per_engine(dp_server)
+    assert all(after[e] > before.get(e, 0) for e in ("0", "1")), (before, after)  # both engines ran documents
+    assert batch["layers"]["1"]["tokens"] == sum(len(tokens) for tokens in batch["documents"].values())
+    singles = [_dashboards(dp_server.base_url, [t], first_id=i) for i, t in enumerate(texts)]
+    assert batch["layers"]["1"]["tokens"] == sum(s["layers"]["1"]["tokens"] for s in singles)
+    assert _fired_total(batch) == pytest.approx(sum(_fired_total(s) for s in singles), rel=0.01)
 
 
 def test_both_engines_served_requests(dp_server):

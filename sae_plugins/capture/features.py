@@ -123,6 +123,7 @@ class CaptureStore:
     def __init__(self, store: WorkerStore | None = None) -> None:
         self.store = store or WorkerStore(DEFAULT_MAX_STORE_MIB * 2**20)
         self._step: list[StepCapture] = []
+        self.answers_dashboards = True  # False on tensor-parallel ranks after the first (vllm_hooks)
 
     def begin_step(self, step: list[StepCapture]) -> None:
         self._step = step
@@ -230,6 +231,8 @@ class CaptureStore:
             return None
         if stored.full:
             return self.store.full_marker()
+        if not self.answers_dashboards and any(isinstance(e, DashboardAccumulator) for e in stored.value.values()):
+            return None  # a tensor-parallel peer holds the same numbers (protocol/dashboard_merge.py)
         return {layer: entry.result() if isinstance(entry, DashboardAccumulator) else _layer_result(entry)
                 for layer, entry in stored.value.items()}
 

@@ -62,6 +62,9 @@ def install_steering(runner) -> None:
     register_steering_op()
     max_rows = runner.vllm_config.scheduler_config.max_num_batched_tokens
     runtime = SteeringRuntime(config, saes, runner.device, max_rows=max_rows)
+    from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+    runtime.captures.answers_dashboards = get_tensor_model_parallel_rank() == 0
     registry.install(runtime, FeatureLens(runner.model, arch, saes))
     for n in local:
         steer_layer(layers[n], n)

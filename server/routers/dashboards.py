@@ -7,6 +7,8 @@ document's number; the workers fold every position into bounded per-feature accu
 (sae_plugins/capture/dashboards.py) and the batch's accumulators are taken once it has run.
 The reply holds, per layer, the rows of the features that fired as base64 little-endian arrays
 (DASHBOARD_ARRAYS), and each document's tokens as text, so the client can show the windows.
+With data parallelism each engine ran some of the documents; their parts are merged into one
+(protocol/dashboard_merge.py).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ import uuid
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from steerserve_sae.protocol import rpc
 from steerserve_sae.protocol.capture import CaptureSpec, DashboardSpec
+from steerserve_sae.protocol.dashboard_merge import merge_dashboard_layers
 from steerserve_sae.protocol.rpc import CAPTURE_KEY, CAPTURES
 
 from steerserve.errors import APIError
@@ -85,7 +87,7 @@ async def dashboard_batch(request: Request, req: DashboardBatch) -> dict:
     finally:
         if not taken:
             context.takes.discard([(CAPTURES, capture_id)])
-    layers = rpc.merge_layers(per_rank)
+    layers = merge_dashboard_layers(per_rank)
     tokenizer = context.engine.get_tokenizer()
     texts = await asyncio.to_thread(lambda: {str(d.id): [_token_text(tokenizer, t) for t in tokens]
                                              for d, tokens in zip(req.documents, ids)})
