@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from steerserve_sae.protocol.capture import DASHBOARD_ARRAYS
 
+from steerserve.analysis import explanations
 from steerserve.analysis.dashboard_store import DashboardFileError, DashboardStore, FeatureDashboard
 from steerserve.analysis.eval import DEFAULT_TEXTS, _ok
 from steerserve.serve_process import ServerStartError, server_client
@@ -48,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--labels-out", type=Path, default=None, help="also write a --feature-labels JSONL")
     p.add_argument("--base-url", help="use a running server instead of starting one")
     p.add_argument("--server-log", type=Path, default=None)
+    explanations.add_arguments(p)
     return p
 
 
@@ -80,8 +82,10 @@ def main(argv: list[str]) -> int:
             summary = build(http, store, docs, layers, args.top_n, args.batch_size)
             if args.labels_out:
                 summary["labels"] = write_labels(store, args.labels_out)
+            if explanations.wanted(args):
+                summary["explanations"] = explanations.run(args, http, store, layers)
             store.close()
-    except (ServerStartError, DashboardFileError) as exc:
+    except (ServerStartError, DashboardFileError, explanations.ExplainError) as exc:
         print(f"dashboards: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(summary))

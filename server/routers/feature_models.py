@@ -113,6 +113,7 @@ class FeatureHit(BaseModel):
     score: float | None = None  # label search: how well the label matches (0.5: found in top examples)
     token: str | None = None  # token search
     examples_matched: int | None = None  # with --feature-dashboards: times the text is in the top examples
+    explanation: str | None = None  # with --feature-dashboards: the explanation, when the text is in it
 
 
 class FeatureSearchPage(BaseModel):
@@ -145,6 +146,14 @@ class TopExample(BaseModel):
     activations: list[float]  # the feature's activation at each
 
 
+class FeatureExplanation(BaseModel):
+    text: str  # one line from the explainer model (steerserve dashboards --explain)
+    model: str
+    detection_score: float | None  # 0..1, 0.5 = chance; see README "Explanations"
+    held_out: int  # held-out top examples scored
+    random: int  # random contexts scored
+
+
 class Feature(BaseModel):
     object: Literal["feature"]
     layer: int
@@ -162,3 +171,4 @@ class Feature(BaseModel):
     max_activation: float | None = None
     histogram: Histogram | None = None
     top_examples: list[TopExample] | None = None
+    explanation: FeatureExplanation | None = None

@@ -5,7 +5,8 @@
 applied exactly as for chat), with a capture spec that makes the workers record each token's
 top SAE features; the result is taken back by capture id over collective RPC.
 `GET /v1/features/{layer}/{index}` reports a feature's norms and logit lens, and
-`GET /v1/features/search` finds features by label text or by the token they promote.
+`GET /v1/features/search` finds features by label text (with --feature-dashboards also by
+explanation and top-example text) or by the token they promote.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from steerserve_sae.protocol import rpc
 from steerserve_sae.protocol.capture import CaptureSpec
 from steerserve_sae.protocol.rpc import CAPTURE_KEY, CAPTURES
 
+from steerserve.analysis import explanation_store
 from steerserve.analysis.sae_quality import QualitySums
 from steerserve.errors import APIError
 from steerserve.limits import MAX_TOP_K
@@ -52,7 +54,7 @@ def _token_text(tokenizer, token_id: int) -> str:
 
 
 def _loaded_layer(context, layer: int, param: str, status=HTTPStatus.BAD_REQUEST) -> dict:
-    loaded_layer(context.sae_sizes, layer, param, status)
+    loaded_layer(context.sae_sizes, layer, param, status, context.vector_layers)
     return context.sae_by_layer[layer]
 
 
@@ -176,10 +178,8 @@ async def search(request: Request, query: Annotated[SearchQuery, Query()]) -> di
     if query.q is not None:
         hits = [{"layer": f.layer, "index": f.index, "label": f.label, "description": f.description,
                  "score": score} for score, f in context.labels.search(query.q, layer)]
-        if context.dashboards is not None:  # then features whose top examples contain the text
-            labelled = {(h["layer"], h["index"]) for h in hits}
-            hits += [{"layer": lyr, "index": i, **_label_fields(context, lyr, i), "score": 0.5, "examples_matched": n}
-                     for lyr, i, n in context.dashboards.search(query.q, layer) if (lyr, i) not in labelled]
+        if context.dashboards is not None:  # then features whose explanation, then top examples, contain it
+            hits += _dashboard_hits(context, query.q, layer, {(h["layer"], h["index"]) for h in hits})
     else:
         _require_saes(context)
         if layer is not None:
@@ -188,6 +188,15 @@ async def search(request: Request, query: Annotated[SearchQuery, Query()]) -> di
     page = hits[offset : offset + limit]
     return {"object": "list", "data": page, "total": len(hits), "limit": limit, "offset": offset,
             "has_more": offset + limit < len(hits)}
+
+
+def _dashboard_hits(context, q: str, layer: int | None, labelled: set[tuple[int, int]]) -> list[dict]:
+    explained = {(lyr, i): text for lyr, i, text in explanation_store.search(context.dashboards.store.db, q, layer)}
+    examples = {(lyr, i): n for lyr, i, n in context.dashboards.search(q, layer)}
+    order = [k for k in explained if k not in labelled] + [k for k in examples if k not in labelled | explained.keys()]
+    return [{"layer": k[0], "index": k[1], **_label_fields(context, *k), "score": 0.5,
+             "examples_matched": examples.get(k, 0), **({"explanation": explained[k]} if k in explained else {})}
+            for k in order]
 
 
 async def _token_search(context, token: str, layer: int | None, wanted: int) -> list[dict]:
@@ -251,4 +260,10 @@ async def feature(layer: int, index: int, request: Request) -> dict[str, Any]:
             "decoder_norm": report["decoder_norm"], "encoder_norm": report["encoder_norm"],
             "encoder_decoder_cosine": report["encoder_decoder_cosine"], "logit_lens": lens,
             **_label_fields(context, layer, index),
-            **(context.dashboards.fields(layer, index) if context.dashboards is not None else {})}
+            **(_dashboard_fields(context, layer, index) if context.dashboards is not None else {})}
+
+
+def _dashboard_fields(context, layer: int, index: int) -> dict:
+    fields = context.dashboards.fields(layer, index)
+    explanation = explanation_store.served(context.dashboards.store.db, layer, index)
+    return fields | {"explanation": explanation} if explanation else fields
