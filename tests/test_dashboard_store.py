@@ -3,6 +3,9 @@ resumed run with other settings (issue 24)."""
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 
 from steerserve.analysis.dashboard_store import DashboardFileError, DashboardStore, FeatureDashboard, feature_fields
@@ -33,3 +36,52 @@ def test_resume_needs_the_same_settings_and_fields_trim_the_histogram(tmp_path):
         "top_examples": [{"tokens": ["a", "b"], "activations": [0.0, 5.0]}]}
     assert feature_fields(served, 3, 8)["histogram"] == {"edges": [], "counts": []}
     assert feature_fields(served, 2, 7) == {}  # a layer the file does not cover
+
+
+def test_accumulator_counts_firings_per_group_on_grouped_positions_only():
+    import torch
+
+    from steerserve_sae.capture.dashboards import DashboardAccumulator
+    from steerserve_sae.protocol.capture import DashboardSpec
+
+    spec = DashboardSpec(0, top_n=2, before=1, after=1, bins=4, low=1e-2, high=1e2, groups=2)
+    acc = DashboardAccumulator(3, spec, torch.device("cpu"))
+    f = torch.tensor([[1.0, 0, 0], [2.0, 3.0, 0], [0, 1.0, 0], [4.0, 0, 5.0]])
+    counted = torch.tensor([False, True, True, True])  # row 0: a special token
+    acc.add(f[:2], 0, 0, counted[:2], group=1, ungrouped=frozenset({2}))  # two chunks of one document
+    acc.add(f[2:], 0, 2, counted[2:], group=1, ungrouped=frozenset({2}))
+    acc.add(f[1:2], 1, 0, counted[1:2])  # a document without a group counts for none
+    result = acc.result()
+    fired = np.frombuffer(result["group_fired"], dtype="<i8").reshape(-1, 2)
+    assert result["group_tokens"] == [0, 2]  # rows 1 and 3 of document 0
+    np.testing.assert_array_equal(fired, [[0, 2], [0, 1], [0, 1]])
+    assert np.frombuffer(result["fired"], dtype="<i8").tolist() == [3, 3, 1]
+
+
+def test_labels_name_a_groups_strongest_feature_and_report_its_rates(tmp_path):
+    from steerserve.analysis.dashboards import group_features, write_labels
+
+    store = DashboardStore(tmp_path / "d.db")
+    store.start({"model": "m", "layers": [3], "top_n": 1, "edges": [1.0, 2.0], "bins": 1, "before": 0})
+
+    def feature(fired: int, groups: dict, token: str) -> FeatureDashboard:
+        example = {"activation": 2.0, "doc": 0, "position": 0, "tokens": [token], "activations": [2.0]}
+        return FeatureDashboard(fired, 2.0 * fired, 2.0, [fired], [example], groups)
+
+    store.commit_batch([0], {3: 400}, {3: {
+        1: feature(70, {"de": 60, "en": 5}, "der"),  # 60% of German, 5% of English: German's feature
+        2: feature(70, {"de": 55, "en": 12}, "die"),  # fires on most German, but on English too
+        3: feature(40, {"de": 30, "en": 3}, "das"),  # German-leaning at a lower rate
+        4: feature(30, {"de": 25, "en": 15}, "ist"),  # German-leaning, rates too low to name
+        5: feature(20, {"de": 8, "en": 9}, ","),  # neither
+        6: feature(40, {"de": 3, "en": 35}, "the")}},  # English's strongest, 35% of English: named
+        {3: {"de": 100, "en": 100}})
+    found = group_features(store, 3)
+    assert found["de"] == {"index": 1, "qualifies": True, "rate_in_group": 0.6, "max_rate_elsewhere": 0.05,
+                           "rates": {"de": 0.6, "en": 0.05}, "mean_activation": 2.0}
+    assert (found["en"]["index"], found["en"]["qualifies"], found["en"]["rate_in_group"]) == (6, False, 0.35)
+    write_labels(store, tmp_path / "labels.jsonl")
+    labels = {r["index"]: r for r in map(json.loads, (tmp_path / "labels.jsonl").read_text().splitlines())}
+    assert {i: r["label"] for i, r in labels.items()} == {
+        1: "de", 2: "de text: 'die'", 3: "'das' (de)", 4: "'ist'", 5: "','", 6: "en"}
+    assert "rate by group: de 60%, en 5%" in labels[1]["description"]

@@ -10,7 +10,9 @@ tokens seen:
   * a running top-N of documents per feature by their peak activation (a document holds at
     most one slot per feature: a later chunk of the same document replaces its own slot when it
     peaks higher), with the window of activations around the peak (`before` and `after` rows,
-    within the chunk; NaN outside it).
+    within the chunk; NaN outside it);
+  * with groups (DashboardSpec.groups), per group and feature the firing count on the group's
+    counted tokens, and per group the tokens counted ([groups, d_sae]: still no tokens axis).
 Nothing dense goes to the host: the take returns the rows of features that fired, as
 little-endian bytes (DASHBOARD_ARRAYS says which).
 """
@@ -46,14 +48,18 @@ class DashboardAccumulator:
         self.top_doc = torch.full((d_sae, n), -1, dtype=torch.int32, device=device)
         self.top_pos = torch.zeros(d_sae, n, dtype=torch.int32, device=device)
         self.top_win = torch.full((d_sae, n, w), math.nan, dtype=torch.float32, device=device)
+        self.group_tokens = [0] * spec.groups
+        self.group_fired = torch.zeros(d_sae, spec.groups, dtype=torch.int64, device=device)
 
     @staticmethod
     def nbytes(d_sae: int, spec: DashboardSpec) -> int:
-        return d_sae * (8 + 8 + 4 + 8 * spec.bins + spec.top_n * (4 + 4 + 4 + 4 * spec.window))
+        return d_sae * (8 + 8 + 4 + 8 * spec.bins + spec.top_n * (4 + 4 + 4 + 4 * spec.window) + 8 * spec.groups)
 
-    def add(self, features: torch.Tensor, doc: int, first_position: int, counted: torch.Tensor) -> None:
+    def add(self, features: torch.Tensor, doc: int, first_position: int, counted: torch.Tensor, group: int = -1,
+            ungrouped: frozenset[int] = frozenset()) -> None:
         """features: dense activations [rows, d_sae] of document `doc`'s consecutive rows from
-        `first_position`; counted: [rows] bool, the rows that count (not special tokens)."""
+        `first_position`; counted: [rows] bool, the rows that count (not special tokens); the
+        document's group (-1: none) and its positions that do not count for the group."""
         f = features.float() * counted[:, None]
         rows, d_sae = f.shape
         self.tokens += int(counted.sum())
@@ -65,6 +71,11 @@ class DashboardAccumulator:
         if feat_idx.numel():
             bins = histogram_bins(f[row_idx, feat_idx], self.spec)
             self.hist += torch.bincount(feat_idx * self.spec.bins + bins, minlength=d_sae * self.spec.bins)
+        if 0 <= group < self.spec.groups:
+            grouped = counted & torch.tensor([p not in ungrouped for p in range(first_position, first_position + rows)],
+                                             device=f.device)
+            self.group_tokens[group] += int(grouped.sum())
+            self.group_fired[:, group] += (active & grouped[:, None]).sum(0)
         self._add_top(f, doc, first_position)
 
     def _add_top(self, f: torch.Tensor, doc: int, first_position: int) -> None:
@@ -89,7 +100,8 @@ class DashboardAccumulator:
         keep = ((self.fired > 0) | (self.top_val > 0).any(1)).nonzero(as_tuple=True)[0]
         arrays = {"features": keep.int(), "fired": self.fired[keep], "sum": self.sum[keep], "max": self.max[keep],
                   "hist": self.hist.view(-1, self.spec.bins)[keep], "top_val": self.top_val[keep],
-                  "top_doc": self.top_doc[keep], "top_pos": self.top_pos[keep], "top_win": self.top_win[keep]}
+                  "top_doc": self.top_doc[keep], "top_pos": self.top_pos[keep], "top_win": self.top_win[keep],
+                  "group_fired": self.group_fired[keep]}
         return {"tokens": self.tokens, "top_n": self.spec.top_n, "bins": self.spec.bins, "window": self.spec.window,
-                "before": self.spec.before,
+                "before": self.spec.before, "groups": self.spec.groups, "group_tokens": self.group_tokens,
                 **{name: array.cpu().numpy().astype(DASHBOARD_ARRAYS[name]).tobytes() for name, array in arrays.items()}}

@@ -221,7 +221,8 @@ class CaptureStore:
         rows = range(first_position, first_position + features.shape[0])
         counted = (torch.tensor([p not in spec.exclude_from_aggregate for p in rows], device=features.device)
                    if spec.exclude_from_aggregate else torch.ones(len(rows), dtype=torch.bool, device=features.device))
-        layers[layer].add(features, spec.dashboard.doc, first_position, counted)
+        layers[layer].add(features, spec.dashboard.doc, first_position, counted, spec.dashboard.group,
+                          spec.dashboard.ungrouped)
 
     def take(self, capture_id: str) -> dict | None:
         """JSON-safe result per layer, positions in order; None if unknown (or dropped); the

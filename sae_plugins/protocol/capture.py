@@ -19,16 +19,18 @@ RESIDUAL_ENCODING = "base64-float32-le"
 
 # A dashboard take's arrays per layer (capture/dashboards.py), each little-endian bytes of this
 # dtype, one row per feature that fired (hist [rows, bins], top_* [rows, top_n], top_win
-# [rows, top_n, window]).
+# [rows, top_n, window], group_fired [rows, groups]).
 DASHBOARD_ARRAYS = {"features": "<i4", "fired": "<i8", "sum": "<f8", "max": "<f4", "hist": "<i8",
-                    "top_val": "<f4", "top_doc": "<i4", "top_pos": "<i4", "top_win": "<f4"}
+                    "top_val": "<f4", "top_doc": "<i4", "top_pos": "<i4", "top_win": "<f4", "group_fired": "<i8"}
 
 
 @dataclass(frozen=True)
 class DashboardSpec:
     """A dashboard capture (capture/dashboards.py): many requests, one per document, add to one
     accumulator under the capture id; each request is document `doc`. Histogram bins are
-    log-spaced, `bins` of them from `low` to `high` (values outside go to the end bins)."""
+    log-spaced, `bins` of them from `low` to `high` (values outside go to the end bins). A batch
+    may sort its documents into `groups` (e.g. languages): the document is in group `group`
+    (-1: none), and its positions in `ungrouped` do not count for it (e.g. tokens without a letter)."""
 
     doc: int
     top_n: int = 20
@@ -37,6 +39,9 @@ class DashboardSpec:
     bins: int = 56
     low: float = 1e-3
     high: float = 1e4
+    groups: int = 0
+    group: int = -1
+    ungrouped: frozenset[int] = frozenset()
 
     @property
     def window(self) -> int:
@@ -48,12 +53,14 @@ class DashboardSpec:
 
     def to_json(self) -> dict:
         return {"doc": self.doc, "top_n": self.top_n, "before": self.before, "after": self.after,
-                "bins": self.bins, "low": self.low, "high": self.high}
+                "bins": self.bins, "low": self.low, "high": self.high, "groups": self.groups, "group": self.group,
+                "ungrouped": sorted(self.ungrouped)}
 
     @staticmethod
     def from_json(data: dict) -> "DashboardSpec":
         return DashboardSpec(int(data["doc"]), int(data["top_n"]), int(data["before"]), int(data["after"]),
-                             int(data["bins"]), float(data["low"]), float(data["high"]))
+                             int(data["bins"]), float(data["low"]), float(data["high"]), int(data.get("groups", 0)),
+                             int(data.get("group", -1)), frozenset(int(p) for p in data.get("ungrouped", ())))
 
 
 @dataclass(frozen=True)

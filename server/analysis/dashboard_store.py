@@ -5,7 +5,8 @@ Tables: `meta` (the run's settings as JSON: layers, top_n, window, histogram edg
 `layers` (tokens seen per layer), `docs` (ids of the documents already folded in), `features`
 (per layer and index: firing count, activation sum and max, histogram counts over the edges,
 top examples as JSON `[{"activation", "doc", "position", "tokens", "activations"}]`) and `lens`
-(promoted and suppressed tokens). Each batch is merged and committed in one transaction with its
+(promoted and suppressed tokens); with document groups also `group_tokens` (word pieces seen per
+layer and group) and `group_fired` (per feature, its firings per group as JSON). Each batch is merged and committed in one transaction with its
 documents' ids, so a run that stops keeps every committed batch and a rerun skips those ids.
 """
 
@@ -22,6 +23,8 @@ CREATE TABLE IF NOT EXISTS layers (layer INTEGER PRIMARY KEY, tokens INTEGER NOT
 CREATE TABLE IF NOT EXISTS docs (id INTEGER PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS features (layer INTEGER, idx INTEGER, fired INTEGER NOT NULL, sum REAL NOT NULL,
     max REAL NOT NULL, hist TEXT NOT NULL, examples TEXT NOT NULL, PRIMARY KEY (layer, idx));
+CREATE TABLE IF NOT EXISTS group_tokens (layer INTEGER, grp TEXT, tokens INTEGER NOT NULL, PRIMARY KEY (layer, grp));
+CREATE TABLE IF NOT EXISTS group_fired (layer INTEGER, idx INTEGER, counts TEXT NOT NULL, PRIMARY KEY (layer, idx));
 CREATE TABLE IF NOT EXISTS lens (layer INTEGER, idx INTEGER, promoted TEXT NOT NULL, suppressed TEXT NOT NULL,
     PRIMARY KEY (layer, idx));
 """
@@ -38,6 +41,7 @@ class FeatureDashboard:
     max: float = 0.0
     hist: list[int] = field(default_factory=list)
     examples: list[dict] = field(default_factory=list)
+    groups: dict[str, int] = field(default_factory=dict)  # firings per document group
 
 
 class DashboardStore:
@@ -77,9 +81,22 @@ class DashboardStore:
         return dict(self.db.execute("SELECT layer, tokens FROM layers"))
 
     def features(self, layer: int) -> dict[int, FeatureDashboard]:
-        return {idx: FeatureDashboard(fired, total, peak, json.loads(hist), json.loads(examples))
-                for idx, fired, total, peak, hist, examples in self.db.execute(
-                    "SELECT idx, fired, sum, max, hist, examples FROM features WHERE layer = ?", (layer,))}
+        feats = {idx: FeatureDashboard(fired, total, peak, json.loads(hist), json.loads(examples))
+                 for idx, fired, total, peak, hist, examples in self.db.execute(
+                     "SELECT idx, fired, sum, max, hist, examples FROM features WHERE layer = ?", (layer,))}
+        if self._has_table("group_fired"):
+            for idx, counts in self.db.execute("SELECT idx, counts FROM group_fired WHERE layer = ?", (layer,)):
+                feats[idx].groups = json.loads(counts)
+        return feats
+
+    def group_tokens(self, layer: int) -> dict[str, int]:
+        """Word pieces seen per document group at `layer` (empty without groups)."""
+        if not self._has_table("group_tokens"):
+            return {}
+        return dict(self.db.execute("SELECT grp, tokens FROM group_tokens WHERE layer = ? ORDER BY grp", (layer,)))
+
+    def _has_table(self, name: str) -> bool:  # a read-only file from before groups has none
+        return self.db.execute("SELECT 1 FROM sqlite_master WHERE name = ?", (name,)).fetchone() is not None
 
     def feature(self, layer: int, index: int) -> FeatureDashboard | None:
         row = self.db.execute("SELECT fired, sum, max, hist, examples FROM features WHERE layer = ? AND idx = ?",
@@ -87,9 +104,17 @@ class DashboardStore:
         return FeatureDashboard(row[0], row[1], row[2], json.loads(row[3]), json.loads(row[4])) if row else None
 
     def commit_batch(self, doc_ids: list[int], tokens: dict[int, int],
-                     changed: dict[int, dict[int, FeatureDashboard]]) -> None:
-        """One batch's documents, the tokens they added per layer and the features they changed, at once."""
+                     changed: dict[int, dict[int, FeatureDashboard]],
+                     group_tokens: dict[int, dict[str, int]] | None = None) -> None:
+        """One batch's documents, the tokens they added per layer (and per group) and the features
+        they changed, at once."""
         with self.db:
+            self.db.executemany("INSERT INTO group_tokens VALUES (?, ?, ?) ON CONFLICT(layer, grp) DO UPDATE SET "
+                                "tokens = tokens + excluded.tokens",
+                                [(layer, g, n) for layer, per in (group_tokens or {}).items() for g, n in per.items()])
+            self.db.executemany("INSERT OR REPLACE INTO group_fired VALUES (?, ?, ?)", [
+                (layer, idx, json.dumps(f.groups, ensure_ascii=False))
+                for layer, feats in changed.items() for idx, f in feats.items() if f.groups])
             self.db.executemany("INSERT INTO docs VALUES (?)", [(i,) for i in doc_ids])
             self.db.executemany("INSERT INTO layers VALUES (?, ?) ON CONFLICT(layer) DO UPDATE SET "
                                 "tokens = tokens + excluded.tokens", list(tokens.items()))

@@ -7,7 +7,10 @@ the engine stays busy while one is merged; the workers accumulate (sae_plugins/c
 dashboards.py) and each batch is merged into the output SQLite file and committed with its
 documents (analysis/dashboard_store.py), so a rerun skips what was committed. Afterwards every
 feature's logit lens (promoted and suppressed tokens) is stored, and `--labels-out` writes a
-`--feature-labels` JSONL from each feature's top-example peak tokens.
+`--feature-labels` JSONL from each feature's top-example peak tokens. Documents may carry a group
+(`--group-field`, e.g. their language): then each feature's firing rate per group is kept too, and
+a feature that fires on much of one group's word pieces and rarely on the others' is labelled by
+the group's name (the default model's build names its language features this way).
 """
 
 from __future__ import annotations
@@ -47,14 +50,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="documents per request to the server (its reply's size depends on the SAE's width, not on this)")
     p.add_argument("--max-docs", type=int, default=None)
     p.add_argument("--labels-out", type=Path, default=None, help="also write a --feature-labels JSONL")
+    p.add_argument("--group-field", default="group",
+                   help="JSONL field naming each document's group, e.g. its language (default: group)")
     p.add_argument("--base-url", help="use a running server instead of starting one")
     p.add_argument("--server-log", type=Path, default=None)
     explanations.add_arguments(p)
     return p
 
 
-def read_documents(path: Path) -> list[dict]:
-    """Per document {"prompt": text} or {"messages": [...]}, in file order (the order gives ids)."""
+def read_documents(path: Path, group_field: str = "group") -> list[dict]:
+    """Per document {"prompt": text} or {"messages": [...]} (and its "group" when the JSONL row
+    has a string `group_field`), in file order (the order gives ids)."""
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if path.suffix != ".jsonl":
         return [{"prompt": line.replace("\\n", "\n")} for line in lines]
@@ -67,13 +73,17 @@ def read_documents(path: Path) -> list[dict]:
             docs.append({"messages": row["messages"]})
         else:
             raise ValueError(f"{path}:{number}: expected a `text` string or a `messages` list")
+        if group_field in row:
+            if not isinstance(row[group_field], str) or not row[group_field]:
+                raise ValueError(f"{path}:{number}: `{group_field}` must be a non-empty string")
+            docs[-1]["group"] = row[group_field]
     return docs
 
 
 def main(argv: list[str]) -> int:
     args, serve_args = _parser().parse_known_args(argv)
     layers = [int(x) for x in args.layers.split(",")]
-    docs = read_documents(args.data)[: args.max_docs]
+    docs = read_documents(args.data, args.group_field)[: args.max_docs]
     if args.base_url is None and not serve_args:
         _parser().error("give the MODEL and its serve options (or --base-url)")
     try:
@@ -118,8 +128,8 @@ def build(http: httpx.Client, store: DashboardStore, docs: list[dict], layers: l
                 store.start(settings | {k: reply_settings(reply)[k] for k in ("edges", "bins", "before")})
             elif n == 0:
                 store.start(settings | {k: store.settings.get(k) for k in ("edges", "bins", "before")})
-            batch_tokens, changed = merge(state, reply, top_n)
-            store.commit_batch(ids, batch_tokens, changed)
+            batch_tokens, changed, group_tokens = merge(state, reply, top_n)
+            store.commit_batch(ids, batch_tokens, changed, group_tokens)
             tokens += max(batch_tokens.values(), default=0)
             progress.update(len(ids))
             progress.set_postfix_str(f"{tokens / max(time.monotonic() - started, 1e-9):.0f} tok/s")
@@ -143,16 +153,20 @@ def _arrays(layer: dict) -> dict:
         flat = np.frombuffer(base64.b64decode(layer[name]), dtype=dtype)
         out[name] = flat.reshape(n, -1) if name in ("hist", "top_val", "top_doc", "top_pos") else flat
     out["top_win"] = out["top_win"].reshape(n, layer["top_n"], layer["window"])
+    out["group_fired"] = out["group_fired"].reshape(n, layer.get("groups", 0))
     return out
 
 
 def merge(state: dict[int, dict[int, FeatureDashboard]], reply: dict, top_n: int):
-    """Add a batch's per-layer results to the running state; (tokens per layer, changed features)."""
-    tokens, changed = {}, {}
+    """Add a batch's per-layer results to the running state; (tokens per layer, changed features,
+    word pieces per layer and group)."""
+    tokens, changed, group_tokens = {}, {}, {}
+    groups = reply.get("groups", [])
     for key, layer_reply in reply["layers"].items():
         layer = int(key)
         a = _arrays(layer_reply)
         tokens[layer] = layer_reply["tokens"]
+        group_tokens[layer] = dict(zip(groups, layer_reply.get("group_tokens", [])))
         feats, before = state[layer], layer_reply["before"]
         changed[layer] = {}
         rows = a["features"].tolist()
@@ -165,6 +179,8 @@ def merge(state: dict[int, dict[int, FeatureDashboard]], reply: dict, top_n: int
             f.sum += float(a["sum"][row])
             f.max = max(f.max, float(a["max"][row]))
             f.hist = (np.asarray(f.hist, dtype=np.int64) + a["hist"][row]).tolist()
+            for g, n in zip(groups, a["group_fired"][row].tolist()):
+                f.groups[g] = f.groups.get(g, 0) + n
             slots = np.flatnonzero(candidates[row])
             if slots.size:
                 f.examples += [_example(reply["documents"], int(a["top_doc"][row, slot]), int(a["top_pos"][row, slot]),
@@ -172,7 +188,7 @@ def merge(state: dict[int, dict[int, FeatureDashboard]], reply: dict, top_n: int
                                for slot in slots]
                 f.examples = sorted(f.examples, key=lambda e: (-e["activation"], e["doc"]))[:top_n]
             changed[layer][idx] = f
-    return tokens, changed
+    return tokens, changed, group_tokens
 
 
 def _floor(f: FeatureDashboard | None, top_n: int) -> float:
@@ -203,12 +219,52 @@ def fill_lens(http: httpx.Client, store: DashboardStore) -> None:
     store.put_lens(rows)
 
 
+# A group feature fires on at least GROUP_MIN_RATE of its group's word pieces and at most
+# GROUP_MAX_ELSEWHERE of every other group's; the strongest candidate per group and layer is named
+# after the group from GROUP_LABEL_MIN_RATE on (its description gives the rates).
+GROUP_MIN_RATE, GROUP_MAX_ELSEWHERE, GROUP_LABEL_MIN_RATE = 0.5, 0.1, 0.3
+GROUP_DOMINANT_SHARE = 0.8  # of a feature's summed group rates: the group is shown beside its tokens
+
+
+def group_rates(store: DashboardStore, layer: int) -> tuple[list[str], dict[int, list[float]]]:
+    """The layer's groups and, per feature that fired, its firing rate on each group's word pieces."""
+    seen = store.group_tokens(layer)
+    groups = sorted(seen)
+    return groups, {idx: [f.groups.get(g, 0) / max(seen[g], 1) for g in groups]
+                    for idx, f in sorted(store.features(layer).items())}
+
+
+def group_features(store: DashboardStore, layer: int) -> dict[str, dict]:
+    """Per group, its strongest candidate feature (largest gap between its rate in the group and
+    its highest rate in any other) and whether it qualifies, with the numbers behind it."""
+    groups, rates = group_rates(store, layer)
+    if not rates:
+        return {}
+    feats = store.features(layer)
+    found = {}
+    for g, group in enumerate(groups):
+        def elsewhere(idx: int) -> float:
+            return max((r for h, r in enumerate(rates[idx]) if h != g), default=0.0)
+
+        best = max(rates, key=lambda idx: rates[idx][g] - elsewhere(idx))
+        rate, other = rates[best][g], elsewhere(best)
+        found[group] = {"index": best, "qualifies": rate >= GROUP_MIN_RATE and other <= GROUP_MAX_ELSEWHERE,
+                        "rate_in_group": round(rate, 3), "max_rate_elsewhere": round(other, 3),
+                        "rates": {h: round(r, 3) for h, r in zip(groups, rates[best])},
+                        "mean_activation": round(feats[best].sum / max(feats[best].fired, 1), 3)}
+    return found
+
+
 def write_labels(store: DashboardStore, path: Path) -> int:
     """A `--feature-labels` JSONL: each feature labelled by the three tokens its top examples peak
-    on most (weighted by activation), described by firing rate, mean activation and contexts."""
+    on most (weighted by activation), or by its group's name for a group's strongest feature;
+    described by firing rate, mean activation, rate per group and contexts."""
     lines = []
     tokens = store.tokens()
     for layer in store.settings["layers"]:
+        groups, rates = group_rates(store, layer)
+        named = {v["index"]: group for group, v in group_features(store, layer).items()
+                 if v["rate_in_group"] >= GROUP_LABEL_MIN_RATE and v["max_rate_elsewhere"] <= GROUP_MAX_ELSEWHERE}
         for idx, f in sorted(store.features(layer).items()):
             if not f.examples:
                 continue
@@ -217,9 +273,22 @@ def write_labels(store: DashboardStore, path: Path) -> int:
                 peak = max(range(len(e["activations"])), key=e["activations"].__getitem__)
                 weight[e["tokens"][peak]] += e["activation"]
             words = [w.replace("\n", "\\n") or "?" for w, _ in weight.most_common(3)]
+            label = ", ".join(f"'{w}'" for w in words)
+            by_group = ""
+            if groups:
+                r = rates[idx]
+                top = max(range(len(groups)), key=r.__getitem__)
+                dominant = sum(r) > 0 and r[top] >= GROUP_DOMINANT_SHARE * sum(r)
+                if idx in named:
+                    label = named[idx]
+                elif dominant and r[top] >= GROUP_MIN_RATE:
+                    label = f"{groups[top]} text: {label}"
+                elif dominant:
+                    label += f" ({groups[top]})"
+                by_group = "; rate by group: " + ", ".join(f"{g} {x:.0%}" for g, x in zip(groups, r))
             contexts = " | ".join("".join(e["tokens"]).replace("\n", " ")[-60:] for e in f.examples[:3])
-            lines.append({"layer": layer, "index": idx, "label": ", ".join(f"'{w}'" for w in words),
+            lines.append({"layer": layer, "index": idx, "label": label,
                           "description": f"fires on {f.fired / max(tokens.get(layer, 0), 1):.1%} of tokens, mean "
-                                         f"activation {f.sum / max(f.fired, 1):.2f}; top contexts: {contexts}"})
+                                         f"activation {f.sum / max(f.fired, 1):.2f}{by_group}; top contexts: {contexts}"})
     path.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
     return len(lines)

@@ -7,6 +7,8 @@ document's number; the workers fold every position into bounded per-feature accu
 (sae_plugins/capture/dashboards.py) and the batch's accumulators are taken once it has run.
 The reply holds, per layer, the rows of the features that fired as base64 little-endian arrays
 (DASHBOARD_ARRAYS), and each document's tokens as text, so the client can show the windows.
+Documents may name a `group` (e.g. their language): the reply then also counts, per group and
+feature, its firings on the group's word pieces (tokens with a letter) and the word pieces seen.
 With data parallelism each engine ran some of the documents; their parts are merged into one
 (protocol/dashboard_merge.py).
 """
@@ -39,6 +41,7 @@ class Document(BaseModel):
     id: StrictInt = Field(ge=0, lt=2**31)
     prompt: StrictStr | None = None
     messages: list[dict] | None = None
+    group: StrictStr | None = Field(default=None, min_length=1, max_length=200)
 
 
 class DashboardBatch(BaseModel):
@@ -68,15 +71,26 @@ async def dashboard_batch(request: Request, req: DashboardBatch) -> dict:
             raise APIError("give exactly one of `prompt` or `messages`", param=f"documents[{i}]",
                            code="invalid_request")
     ids = await asyncio.gather(*(_token_ids(context, doc) for doc in req.documents))
-    spec = DashboardSpec(0, req.top_n, req.before, req.after, req.bins, req.low, req.high)
+    groups = sorted({d.group for d in req.documents if d.group is not None})
+    spec = DashboardSpec(0, req.top_n, req.before, req.after, req.bins, req.low, req.high, len(groups))
     capture_id = uuid.uuid4().hex
-    special_ids = _special_ids(context.engine.get_tokenizer())
+    tokenizer = context.engine.get_tokenizer()
+    special_ids = _special_ids(tokenizer)
+    letters = await asyncio.to_thread(_word_pieces, tokenizer, {t for d, tokens in zip(req.documents, ids)
+                                                                 if d.group is not None for t in tokens})
+
+    def dashboard(doc: Document, tokens: list[int]) -> DashboardSpec:
+        if doc.group is None:
+            return DashboardSpec(doc.id, *_fields(spec))
+        return DashboardSpec(doc.id, *_fields(spec), groups.index(doc.group),
+                             frozenset(i for i, t in enumerate(tokens) if t not in letters))
+
     taken = False
     try:
         statuses = await asyncio.gather(*(
             _run(context, CaptureSpec(capture_id, tuple(sorted(set(req.layers))), 1,
                                       frozenset(i for i, t in enumerate(tokens) if t in special_ids),
-                                      dashboard=DashboardSpec(doc.id, *_fields(spec))), tokens)
+                                      dashboard=dashboard(doc, tokens)), tokens)
             for doc, tokens in zip(req.documents, ids)))
         failed = next((s for s in statuses if s is not None), None)
         if failed is not None:
@@ -88,12 +102,11 @@ async def dashboard_batch(request: Request, req: DashboardBatch) -> dict:
         if not taken:
             context.takes.discard([(CAPTURES, capture_id)])
     layers = merge_dashboard_layers(per_rank)
-    tokenizer = context.engine.get_tokenizer()
     texts = await asyncio.to_thread(lambda: {str(d.id): [_token_text(tokenizer, t) for t in tokens]
                                              for d, tokens in zip(req.documents, ids)})
     return {"object": "feature_dashboard_batch", "histogram_edges": spec.histogram_edges(),
             "layers": {str(layer): _encoded(result) for layer, result in layers.items()},
-            "documents": texts, "truncated": [d.id for d, t in zip(req.documents, ids) if t.truncated]}
+            "documents": texts, "groups": groups, "truncated": [d.id for d, t in zip(req.documents, ids) if t.truncated]}
 
 
 class _Tokens(list):
@@ -114,7 +127,13 @@ async def _token_ids(context, doc: Document) -> _Tokens:
 
 
 def _fields(spec: DashboardSpec) -> tuple:
-    return spec.top_n, spec.before, spec.after, spec.bins, spec.low, spec.high
+    return spec.top_n, spec.before, spec.after, spec.bins, spec.low, spec.high, spec.groups
+
+
+def _word_pieces(tokenizer, ids: set[int]) -> set[int]:
+    """The ids whose text has a letter: a group's tokens are its word pieces (punctuation,
+    digits, whitespace and specials belong to no language)."""
+    return {t for t in ids if any(c.isalpha() for c in _token_text(tokenizer, t))}
 
 
 async def _run(context, capture: CaptureSpec, tokens: list[int]) -> str | None:
