@@ -134,6 +134,36 @@ def test_vector_edits_follow_the_definition(kernel):
         assert r["max_abs"] <= 1e-4 and r["steered"] and r["untouched"], r
 
 
+@pytest.mark.parametrize("kernel", ["torch", "native"])
+def test_a_layer_without_an_sae_takes_vector_edits(kernel):
+    """Layer 1 steered by vectors only (--steering-layers): no SAE there, the same edits as at an
+    SAE layer (gated by a layer-0 feature too), feature edits at layer 0 beside them; a feature
+    at layer 1 is refused by the worker."""
+    saes, streams = inputs("topk")
+    if kernel == "native":
+        saes[0].choose_cpu_encoder()
+    spec_list = [SteeringSpec.create([f for f in s.features if f.layer == 0], s.apply_to, list(s.vectors))
+                 for s in specs(saes, streams)]
+    assert any(v.layer == 1 and v.when is not None for s in spec_list for v in s.vectors)
+    runtime = SteeringRuntime(PluginConfig("mem", (0,), max_features=8, max_configs=8, steering_kernel=kernel,
+                                           steering_layers=(1,)), {0: saes[0]}, torch.device("cpu"), max_rows=64)
+    views = [RequestView(f"r{i}", {EXTRA_ARGS_KEY: s.to_extra_arg()}, n, 0, 100)
+             for i, (s, n) in enumerate(zip(spec_list, ROWS))]
+    feature_there = SteeringSpec.create([FeatureEdit(1, 3, "add", 1.0)])
+    views += [RequestView("plain", {}, ROWS[-1], 0, 100),
+              RequestView("refused", {EXTRA_ARGS_KEY: feature_there.to_extra_arg()}, 1, 0, 100)]
+    runtime.begin_step(RequestView.batch(views))
+    assert runtime.rejected_requests_total == 1 and runtime.stats()["vector_layers"] == [1]
+    want = expected(saes, streams, spec_list)
+    for layer in (0, 1):
+        hidden, residual = streams[layer]
+        got = torch.cat([hidden, hidden[:1]]).clone()  # the refused request's row: never edited
+        runtime.apply(layer, got, torch.cat([residual, residual[:1]]))
+        assert float((got[:-1] - want[layer]).abs().max()) <= 1e-4
+        assert torch.equal(got[-1], hidden[0]) and not torch.equal(got[: ROWS[0]], hidden[: ROWS[0]])
+    runtime.end_step()
+
+
 def test_cap_moves_only_the_rows_above_the_cap():
     saes, streams = inputs("relu")
     v = vector(1)

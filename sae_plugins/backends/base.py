@@ -22,7 +22,7 @@ class LayerBuffers:
     """One steered layer's views of the runtime's fixed buffers, and its SAE; made once."""
 
     layer: int
-    sae: SAEWeights
+    sae: SAEWeights | None  # None at a layer steered by direction vectors only (no encode, no decode)
     routing: torch.Tensor  # [6, max_rows] int64, rows step_plan.STEER_ROWS .. VECTOR_SLOTS
     plan_counts: torch.Tensor  # [6] int64: the live LayerPlan
     add_vectors: torch.Tensor  # [slots, d_model] float32
@@ -53,16 +53,28 @@ class SteeringBackend(ABC):
 
 class KernelBackend(SteeringBackend):
     """A backend whose kernel reads everything, live counts included, from the buffers: the
-    same arguments every step, made once per layer (kernel_arguments)."""
+    same arguments every step, made once per layer (kernel_arguments). At a layer without an
+    SAE (vectors only) the kernels, which take an SAE, are not called: the PyTorch edit is,
+    which there is a few dot products and adds per row (`vectors_only`)."""
 
     def __init__(self) -> None:
         self._arguments: dict[int, tuple] = {}
 
     def prepare(self, layer: LayerBuffers) -> None:
-        self._arguments[layer.layer] = kernel_arguments(layer)
+        if layer.sae is not None:
+            self._arguments[layer.layer] = kernel_arguments(layer)
 
     def apply(self, layer: LayerBuffers, plan: LayerPlan | None, hidden: torch.Tensor, residual: torch.Tensor) -> None:
+        if layer.sae is None:
+            self.vectors_only(layer, plan, hidden, residual)
+            return
         self.launch(hidden, residual, *self._arguments[layer.layer])
+
+    @staticmethod
+    def vectors_only(layer: LayerBuffers, plan: LayerPlan | None, hidden: torch.Tensor, residual: torch.Tensor) -> None:
+        from steerserve_sae.backends.torch_reference import edit_rows  # it imports this module
+
+        edit_rows(layer, plan, hidden, residual)
 
     @abstractmethod
     def launch(self, hidden: torch.Tensor, residual: torch.Tensor, *arguments) -> None:

@@ -80,7 +80,8 @@ class NativeCPUSteering(KernelBackend):
         self._op(hidden, residual, *arguments)
 
     def prepare(self, layer: LayerBuffers) -> None:
-        layer.sae.pack_encoder_panels()  # before the arguments are taken: they include the panels
+        if layer.sae is not None:
+            layer.sae.pack_encoder_panels()  # before the arguments are taken: they include the panels
         super().prepare(layer)
 
 

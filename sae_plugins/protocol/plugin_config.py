@@ -23,7 +23,7 @@ STEERING_KERNELS = ("auto", "native", "torch", "triton")
 
 @dataclass(frozen=True)
 class PluginConfig:
-    sae_path: str
+    sae_path: str  # "" when only --steering-layers were given (no SAE)
     sae_layers: tuple[int, ...]
     sae_name: str | None = None  # what a Qwen-Scope set's width and k are read from (sae/loading.py, qwen_scope_k)
     sae_k: int | None = None  # --sae-k
@@ -34,6 +34,17 @@ class PluginConfig:
     steering_kernel: str = "auto"  # one of STEERING_KERNELS
     api_servers: int = 1  # API processes, each admitting up to max_configs specs
     max_store_mib: int = DEFAULT_MAX_STORE_MIB  # --max-worker-store-mib: results kept for the API (capture/store.py)
+    steering_layers: tuple[int, ...] = ()  # --steering-layers: direction vectors may steer here without an SAE
+
+    @property
+    def vector_only_layers(self) -> tuple[int, ...]:
+        """Layers steered by direction vectors only (no SAE: no features, gates or captures)."""
+        return tuple(sorted(set(self.steering_layers) - set(self.sae_layers)))
+
+    @property
+    def vector_layers(self) -> tuple[int, ...]:
+        """Every layer a direction vector may steer: the SAE layers and the --steering-layers."""
+        return tuple(sorted(set(self.sae_layers) | set(self.steering_layers)))
 
     @property
     def num_slots(self) -> int:
@@ -48,6 +59,7 @@ class PluginConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["sae_layers"] = list(self.sae_layers)
+        d["steering_layers"] = list(self.steering_layers)
         return d
 
     @staticmethod
@@ -58,7 +70,7 @@ class PluginConfig:
         if not raw:
             return None
         return PluginConfig(
-            sae_path=str(raw["sae_path"]),
+            sae_path=str(raw.get("sae_path") or ""),
             sae_layers=tuple(int(x) for x in raw["sae_layers"]),
             sae_name=raw.get("sae_name"),
             sae_k=raw.get("sae_k"),
@@ -69,4 +81,5 @@ class PluginConfig:
             steering_kernel=str(raw.get("steering_kernel", "auto")),
             api_servers=int(raw.get("api_servers", 1)),
             max_store_mib=int(raw.get("max_store_mib", DEFAULT_MAX_STORE_MIB)),
+            steering_layers=tuple(int(x) for x in raw.get("steering_layers", ())),
         )

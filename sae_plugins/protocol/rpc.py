@@ -81,6 +81,7 @@ class WorkerStats(TypedDict, total=False):
     rejected_requests_total: int
     sae_memory_bytes: dict[int, int]
     sae_layers: list[int]
+    vector_layers: list[int]  # layers steered by direction vectors only (--steering-layers without an SAE)
     steering_kernel: str
     steering_seconds_total: float
     execute_seconds_total: float

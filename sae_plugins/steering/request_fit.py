@@ -11,9 +11,13 @@ from steerserve_sae.sae.autoencoder import SAEWeights
 
 
 def check_fits(spec: SteeringSpec | None, capture: CaptureSpec | None, config: PluginConfig,
-               saes: dict[int, SAEWeights]) -> None:
-    """ValueError naming the first thing that does not fit; `saes` are this stage's layers."""
+               saes: dict[int, SAEWeights], d_model: int = 0, local: set[int] | None = None) -> None:
+    """ValueError naming the first thing that does not fit; `saes` are this stage's SAEs, `local`
+    this stage's steered layers (default: the SAEs'), `d_model` the stream's width."""
     all_layers = set(config.sae_layers)  # every pipeline stage's, not only this one's
+    vector_layers = set(config.vector_layers)
+    local = set(saes) if local is None else local
+    d_model = d_model or next((sae.d_model for sae in saes.values()), 0)
     if spec is not None and len(spec.features) > config.max_features:
         raise ValueError(f"{len(spec.features)} features; the tables hold {config.max_features}")
     if spec is not None and len(spec.vectors) > config.max_vectors:
@@ -29,18 +33,17 @@ def check_fits(spec: SteeringSpec | None, capture: CaptureSpec | None, config: P
             raise ValueError(f"{what} index {index} out of range at layer {layer}")
 
     for v in spec.vectors if spec else ():
-        if v.layer not in all_layers:
-            raise ValueError(f"vector at layer {v.layer}, which has no SAE loaded")
-        sae = saes.get(v.layer)
-        if sae is not None and v.values().size != sae.d_model:
-            raise ValueError(f"vector of {v.values().size} values at layer {v.layer} (d_model {sae.d_model})")
+        if v.layer not in vector_layers:
+            raise ValueError(f"vector at layer {v.layer}, which has neither an SAE nor --steering-layers")
+        if v.layer in local and v.values().size != d_model:
+            raise ValueError(f"vector of {v.values().size} values at layer {v.layer} (d_model {d_model})")
     for f in (*spec.features, *spec.vectors) if spec else ():
         if isinstance(f, FeatureEdit):
             check_feature("feature", f.layer, f.index)
         if f.when is None:
             continue
         check_feature("gate feature", f.when.layer, f.when.index)
-        if (f.layer in saes) != (f.when.layer in saes):
+        if (f.layer in local) != (f.when.layer in local):
             raise ValueError(f"gate at layer {f.when.layer} and its edit at layer {f.layer} sit on "
                              "different pipeline stages")
     for layer in capture.layers if capture else ():

@@ -82,12 +82,18 @@ _UNSTEERED = _RequestSteering(None, None)
 
 class SteeringRuntime:
     def __init__(self, config: PluginConfig, saes: dict[int, SAEWeights], device: torch.device,
-                 max_rows: int = 8192):
+                 max_rows: int = 8192, vector_layers: tuple[int, ...] | None = None, d_model: int = 0):
+        """`vector_layers`: this worker's layers without an SAE where direction vectors steer
+        (default: every --steering-layers layer without one); `d_model`: the stream's width
+        (read from the SAEs when there are any)."""
         self.config = config
         self.saes = saes  # this worker's layers (a pipeline stage holds only its own)
+        self.vector_layers = tuple(config.vector_only_layers if vector_layers is None else vector_layers)
+        self.d_model = next(iter(saes.values())).d_model if saes else d_model
         self.device = device
         self.slots = ConfigSlots(config.num_slots)
-        self.tables = SlotTables(saes, config.num_slots, config.max_features, device, config.max_vectors)
+        self.tables = SlotTables(saes, config.num_slots, config.max_features, device, config.max_vectors,
+                                 self.vector_layers, self.d_model)
         self.planner = StepPlanner(self.tables, max_rows, device)
         self.store = WorkerStore(config.max_store_bytes)
         self.captures = CaptureStore(self.store)
@@ -95,7 +101,7 @@ class SteeringRuntime:
         self.rejections = Rejections(self.store)
         self.backend = select_backend(config.steering_kernel, device, max_rows, config.max_features)
         self._layers = {
-            layer: LayerBuffers(layer, saes[layer], self.planner.routing[li], self.planner.plan_counts[li],
+            layer: LayerBuffers(layer, saes.get(layer), self.planner.routing[li], self.planner.plan_counts[li],
                                 self.tables.add_vectors[li], self.tables.feature_ids[li], self.tables.coefficients[li],
                                 self.tables.edit_gates[li], self.tables.gate_ids[li], self.tables.gate_bounds[li],
                                 self.planner.gate_state, self.tables.vector_pool, self.tables.vector_ids[li],
@@ -221,7 +227,7 @@ class SteeringRuntime:
         capture = CaptureSpec.from_extra_arg(raw_capture) if raw_capture is not None else None
         raw_report = extra_args.get(GATE_REPORT_KEY)
         report = report_id_from_extra_arg(raw_report) if raw_report is not None and spec and spec.gates else None
-        check_fits(spec, capture, self.config, self.saes)
+        check_fits(spec, capture, self.config, self.saes, self.d_model, set(self.tables.layer_pos))
         local_gates = np.array([gate.layer in self.saes for gate in spec.gates], dtype=bool) if report else None
         return _RequestSteering(spec, capture, report, ticket_of(extra_args), local_gates)
 
@@ -277,7 +283,8 @@ class SteeringRuntime:
         li = self.tables.layer_pos[layer]
         self._unapplied.discard(li)
         self.backend.apply(buffers, self.planner.plans[li], hidden, residual)
-        self.captures.record_layer(layer, buffers.sae, hidden, residual)  # the stream as edited here
+        if buffers.sae is not None:
+            self.captures.record_layer(layer, buffers.sae, hidden, residual)  # the stream as edited here
         self.steering_seconds += time.perf_counter() - started
 
     # ---- memory ---------------------------------------------------------------------------
@@ -327,6 +334,7 @@ class SteeringRuntime:
             "rejected_requests_total": self.rejected_requests_total,
             "sae_memory_bytes": {layer: sae.nbytes() for layer, sae in sorted(self.saes.items())},
             "sae_layers": sorted(self.saes),
+            "vector_layers": list(self.vector_layers),  # this worker's layers steered by vectors only
             "steering_kernel": self.kernel_name,
             # Host time (on CPU the real cost; on GPU what it takes to launch the work).
             "steering_seconds_total": self.steering_seconds,

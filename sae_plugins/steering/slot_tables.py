@@ -31,12 +31,15 @@ from steerserve_sae.protocol.spec import SteeringSpec
 
 class SlotTables:
     def __init__(self, saes: dict[int, SAEWeights], num_slots: int, max_features: int, device: torch.device,
-                 max_vectors: int = 8):
+                 max_vectors: int = 8, vector_layers: tuple[int, ...] = (), d_model: int = 0):
+        """`vector_layers`: this worker's layers without an SAE that direction vectors steer
+        (their feature and gate tables stay empty); `d_model`: the stream's width, needed when
+        there is no SAE to read it from."""
         self.saes = saes
         self.max_vectors = max_vectors
-        self.layer_pos = {layer: i for i, layer in enumerate(sorted(saes))}  # this worker's layers
-        num_layers = len(saes)
-        d_model = next(iter(saes.values())).d_model if saes else 0
+        self.layer_pos = {layer: i for i, layer in enumerate(sorted({*saes, *vector_layers}))}  # this worker's layers
+        num_layers = len(self.layer_pos)
+        d_model = next(iter(saes.values())).d_model if saes else d_model
         # add: one precomputed vector per (layer, slot).
         self.add_vectors = torch.zeros((num_layers, num_slots, d_model), dtype=torch.float32, device=device)
         # clamp/scale/ablate: feature ids and the coefficient rule offset + gain * f_i on each

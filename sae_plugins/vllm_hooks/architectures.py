@@ -28,6 +28,11 @@ class Architecture:
         config = hf_config.get(self.text_config, {}) if self.text_config else hf_config
         return config.get("hidden_size")
 
+    def num_layers(self, hf_config: dict) -> int | None:
+        """The decoder layer count, from a config.json as a dict."""
+        config = hf_config.get(self.text_config, {}) if self.text_config else hf_config
+        return config.get("num_hidden_layers")
+
     def decoder_layers_of(self, model: nn.Module) -> nn.ModuleList:
         return _resolve(model, self.decoder_layers)
 

@@ -39,7 +39,8 @@ logger = logging.getLogger("vllm.steerserve")
 
 
 def install_steering(runner) -> None:
-    """Load the SAEs and patch the steered layers of `runner.model` (no-op without --sae)."""
+    """Load the SAEs and patch the steered layers of `runner.model` (no-op without --sae or
+    --steering-layers)."""
     config = PluginConfig.from_additional_config(runner.vllm_config.additional_config)
     if config is None:
         return
@@ -47,12 +48,15 @@ def install_steering(runner) -> None:
     arch = architecture(model_config.architectures[0])
     layers = arch.decoder_layers_of(runner.model)
     d_model = model_config.hf_text_config.hidden_size
-    local = [n for n in config.sae_layers if n < len(layers) and is_local_layer(layers[n])]
-    missing = [n for n in config.sae_layers if n >= len(layers)]
-    if missing:
-        raise ValueError(f"--sae-layers {missing}: the model has only {len(layers)} decoder layers")
+    for option, wanted in (("--sae-layers", config.sae_layers), ("--steering-layers", config.steering_layers)):
+        missing = [n for n in wanted if not 0 <= n < len(layers)]
+        if missing:
+            raise ValueError(f"{option} {missing}: the model has only {len(layers)} decoder layers "
+                             f"(0..{len(layers) - 1})")
+    local = [n for n in config.sae_layers if is_local_layer(layers[n])]
+    vector_only = tuple(n for n in config.vector_only_layers if is_local_layer(layers[n]))
     saes = {}
-    for n in tqdm(local, desc=f"Loading SAEs from {config.sae_path}", unit="layer"):
+    for n in tqdm(local, desc=f"Loading SAEs from {config.sae_path}", unit="layer", disable=not local):
         saes[n] = load_sae_layer(
             config.sae_path, n, d_model=d_model, dtype=model_config.dtype, device=runner.device,
             name=config.sae_name, k=config.sae_k,
@@ -61,21 +65,23 @@ def install_steering(runner) -> None:
             saes[n].choose_cpu_encoder()
     register_steering_op()
     max_rows = runner.vllm_config.scheduler_config.max_num_batched_tokens
-    runtime = SteeringRuntime(config, saes, runner.device, max_rows=max_rows)
+    runtime = SteeringRuntime(config, saes, runner.device, max_rows=max_rows, vector_layers=vector_only,
+                              d_model=d_model)
     from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
     runtime.captures.answers_dashboards = get_tensor_model_parallel_rank() == 0
     registry.install(runtime, FeatureLens(runner.model, arch, saes))
-    for n in local:
+    for n in sorted({*local, *vector_only}):
         steer_layer(layers[n], n)
     total = sum(s.nbytes() for s in saes.values())
     logger.info(
-        "steerserve: SAE steering on layers %s (SAEs %.1f MiB; %d config slots for %d distinct specs per API "
+        "steerserve: SAE steering on layers %s, direction vectors only on layers %s (SAEs %.1f MiB; %d config "
+        "slots for %d distinct specs per API "
         "process, tables and routing %.1f MiB; workspace up to %.1f MiB, reserved in the memory profile; "
         "results kept for the API up to %d MiB of host memory, outside the profile (--max-worker-store-mib); "
         "steering op: %s)",
-        local, total / 2**20, runtime.slots.num_slots, config.max_configs, runtime.table_bytes() / 2**20,
-        runtime.workspace_bytes() / 2**20, config.max_store_mib, runtime.kernel_name,
+        local, list(vector_only), total / 2**20, runtime.slots.num_slots, config.max_configs,
+        runtime.table_bytes() / 2**20, runtime.workspace_bytes() / 2**20, config.max_store_mib, runtime.kernel_name,
     )
 
 
