@@ -109,13 +109,18 @@ def server(tiny_model_dir, tmp_path_factory) -> ServeProcess:
 @pytest.fixture(scope="session")
 def default_server(tmp_path_factory) -> ServeProcess:
     """The shipped default model as `make serve` serves it (configs/default.yaml), compiled, with
-    an API key; shared by test_default_model.py and test_playground.py."""
+    an API key; shared by test_default_model.py and test_playground.py. It serves an empty
+    feature-dashboards file (`dashboards_file`) that a test may fill through it."""
+    from steerserve.analysis.dashboard_store import DashboardStore
+
     model_dir = ROOT / "models" / "fortunes-qwen3.5"
     work = tmp_path_factory.mktemp("default-model")
+    DashboardStore(work / "dashboards.db").close()
     args = [str(model_dir), "--config", str(ROOT / "configs" / "default.yaml"), "--sae", str(model_dir / "sae"),
             "--feature-labels", str(model_dir / "sae" / "labels.jsonl"), "--seed", "0",
-            "--api-key", API_KEY, "--data-dir", str(work / "data")]
+            "--api-key", API_KEY, "--data-dir", str(work / "data"), "--feature-dashboards", str(work / "dashboards.db")]
     with serving(args, work / "server.log") as running:
+        running.dashboards_file = work / "dashboards.db"
         yield running
 
 

@@ -3,7 +3,8 @@ against the shipped default model as `make serve` serves it (with an API key).
 
 A user's path: open the page (served without a key), give the key, search "German", open the
 feature, steer a chat with it (default and steered answers streamed side by side), hover the
-trace's heatmap, copy the request as curl and as Python and run both. What the page shows is
+trace's heatmap, copy the request as curl and as Python and run both; then build dashboards
+through the same server and see the feature's histogram and top examples. What the page shows is
 compared with what the API answers for the same requests. One screenshot per panel goes to
 .state/screenshots/ (SCREENSHOTS).
 """
@@ -80,13 +81,13 @@ def wait_for(browser, condition, timeout: float = 120):
     return WebDriverWait(browser, timeout, poll_frequency=0.1).until(lambda _: condition())
 
 
-def shot(browser, panel: str) -> None:
+def shot(browser, panel: str, name: str | None = None) -> None:
     from selenium.webdriver.common.by import By
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     element = browser.find_element(By.ID, f"{panel}-panel")
     browser.execute_script("arguments[0].scrollIntoView()", element)
-    element.screenshot(str(SCREENSHOTS / f"playground-{panel}.png"))
+    element.screenshot(str(SCREENSHOTS / f"playground-{name or panel}.png"))
 
 
 def api_chat(http, steering=None) -> dict:
@@ -179,3 +180,46 @@ def test_search_feature_steer_and_trace_in_a_browser(browser, default_server, ht
     assert f"(position {steered['trace'][j]['position']}), layer 3" in find("#token-details h3").text
     shot(browser, "trace")
     print(f"\nbrowser walk-through: {time.monotonic() - started:.1f}s; screenshots in {SCREENSHOTS}", file=sys.stderr)
+
+
+def test_feature_page_shows_dashboards_built_through_the_server(browser, default_server, http, monkeypatch):
+    """`steerserve dashboards --base-url` fills the file the server serves (the built-in sample at
+    layer 3); the German feature's page then draws its histogram, one bar per bin the API gives,
+    and its top examples, token for token, the peak token the most highlighted."""
+    from selenium.webdriver.common.by import By
+
+    from steerserve.analysis.dashboards import main as dashboards_main
+
+    monkeypatch.setenv("VLLM_API_KEY", API_KEY)
+    assert dashboards_main(["--base-url", default_server.base_url, "--layers", "3", "--top-n", "5",
+                            "--output", str(default_server.dashboards_file)]) == 0
+    german = http.get("/v1/features/search", params={"q": "German"}).json()["data"][0]
+    feature = http.get(f"/v1/features/{german['layer']}/{german['index']}").json()
+    counts, examples = feature["histogram"]["counts"], feature["top_examples"]
+    assert german["label"] == "German" and sum(counts) > 0 and len(examples) == 5
+
+    find = lambda css: browser.find_element(By.CSS_SELECTOR, css)  # noqa: E731
+    finds = lambda css: browser.find_elements(By.CSS_SELECTOR, css)  # noqa: E731
+    browser.get(f"{default_server.base_url}/ui")
+    if not find("#api-key").get_attribute("value"):
+        find("#api-key").send_keys(API_KEY)
+    find("#key-form button").click()
+    find("#search-q").clear()
+    find("#search-q").send_keys("German")
+    find("#search-form button").click()
+    wait_for(browser, lambda: finds("#search-results li button"))
+    finds("#search-results li button")[0].click()
+    wait_for(browser, lambda: len(finds("#feature-histogram svg rect")) == len(counts))
+    bars = [float(bar.get_attribute("height")) for bar in finds("#feature-histogram svg rect")]
+    assert bars.index(max(bars)) == counts.index(max(counts)) and max(bars) == 80.0
+    assert find("#feature-histogram .caption").text.endswith(f"; {sum(counts)} firing tokens")
+    rows = finds("#feature-examples ol li")
+    assert len(rows) == len(examples)
+    for row, example in zip(rows, examples):
+        spans = row.find_elements(By.CSS_SELECTOR, ".tok")
+        assert [s.get_attribute("textContent") for s in spans] == example["tokens"]
+        colours = [s.value_of_css_property("background-color") for s in spans]
+        alphas = [float(c.rsplit(",", 1)[1].rstrip(")")) if c.startswith("rgba") else 1.0 for c in colours]
+        peak = example["activations"].index(max(example["activations"]))
+        assert alphas[peak] == max(alphas) > 0, (colours, example["activations"])
+    shot(browser, "feature", "feature-dashboards")

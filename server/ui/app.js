@@ -17,6 +17,7 @@ function el(tag, attrs = {}, ...children) {
 }
 
 const fmt = (x) => (Math.abs(x) >= 100 ? x.toFixed(0) : x.toFixed(2));
+const sig = (x) => String(Number(x.toPrecision(2)));  // histogram edges span 1e-3 to 1e4
 const featureName = (f) => `L${f.layer} #${f.index}`;
 // Tokens as text a reader can see: spaces and newlines made visible.
 const showToken = (t) => t.replace(/\n/g, "↵").replace(/ /g, "·") || "∅";
@@ -124,6 +125,7 @@ function renderHistogram(histogram) {
   box.replaceChildren();
   if (!histogram || !histogram.counts || !histogram.counts.length) return;
   const max = Math.max(...histogram.counts, 1);
+  const edges = histogram.edges || [];
   const width = 12, height = 80;
   const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
   svg.setAttribute("viewBox", `0 0 ${histogram.counts.length * width} ${height}`);
@@ -135,12 +137,14 @@ function renderHistogram(histogram) {
     const bar = document.createElementNS("http://www.w3.org/2000/svg", "rect");
     Object.entries({ x: i * width + 1, y: height - h, width: width - 2, height: h }).forEach(([k, v]) => bar.setAttribute(k, v));
     const title = document.createElementNS("http://www.w3.org/2000/svg", "title");
-    const edges = histogram.edges || [];
-    title.textContent = edges.length > i + 1 ? `${fmt(edges[i])}–${fmt(edges[i + 1])}: ${count}` : String(count);
+    title.textContent = edges.length > i + 1 ? `${sig(edges[i])}–${sig(edges[i + 1])}: ${count}` : String(count);
     bar.append(title);
     svg.append(bar);
   });
-  box.append(el("h3", { text: "Activation histogram" }), svg);
+  const total = histogram.counts.reduce((a, b) => a + b, 0);
+  const caption = edges.length ? `activation ${sig(edges[0])} to ${sig(edges[edges.length - 1])}, log-spaced bins; ` : "";
+  box.append(el("h3", { text: "Activation histogram" }), svg,
+    el("p", { class: "caption", text: `${caption}${total} firing tokens` }));
 }
 
 // Dashboards (when the server has them): {"top_examples": [{"tokens": [...], "activations": [...]}]}.
