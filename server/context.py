@@ -20,7 +20,9 @@ class SteeringContext:
     saes: list[dict]  # per loaded layer, as reported by the workers (GET /v1/saes)
     max_features: int
     admission: ConfigAdmission
-    sae_stages: tuple[frozenset[int], ...] = ()  # the layer sets the workers hold (one per pipeline stage)
+    sae_stages: tuple[frozenset[int], ...] = ()  # the layer sets the workers steer (one per pipeline stage)
+    vector_layers: frozenset[int] = frozenset()  # --steering-layers without an SAE: direction vectors only
+    hidden_size: int = 0  # the model's residual width, for a server with no SAE to read it from
     engine: Any = None  # vLLM's EngineClient: tokenizer and collective RPC
     takes: WorkerTakes | None = None  # what finished requests left in the workers, taken over that RPC
     client: Any = None  # in-process client of this server's own app (server/in_process.py)
@@ -41,8 +43,9 @@ class SteeringContext:
 
     @property
     def d_model(self) -> int:
-        """The residual stream's width (every SAE reads the same stream); 0 without SAEs."""
-        return self.saes[0]["d_model"] if self.saes else 0
+        """The residual stream's width (every SAE reads the same stream); the model's hidden
+        size without SAEs (0 when unknown)."""
+        return self.saes[0]["d_model"] if self.saes else self.hidden_size
 
     @property
     def sae_sizes(self) -> dict[int, int]:

@@ -78,15 +78,19 @@ class SteerserveEndpointPlugin:
         stages: tuple[frozenset[int], ...] = ()
         if config is not None and engine_client is not None:
             saes, stages = rpc.merge_sae_info(await every_rank(engine_client, rpc.SAE_INFO))
-            if not saes:  # never serve "steerable" requests that nothing would steer
+            if config.vector_only_layers:
+                stages = await _steered_stages(engine_client, config)
+            if (config.sae_layers and not saes) or not stages:  # never admit what nothing would steer
                 raise RuntimeError(
-                    "steerserve: --sae was given but no worker installed SAE steering "
+                    "steerserve: --sae or --steering-layers was given but no worker installed steering "
                     "(unsupported model runner? see the worker logs)"
                 )
         context = SteeringContext(
             saes=saes,
             max_features=config.max_features if config else DEFAULT_MAX_FEATURES,
             sae_stages=stages,
+            vector_layers=frozenset(config.vector_only_layers) if config else frozenset(),
+            hidden_size=engine_client.model_config.get_hidden_size() if engine_client is not None else 0,
             admission=ConfigAdmission(config.max_configs if config else DEFAULT_MAX_CONFIGS),
             engine=engine_client,
             takes=WorkerTakes(engine_client) if engine_client is not None else None,
@@ -98,7 +102,7 @@ class SteerserveEndpointPlugin:
         )
         if getattr(args, "feature_labels", None):
             context.labels = load_labels(args.feature_labels)
-        context.vectors = _open_vectors(context, args, engine_client)
+        context.vectors = _open_vectors(context, args)
         _open_presets(context, args)
         if getattr(args, "feature_dashboards", None):
             context.dashboards = DashboardIndex(DashboardStore(args.feature_dashboards, readonly=True))
@@ -115,6 +119,13 @@ class SteerserveEndpointPlugin:
             start_batch_service(self._app, engine_client, state, args)
 
 
+async def _steered_stages(engine_client, config: PluginConfig) -> tuple[frozenset[int], ...]:
+    """The layer set each worker steers, SAE layers and vector-only layers alike (a gate must be
+    on its edit's pipeline stage, whichever kind of layer the edit is at)."""
+    per_rank = await every_rank(engine_client, rpc.STATS)
+    return tuple({frozenset([*s.get("sae_layers", ()), *s.get("vector_layers", ())]) for s in per_rank if s})
+
+
 def _open_presets(context: SteeringContext, args: Namespace) -> None:
     """The data dir's presets, seeded from --steering-presets; a preset of that file that does not
     fit the loaded SAEs stops the start-up (the message names the file and the preset)."""
@@ -128,9 +139,9 @@ def _open_presets(context: SteeringContext, args: Namespace) -> None:
         logger.info("steerserve: %d steering presets from %s", count, path)
 
 
-def _open_vectors(context: SteeringContext, args: Namespace, engine_client) -> VectorStore | None:
+def _open_vectors(context: SteeringContext, args: Namespace) -> VectorStore | None:
     """The data dir's stored vectors, for this model's residual width."""
-    d_model = context.d_model or (engine_client.model_config.get_hidden_size() if engine_client is not None else 0)
+    d_model = context.d_model
     if not d_model:
         return None
     data_dir = os.path.abspath(getattr(args, "data_dir", None) or DEFAULT_DATA_DIR)

@@ -65,7 +65,8 @@ def test_serve_help_is_vllms_serve_parser_with_the_sae_options():
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith(
         "usage: steerserve serve [MODEL] --sae SAE_DIR_OR_HUB_ID --sae-layers 8,16,32 [vLLM options]")
-    for option in ("--sae SAE ", "--sae-layers SAE_LAYERS [SAE_LAYERS ...]", "--max-worker-store-mib",
+    for option in ("--sae SAE ", "--sae-layers SAE_LAYERS [SAE_LAYERS ...]",
+                   "--steering-layers STEERING_LAYERS [STEERING_LAYERS ...]", "--max-worker-store-mib",
                    "--client-priority-range", "--tensor-parallel-size", "--max-model-len"):
         assert option in result.stdout, option  # steerserve's, its limits', vLLM's
 
@@ -86,6 +87,17 @@ def test_a_bad_layer_number_is_an_error_line_not_a_traceback():
     result = run("serve", "model", "--sae", "sae", "--sae-layers", "8,x", timeout=300)
     assert result.returncode == 1
     assert result.stderr.splitlines()[-1] == "error: --sae-layers: 'x' is not a layer number"
+
+
+def test_steering_layers_outside_the_model_stop_start_up(tiny_model_dir):
+    """Checked against the local model's config before any engine starts (the workers check a hub
+    model's on load)."""
+    result = run("serve", str(tiny_model_dir), "--steering-layers", "1,7", timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.splitlines()[-1] == (f"error: --steering-layers [7]: {tiny_model_dir} has 4 decoder layers "
+                                              "(0..3)")
+    bad = run("serve", str(tiny_model_dir), "--steering-layers", "1,x", timeout=300)
+    assert bad.stderr.splitlines()[-1] == "error: --steering-layers: 'x' is not a layer number"
 
 
 def test_eval_without_matplotlib_names_the_extra_before_starting_anything():

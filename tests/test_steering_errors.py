@@ -59,7 +59,9 @@ CASES = [
     ({"vectors": [vector(value=None)]}, "steering.vectors[0].value", "missing_value", "needs a numeric value"),
     ({"vectors": [vector(mode="ablate")]}, "steering.vectors[0].value", "invalid_value", "takes no value"),
     ({"vectors": [vector(value=1e9)]}, "steering.vectors[0].value", "value_out_of_range", "at most"),
-    ({"vectors": [vector(), vector(layer=3)]}, "steering.vectors[1].layer", "layer_not_loaded", "no SAE is loaded at layer 3"),
+    ({"vectors": [vector(), vector(layer=3)]}, "steering.vectors[1].layer", "layer_not_loaded",
+     "no direction vector can steer layer 3: it has no SAE and is not one of --steering-layers; vectors may steer "
+     "layers [1, 2]"),
     ({"vectors": [vector(layer=1, when={"layer": 2, "index": 5, "above": 0.0})]}, "steering.vectors[0].when.layer",
      "invalid_gate", "at or before its edit's"),
     ({"vectors": [vector(norm=2)]}, "steering.vectors[0].norm", "invalid_steering", "unknown key 'norm'"),

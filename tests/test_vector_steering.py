@@ -97,10 +97,16 @@ def test_mixed_batch_of_feature_vector_and_unsteered_requests(server, client, di
     specs = [None, {"features": [{"layer": 1, "index": 3, "mode": "add", "value": 8.0}]}, c["ablate"], c["cap"],
              c["cap-gated-with-features"], {"vectors": [vec(1, 8.0 * directions["d3"], "add", 1.0)]},
              c["add-generation-only"], c["cap-prompt-only"], None]
+    alone = assert_batch_equals_solo(server, client, specs)
+    assert alone[1] == alone[5]  # the vector add of 8 d_3 is the feature add of 8
+
+
+def assert_batch_equals_solo(server, client, specs: list) -> list:
+    """Each spec's greedy tokens run alone, then all at once in one batch: the same. Returns them."""
     work = lambda cl, s: server_greedy(cl, s)[1]
     alone = [work(client, s) for s in specs]
     together, steps = run_together(server, work, specs)
     assert together == alone
     assert len({tuple(t) for t in alone}) >= 4  # the batch really mixes different outputs
-    assert steps <= 3 * 12, f"{steps} engine steps for 9 requests of 12 tokens: not one batch"
-    assert alone[1] == alone[5]  # the vector add of 8 d_3 is the feature add of 8
+    assert steps <= 3 * 12, f"{steps} engine steps for {len(specs)} requests of 12 tokens: not one batch"
+    return alone

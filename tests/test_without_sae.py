@@ -36,10 +36,11 @@ def test_steering_without_sae_is_a_clear_400(plain_server):
     response = greedy(plain_server.base_url, steering={"features": [{"layer": 1, "index": 3, "mode": "add", "value": 8}]})
     assert response.status_code == 400
     assert response.json()["error"] == {
-        "message": "steering is unavailable: this server was started without --sae",
+        "message": "steering is unavailable: this server was started without --sae or --steering-layers",
         "type": "invalid_request_error", "param": "steering", "code": "steering_unavailable",
     }
-    assert httpx.get(f"{plain_server.base_url}/v1/saes", headers=AUTH).json() == {"object": "list", "data": []}
+    assert httpx.get(f"{plain_server.base_url}/v1/saes", headers=AUTH).json() == {
+        "object": "list", "data": [], "vector_layers": [], "d_model": 128}
 
 
 def test_unsteered_output_identical_with_and_without_saes(plain_server, server):

@@ -83,12 +83,14 @@ def explain_tensor_parallel_fusion(args: argparse.Namespace) -> None:
           file=sys.stderr)
 
 
-def preflight_local_model(model: str, sae_dir: str, layers: list[int], *, name: str, k: int | None) -> None:
+def preflight_local_model(model: str, sae_dir: str | None, layers: list[int], *, name: str | None, k: int | None,
+                          vector_layers: list[int] = ()) -> None:
     """Fail in seconds, not after the engine starts, when a local model cannot be steered.
 
     Only for a model given as a local directory (a hub id is checked by the workers on load):
-    the architecture must be supported and each SAE's shapes must fit the hidden size. The SAE
-    files are opened memory-mapped onto the meta device, so no weights are read.
+    the architecture must be supported, the SAE and --steering-layers layers must exist, and
+    each SAE's shapes must fit the hidden size. The SAE files are opened memory-mapped onto the
+    meta device, so no weights are read.
     """
     import json
     from pathlib import Path
@@ -109,8 +111,13 @@ def preflight_local_model(model: str, sae_dir: str, layers: list[int], *, name: 
             f"error: {model}: SAE steering does not support the architecture {architectures}; "
             f"supported architectures: {', '.join(sorted(ARCHITECTURES))}"
         )
+    num_layers = supported[0].num_layers(config)
+    for option, wanted in (("--sae-layers", layers), ("--steering-layers", vector_layers)):
+        outside = [n for n in wanted if num_layers is not None and not 0 <= n < num_layers]
+        if outside:
+            sys.exit(f"error: {option} {outside}: {model} has {num_layers} decoder layers (0..{num_layers - 1})")
     d_model = supported[0].hidden_size(config)
-    if d_model is None:
+    if d_model is None or sae_dir is None:
         return
     for layer in layers:
         try:

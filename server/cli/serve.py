@@ -20,14 +20,14 @@ from steerserve.cli.engine_checks import (
 GENERAL_PLUGIN_NAME = "steerserve_sae"
 
 
-def _layer_list(values: list[str]) -> list[int]:
+def _layer_list(values: list[str], option: str = "--sae-layers") -> list[int]:
     layers = []
     for value in values:
         for part in str(value).replace(",", " ").split():
             try:
                 layers.append(int(part))
             except ValueError:
-                sys.exit(f"error: --sae-layers: {part!r} is not a layer number")
+                sys.exit(f"error: {option}: {part!r} is not a layer number")
     return layers
 
 
@@ -53,6 +53,9 @@ def add_steering_args(parser: argparse.ArgumentParser) -> None:
                        help="SAE directory (Qwen-Scope, SAELens or sparsify layout), or a Qwen-Scope hub repo "
                             "id owner/name[@revision] (only the --sae-layers files are downloaded)")
     group.add_argument("--sae-layers", nargs="+", default=None, help="decoder layers to steer, e.g. 8,16,32")
+    group.add_argument("--steering-layers", nargs="+", default=None,
+                       help="decoder layers where direction vectors steer, also without an SAE there (and "
+                            "without --sae at all), e.g. 4,12")
     group.add_argument("--sae-k", type=_positive_int, default=None,
                        help="TopK k of Qwen-Scope files whose directory is not named SAE-Res-...-L0_{k} "
                             "and has no config.json (must agree with either when given)")
@@ -131,11 +134,10 @@ def _take_api_keys(args: argparse.Namespace) -> None:
 
 
 def configure_steering(args: argparse.Namespace) -> None:
-    """Validate the SAE options early (before the engine starts) and hand them to vLLM."""
+    """Validate the SAE and steering-layer options early (before the engine starts) and hand them
+    to vLLM."""
     from steerserve_sae.protocol.plugin_config import ADDITIONAL_CONFIG_KEY, PluginConfig
-    from steerserve_sae.sae.loading import SAELoadError, discover_sae_layers, qwen_scope_k
     from steerserve_sae.vllm_hooks.worker_extension import WORKER_EXTENSION_CLS
-    from steerserve.sae_source import SAESourceError, resolve_sae_source
 
     _check_vllm_version()
     prepare_worker_environment()
@@ -161,35 +163,31 @@ def configure_steering(args: argparse.Namespace) -> None:
             DashboardStore(args.feature_dashboards, readonly=True).close()
         except DashboardFileError as exc:
             sys.exit(f"error: --feature-dashboards: {exc}")
+    vector_layers = _layer_list(args.steering_layers, "--steering-layers") if args.steering_layers else []
     if args.sae is None:
         for option, given in (("--sae-layers", args.sae_layers), ("--sae-k", args.sae_k)):
             if given:
                 sys.exit(f"error: {option} needs --sae")
-        return
-    if not args.sae_layers:
-        sys.exit("error: --sae needs --sae-layers (e.g. --sae-layers 8,16,32)")
-    layers = _layer_list(args.sae_layers)
-    try:
-        source = resolve_sae_source(args.sae, layers)
-    except SAESourceError as exc:
-        sys.exit(f"error: --sae: {exc}")
-    try:
-        available = discover_sae_layers(source.path)
-        qwen_scope_k(source.path, name=source.name, k=args.sae_k)
-    except SAELoadError as exc:
-        sys.exit(f"error: --sae {args.sae}: {exc}")
-    missing = [n for n in layers if n not in available]
-    if missing:
-        sys.exit(f"error: --sae {args.sae} has no SAE for layers {missing}; it has layers {sorted(available)}")
-    preflight_local_model(args.model_tag or args.model, source.path, layers, name=source.name, k=args.sae_k)
+        if not vector_layers:
+            return
+        layers, source = [], None  # direction vectors only: no SAE anywhere
+    else:
+        if not args.sae_layers:
+            sys.exit("error: --sae needs --sae-layers (e.g. --sae-layers 8,16,32)")
+        layers = _layer_list(args.sae_layers)
+        source = _checked_sae_source(args, layers)
+    preflight_local_model(args.model_tag or args.model, source.path if source else None, layers,
+                          name=source.name if source else None, k=args.sae_k, vector_layers=vector_layers)
     if args.worker_extension_cls and args.worker_extension_cls != WORKER_EXTENSION_CLS:
-        sys.exit("error: --worker-extension-cls cannot be combined with --sae (steerserve sets its own)")
+        sys.exit("error: --worker-extension-cls cannot be combined with --sae or --steering-layers (steerserve "
+                 "sets its own)")
     config = PluginConfig(
-        sae_path=source.path,
+        sae_path=source.path if source else "",
         sae_layers=tuple(sorted(set(layers))),
-        sae_name=source.name,
+        steering_layers=tuple(sorted(set(vector_layers))),
+        sae_name=source.name if source else None,
         sae_k=args.sae_k,
-        sae_hub_url=source.hub_url,
+        sae_hub_url=source.hub_url if source else None,
         max_features=args.max_steering_features,
         max_configs=args.max_steering_configs,
         max_vectors=args.max_steering_vectors,
@@ -205,6 +203,26 @@ def configure_steering(args: argparse.Namespace) -> None:
     if not is_cpu_build():
         keep_steering_out_of_cuda_graphs(args)
         explain_tensor_parallel_fusion(args)
+
+
+def _checked_sae_source(args: argparse.Namespace, layers: list[int]):
+    """The --sae set (fetched from the hub if it is a repo id), with a file for every layer."""
+    from steerserve_sae.sae.loading import SAELoadError, discover_sae_layers, qwen_scope_k
+    from steerserve.sae_source import SAESourceError, resolve_sae_source
+
+    try:
+        source = resolve_sae_source(args.sae, layers)
+    except SAESourceError as exc:
+        sys.exit(f"error: --sae: {exc}")
+    try:
+        available = discover_sae_layers(source.path)
+        qwen_scope_k(source.path, name=source.name, k=args.sae_k)
+    except SAELoadError as exc:
+        sys.exit(f"error: --sae {args.sae}: {exc}")
+    missing = [n for n in layers if n not in available]
+    if missing:
+        sys.exit(f"error: --sae {args.sae} has no SAE for layers {missing}; it has layers {sorted(available)}")
+    return source
 
 
 def _check_vllm_version() -> None:

@@ -99,7 +99,7 @@ class SteeringMiddleware:
                 prompt_tokens = await prompt_tokens_for_residuals(context, payload)
                 translation = translate_request(payload, context.sae_sizes, context.max_features, context.limits,
                                                 context.sae_stages, prompt_tokens, context.max_model_len,
-                                                context.d_model, context.vectors)
+                                                context.d_model, context.vectors, context.vector_layers)
                 translation.preset = preset.name if preset is not None else None
             except APIError as error:
                 context.metrics.validation_error(error.code)

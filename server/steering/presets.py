@@ -124,7 +124,8 @@ def validate_spec(steering: object, context: Any) -> SteeringSpec:
     steering = copy.deepcopy(steering)  # the preset keeps a stored vector's name, resolved per request
     resolve_names(steering, getattr(context, "vectors", None))
     spec, _ = parse_steering(steering, context.sae_sizes, context.max_features, limits.max_steering_value,
-                             context.sae_stages, context.d_model, limits.max_steering_vectors)
+                             context.sae_stages, context.d_model, limits.max_steering_vectors,
+                             getattr(context, "vector_layers", frozenset()))
     return spec
 
 

@@ -3,15 +3,19 @@ every route: one message and one error code each, `param` naming where the refer
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from http import HTTPStatus
 
 from steerserve.errors import APIError
 
 
-def loaded_layer(sae_sizes: dict[int, int], layer: int, param: str, status: int = HTTPStatus.BAD_REQUEST) -> int:
-    """d_sae of the SAE at `layer`, which must be loaded (`layer_not_loaded`)."""
+def loaded_layer(sae_sizes: dict[int, int], layer: int, param: str, status: int = HTTPStatus.BAD_REQUEST,
+                 vector_layers: Collection[int] = ()) -> int:
+    """d_sae of the SAE at `layer`, which must be loaded (`layer_not_loaded`); `vector_layers`,
+    the layers steered by direction vectors only, are named as such in the message."""
     if layer not in sae_sizes:
-        raise APIError(f"no SAE is loaded at layer {layer}; loaded layers: {sorted(sae_sizes)}", param=param,
+        only = " (it takes direction vectors only: --steering-layers)" if layer in vector_layers else ""
+        raise APIError(f"no SAE is loaded at layer {layer}{only}; loaded layers: {sorted(sae_sizes)}", param=param,
                        code="layer_not_loaded", status=status)
     return sae_sizes[layer]
 

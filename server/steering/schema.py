@@ -61,14 +61,16 @@ class Steering(BaseModel):
 def parse_steering(
     raw: object, sae_sizes: dict[int, int], max_features: int, max_value: float,
     stages: tuple[frozenset[int], ...] = (), d_model: int = 0, max_vectors: int = DEFAULT_MAX_VECTORS,
+    vector_layers: frozenset[int] = frozenset(),
 ) -> tuple[SteeringSpec, bool]:
     """Validate user JSON into a normalised spec and the `compare` flag.
     `sae_sizes` maps loaded layer -> d_sae; `max_value` bounds |value| (see server/limits.py);
     `stages` are the layer sets of the pipeline stages (a gate must share its edit's);
-    `d_model` is the length of a steering vector, `max_vectors` how many a request may have."""
-    if not sae_sizes:
+    `d_model` is the length of a steering vector, `max_vectors` how many a request may have;
+    `vector_layers` are the layers without an SAE where vectors may steer (--steering-layers)."""
+    if not sae_sizes and not vector_layers:
         raise APIError(
-            "steering is unavailable: this server was started without --sae",
+            "steering is unavailable: this server was started without --sae or --steering-layers",
             param="steering",
             code="steering_unavailable",
         )
@@ -89,7 +91,8 @@ def parse_steering(
     seen: dict[tuple[int, int], int] = {}
     for i, f in enumerate(steering.features):
         at = f"steering.features[{i}]"
-        index_in_range(loaded_layer(sae_sizes, f.layer, f"{at}.layer"), f.layer, f.index, f"{at}.index")
+        index_in_range(loaded_layer(sae_sizes, f.layer, f"{at}.layer", vector_layers=vector_layers), f.layer,
+                       f.index, f"{at}.index")
         value = _value(f.mode, f.value, max_value, at)
         key = (f.layer, f.index)
         if key in seen:
@@ -99,9 +102,9 @@ def parse_steering(
                 code="duplicate_feature",
             )
         seen[key] = i
-        gate = _gate(f.when, f.layer, sae_sizes, stages, f"{at}.when") if f.when is not None else None
+        gate = _gate(f.when, f.layer, sae_sizes, stages, f"{at}.when", vector_layers) if f.when is not None else None
         edits.append(FeatureEdit(f.layer, f.index, f.mode, value, gate))
-    vectors = _vectors(steering.vectors, sae_sizes, max_value, stages, d_model, max_vectors)
+    vectors = _vectors(steering.vectors, sae_sizes, max_value, stages, d_model, max_vectors, vector_layers)
     spec = SteeringSpec.create(edits, steering.apply_to, vectors)
     if len(spec.gates) > max_features:  # gate columns per row are as many as a request's features
         raise APIError(f"steering has {len(spec.gates)} distinct gates; this server allows at most {max_features}",
@@ -126,16 +129,21 @@ def _value(mode: str, value: float | None, max_value: float, at: str) -> float:
 
 
 def _vectors(vectors: list[VectorSteering], sae_sizes: dict[int, int], max_value: float,
-             stages: tuple[frozenset[int], ...], d_model: int, max_vectors: int) -> list[VectorEdit]:
-    """Direction vectors, at steerable layers, each d_model finite float32s (non-zero where the
-    mode needs a direction)."""
+             stages: tuple[frozenset[int], ...], d_model: int, max_vectors: int,
+             vector_layers: frozenset[int]) -> list[VectorEdit]:
+    """Direction vectors, at layers with an SAE or named by --steering-layers, each d_model finite
+    float32s (non-zero where the mode needs a direction)."""
+    steerable = sorted({*sae_sizes, *vector_layers})
     if len(vectors) > max_vectors:
         raise APIError(f"steering has {len(vectors)} vectors; this server allows at most {max_vectors} "
                        "(--max-steering-vectors)", param="steering.vectors", code="too_many_vectors")
     edits = []
     for i, v in enumerate(vectors):
         at = f"steering.vectors[{i}]"
-        loaded_layer(sae_sizes, v.layer, f"{at}.layer")
+        if v.layer not in steerable:
+            raise APIError(f"no direction vector can steer layer {v.layer}: it has no SAE and is not one of "
+                           f"--steering-layers; vectors may steer layers {steerable}", param=f"{at}.layer",
+                           code="layer_not_loaded")
         try:
             values = decode_vector(v.vector)
         except ValueError as exc:
@@ -151,16 +159,16 @@ def _vectors(vectors: list[VectorSteering], sae_sizes: dict[int, int], max_value
             raise APIError(f"mode {v.mode!r} needs a non-zero vector (it projects on its direction)",
                            param=f"{at}.vector", code="invalid_vector")
         value = _value(v.mode, v.value, max_value, at)
-        gate = _gate(v.when, v.layer, sae_sizes, stages, f"{at}.when") if v.when is not None else None
+        gate = _gate(v.when, v.layer, sae_sizes, stages, f"{at}.when", vector_layers) if v.when is not None else None
         edits.append(VectorEdit(v.layer, encode_vector(values), v.mode, value, gate))
     return edits
 
 
 def _gate(when: FeatureGate, edit_layer: int, sae_sizes: dict[int, int], stages: tuple[frozenset[int], ...],
-          at: str) -> Gate:
+          at: str, vector_layers: frozenset[int] = frozenset()) -> Gate:
     """The gate of an edit at `edit_layer`: a loaded layer at or before it on the same pipeline
     stage, a feature in range, and a non-empty open interval of finite bounds."""
-    d_sae = loaded_layer(sae_sizes, when.layer, f"{at}.layer")
+    d_sae = loaded_layer(sae_sizes, when.layer, f"{at}.layer", vector_layers=vector_layers)
     if when.layer > edit_layer:
         raise APIError(f"a gate must read a layer at or before its edit's (layer {edit_layer}), not {when.layer}: "
                        "the gate is computed in the same forward pass", param=f"{at}.layer", code="invalid_gate")

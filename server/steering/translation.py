@@ -48,12 +48,14 @@ class Translation:
 def translate_request(body: dict, sae_sizes: dict[int, int], max_features: int, limits: Limits,
                       stages: tuple[frozenset[int], ...] = (), prompt_tokens: int | None = None,
                       max_model_len: int | None = None, d_model: int = 0,
-                      vectors: VectorStore | None = None) -> Translation:
+                      vectors: VectorStore | None = None, vector_layers: frozenset[int] = frozenset()
+                      ) -> Translation:
     """`body` has passed middleware/guard.py's checks (reserved keys, vllm_xargs, cache_salt);
     d_model: the residual stream's width (the length of a steering vector);
     prompt_tokens: its prompt's token count, where a trace needs it (traces.prompt_tokens_for_residuals);
     max_model_len: the context, which bounds what a trace may return;
-    vectors: the stored vectors a spec may name instead of giving base64."""
+    vectors: the stored vectors a spec may name instead of giving base64;
+    vector_layers: the layers without an SAE that direction vectors may steer (--steering-layers)."""
     had_fields = "steering" in body or "trace" in body
     raw_trace = body.pop("trace", None)
     trace = parse_trace(raw_trace, sae_sizes, body, limits.max_trace_features, limits.max_trace_residuals,
@@ -65,7 +67,7 @@ def translate_request(body: dict, sae_sizes: dict[int, int], max_features: int, 
                            ticket=_ticket(body) if capture is not None else None)
     vector_names = resolve_names(body["steering"], vectors)
     spec, compare = parse_steering(body.pop("steering"), sae_sizes, max_features, limits.max_steering_value, stages,
-                                   d_model, limits.max_steering_vectors)
+                                   d_model, limits.max_steering_vectors, vector_layers)
     baseline = baseline_trace = None
     if compare:
         if body.get("stream"):
