@@ -2,7 +2,7 @@
 interpreter on CPU (the kernels are never compiled here: there is no GPU). The same request
 mixes as test_cpu_kernel.py, and the exact cases of test_activations.py held to the activations'
 definition (ties at the k-th value, a negative JumpReLU threshold), and test_gating.py's gated
-edits and test_vectors.py's direction vectors held to their definition; the cases run in a child process, because TRITON_INTERPRET must
+edits and test_vectors.py's direction vectors (also at a layer without an SAE) held to their definition; the cases run in a child process, because TRITON_INTERPRET must
 be set before the kernels are defined."""
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ from test_gating import gated_results
 print("GATED " + json.dumps(gated_results("triton")))
 from test_vectors import vector_results
 print("VECTORS " + json.dumps(vector_results("triton")))
+from test_vectors import vector_only_layer_result
+print("VECTOR_ONLY " + json.dumps(vector_only_layer_result("triton")))
 """
 
 
@@ -76,3 +78,7 @@ def test_triton_kernels_equal_the_torch_op_in_the_interpreter():
     assert [r["activation"] for r in vectors] == ["topk", "relu"]
     for r in vectors:
         assert r["max_abs"] <= 1e-4 and r["steered"] and r["untouched"], r
+    line = next(line for line in done.stdout.splitlines() if line.startswith("VECTOR_ONLY "))
+    r = json.loads(line.removeprefix("VECTOR_ONLY "))  # a layer without an SAE (--steering-layers)
+    assert r["rejected"] == 1 and r["vector_layers"] == [1], r
+    assert r["max_abs"] <= 1e-4 and r["refused_untouched"] and r["steered"], r

@@ -134,11 +134,11 @@ def test_vector_edits_follow_the_definition(kernel):
         assert r["max_abs"] <= 1e-4 and r["steered"] and r["untouched"], r
 
 
-@pytest.mark.parametrize("kernel", ["torch", "native"])
-def test_a_layer_without_an_sae_takes_vector_edits(kernel):
+def vector_only_layer_result(kernel: str) -> dict:
     """Layer 1 steered by vectors only (--steering-layers): no SAE there, the same edits as at an
-    SAE layer (gated by a layer-0 feature too), feature edits at layer 0 beside them; a feature
-    at layer 1 is refused by the worker."""
+    SAE layer (gated by a layer-0 feature too), feature edits at layer 0 beside them, and a
+    request with a feature at layer 1, which the worker refuses. Shared with the Triton
+    interpreter test."""
     saes, streams = inputs("topk")
     if kernel == "native":
         saes[0].choose_cpu_encoder()
@@ -153,15 +153,25 @@ def test_a_layer_without_an_sae_takes_vector_edits(kernel):
     views += [RequestView("plain", {}, ROWS[-1], 0, 100),
               RequestView("refused", {EXTRA_ARGS_KEY: feature_there.to_extra_arg()}, 1, 0, 100)]
     runtime.begin_step(RequestView.batch(views))
-    assert runtime.rejected_requests_total == 1 and runtime.stats()["vector_layers"] == [1]
     want = expected(saes, streams, spec_list)
+    result = dict(rejected=runtime.rejected_requests_total, vector_layers=runtime.stats()["vector_layers"],
+                  max_abs=0.0, refused_untouched=True, steered=True)
     for layer in (0, 1):
         hidden, residual = streams[layer]
         got = torch.cat([hidden, hidden[:1]]).clone()  # the refused request's row: never edited
         runtime.apply(layer, got, torch.cat([residual, residual[:1]]))
-        assert float((got[:-1] - want[layer]).abs().max()) <= 1e-4
-        assert torch.equal(got[-1], hidden[0]) and not torch.equal(got[: ROWS[0]], hidden[: ROWS[0]])
+        result["max_abs"] = max(result["max_abs"], float((got[:-1] - want[layer]).abs().max()))
+        result["refused_untouched"] &= torch.equal(got[-1], hidden[0])
+        result["steered"] &= not torch.equal(got[: ROWS[0]], hidden[: ROWS[0]])
     runtime.end_step()
+    return result
+
+
+@pytest.mark.parametrize("kernel", ["torch", "native"])
+def test_a_layer_without_an_sae_takes_vector_edits(kernel):
+    r = vector_only_layer_result(kernel)
+    assert r["rejected"] == 1 and r["vector_layers"] == [1], r
+    assert r["max_abs"] <= 1e-4 and r["refused_untouched"] and r["steered"], r
 
 
 def test_cap_moves_only_the_rows_above_the_cap():
