@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from steerserve.analysis.dashboard_store import DashboardStore
-from steerserve.analysis.dashboards import main as dashboards_main
+from steerserve.analysis.dashboards import group_features, group_rates, main as dashboards_main
 from tests.conftest import ROOT, serving
 
 MODEL = ROOT / "models" / "fortunes-qwen3.5"
@@ -33,7 +33,8 @@ def built(tmp_path_factory):
     args = [str(MODEL), "--config", str(ROOT / "configs" / "default.yaml"), "--sae", str(MODEL / "sae"),
             "--feature-labels", str(MODEL / "sae" / "labels.jsonl"), "--feature-dashboards", str(out)]
     with serving(args, tmp / "server.log") as server:
-        common = ["--base-url", server.base_url, "--data", str(CORPUS), "--layers", "1,2,3", "--batch-size", "8"]
+        common = ["--base-url", server.base_url, "--data", str(CORPUS), "--layers", "1,2,3", "--batch-size", "8",
+                  "--group-field", "language"]
         assert dashboards_main([*common, "--output", str(out), "--max-docs", "10"]) == 0
         partial = DashboardStore(out).done_docs()
         assert dashboards_main([*common, "--output", str(out), "--labels-out", str(tmp / "labels.jsonl")]) == 0
@@ -47,11 +48,12 @@ def test_resumed_build_equals_one_built_at_once(built):
     resumed, once = DashboardStore(built["out"]), DashboardStore(built["once"])
     assert resumed.done_docs() == once.done_docs() == set(range(24))
     assert resumed.tokens() == once.tokens()
+    assert [resumed.group_tokens(layer) for layer in LAYERS] == [once.group_tokens(layer) for layer in LAYERS]
     for layer in LAYERS:
         a, b = resumed.features(layer), once.features(layer)
         assert a.keys() == b.keys()
         for idx in a:
-            assert (a[idx].fired, a[idx].hist) == (b[idx].fired, b[idx].hist)
+            assert (a[idx].fired, a[idx].hist, a[idx].groups) == (b[idx].fired, b[idx].hist, b[idx].groups)
             assert [e["doc"] for e in a[idx].examples] == [e["doc"] for e in b[idx].examples]
             assert a[idx].max == pytest.approx(b[idx].max, rel=1e-2)
 
@@ -77,10 +79,12 @@ def test_every_feature_has_a_dashboard(built):
 
 def test_dashboards_agree_with_inspect(built):
     """Recomputed from scratch: every document inspected alone, the watched features' activation
-    at every token, folded by the rules the dashboards document."""
+    at every token, folded by the rules the dashboards document (per language group: its word
+    pieces, the non-special tokens with a letter)."""
     http, store = built["http"], DashboardStore(built["out"])
     watch = [GERMAN[1], 3, 100, 700, 1000]
     docs = [json.loads(line)["text"] for line in CORPUS.read_text().splitlines()]
+    languages = [json.loads(line)["language"] for line in CORPUS.read_text().splitlines()]
     per_doc = []
     for text in docs:
         body = http.post("/v1/features/inspect", json={"prompt": text, "layers": list(LAYERS), "top_k": 1,
@@ -89,6 +93,9 @@ def test_dashboards_agree_with_inspect(built):
     for layer in LAYERS:
         tokens = sum(1 for doc in per_doc for t in doc if not t["special"])
         assert store.tokens()[layer] == tokens
+        pieces = [[not t["special"] and any(c.isalpha() for c in t["token"]) for t in doc] for doc in per_doc]
+        assert store.group_tokens(layer) == {lang: sum(sum(p) for p, g in zip(pieces, languages) if g == lang)
+                                             for lang in ("de", "en", "es", "it")}
         for w, index in enumerate(watch):
             acts = [[t["watched"][str(layer)][w]["activation"] if not t["special"] else 0.0 for t in doc]
                     for doc in per_doc]
@@ -102,6 +109,10 @@ def test_dashboards_agree_with_inspect(built):
                 lo, hi = math.log10(LOW), math.log10(HIGH)
                 hist[min(BINS - 1, max(0, math.floor((math.log10(v) - lo) * BINS / (hi - lo))))] += 1
             assert sum(abs(a - b) for a, b in zip(f.hist, hist)) <= 2
+            by_group = {lang: sum(a > 0 and p for doc, ps, g in zip(acts, pieces, languages) if g == lang
+                                  for a, p in zip(doc, ps)) for lang in ("de", "en", "es", "it")}
+            grouped = store.features(layer)[index].groups
+            assert all(grouped.get(g, 0) == pytest.approx(n, abs=1) for g, n in by_group.items()), (grouped, by_group)
             peaks = sorted(((max(doc), d, doc.index(max(doc))) for d, doc in enumerate(acts) if max(doc) > 0),
                            key=lambda p: (-p[0], p[1]))[:TOP_N]
             strong = [p for p in peaks if p[0] > 0.2 * peaks[0][0]]  # near-ties among weak peaks may swap
@@ -110,6 +121,26 @@ def test_dashboards_agree_with_inspect(built):
                 assert example["position"] == pos and example["activation"] == pytest.approx(value, rel=2e-2)
                 window = acts[d][max(0, pos - BEFORE): pos + AFTER + 1]
                 assert example["activations"] == pytest.approx(window, rel=2e-2, abs=1e-2)
+
+
+def test_language_groups_name_the_language_features(built):
+    """The corpus's languages as groups: from 6 fortunes per language, the labels written with
+    --labels-out name the layer-3 features of German, Spanish and Italian the default model's
+    build names from 300k tokens (#424, #91, #877); English's strongest here is #819, which the
+    build labels "English text" rather than #884: six short fortunes are too few to tell them apart."""
+    store = DashboardStore(built["out"])
+    found = group_features(store, 3)
+    assert {g: (v["index"], v["qualifies"]) for g, v in found.items()} == {
+        "de": (424, True), "en": (819, True), "es": (91, True), "it": (877, True)}
+    labels = {(r["layer"], r["index"]): r for r in map(json.loads, built["labels"].read_text().splitlines())}
+    assert {index: labels[(3, index)]["label"] for index in (424, 819, 91, 877)} == {
+        424: "de", 819: "en", 91: "es", 877: "it"}
+    groups, rates = group_rates(store, 3)
+    assert groups == ["de", "en", "es", "it"]
+    assert rates[GERMAN[1]][0] == store.features(3)[GERMAN[1]].groups["de"] / store.group_tokens(3)["de"]
+    assert found["de"]["rate_in_group"] == round(rates[GERMAN[1]][0], 3)
+    assert "rate by group: " + ", ".join(f"{g} {r:.0%}" for g, r in zip(groups, rates[GERMAN[1]])) in labels[GERMAN][
+        "description"]
 
 
 def test_feature_api_serves_and_searches_dashboards(built):

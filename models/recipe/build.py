@@ -7,7 +7,8 @@ package.
 
 Deterministic for a given torch version and thread count (every random choice is seeded). The
 work directory keeps the downloaded packages and the trained language model, so a rerun that
-only changes the SAE or labelling stage skips the long training.
+only changes the SAE or labelling stage skips the long training; `--only-labels` relabels the
+SAEs already in OUT_DIR (through `steerserve dashboards`) and updates the report's labels.
 """
 
 from __future__ import annotations
@@ -80,6 +81,17 @@ def build_language_model(work: Path, settings: language_model.TrainSettings) -> 
     return report
 
 
+def relabel(out: Path, work: Path) -> Path:
+    """Only the labelling stage, on the model and SAEs in `out`."""
+    from models.recipe import feature_labeling
+
+    docs = corpus.read_documents(corpus.download_packages(work / "debs"))
+    report = json.loads((out / REPORT_FILE).read_text())
+    report["labels"] = feature_labeling.write_labels(out, docs, work / "labels", log)
+    (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    return out
+
+
 def build(out: Path, work: Path) -> Path:
     settings = language_model.TrainSettings()
     lm_report = build_language_model(work, settings)
@@ -92,7 +104,7 @@ def build(out: Path, work: Path) -> Path:
 
     docs = corpus.read_documents(corpus.download_packages(work / "debs"))
     sae_report = sae_training.train_saes(out, docs, log)
-    label_report = feature_labeling.write_labels(out, docs, log)
+    label_report = feature_labeling.write_labels(out, docs, work / "labels", log)
     report = {"language_model": lm_report, "saes": sae_report, "labels": label_report}
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return out
@@ -104,9 +116,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m models.recipe.build", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--work-dir", type=Path, default=Path(".state/default-model-work"))
+    parser.add_argument("--only-labels", action="store_true", help="relabel the SAEs already in OUT_DIR")
     args = parser.parse_args(argv)
     started = time.monotonic()
-    build(args.out_dir, args.work_dir)
+    (relabel if args.only_labels else build)(args.out_dir, args.work_dir)
     log(f"built {args.out_dir} in {time.monotonic() - started:.0f} s")
 
 
