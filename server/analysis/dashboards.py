@@ -180,7 +180,8 @@ def merge(state: dict[int, dict[int, FeatureDashboard]], reply: dict, top_n: int
             f.max = max(f.max, float(a["max"][row]))
             f.hist = (np.asarray(f.hist, dtype=np.int64) + a["hist"][row]).tolist()
             for g, n in zip(groups, a["group_fired"][row].tolist()):
-                f.groups[g] = f.groups.get(g, 0) + n
+                if n:
+                    f.groups[g] = f.groups.get(g, 0) + n
             slots = np.flatnonzero(candidates[row])
             if slots.size:
                 f.examples += [_example(reply["documents"], int(a["top_doc"][row, slot]), int(a["top_pos"][row, slot]),
