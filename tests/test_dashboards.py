@@ -3,10 +3,13 @@ file while the command fills it (`--feature-dashboards`): every feature of the t
 gets its dashboard from a small held-out corpus, the numbers agree with an independent
 recomputation from inspect's per-token activations of the same texts, a build resumed after a
 partial run equals one built at once, and the features API serves the fields (its 400s and 404s
-unchanged)."""
+unchanged). The server itself then explains a few features (`--explain-model`), resumed, served
+and searched; an unreachable or refusing explainer fails clearly and keeps the file."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 from pathlib import Path
@@ -16,6 +19,7 @@ import pytest
 
 from steerserve.analysis.dashboard_store import DashboardStore
 from steerserve.analysis.dashboards import group_features, group_rates, main as dashboards_main
+from steerserve.serve_process import free_port
 from tests.conftest import ROOT, serving
 
 MODEL = ROOT / "models" / "fortunes-qwen3.5"
@@ -39,8 +43,24 @@ def built(tmp_path_factory):
         partial = DashboardStore(out).done_docs()
         assert dashboards_main([*common, "--output", str(out), "--labels-out", str(tmp / "labels.jsonl")]) == 0
         assert dashboards_main([*common, "--output", str(tmp / "once.db")]) == 0
+        # the server itself explains the 3 most often firing features, then a rerun the 4th only
+        explained = [_summary([*common, "--output", str(out), "--explain-model", "fortunes-qwen3.5",
+                               "--explain-limit", str(n)]) for n in (3, 4)]
         with httpx.Client(base_url=server.base_url, timeout=600) as http:
-            yield {"http": http, "out": out, "once": tmp / "once.db", "partial": partial, "labels": tmp / "labels.jsonl"}
+            yield {"http": http, "out": out, "once": tmp / "once.db", "partial": partial, "labels": tmp / "labels.jsonl",
+                   "common": common, "explained": explained}
+
+
+def _summary(argv: list[str]) -> dict:
+    """Run the command; its printed summary plus the explanations table as it then stands."""
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        assert dashboards_main(argv) == 0
+    return json.loads(printed.getvalue())["explanations"] | {"rows": _explanations(Path(argv[argv.index("--output") + 1]))}
+
+
+def _explanations(path: Path) -> dict:
+    db = DashboardStore(path, readonly=True).db
+    return {(r[0], r[1]): r[2:] for r in db.execute("SELECT * FROM explanations ORDER BY layer, idx")}
 
 
 def test_resumed_build_equals_one_built_at_once(built):
@@ -165,3 +185,53 @@ def test_feature_api_serves_and_searches_dashboards(built):
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
     bad = http.post("/v1/features/dashboards", json={"layers": [3], "documents": [{"id": 0}]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "documents[0]"
+
+
+def test_explanations_stored_served_searched_and_resumed(built):
+    """Explained by the server itself (its model, chat completions): one line each with its
+    detection score and counts, served and found by search; the rerun asked only about the 4th."""
+    http, store = built["http"], DashboardStore(built["out"])
+    first, second = built["explained"]
+    feats = {(layer, idx): f for layer in LAYERS for idx, f in store.features(layer).items() if f.examples}
+    ranked = sorted(feats, key=lambda k: (-feats[k].fired, k))[:4]
+    assert set(first["rows"]) == set(ranked[:3]) and set(second["rows"]) == set(ranked)
+    assert {k: second["rows"][k] for k in ranked[:3]} == first["rows"]  # kept, not asked again
+    assert (first["explained"], first["failed"], second["explained"], second["already_explained"]) == (3, 0, 1, 3)
+    held, randoms = second["rows"][ranked[3]][3:5]
+    assert second["requests"] == 1 + held + randoms  # one explanation, one yes/no per context
+    assert first["requests"] == sum(1 + r[3] + r[4] for r in first["rows"].values())
+    windows = {e["doc"] for f in feats.values() for e in f.examples}  # where random contexts come from
+    for key in ranked:
+        text, model, score, held, randoms, error = second["rows"][key]
+        examples = feats[key].examples
+        assert text and text == text.strip() and "\n" not in text and len(text) <= 200 and error is None
+        assert model == "fortunes-qwen3.5" and 0.0 <= score <= 1.0
+        assert held == min(5, len(examples[1::2])) and randoms == min(5, len(windows - {e["doc"] for e in examples}))
+        assert http.get(f"/v1/features/{key[0]}/{key[1]}").json()["explanation"] == {
+            "text": text, "model": model, "detection_score": score, "held_out": held, "random": randoms}
+        hits, offset = [], 0
+        while True:
+            page = http.get("/v1/features/search", params={"q": text, "limit": 100, "offset": offset}).json()
+            hits += page["data"]
+            offset += 100
+            if not page["has_more"]:
+                break
+        found = [h for h in hits if (h["layer"], h["index"]) == key]
+        assert found and found[0]["explanation"] == text  # matched by its explanation
+    unexplained = next(k for k in sorted(feats) if k not in second["rows"])
+    assert "explanation" not in http.get(f"/v1/features/{unexplained[0]}/{unexplained[1]}").json()
+
+
+def test_explainer_errors_are_clear_and_keep_the_file(built, capsys):
+    out = built["out"]
+    before = (DashboardStore(out).done_docs(), _explanations(out))
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    argv = [*built["common"], "--output", str(out), "--explain-limit", "6"]
+    assert dashboards_main([*argv, "--explain-with", url, "--explain-api-key", "sk-not-echoed"]) == 1
+    err = capsys.readouterr().err
+    assert f"dashboards: {url}/v1/models is unreachable" in err and "sk-not-echoed" not in err
+    # a reachable endpoint that refuses the model: its status, named
+    server = str(built["http"].base_url).rstrip("/")
+    assert dashboards_main([*argv, "--explain-with", server, "--explain-model", "no-such-model"]) == 1
+    assert f"dashboards: {server}/v1/chat/completions answered 404" in capsys.readouterr().err
+    assert (DashboardStore(out).done_docs(), _explanations(out)) == before
