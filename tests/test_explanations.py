@@ -1,6 +1,6 @@
 """Explanations without an engine (issue 24 item 2): the detection score's arithmetic, P(yes)
 from top_logprobs and its text fallback, the explainer prompt cut to its budget, and the
-explanations table in old and new dashboard files."""
+explanations table in old and new dashboard files, and the command's options."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 from steerserve.analysis import explanation_store
 from steerserve.analysis.dashboard_store import DashboardStore
 from steerserve.analysis.explanation_store import Explanation
-from steerserve.analysis.explanations import detection_score, explain_prompt, marked, yes_probability
+from steerserve.analysis.dashboards import _parser
+from steerserve.analysis.explanations import detection_score, explain_prompt, marked, wanted, yes_probability
 
 
 def test_detection_score_is_the_probability_a_held_out_example_outscores_a_random_one():
@@ -71,3 +72,15 @@ def test_explanations_table_old_and_new_files(tmp_path):
     assert explanation_store.search(served, " GERMAN ", None) == [(3, 1, "Umlaute in German words")]
     assert explanation_store.search(served, "über", None) == [(2, 7, "the word ÜBER")]
     assert explanation_store.search(served, "über", 3) == []
+
+
+def test_explain_options(capsys):
+    base = ["--layers", "3", "--output", "d.db"]
+    assert not wanted(_parser().parse_known_args(base)[0])
+    args = _parser().parse_known_args([*base, "--explain-model", "m", "--explain-random", "0"])[0]
+    assert wanted(args) and (args.explain_with, args.explain_limit, args.explain_examples, args.explain_held_out,
+                             args.explain_random, args.explain_workers) == (None, None, 5, 5, 0, 4)
+    for flag, value, low in (("--explain-limit", "0", 1), ("--explain-workers", "x", 1), ("--explain-held-out", "-1", 0)):
+        with pytest.raises(SystemExit):
+            _parser().parse_known_args([*base, flag, value])
+        assert f"argument {flag}: must be an integer >= {low}, not '{value}'" in capsys.readouterr().err

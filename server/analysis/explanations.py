@@ -48,12 +48,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--explain-with", metavar="URL", help="an OpenAI-compatible base URL (implies --explain)")
     g.add_argument("--explain-model", metavar="NAME", help="its model (default: its first listed; implies --explain)")
     g.add_argument("--explain-api-key", metavar="KEY",
-                   help="key for --explain-with (default: $OPENAI_API_KEY; the own server uses its --api-key)")
-    g.add_argument("--explain-limit", type=int, default=None, help="explain the N most often firing features")
-    g.add_argument("--explain-examples", type=int, default=5, help="top examples shown to the explainer")
-    g.add_argument("--explain-held-out", type=int, default=5, help="held-out top examples scored")
-    g.add_argument("--explain-random", type=int, default=5, help="random contexts scored")
-    g.add_argument("--explain-workers", type=int, default=4, help="features explained at once")
+                   help="key for --explain-with (default: $OPENAI_API_KEY; the own server gets the key its client sends)")
+    g.add_argument("--explain-limit", type=_at_least(1), metavar="N", default=None,
+                   help="explain the N most often firing features (default: all with top examples)")
+    g.add_argument("--explain-examples", type=_at_least(1), metavar="N", default=5,
+                   help="top examples shown to the explainer (default 5)")
+    g.add_argument("--explain-held-out", type=_at_least(0), metavar="N", default=5,
+                   help="held-out top examples scored (default 5)")
+    g.add_argument("--explain-random", type=_at_least(0), metavar="N", default=5,
+                   help="random contexts scored (default 5)")
+    g.add_argument("--explain-workers", type=_at_least(1), metavar="N", default=4,
+                   help="features explained at once (default 4)")
+
+
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, not {text!r}")
+        return value
+    return parse
 
 
 def wanted(args: argparse.Namespace) -> bool:
@@ -214,7 +231,7 @@ def run(args: argparse.Namespace, http: httpx.Client, store: DashboardStore, lay
         for e in features[key].examples:
             pool.setdefault(e["doc"], e["tokens"])
     started, results, pending = time.monotonic(), [], []
-    executor = ThreadPoolExecutor(max(1, args.explain_workers))
+    executor = ThreadPoolExecutor(args.explain_workers)
     try:
         futures = [executor.submit(explain_feature, endpoint, *k, features[k].examples, pool, args) for k in todo]
         for future in tqdm(as_completed(futures), total=len(futures), desc="explanations", unit="feature",
