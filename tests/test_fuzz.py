@@ -176,6 +176,7 @@ def test_fuzz_dashboard_batches(http):
     document = st.one_of(st.fixed_dictionaries({"id": st.one_of(small_ints, scalars)},
                                                optional={"prompt": st.one_of(st.text(max_size=20), scalars),
                                                          "messages": st.one_of(messages, json_values),
+                                                         "group": st.one_of(st.text(max_size=8), scalars),
                                                          "extra": scalars}), json_values)
     numbers = st.one_of(small_ints, scalars)
     body = st.fixed_dictionaries({}, optional={
