@@ -85,3 +85,15 @@ def test_labels_name_a_groups_strongest_feature_and_report_its_rates(tmp_path):
     assert {i: r["label"] for i, r in labels.items()} == {
         1: "de", 2: "de text: 'die'", 3: "'das' (de)", 4: "'ist'", 5: "','", 6: "en"}
     assert "rate by group: de 60%, en 5%" in labels[1]["description"]
+
+
+def test_documents_take_their_group_from_the_named_field(tmp_path):
+    from steerserve.analysis.dashboards import read_documents
+
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "Guten Tag", "lang": "de"}\n{"text": "Hello", "group": "en"}\n')
+    assert read_documents(path, "lang") == [{"prompt": "Guten Tag", "group": "de"}, {"prompt": "Hello"}]
+    assert read_documents(path) == [{"prompt": "Guten Tag"}, {"prompt": "Hello", "group": "en"}]
+    path.write_text('{"text": "x", "lang": 3}\n')
+    with pytest.raises(ValueError, match=r"docs.jsonl:1: `lang` must be a non-empty string"):
+        read_documents(path, "lang")
