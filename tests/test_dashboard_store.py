@@ -87,7 +87,7 @@ def test_labels_name_a_groups_strongest_feature_and_report_its_rates(tmp_path):
     assert "rate by group: de 60%, en 5%" in labels[1]["description"]
 
 
-def test_documents_take_their_group_from_the_named_field(tmp_path):
+def test_documents_take_their_group_from_the_named_field(tmp_path, capsys):
     from steerserve.analysis.dashboards import read_documents
 
     path = tmp_path / "docs.jsonl"
@@ -97,3 +97,8 @@ def test_documents_take_their_group_from_the_named_field(tmp_path):
     path.write_text('{"text": "x", "lang": 3}\n')
     with pytest.raises(ValueError, match=r"docs.jsonl:1: `lang` must be a non-empty string"):
         read_documents(path, "lang")
+    from steerserve.analysis.dashboards import main
+
+    assert main(["--data", str(path), "--group-field", "lang", "--layers", "3", "--output", str(tmp_path / "d.db"),
+                 "--base-url", "http://127.0.0.1:9"]) == 1  # refused before any server is asked
+    assert "dashboards: " in capsys.readouterr().err

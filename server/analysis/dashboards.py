@@ -83,7 +83,11 @@ def read_documents(path: Path, group_field: str = "group") -> list[dict]:
 def main(argv: list[str]) -> int:
     args, serve_args = _parser().parse_known_args(argv)
     layers = [int(x) for x in args.layers.split(",")]
-    docs = read_documents(args.data, args.group_field)[: args.max_docs]
+    try:
+        docs = read_documents(args.data, args.group_field)[: args.max_docs]
+    except (OSError, ValueError) as exc:  # a missing file, a line that is not JSON, a bad field
+        print(f"dashboards: {exc}", file=sys.stderr)
+        return 1
     if args.base_url is None and not serve_args:
         _parser().error("give the MODEL and its serve options (or --base-url)")
     try:
