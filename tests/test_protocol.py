@@ -33,7 +33,7 @@ def test_the_protocol_imports_without_torch():
             "[importlib.import_module(f'steerserve_sae.protocol.{n}') for n in names]\n"
             "print(sorted(names), 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['capture', 'plugin_config', 'rpc', 'signing', 'spec'] False"
+    assert out.strip() == "['capture', 'dashboard_merge', 'plugin_config', 'rpc', 'signing', 'spec'] False"
 
 
 def _plugin_imports(path: Path) -> list[str]:
