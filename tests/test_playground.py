@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -188,11 +189,12 @@ def test_feature_page_shows_dashboards_built_through_the_server(browser, default
     and its top examples, token for token, the peak token the most highlighted."""
     from selenium.webdriver.common.by import By
 
+    from steerserve.analysis import explanation_store
     from steerserve.analysis.dashboards import main as dashboards_main
 
     monkeypatch.setenv("VLLM_API_KEY", API_KEY)
     assert dashboards_main(["--base-url", default_server.base_url, "--layers", "3", "--top-n", "5",
-                            "--output", str(default_server.dashboards_file)]) == 0
+                            "--output", str(default_server.dashboards_file), "--explain", "--explain-limit", "1"]) == 0
     german = http.get("/v1/features/search", params={"q": "German"}).json()["data"][0]
     feature = http.get(f"/v1/features/{german['layer']}/{german['index']}").json()
     counts, examples = feature["histogram"]["counts"], feature["top_examples"]
@@ -222,4 +224,16 @@ def test_feature_page_shows_dashboards_built_through_the_server(browser, default
         alphas = [float(c.rsplit(",", 1)[1].rstrip(")")) if c.startswith("rgba") else 1.0 for c in colours]
         peak = example["activations"].index(max(example["activations"]))
         assert alphas[peak] == max(alphas) > 0, (colours, example["activations"])
+    assert not find("#feature-explanation").is_displayed()  # only the most often firing feature is explained
     shot(browser, "feature", "feature-dashboards")
+
+    # The explained feature shows its explanation and detection score as the API gives them.
+    with sqlite3.connect(default_server.dashboards_file) as db:
+        ((layer, index),) = explanation_store.explained(db)
+    explanation = http.get(f"/v1/features/{layer}/{index}").json()["explanation"]
+    browser.execute_script(f"openFeature({layer}, {index})")
+    wait_for(browser, lambda: find("#feature-explanation").is_displayed())
+    shown = find("#feature-explanation").text
+    assert shown.startswith(f"Explanation by {NAME}: {explanation['text']} (detection score ")
+    assert f"{explanation['held_out']} held-out vs {explanation['random']} random contexts" in shown
+

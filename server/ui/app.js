@@ -105,6 +105,7 @@ async function openFeature(layer, index) {
       $(`lens-${side}`).tBodies[0].replaceChildren(...f.logit_lens[side].map((t) =>
         el("tr", {}, el("td", {}, el("code", { text: showToken(t.token) })), el("td", { text: fmt(t.logit) }))));
     }
+    renderExplanation(f.explanation);
     renderHistogram(f.histogram);
     renderExamples(f.top_examples);
     $("feature-steer").onclick = () => addSteering(f);
@@ -117,6 +118,16 @@ async function openFeature(layer, index) {
 // The default model's labels mark a context's firing token as [[token]] (models/recipe/feature_labeling.py).
 function marked(text) {
   return text.split(/\[\[(.*?)\]\]/s).map((part, i) => (i % 2 ? el("mark", { text: part }) : part));
+}
+
+// Dashboards with explanations (steerserve dashboards --explain): {"text", "model", "detection_score", ...}.
+function renderExplanation(explanation) {
+  const box = $("feature-explanation");
+  box.hidden = !explanation;
+  if (!explanation) return;
+  const score = explanation.detection_score === null ? "no detection score"
+    : `detection score ${fmt(explanation.detection_score)} (0.5 = chance; ${explanation.held_out} held-out vs ${explanation.random} random contexts)`;
+  box.textContent = `Explanation by ${explanation.model}: ${explanation.text} (${score})`;
 }
 
 // Dashboards (when the server has them): {"histogram": {"edges": [n+1], "counts": [n]}}.
