@@ -84,7 +84,12 @@ def test_labels_name_a_groups_strongest_feature_and_report_its_rates(tmp_path):
     labels = {r["index"]: r for r in map(json.loads, (tmp_path / "labels.jsonl").read_text().splitlines())}
     assert {i: r["label"] for i, r in labels.items()} == {
         1: "de", 2: "de text: 'die'", 3: "'das' (de)", 4: "'ist'", 5: "','", 6: "en"}
-    assert "rate by group: de 60%, en 5%" in labels[1]["description"]
+    # only the groups it fires on >= 10% of are named, so a search for a group's name finds those
+    assert "; rate by group: de 60% (others below 10%); " in labels[1]["description"]
+    assert "; rate by group: en 15%, de 25%" not in labels[4]["description"]
+    assert "; rate by group: de 25%, en 15%; " in labels[4]["description"]
+    assert "; below 10% in every group; " in labels[5]["description"]
+    assert "en 5%" not in labels[1]["description"] and "de 8%" not in labels[5]["description"]
 
 
 def test_documents_take_their_group_from_the_named_field(tmp_path, capsys):

@@ -26,7 +26,7 @@ from tests.conftest import API_KEY, AUTH, ROOT
 
 SCREENSHOTS = ROOT / ".state" / "screenshots"
 NAME = "fortunes-qwen3.5"
-CLAMP = 76.2  # five times the German feature's mean activation when it fires (README, first look)
+CLAMP = 76.2  # about five times the German feature's mean activation when it fires (15.63; README, first look)
 MAX_TOKENS = 32
 
 

@@ -290,10 +290,20 @@ def write_labels(store: DashboardStore, path: Path) -> int:
                     label = f"{groups[top]} text: {label}"
                 elif dominant:
                     label += f" ({groups[top]})"
-                by_group = "; rate by group: " + ", ".join(f"{g} {x:.0%}" for g, x in zip(groups, r))
+                by_group = _group_rates(groups, r)
             contexts = " | ".join("".join(e["tokens"]).replace("\n", " ")[-60:] for e in f.examples[:3])
             lines.append({"layer": layer, "index": idx, "label": label,
                           "description": f"fires on {f.fired / max(tokens.get(layer, 0), 1):.1%} of tokens, mean "
                                          f"activation {f.sum / max(f.fired, 1):.2f}{by_group}; top contexts: {contexts}"})
     path.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
     return len(lines)
+
+
+def _group_rates(groups: list[str], rates: list[float]) -> str:
+    """The groups a feature fires on at least GROUP_MAX_ELSEWHERE of, highest first: a group's
+    name in a description then means something, so searching it does not match every feature."""
+    shown = sorted((x, g) for g, x in zip(groups, rates) if x >= GROUP_MAX_ELSEWHERE)[::-1]
+    if not shown:
+        return f"; below {GROUP_MAX_ELSEWHERE:.0%} in every group"
+    rest = f" (others below {GROUP_MAX_ELSEWHERE:.0%})" if len(shown) < len(groups) else ""
+    return "; rate by group: " + ", ".join(f"{g} {x:.0%}" for x, g in shown) + rest
