@@ -236,4 +236,3 @@ def test_feature_page_shows_dashboards_built_through_the_server(browser, default
     shown = find("#feature-explanation").text
     assert shown.startswith(f"Explanation by {NAME}: {explanation['text']} (detection score ")
     assert f"{explanation['held_out']} held-out vs {explanation['random']} random contexts" in shown
-
