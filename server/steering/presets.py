@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 import sqlite3
 import threading
 import time
@@ -26,11 +25,9 @@ from steerserve_sae.protocol.spec import SteeringSpec
 
 from steerserve.errors import APIError
 from steerserve.steering.schema import parse_steering
+from steerserve.steering import names
 from steerserve.steering.vector_store import resolve_names
 
-# Not only dots: "." and ".." would not survive in a URL path (/v1/steering/presets/{name}).
-NAME_PATTERN = re.compile(r"(?!\.+$)[A-Za-z0-9._:-]{1,64}")
-NAME_RULE = "a preset name is 1 to 64 characters of A-Z a-z 0-9 . _ : -, not only dots"
 DB_NAME = "presets.sqlite"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS presets (
@@ -63,10 +60,7 @@ class Preset:
 
 
 def check_name(name: object, param: str = "name") -> str:
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise APIError(NAME_RULE, param=param,
-                       code="invalid_preset_name")
-    return name
+    return names.check_name(name, "preset", param)
 
 
 class PresetStore:
@@ -208,8 +202,8 @@ def seed_from_file(store: PresetStore, path: str | Path, context: Any, served_mo
     entries = read_presets_file(path)
     for name, entry in entries.items():
         where = f"{path}: preset {name!r}"
-        if not NAME_PATTERN.fullmatch(name):
-            raise ValueError(f"{where}: {NAME_RULE}")
+        if not names.is_name(name):
+            raise ValueError(f"{where}: a preset name is {names.NAME_RULE}")
         if name in served_models:
             raise ValueError(f"{where}: the name is a served model's")
         unknown = set(entry) - {"steering", "description"}

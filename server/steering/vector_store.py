@@ -9,7 +9,6 @@ may resolve names. Each vector is checked when stored: d_model finite float32 va
 
 from __future__ import annotations
 
-import re
 import sqlite3
 import threading
 import time
@@ -23,8 +22,8 @@ import numpy as np
 from steerserve_sae.protocol.spec import encode_vector
 
 from steerserve.errors import APIError
+from steerserve.steering import names
 
-NAME_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 DB_NAME = "vectors.sqlite"
 ANY = -1  # the layer column of a vector stored for any layer
 SCHEMA = """
@@ -63,10 +62,7 @@ class StoredVector:
 
 
 def check_name(name: object, param: str = "name") -> str:
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise APIError("a vector name is 1 to 64 characters of A-Z a-z 0-9 . _ : -", param=param,
-                       code="invalid_vector_name")
-    return name
+    return names.check_name(name, "vector", param)
 
 
 def check_values(values: np.ndarray, d_model: int, param: str) -> np.ndarray:
@@ -163,9 +159,9 @@ def resolve_names(steering: object, store: VectorStore | None) -> dict[tuple[int
         if not isinstance(entry, dict) or not isinstance(entry.get("vector"), str):
             continue
         name = entry["vector"]
-        stored = store.get(name) if NAME_PATTERN.fullmatch(name) else None
+        stored = store.get(name) if names.is_name(name) else None
         if stored is None:
-            if NAME_PATTERN.fullmatch(name) and len(name) < 4 * ((4 * store.d_model + 2) // 3):
+            if names.is_name(name) and len(name) < 4 * ((4 * store.d_model + 2) // 3):
                 raise APIError(f"no stored vector is named {name!r} (and it is too short to be an inline "
                                f"base64 vector)", param=f"steering.vectors[{i}].vector", code="vector_not_found")
             continue
