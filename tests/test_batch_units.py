@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from argparse import Namespace
 from collections import Counter
 from pathlib import Path
@@ -390,3 +391,81 @@ def test_second_service_on_same_data_dir_does_not_run_batches(tmp_path):
             await b.close()
 
     run(body())
+
+
+def test_a_runner_runs_only_the_batches_its_own_server_accepted(tmp_path, caplog):
+    """Two servers of one served name but different models take turns on one data dir: each
+    batch is run by the runner of the server that accepted it, never by the other's."""
+    async def body():
+        a = Harness(tmp_path, FakeEngine(), model="models/a", served_model_name=["fortunes-qwen3.5"])
+        batch_a = await a.submit([line("for-a", wait=True)])
+        await a.close()  # A stops before its line could run
+        b = Harness(tmp_path, FakeEngine(), model="models/b", served_model_name=["fortunes-qwen3.5"])
+        try:
+            batch_b = await b.submit([line("for-b")])
+            assert (await b.wait(batch_b["id"]))["status"] == "completed"
+            await asyncio.sleep(2 * runner.POLL_SECONDS)  # passes of B's runner that see A's batch
+            assert (await b.get(batch_a["id"]))["status"] in ("validating", "in_progress")
+            assert b.engine.calls == Counter({"for-b": 1})
+        finally:
+            await b.close()
+        a = Harness(tmp_path, FakeEngine(), model="models/a", served_model_name=["fortunes-qwen3.5"])
+        a.engine.release.set()
+        try:
+            assert (await a.wait(batch_a["id"]))["status"] == "completed"
+            assert a.engine.calls == Counter({"for-a": 1})
+        finally:
+            await a.close()
+        return b.service.identity
+
+    with caplog.at_level("WARNING", logger="vllm.steerserve.batch"):
+        b_identity = run(body())
+    skipped = [r.getMessage() for r in caplog.records if "accepted by another server" in r.getMessage()]
+    assert len(skipped) == 1, skipped  # logged once, however many passes skipped it
+    assert f"this runner (identity {b_identity.key}: model models/b served as fortunes-qwen3.5" in skipped[0]
+
+
+def test_a_server_of_another_identity_is_refused_a_data_dir_whose_runner_is_held(tmp_path):
+    """API processes of one server share the data dir (one runs the batches); a server of
+    another model is refused, naming --data-dir, at the command line and in the app."""
+    from steerserve.batch.identity import DataDirInUse, RunnerLock, server_identity
+
+    async def body():
+        a = Harness(tmp_path, FakeEngine(), model="models/a", served_model_name=["fortunes-qwen3.5"])
+        same = Harness(tmp_path, FakeEngine(), model="models/a", served_model_name=["fortunes-qwen3.5"])
+        try:
+            assert a.service._loop_task is not None and same.service._loop_task is None
+            other = Namespace(model="models/b", served_model_name=["fortunes-qwen3.5"])
+            with pytest.raises(DataDirInUse) as refused:
+                Harness(tmp_path, FakeEngine(), **vars(other))
+            with pytest.raises(DataDirInUse):
+                RunnerLock(tmp_path).refuse_other_holder(server_identity(other))
+            RunnerLock(tmp_path).refuse_other_holder(a.service.identity)
+        finally:
+            await same.close()
+            await a.close()
+        RunnerLock(tmp_path).refuse_other_holder(server_identity(other))  # free once A stopped
+        return str(refused.value)
+
+    message = run(body())
+    assert message == (
+        f"--data-dir {tmp_path} is in use by another steerserve server (model models/a served as fortunes-qwen3.5 "
+        f"(no SAE, dtype None), pid {os.getpid()}), whose batch runner holds {tmp_path}/runner.lock; this server "
+        "(model models/b served as fortunes-qwen3.5 (no SAE, dtype None)) would accept batches only that one could "
+        "run: give it a --data-dir of its own")
+
+
+@pytest.mark.parametrize("change", [
+    {"model": "models/other"},
+    {"additional_config": {"steerserve": {"sae_path": "sae/other", "sae_layers": [1]}}},
+    {"additional_config": {"steerserve": {"sae_path": "sae/x", "sae_layers": [2]}}},
+    {"dtype": "float32"},
+])
+def test_servers_of_one_served_name_differ_by_model_sae_and_dtype(change):
+    from steerserve.batch.identity import server_identity
+
+    base = {"model": "models/x", "served_model_name": ["fortunes-qwen3.5"], "dtype": "bfloat16",
+            "additional_config": {"steerserve": {"sae_path": "sae/x", "sae_layers": [1], "max_features": 64}}}
+    same = dict(base, additional_config={"steerserve": {"sae_path": "sae/x", "sae_layers": [1], "max_features": 8}})
+    assert server_identity(Namespace(**base)) == server_identity(Namespace(**same))  # limits are not identity
+    assert server_identity(Namespace(**base)).key != server_identity(Namespace(**base | change)).key

@@ -59,7 +59,7 @@ async def create_batch(request: Request, body: CreateBatch) -> dict[str, Any]:
     batch = BatchRecord(
         id=f"batch_{uuid.uuid4().hex[:24]}", input_file_id=file.id, endpoint=body.endpoint,
         completion_window=body.completion_window, status="validating", created_at=created,
-        expires_at=created + window, metadata=body.metadata,
+        expires_at=created + window, metadata=body.metadata, server_id=service.identity.key,
     )
     if not await asyncio.to_thread(store.add_batch, batch):  # the file was deleted meanwhile
         raise not_found("File", file.id, param="input_file_id")

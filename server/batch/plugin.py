@@ -21,6 +21,7 @@ from steerserve.in_process import server_api_key
 from steerserve.limits import Limits
 from steerserve.batch.batches_api import router as batches_router
 from steerserve.batch.files_api import router as files_router
+from steerserve.batch.identity import RunnerLock, server_identity
 from steerserve.batch.runner import BatchService
 from steerserve.batch.store import Store
 
@@ -52,8 +53,10 @@ def attach_batch_api(app: FastAPI) -> None:
 
 
 def start_batch_service(app: FastAPI, engine_client: Any, state: Any, args: Namespace) -> BatchService:
-    data_dir = getattr(args, "data_dir", None) or DEFAULT_DATA_DIR
-    store = Store(os.path.abspath(data_dir))
+    data_dir = os.path.abspath(getattr(args, "data_dir", None) or DEFAULT_DATA_DIR)
+    identity = server_identity(args)
+    RunnerLock(data_dir).refuse_other_holder(identity)  # before anything is opened (serve.py checked it too)
+    store = Store(data_dir)
     priority = BATCH_PRIORITY if getattr(args, "scheduling_policy", "fcfs") == "priority" else None
     service = BatchService(
         store, app,
@@ -62,13 +65,15 @@ def start_batch_service(app: FastAPI, engine_client: Any, state: Any, args: Name
         api_key=server_api_key(args),
         engine_dead=lambda: bool(getattr(engine_client, "errored", False)),
         limits=Limits.from_args(args),
+        identity=identity,
     )
     state.steerserve_batches = service
     _stop_recording_before_engine_shutdown(engine_client, service)
     running = service.start()
-    logger.info("batches: data in %s, %s, concurrency %d, priority %s, uploads up to %d bytes, "
-                "batches up to %d lines", store.data_dir,
+    logger.info("batches: data in %s, %s, server identity %s (%s), concurrency %d, priority %s, uploads up to "
+                "%d bytes, batches up to %d lines", store.data_dir,
                 "runner started" if running else "runner held by another process",
+                service.identity.key, service.identity.description,
                 service.concurrency, priority, service.limits.max_upload_bytes, service.limits.max_batch_lines)
     return service
 

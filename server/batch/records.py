@@ -63,6 +63,7 @@ class BatchRecord:
     output_file_id: str | None = None
     error_file_id: str | None = None
     total: int = 0
+    server_id: str | None = None  # identity key of the server that accepted it (identity.py)
     completed: int = 0
     failed: int = 0
     timestamps: dict[str, int | None] = field(default_factory=dict)

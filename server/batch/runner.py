@@ -17,7 +17,6 @@ at most once per LOG_EVERY seconds.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
 import os
 import time
@@ -26,6 +25,7 @@ from typing import Any
 
 from steerserve.in_process import in_process_client
 from steerserve.limits import Limits
+from steerserve.batch.identity import RunnerLock, ServerIdentity
 from steerserve.batch.line_executor import LineExecutor
 from steerserve.batch.lines import expired_line, parse_input_file
 from steerserve.batch.records import BatchRecord, FileRecord, now
@@ -52,8 +52,10 @@ class BatchService:
         api_key: str | None = None,
         engine_dead: Callable[[], bool] = lambda: False,
         limits: Limits = Limits(),  # frozen: one shared default is safe
+        identity: ServerIdentity,
     ):
         self.store = store
+        self.identity = identity  # batches created here are stamped with it; the runner claims only those
         self.limits = limits  # the routes read the upload and line limits here
         self.concurrency = max(1, concurrency)
         self._engine_dead = engine_dead
@@ -69,25 +71,24 @@ class BatchService:
         self._failures: dict[str, tuple[int, str]] = {}  # batch id -> (its task's failures in a row, the last)
         self._logged_at: dict[str, tuple[float, int]] = {}  # repeated failure -> (last logged, dropped since)
         self._executing: str | None = None  # the one batch whose lines run now
-        self._lock_file: int | None = None
+        self._lock = RunnerLock(store.data_dir)
+        self._skipped: set[str] = set()  # batches of other servers, logged once each
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> bool:
         """Start the reconciler unless another process already runs batches from this data dir.
 
-        With several API processes (`--api-server-count`) or two servers on one data dir, only
-        the holder of the lock executes; the others still serve the API from the same database.
+        With several API processes (`--api-server-count`) of one server, only the holder of the
+        lock executes; the others still serve the API from the same database. A runner of
+        another server holding it is DataDirInUse (identity.py): batches accepted here would
+        never run.
         """
-        fd = os.open(self.store.data_dir / "runner.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            logger.warning("another process runs the batches of %s; this one only serves the API",
+        if not self._lock.acquire(self.identity):
+            self._lock.refuse_other_holder(self.identity)
+            logger.warning("another process of this server runs the batches of %s; this one only serves the API",
                            self.store.data_dir)
             return False
-        self._lock_file = fd
         self._loop_task = asyncio.get_running_loop().create_task(self._reconcile_forever(), name="steerserve-batches")
         return True
 
@@ -108,9 +109,7 @@ class BatchService:
         if self._clean_stop and self._lines.charged:
             await asyncio.to_thread(self.store.refund_attempts, list(self._lines.charged))
         await self._client.aclose()
-        if self._lock_file is not None:
-            os.close(self._lock_file)
-            self._lock_file = None
+        self._lock.release()
         self.store.close()
         logger.info("batches: stopped; unfinished batches resume at the next start")
 
@@ -135,6 +134,8 @@ class BatchService:
         batches = await asyncio.to_thread(self.store.active_batches)
         loop_time = asyncio.get_running_loop().time()
         for batch in batches:
+            if not self._claims(batch):
+                continue
             stop_lines = batch.status == "cancelling" or (batch.status == "in_progress" and _expired(batch))
             if stop_lines and batch.id == self._executing:
                 self._lines.cancel(batch.id)  # _execute then finalizes the batch as cancelled or expired
@@ -154,6 +155,18 @@ class BatchService:
                 elif self._executing is None:
                     self._executing = batch.id  # one batch at a time, oldest first
                     self._spawn(batch.id, self._execute(batch))
+
+    def _claims(self, batch: BatchRecord) -> bool:
+        """Only batches this server accepted (or from before batches were stamped); another
+        server's are left for its runner, and logged once."""
+        if batch.server_id is None or batch.server_id == self.identity.key:
+            return True
+        if batch.id not in self._skipped:
+            self._skipped.add(batch.id)
+            logger.warning("batch %s (%s) was accepted by another server (identity %s); this runner (identity %s: "
+                           "%s) leaves it to that server's runner", batch.id, batch.status, batch.server_id,
+                           self.identity.key, self.identity.description)
+        return False
 
     def _spawn(self, batch_id: str, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=f"steerserve-batch-{batch_id}")

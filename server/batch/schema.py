@@ -68,7 +68,10 @@ CREATE TABLE IF NOT EXISTS batch_results (
 ADDED_COLUMNS = {
     "batch_lines": {"attempts": "INTEGER NOT NULL DEFAULT 0"},
     # Drawn once at finalize, before the files are written: a re-run after a crash reuses them.
-    "batches": {"reserved_output_file_id": "TEXT", "reserved_error_file_id": "TEXT"},
+    "batches": {"reserved_output_file_id": "TEXT", "reserved_error_file_id": "TEXT",
+                # The identity key of the server that accepted the batch (identity.py): only its
+                # runner claims it. NULL for batches of older releases, which any runner runs.
+                "server_id": "TEXT"},
 }
 
 

@@ -29,7 +29,7 @@ from steerserve.batch.schema import Database
 
 _BATCH_COLUMNS = (
     "id, input_file_id, endpoint, completion_window, status, metadata, errors, output_file_id, "
-    "error_file_id, total, " + ", ".join(TIMESTAMP_FIELDS)
+    "error_file_id, total, server_id, " + ", ".join(TIMESTAMP_FIELDS)
 )
 _COUNTS = (
     "(SELECT count(*) FROM batch_results r WHERE r.batch_id = b.id AND r.ok = 1), "
@@ -119,17 +119,17 @@ class Store(Database):
                 return False
             c.execute(
                 "INSERT INTO batches (id, input_file_id, endpoint, completion_window, status, metadata, "
-                "created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "created_at, expires_at, server_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (batch.id, batch.input_file_id, batch.endpoint, batch.completion_window, batch.status,
                  json.dumps(batch.metadata) if batch.metadata is not None else None,
-                 batch.created_at, batch.expires_at),
+                 batch.created_at, batch.expires_at, batch.server_id),
             )
             return True
 
     @staticmethod
     def _batch(row: tuple) -> BatchRecord:
         (id_, input_file_id, endpoint, window, status, metadata, errors, output_file_id, error_file_id,
-         total, *rest) = row
+         total, server_id, *rest) = row
         stamps = dict(zip(TIMESTAMP_FIELDS, rest[: len(TIMESTAMP_FIELDS)], strict=True))
         completed, failed = rest[len(TIMESTAMP_FIELDS):]
         return BatchRecord(
@@ -138,7 +138,7 @@ class Store(Database):
             metadata=json.loads(metadata) if metadata else None,
             errors=json.loads(errors) if errors else None,
             output_file_id=output_file_id, error_file_id=error_file_id,
-            total=total, completed=completed, failed=failed, timestamps=stamps,
+            total=total, server_id=server_id, completed=completed, failed=failed, timestamps=stamps,
         )
 
     def get_batch(self, batch_id: str) -> BatchRecord | None:

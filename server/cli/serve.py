@@ -237,6 +237,17 @@ def _check_vllm_version() -> None:
         print(f"steerserve: WARNING: {warning}", file=sys.stderr)
 
 
+def refuse_another_servers_data_dir(args: argparse.Namespace) -> None:
+    """Before the engine loads: a --data-dir whose batch runner belongs to a server of another
+    model or SAE is refused (server/batch/identity.py); this server's batches would never run."""
+    from steerserve.batch.identity import DataDirInUse, RunnerLock, server_identity
+
+    try:
+        RunnerLock(os.path.abspath(args.data_dir)).refuse_other_holder(server_identity(args))
+    except DataDirInUse as exc:
+        sys.exit(f"error: {exc}")
+
+
 def build_parser():
     """vLLM's serve parser under `steerserve`, with the SAE options; vLLM's FlexibleArgumentParser
     reads `--config FILE.yaml` for the `serve` subcommand it finds in the arguments."""
@@ -264,6 +275,7 @@ def serve(argv: list[str]) -> None:
     cli_env_setup()
     args = build_parser().parse_args(["serve", *argv])
     configure_steering(args)
+    refuse_another_servers_data_dir(args)
     command = ServeSubcommand()
     command.validate(args)
     command.cmd(args)
