@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -123,3 +124,96 @@ def test_tiny_model_build_is_idempotent(tiny_model_dir):
     assert result.returncode == 0
     assert result.stdout.strip() == str(tiny_model_dir)
     assert (tiny_model_dir / MARKER).stat().st_mtime_ns == built
+
+
+@pytest.fixture(scope="module")
+def parse():
+    """steerserve serve's own parser (vLLM's, with the SAE options): no engine starts."""
+    from steerserve.cli.serve import build_parser
+
+    parser = build_parser()
+    return lambda *argv: parser.parse_args(["serve", "model", *argv])
+
+
+@pytest.mark.parametrize(("argv", "env", "check", "message"), [
+    (["--grpc"], {}, "refuse_frontends_without_the_app",
+     "error: steerserve cannot serve with --grpc: vLLM's gRPC server serves without steerserve's app, so no API key "
+     "would be checked and no steering applied"),
+    ([], {"VLLM_USE_RUST_FRONTEND": "1"}, "refuse_frontends_without_the_app",
+     "error: steerserve cannot serve with VLLM_USE_RUST_FRONTEND=1: vLLM's Rust frontend serves without steerserve's "
+     "app, so no API key would be checked and no steering applied; unset it"),
+    ([], {"VLLM_USE_RUST_FRONTEND": "yes"}, "refuse_frontends_without_the_app",
+     "error: VLLM_USE_RUST_FRONTEND='yes': vLLM reads it as a number (0 or 1)"),
+    ([], {"VLLM_USE_BREAKABLE_CUDAGRAPH": "1"}, "keep_steering_out_of_cuda_graphs",
+     "error: VLLM_USE_BREAKABLE_CUDAGRAPH=1 would capture the steering op inside a CUDA graph and freeze its "
+     "per-request routing; unset it with --sae"),
+    (["-cc", '{"pass_config": {"fuse_attn_quant": true}}'], {}, "keep_steering_out_of_cuda_graphs",
+     "error: fuse_attn_quant (in --compilation-config's pass_config) cannot be combined with --sae: it removes the "
+     "graph splitting ops, so the steering op would be captured inside a CUDA graph"),
+    (["-cc", '{"splitting_ops": ["vllm::unified_attention"]}'], {}, "keep_steering_out_of_cuda_graphs",
+     "error: splitting_ops in --compilation-config replaces vLLM's list, which holds the steering op; add "
+     "'steerserve::steer_residual' to it (or leave splitting_ops unset) with --sae"),
+    (["-cc", '{"splitting_ops": []}'], {}, "keep_steering_out_of_cuda_graphs",
+     "error: splitting_ops in --compilation-config replaces vLLM's list"),
+    (["--watermark-config", '{"type": "gumbel"}'], {"VLLM_USE_V2_MODEL_RUNNER": "0"}, "refuse_model_runner_overrides",
+     "error: --watermark-config cannot be combined with --sae or --steering-layers on vLLM's V1 model runner: "
+     "watermarking makes vLLM switch to Model Runner V2"),
+])
+def test_ways_around_steering_are_refused_before_the_engine_starts(parse, monkeypatch, capsys, argv, env, check,
+                                                                   message):
+    """Frontends without steerserve's app (no key check: steerserve takes --api-key from vLLM),
+    options that capture the steering op inside a CUDA graph, and options that change the model
+    runner (vLLM 0.32: envs.py, cli/serve.py, config/compilation.py, config/vllm.py)."""
+    from steerserve.cli import engine_checks
+
+    for name in ("VLLM_USE_RUST_FRONTEND", "VLLM_USE_BREAKABLE_CUDAGRAPH", "VLLM_BATCH_INVARIANT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as refused:
+        getattr(engine_checks, check)(parse(*argv))
+    assert str(refused.value).startswith(message)
+
+
+@pytest.mark.parametrize("batch_invariant", ["0", "1"])
+def test_breakable_cuda_graphs_are_kept_off_and_safe_options_pass(parse, monkeypatch, capsys, batch_invariant):
+    """Unset, vLLM turns breakable graphs on by itself for some architectures and with
+    VLLM_BATCH_INVARIANT=1 on bf16 CUDA (VllmConfig._maybe_enable_breakable_cudagraph, only while
+    the variable is unset): set to 0. A splitting_ops list with the steering op, a watermark on
+    Model Runner V2 when asked for, and fuse_attn_quant left to vLLM (set off) pass."""
+    from vllm.config.compilation import CUDAGraphMode
+
+    from steerserve.cli import engine_checks
+
+    monkeypatch.delenv("VLLM_USE_BREAKABLE_CUDAGRAPH", raising=False)
+    monkeypatch.setenv("VLLM_BATCH_INVARIANT", batch_invariant)
+    args = parse("-cc", '{"splitting_ops": ["vllm::unified_attention", "steerserve::steer_residual"]}',
+                 "--watermark-config", '{"type": "gumbel"}')
+    engine_checks.keep_steering_out_of_cuda_graphs(args)
+    assert os.environ["VLLM_USE_BREAKABLE_CUDAGRAPH"] == "0"
+    assert args.compilation_config.pass_config.fuse_attn_quant is False
+    assert args.compilation_config.cudagraph_mode == CUDAGraphMode.PIECEWISE
+    said = capsys.readouterr().err
+    assert ("VLLM_BATCH_INVARIANT=1 would turn on" in said) == (batch_invariant == "1")
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    engine_checks.refuse_model_runner_overrides(args)
+    engine_checks.refuse_frontends_without_the_app(args)
+
+
+def test_a_data_dir_whose_runner_another_server_holds_is_refused_before_the_engine(fake_model, tmp_path):
+    """The command-line half of the data-dir refusal (test_batch_units.py has the app's)."""
+    from argparse import Namespace
+
+    from steerserve.batch.identity import RunnerLock, server_identity
+
+    holder = RunnerLock(tmp_path)
+    assert holder.acquire(server_identity(Namespace(model="another/model", served_model_name=[str(fake_model)])))
+    try:
+        result = serve(str(fake_model), "--data-dir", str(tmp_path))
+    finally:
+        holder.release()
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1].startswith(
+        f"error: --data-dir {tmp_path} is in use by another steerserve server (model another/model served as "
+        f"{fake_model} (no SAE, dtype None), pid {os.getpid()}), whose batch runner holds {tmp_path}/runner.lock; "
+        f"this server (model {fake_model} served as {fake_model} (no SAE, dtype auto))")

@@ -54,12 +54,58 @@ def choose_model_runner() -> None:
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
 
 
+def refuse_frontends_without_the_app(args: argparse.Namespace) -> None:
+    """steerserve is vLLM's FastAPI app plus its middleware and routes, and it takes --api-key out
+    of vLLM's arguments to check the key itself (serve.py). vLLM's Python gRPC server (--grpc) and
+    its Rust frontend (VLLM_USE_RUST_FRONTEND=1, which --grpc-port needs) serve without that app:
+    no key would be checked and no steering applied, so both are refused."""
+    if getattr(args, "grpc", False):
+        sys.exit("error: steerserve cannot serve with --grpc: vLLM's gRPC server serves without steerserve's app, "
+                 "so no API key would be checked and no steering applied")
+    if _vllm_env("VLLM_USE_RUST_FRONTEND"):
+        sys.exit("error: steerserve cannot serve with VLLM_USE_RUST_FRONTEND=1: vLLM's Rust frontend serves without "
+                 "steerserve's app, so no API key would be checked and no steering applied; unset it")
+
+
+def refuse_model_runner_overrides(args: argparse.Namespace) -> None:
+    """vLLM switches to Model Runner V2 whatever VLLM_USE_V2_MODEL_RUNNER says when a watermark
+    is configured (VllmConfig.use_v2_model_runner), so steering would not run on the runner
+    choose_model_runner chose; refused unless V2 was asked for."""
+    if getattr(args, "watermark_config", None) is not None and os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "0":
+        sys.exit("error: --watermark-config cannot be combined with --sae or --steering-layers on vLLM's V1 model "
+                 "runner: watermarking makes vLLM switch to Model Runner V2; set VLLM_USE_V2_MODEL_RUNNER=1 to steer "
+                 "on V2 (not yet run end to end in steerserve's CI) or drop --watermark-config")
+
+
 def keep_steering_out_of_cuda_graphs(args: argparse.Namespace) -> None:
     """The steering op reads per-step routing in Python, so it must run between captured CUDA
-    graph pieces (it is registered as a splitting op), never inside a full-model graph."""
+    graph pieces (it is registered as a splitting op), never inside a captured graph. Besides the
+    graph mode, three things would capture it: breakable CUDA graphs (captured eagerly, broken
+    only at ops vLLM marks, which vLLM turns on by itself for some architectures and with
+    VLLM_BATCH_INVARIANT=1 on bf16 CUDA unless the variable is set: set to 0 here), attention +
+    quant fusion (empties the splitting ops and turns graphs FULL), and a splitting_ops list
+    without the steering op (it replaces vLLM's list, which holds it)."""
     from vllm.config.compilation import CUDAGraphMode
 
-    mode = args.compilation_config.cudagraph_mode
+    from steerserve_sae.backends.op import OP_NAME
+
+    if os.environ.get("VLLM_USE_BREAKABLE_CUDAGRAPH") is not None and _vllm_env("VLLM_USE_BREAKABLE_CUDAGRAPH"):
+        sys.exit("error: VLLM_USE_BREAKABLE_CUDAGRAPH=1 would capture the steering op inside a CUDA graph and freeze "
+                 "its per-request routing; unset it with --sae")
+    if "VLLM_USE_BREAKABLE_CUDAGRAPH" not in os.environ:
+        os.environ["VLLM_USE_BREAKABLE_CUDAGRAPH"] = "0"  # keeps vLLM from turning it on by itself
+        if _vllm_env("VLLM_BATCH_INVARIANT"):
+            print("steerserve: SAE steering on: VLLM_USE_BREAKABLE_CUDAGRAPH=0, which VLLM_BATCH_INVARIANT=1 would "
+                  "turn on (breakable graphs capture the steering op)", file=sys.stderr)
+    compilation = args.compilation_config
+    if compilation.pass_config.fuse_attn_quant:
+        sys.exit("error: fuse_attn_quant (in --compilation-config's pass_config) cannot be combined with --sae: it "
+                 "removes the graph splitting ops, so the steering op would be captured inside a CUDA graph")
+    compilation.pass_config.fuse_attn_quant = False  # vLLM's optimization levels may default it on
+    if compilation.splitting_ops is not None and OP_NAME not in compilation.splitting_ops:
+        sys.exit(f"error: splitting_ops in --compilation-config replaces vLLM's list, which holds the steering op; "
+                 f"add {OP_NAME!r} to it (or leave splitting_ops unset) with --sae")
+    mode = compilation.cudagraph_mode
     if mode is None:
         args.compilation_config.cudagraph_mode = CUDAGraphMode.PIECEWISE
         print("steerserve: SAE steering on: CUDA graphs set to PIECEWISE (the steering op runs between "
@@ -126,6 +172,14 @@ def preflight_local_model(model: str, sae_dir: str | None, layers: list[int], *,
             sys.exit(f"error: {exc}")
 
 
+def _vllm_env(name: str) -> bool:
+    """A vLLM switch read as vLLM reads it (vllm/envs.py); a value vLLM cannot read is an error."""
+    import vllm.envs as envs
+
+    try:
+        return bool(getattr(envs, name))
+    except ValueError:
+        sys.exit(f"error: {name}={os.environ.get(name)!r}: vLLM reads it as a number (0 or 1)")
 
 
 def is_cpu_build() -> bool:

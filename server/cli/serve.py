@@ -14,7 +14,8 @@ from importlib.metadata import entry_points
 
 from steerserve.cli.engine_checks import (
     choose_model_runner, explain_tensor_parallel_fusion, is_cpu_build, keep_steering_out_of_cuda_graphs,
-    preflight_local_model, refuse_unverified_row_layouts,
+    preflight_local_model, refuse_frontends_without_the_app, refuse_model_runner_overrides,
+    refuse_unverified_row_layouts,
 )
 
 GENERAL_PLUGIN_NAME = "steerserve_sae"
@@ -200,6 +201,7 @@ def configure_steering(args: argparse.Namespace) -> None:
     args.worker_extension_cls = WORKER_EXTENSION_CLS
     refuse_unverified_row_layouts(args)
     choose_model_runner()
+    refuse_model_runner_overrides(args)
     if not is_cpu_build():
         keep_steering_out_of_cuda_graphs(args)
         explain_tensor_parallel_fusion(args)
@@ -274,6 +276,7 @@ def serve(argv: list[str]) -> None:
 
     cli_env_setup()
     args = build_parser().parse_args(["serve", *argv])
+    refuse_frontends_without_the_app(args)
     configure_steering(args)
     refuse_another_servers_data_dir(args)
     command = ServeSubcommand()
