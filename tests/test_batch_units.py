@@ -8,6 +8,7 @@ on the same data directory to check resumption.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 from argparse import Namespace
@@ -469,3 +470,23 @@ def test_servers_of_one_served_name_differ_by_model_sae_and_dtype(change):
     same = dict(base, additional_config={"steerserve": {"sae_path": "sae/x", "sae_layers": [1], "max_features": 8}})
     assert server_identity(Namespace(**base)) == server_identity(Namespace(**same))  # limits are not identity
     assert server_identity(Namespace(**base)).key != server_identity(Namespace(**base | change)).key
+
+
+def test_a_holder_still_writing_its_identity_is_waited_for(tmp_path):
+    """API processes of one server start together: one may read the lock file between the
+    holder's flock and its write (empty, or the previous holder's identity) and must not refuse."""
+    import threading
+
+    from steerserve.batch.identity import RunnerLock, server_identity
+
+    ours, previous = server_identity(Namespace(model="models/a")), server_identity(Namespace(model="models/b"))
+    (tmp_path / "runner.lock").write_text(previous.to_json())
+    fd = os.open(tmp_path / "runner.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # locked, the previous identity still written
+    writer = threading.Timer(0.3, lambda: os.pwrite(fd, ours.to_json().encode().ljust(200), 0))
+    writer.start()
+    try:
+        RunnerLock(tmp_path).refuse_other_holder(ours)
+    finally:
+        writer.join()
+        os.close(fd)

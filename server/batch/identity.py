@@ -16,6 +16,7 @@ import fcntl
 import hashlib
 import json
 import os
+import time
 from argparse import Namespace
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 from steerserve_sae.protocol.plugin_config import ADDITIONAL_CONFIG_KEY
 
 LOCK_NAME = "runner.lock"
+HOLDER_WRITE_WAIT = 1.0  # seconds a new holder may take to write its identity after locking
 # The plugin options that decide what a batch line's answer is (limits and kernels do not).
 _STEERING_KEYS = ("sae_path", "sae_layers", "steering_layers", "sae_name", "sae_k", "sae_hub_url")
 
@@ -108,12 +110,19 @@ class RunnerLock:
 
     def refuse_other_holder(self, identity: ServerIdentity) -> None:
         """DataDirInUse when a live runner of another identity holds the lock: a second server
-        of another model would accept batches that only the holder's runner could ever claim."""
-        if not self.path.exists() or self._free():
-            return
-        holder = self.holder() or {}
-        if holder.get("key") == identity.key:
-            return  # another API process of this server, or a replica of the same server
+        of another model would accept batches that only the holder's runner could ever claim.
+        A holder writes its identity just after locking, so what the file says is read again
+        for HOLDER_WRITE_WAIT seconds before it is believed (the previous holder's, or nothing)."""
+        deadline = time.monotonic() + HOLDER_WRITE_WAIT
+        while True:
+            if not self.path.exists() or self._free():
+                return
+            holder = self.holder() or {}
+            if holder.get("key") == identity.key:
+                return  # another API process of this server, or a replica of the same server
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
         raise DataDirInUse(
             f"--data-dir {self.path.parent} is in use by another steerserve server "
             f"({holder.get('description', 'unknown identity')}, pid {holder.get('pid', '?')}), whose batch runner "
