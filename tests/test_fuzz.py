@@ -6,12 +6,20 @@ sends them to the shared server. Every answer must be below 500 in the OpenAI er
 the engine must outlive the run. Derandomized and bounded, so CI sees the same cases each time.
 The request's shape is fuzzed too (issue 21): every method, with and without the key, no, one
 or several Content-Type headers of any kind, JSON, deep or raw bodies.
+
+A 4xx in the right shape is not enough on steerserve's own routes: vLLM's exception handler
+answers a ValueError, TypeError or OverflowError that escaped a route with a 400 in the same
+four keys (type "BadRequestError", the status as an integer `code`), so an unhandled exception
+would pass as handled (issue 28). There every error must be steerserve's: a string `code`.
+Hostile numbers, files and sizes (issue 28) are sent one by one, each with a client timeout, and
+each must get steerserve's 4xx naming the field at fault, with the server alive after.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 from urllib.parse import quote
 
 import httpx
@@ -19,6 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests import hostile_files
 from tests.conftest import AUTH, MODEL_NAME
 
 EXAMPLES = 60  # per test: ~400 requests in all, about a minute on the CPU default
@@ -93,15 +102,25 @@ def bounded(body: dict) -> dict:
     return body
 
 
-def check(response, anthropic: bool = False) -> None:
+STEERSERVE_ROUTES = ("/v1/features", "/v1/steering", "/v1/saes", "/v1/batches", "/v1/files")
+HOSTILE_TIMEOUT = 30  # seconds: a hostile request that hangs the server fails instead of stalling the suite
+
+
+def check(response, anthropic: bool = False) -> dict | None:
     """Below 500; errors in the OpenAI shape (vLLM's Anthropic route answers its own errors in
-    Anthropic's shape, which its clients expect; steerserve's refusals there are OpenAI's)."""
+    Anthropic's shape, which its clients expect; steerserve's refusals there are OpenAI's), and
+    on steerserve's routes steerserve's own (see the module docstring). Returns the error."""
     assert response.status_code < 500, response.text[:2000]
-    if response.status_code >= 400:
-        error = response.json()["error"]
-        if anthropic and set(error) == {"type", "message"}:
-            return
-        assert {"message", "type", "param", "code"} <= set(error), error
+    if response.status_code < 400:
+        return None
+    error = response.json()["error"]
+    if anthropic and set(error) == {"type", "message"}:
+        return error
+    assert {"message", "type", "param", "code"} <= set(error), error
+    if response.request.url.path.startswith(STEERSERVE_ROUTES):
+        assert isinstance(error["code"], str) and error["type"] != "BadRequestError", (
+            f"an exception escaped to vLLM's handler: {error}")
+    return error
 
 
 def send(http, path: str, body) -> None:
@@ -294,6 +313,101 @@ def test_fuzz_presets(http):
         given(preset_body, names, model_body)(FUZZ(run))()
     finally:
         http.delete("/v1/steering/presets/fuzz-preset")
+
+
+def memory_kib(pid: int, field: str) -> int:
+    """A `/proc/PID/status` memory field (VmRSS, VmHWM: the peak since the last reset)."""
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def refused(server, http, param: str, method: str, path: str, max_peak_bytes: int | None = None,
+            **request) -> None:
+    """The request gets steerserve's 4xx naming `param` (or a JSON path under it) within
+    HOSTILE_TIMEOUT, the API process's peak memory grows by at most `max_peak_bytes` over what
+    it held before (the peak is reset first: `5` to /proc/PID/clear_refs), and the server
+    still answers after it."""
+    api = server.proc.pid  # with one API process, vLLM serves it in the process it was started as
+    Path(f"/proc/{api}/clear_refs").write_text("5")
+    before = memory_kib(api, "VmRSS")
+    try:
+        response = http.request(method, path, timeout=HOSTILE_TIMEOUT, **request)
+    except httpx.TimeoutException:
+        pytest.fail(f"{method} {path}: no answer in {HOSTILE_TIMEOUT} s")
+    peak = (memory_kib(api, "VmHWM") - before) * 1024
+    assert max_peak_bytes is None or peak <= max_peak_bytes, f"the API's peak memory grew by {peak >> 20} MiB"
+    error = check(response)
+    assert error is not None, f"accepted: {response.text[:500]}"
+    assert error["param"] is not None and error["param"].startswith((f"{param}.", f"{param}[")) or (
+        error["param"] == param), error
+    assert server.proc.poll() is None and http.get("/health", timeout=HOSTILE_TIMEOUT).status_code == 200
+
+
+def vector_upload(file: bytes, **form: str) -> dict:
+    return {"files": {"file": ("v.bin", file)}, "data": {"name": "hostile", **form}}
+
+
+@pytest.mark.parametrize(("case", "param"), [
+    ("gguf_array_bomb", "file"),  # 104 bytes claiming 2^40 array items
+    ("deflated_pt", "file"),  # 256 KiB inflating to 256 MiB
+    ("zero_stride_pt", "file"),  # 1.5 KB, 1 GiB once copied
+    ("meta_pt", "file"), ("sparse_pt", "file"), ("quantized_pt", "file"),
+    ("direction_0_and_00", "file"),  # two tensors for layer 0
+    ("overflowing_norm_npy", "file"), ("overflowing_norm_base64", "vector"),
+    ("layer --5", "layer"), ("layer ²", "layer"), ("layer of 5000 digits", "layer"),
+])
+def test_hostile_vector_uploads_are_refused(server, http, d_model, case, param):
+    """Each file is checked against its own size, layout, dtype and d_model before anything is
+    materialised, so the API's peak memory grows by at most 64 MiB + 16x the upload; norms must
+    be finite in float32; `layer` is a number of ASCII digits."""
+    builders = {
+        "gguf_array_bomb": lambda: vector_upload(hostile_files.gguf_array_bomb()),
+        "zero_stride_pt": lambda: vector_upload(hostile_files.zero_stride_pt()),
+        "deflated_pt": lambda: vector_upload(hostile_files.deflated_pt()),
+        "meta_pt": lambda: vector_upload(hostile_files.meta_pt(d_model)),
+        "sparse_pt": lambda: vector_upload(hostile_files.sparse_pt(d_model)),
+        "quantized_pt": lambda: vector_upload(hostile_files.quantized_pt(d_model)),
+        "direction_0_and_00": lambda: vector_upload(hostile_files.control_vector_gguf(
+            {"direction.0": [1.0] * d_model, "direction.00": [2.0] * d_model})),
+        "overflowing_norm_npy": lambda: vector_upload(hostile_files.npy_file(hostile_files.overflowing_norm(d_model))),
+        "overflowing_norm_base64": lambda: {"json": {"name": "hostile", "layer": 1, "vector": base64.b64encode(
+            hostile_files.overflowing_norm(d_model).astype("<f4").tobytes()).decode()}},
+        "layer --5": lambda: vector_upload(hostile_files.npy_file([0.5] * d_model), layer="--5"),
+        "layer ²": lambda: vector_upload(hostile_files.npy_file([0.5] * d_model), layer="²"),
+        "layer of 5000 digits": lambda: vector_upload(hostile_files.npy_file([0.5] * d_model), layer="7" * 5000),
+    }
+    request = builders[case]()
+    size = len(request["files"]["file"][1]) if "files" in request else len(json.dumps(request["json"]))
+    try:
+        refused(server, http, param, "POST", "/v1/steering/vectors", max_peak_bytes=64 * 2**20 + 16 * size, **request)
+    finally:
+        http.delete("/v1/steering/vectors/hostile", timeout=HOSTILE_TIMEOUT)
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"name": "hostile", "steering": {"features": [{"layer": 1, "index": 3, "mode": "add", "value": 1.0}]},
+      "description": "d" * (15 * 2**20)}, "description"),
+    ({"name": "hostile", "steering": {"features": [{"layer": 1, "index": i % 1024, "mode": "add", "value": 1.0}
+                                                   for i in range(200_000)]}}, "steering"),
+], ids=["15 MiB description", "200,000 features"])
+def test_oversized_presets_are_refused(server, http, body, param):
+    """/v1/models lists every preset, and every client calls it: presets have size limits."""
+    try:
+        refused(server, http, param, "POST", "/v1/steering/presets", json=body)
+    finally:
+        http.delete("/v1/steering/presets/hostile", timeout=HOSTILE_TIMEOUT)
+
+
+@pytest.mark.parametrize(("numbers", "param"), [
+    ('"high": 1e999', "high"), ('"low": 1e-999', "low"), ('"low": -1', "low"), ('"low": 0', "low"),
+    ('"bins": 0', "bins"), ('"bins": 1000000000', "bins"), ('"bins": 18446744073709551616', "bins"),
+    ('"low": 1e10, "high": 10000000000.000002', "high"),  # log10(high) == log10(low): no bin has a width
+])
+def test_dashboard_numbers_the_workers_cannot_take_are_refused(server, http, numbers, param):
+    """Every histogram number is checked at the API: a bin width of 0 took the engine down."""
+    body = '{"layers": [1], "documents": [{"id": 0, "prompt": "the weather"}], ' + numbers + "}"
+    refused(server, http, param, "POST", "/v1/features/dashboards", content=body.encode(),
+            headers={"content-type": "application/json"})
 
 
 def test_engine_survived_the_fuzzing(server, http):
