@@ -101,6 +101,14 @@ def test_bad_contrast_requests(http, body, param, code):
     assert error["param"] == param and (code is None or error["code"] == code), error
 
 
+def test_an_example_of_special_tokens_only_is_refused(http):
+    response = http.post("/v1/features/contrast", json={"positive": ["a", "<|im_start|><|im_end|>"], "negative": ["b"]})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == {"message": "positive[1] has no tokens but special ones",
+                                        "type": "invalid_request_error", "param": "positive[1]",
+                                        "code": "invalid_request"}
+
+
 GERMAN = ["Wer andere kennt, ist klug.", "Das Wetter ist heute sehr schön.", "Ich gehe morgen in die Stadt."]
 ENGLISH = ["He who knows others is wise.", "The weather is very nice today.", "I am going to town tomorrow."]
 

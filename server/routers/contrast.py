@@ -32,7 +32,9 @@ from steerserve.errors import APIError
 from steerserve.limits import MAX_TOP_K
 from steerserve.prompt_tokens import prompt_token_ids
 from steerserve.routers.feature_models import InspectRequest
-from steerserve.routers.features import _context, _label_fields, _loaded_layer, _require_saes, _run_inspection
+from steerserve.routers.features import (
+    _context, _label_fields, _loaded_layer, _require_saes, _run_inspection, _special_ids,
+)
 from steerserve.routers.route import SteerserveRoute
 from steerserve.steering.presets import Preset, validate_spec
 from steerserve.steering.vector_store import check_name, new_vector
@@ -97,6 +99,8 @@ class FeatureContrast(BaseModel):
 
 
 async def _tokens(context, examples: list, side: str, add_generation_prompt: bool) -> list[list[int]]:
+    """Each example's token ids; a 400 for one with no token but special ones (nothing to average)."""
+    special = _special_ids(context.engine.get_tokenizer())
     out = []
     for i, example in enumerate(examples):
         if isinstance(example, str):
@@ -108,6 +112,9 @@ async def _tokens(context, examples: list, side: str, add_generation_prompt: boo
         except APIError as error:
             error.param = f"{side}[{i}]"
             raise
+        if all(t in special for t in out[-1]):
+            raise APIError(f"{side}[{i}] has no tokens but special ones", param=f"{side}[{i}]",
+                           code="invalid_request")
     return out
 
 
@@ -186,11 +193,6 @@ async def contrast(request: Request, req: ContrastRequest) -> dict[str, Any] | J
     d_sae = {layer: context.sae_by_layer[layer]["d_sae"] for layer in layers}
     means = await asyncio.to_thread(lambda: [_text_means(i, layers, d_sae) for i in inspections])
     pos, neg = means[:len(pos_ids)], means[len(pos_ids):]
-    for side, group, offset in (("positive", pos, 0), ("negative", neg, len(pos_ids))):
-        for i, m in enumerate(group):
-            if m[2] == 0:
-                raise APIError(f"{side}[{i}] has no tokens but special ones", param=f"{side}[{i}]",
-                               code="invalid_request")
     result = await asyncio.to_thread(_contrast, context, layers, req.top_k, pos, neg)
     answer = {"object": "feature_contrast", "model": context.served_model, "layers": layers,
               "positive": {"texts": len(pos), "tokens": sum(m[2] for m in pos)},
