@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,7 +11,7 @@ from steerserve.steering.admission import ConfigAdmission
 from steerserve.analysis.feature_labels import FeatureLabels
 from steerserve.limits import Limits
 from steerserve.metrics import SteeringMetrics
-from steerserve.steering.presets import PresetStore
+from steerserve.steering.presets import PresetCheck, PresetStore
 from steerserve.steering.vector_store import VectorStore
 from steerserve.steering.worker_takes import WorkerTakes
 
@@ -28,7 +29,9 @@ class SteeringContext:
     client: Any = None  # in-process client of this server's own app (server/in_process.py)
     served_model: str = ""
     served_models: tuple[str, ...] = ()  # every name vLLM serves the model under (--served-model-name)
+    adapters: Callable[[], Iterable[str]] = tuple  # the LoRA adapters vLLM serves now (their names)
     presets: PresetStore | None = None  # named specs served as models (server/steering/presets.py)
+    preset_check: PresetCheck | None = None  # which stored presets this server serves
     vectors: VectorStore | None = None  # stored direction vectors (server/steering/vector_store.py)
     max_model_len: int = 0
     limits: Limits = field(default_factory=Limits)
@@ -36,6 +39,11 @@ class SteeringContext:
     dashboards: Any = None  # analysis/dashboard_store.DashboardStore from --feature-dashboards
     token_search_cache: "OrderedDict[tuple, list[dict]]" = field(default_factory=OrderedDict)  # LRU
     metrics: SteeringMetrics = field(default_factory=SteeringMetrics)
+
+    def model_names(self) -> set[str]:
+        """Every name a request's `model` reaches a model by: the served model's and each LoRA
+        adapter's (a preset may take none of them)."""
+        return {*self.served_models, *self.adapters()}
 
     @property
     def sae_by_layer(self) -> dict[int, dict]:

@@ -39,7 +39,7 @@ from steerserve.playground import PLAYGROUND_PATHS, router as playground_router
 from steerserve.routers.saes import router
 from steerserve.middleware.steering import SteeringMiddleware
 from steerserve.steering.openapi import describe_steering_fields
-from steerserve.steering.presets import PresetStore, seed_from_file
+from steerserve.steering.presets import PresetCheck, PresetStore, seed_from_file
 from steerserve.steering.vector_store import VectorStore
 from steerserve.steering.worker_takes import WorkerTakes
 
@@ -97,6 +97,7 @@ class SteerserveEndpointPlugin:
             client=in_process_client(self._app, server_api_key(args)) if hasattr(self, "_app") else None,
             served_model=(getattr(args, "served_model_name", None) or [args.model])[0],
             served_models=tuple(getattr(args, "served_model_name", None) or [args.model]),
+            adapters=_lora_adapters(state),
             max_model_len=engine_client.model_config.max_model_len if engine_client is not None else 0,
             limits=Limits.from_args(args),
         )
@@ -126,17 +127,33 @@ async def _steered_stages(engine_client, config: PluginConfig) -> tuple[frozense
     return tuple({frozenset([*s.get("sae_layers", ()), *s.get("vector_layers", ())]) for s in per_rank if s})
 
 
+def _lora_adapters(state: State):
+    """The names of the LoRA adapters vLLM serves now: --lora-modules and any loaded at run time
+    (its model registry, built before endpoint plugins' state)."""
+    models = getattr(state, "openai_serving_models", None)
+    return lambda: tuple(getattr(models, "lora_requests", None) or ())
+
+
 def _open_presets(context: SteeringContext, args: Namespace) -> None:
     """The data dir's presets, seeded from --steering-presets; a preset of that file that does not
-    fit the loaded SAEs stops the start-up (the message names the file and the preset)."""
+    fit the loaded SAEs stops the start-up (the message names the file and the preset). Every
+    stored preset is checked again: those this server cannot serve are logged with the reason."""
     context.presets = PresetStore(os.path.abspath(getattr(args, "data_dir", None) or DEFAULT_DATA_DIR))
+    context.preset_check = PresetCheck(context)
     path = getattr(args, "steering_presets", None)
     if path:
         try:
-            count = seed_from_file(context.presets, path, context, set(context.served_models))
+            count = seed_from_file(context.presets, path, context)
         except (OSError, ValueError) as exc:
             raise RuntimeError(f"steerserve: --steering-presets {exc}") from None
         logger.info("steerserve: %d steering presets from %s", count, path)
+    stored = context.presets.all()
+    for preset in stored:
+        refusal = context.preset_check.refusal(preset)
+        if refusal is not None:
+            logger.warning("steerserve: steering preset %r (%s) is not served: %s", preset.name, preset.source, refusal)
+    served = len(context.preset_check.served(stored))
+    logger.info("steerserve: serving %d of %d stored steering presets", served, len(stored))
 
 
 def _open_vectors(context: SteeringContext, args: Namespace) -> VectorStore | None:

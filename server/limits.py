@@ -74,6 +74,14 @@ class Limits:
     max_stored_vectors: int = _limit(
         4096, "most vectors /v1/steering/vectors stores, counting each layer of a control vector (400 above); "
               "each is d_model float32s, held in memory")
+    max_presets: int = _limit(
+        256, "most steering presets stored, a --steering-presets file's included (400 on creating one more over "
+             "HTTP): each is a /v1/models entry, and every client lists the models")
+    max_preset_description_chars: int = _limit(
+        1000, "longest `description` of a steering preset, in characters (400 above); it is shown in /v1/models")
+    max_preset_spec_bytes: int = _limit(
+        64 * 1024, "largest `steering` spec of a preset, as compact JSON, in bytes (400 above): name stored vectors "
+                   "(/v1/steering/vectors) rather than inline large ones")
     max_batch_lines: int = _limit(50_000, "most lines in one batch input file (the batch fails validation above)")
     max_inspect_chars_per_token: int = _limit(
         32, "inspect refuses, before tokenizing, inputs longer than this many characters per token of "

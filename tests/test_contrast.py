@@ -93,12 +93,30 @@ def test_identical_sets_contrast_to_nothing(http):
     ({"positive": ["a"], "negative": [""]}, "negative[0]", None),
     ({"positive": ["a"], "negative": ["b"], "save_as": "no spaces"}, "save_as", "invalid_vector_name"),
     ({"positive": [5], "negative": ["b"]}, "positive[0]", "invalid_request"),
+    ({"positive": ["a"], "negative": ["b"], "save_as": ".."}, "save_as", "invalid_vector_name"),
+    ({"positive": ["a"], "negative": ["b"], "save_as": "."}, "save_as", "invalid_vector_name"),
 ])
 def test_bad_contrast_requests(http, body, param, code):
     response = http.post("/v1/features/contrast", json=body)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and (code is None or error["code"] == code), error
+
+
+def test_an_example_of_special_tokens_only_is_refused(http):
+    response = http.post("/v1/features/contrast", json={"positive": ["a", "<|im_start|><|im_end|>"], "negative": ["b"]})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == {"message": "positive[1] has no tokens but special ones",
+                                        "type": "invalid_request_error", "param": "positive[1]",
+                                        "code": "invalid_request"}
+
+
+def test_save_as_may_not_take_a_served_models_name(http):
+    response = http.post("/v1/features/contrast", json={"positive": ["a"], "negative": ["b"], "save_as": MODEL_NAME})
+    assert response.status_code == 409, response.text
+    assert response.json()["error"] == {"message": f"{MODEL_NAME!r} is the name of a served model or LoRA adapter",
+                                        "type": "invalid_request_error", "param": "save_as",
+                                        "code": "model_name_taken"}
 
 
 GERMAN = ["Wer andere kennt, ist klug.", "Das Wetter ist heute sehr schön.", "Ich gehe morgen in die Stadt."]

@@ -39,7 +39,7 @@ def inline_chat(http, steering, **extra):
 
 def test_the_openai_client_steers_through_a_preset_without_extra_body(client, http, preset):
     assert preset == {"object": "steering.preset", "name": PRESET, "steering": STEER, "description": "weather",
-                      "created_at": preset["created_at"], "source": "api"}
+                      "created_at": preset["created_at"], "source": "api", "status": "served", "refused_because": None}
     steered = client.chat.completions.create(model=PRESET, messages=PROMPT, max_tokens=MAX_TOKENS, temperature=0)
     inline = inline_chat(http, STEER)
     unsteered = client.chat.completions.create(model=MODEL_NAME, messages=PROMPT, max_tokens=MAX_TOKENS,
@@ -140,6 +140,8 @@ def test_crud_and_its_errors(http, preset):
         ({"name": "p2", "steering": {"features": []}}, 400, "steering.features", "invalid_steering"),
         ({"name": "p2", "steering": STEER, "colour": "red"}, 400, "colour", "invalid_request"),
         ({"steering": STEER}, 400, "name", "invalid_request"),
+        ({"name": "p2", "steering": STEER, "description": "x" * 1001}, 400, "description", "description_too_long"),
+        ({"name": "p2", "steering": {"features": [STEER["features"][0]] * 1500}}, 400, "steering", "preset_too_large"),
     ]
     for body, status, param, code in cases:
         response = http.post("/v1/steering/presets", json=body)
@@ -172,3 +174,30 @@ def test_the_preset_routes_need_the_key(server):
         response = httpx.request(method, server.base_url + path, json={"name": "x", "steering": STEER})
         assert response.status_code == 401, (method, path)
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_preset_is_bounded_in_size_so_the_model_list_stays_small(http):
+    """A 15 MiB description (the body limit is 16 MiB) is refused, and /v1/models stays the size it was."""
+    before = len(http.get("/v1/models").content)
+    huge = http.post("/v1/steering/presets", json={"name": "huge", "steering": STEER, "description": "x" * (15 << 20)})
+    assert huge.status_code == 400
+    assert huge.json()["error"] == {
+        "message": "description is 15728640 characters; this server takes at most 1000 "
+                   "(--max-preset-description-chars)",
+        "type": "invalid_request_error", "param": "description", "code": "description_too_long"}
+    wide = http.post("/v1/steering/presets", json={"name": "wide", "steering": {"features": [EXTRA] * 1500}})
+    assert wide.json()["error"]["message"] == (
+        "the steering spec is 75014 bytes as JSON; a preset's takes at most 65536 (--max-preset-spec-bytes): name "
+        "stored vectors (/v1/steering/vectors) rather than inline them")
+    assert len(http.get("/v1/models").content) == before
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/v1/messages/count_tokens", {"messages": PROMPT}, "input_tokens"),
+    ("/tokenize", {"messages": PROMPT}, "count"),
+])
+def test_a_preset_counts_tokens_as_the_served_model(http, preset, path, body, field):
+    as_preset = http.post(path, json={"model": PRESET, **body})
+    as_model = http.post(path, json={"model": MODEL_NAME, **body})
+    assert as_preset.status_code == as_model.status_code == 200, as_preset.text
+    assert as_preset.json()[field] == as_model.json()[field] > 5

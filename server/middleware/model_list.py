@@ -1,9 +1,11 @@
-"""`GET /v1/models` with every steering preset listed after vLLM's own entries, each in the shape
-vLLM gives a LoRA adapter (server/steering/presets.py `Preset.card`): clients that can only pick
-a model find the presets where they look for models."""
+"""`GET /v1/models` with every steering preset this server serves listed after vLLM's own entries,
+each in the shape vLLM gives a LoRA adapter (server/steering/presets.py `Preset.card`): clients
+that can only pick a model find the presets where they look for models. The presets are read and
+checked off the event loop: up to --max-presets of them, each spec up to --max-preset-spec-bytes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from starlette.types import Message, Send
@@ -33,12 +35,12 @@ class PresetModelsSend:
         self._buffer += message.get("body", b"")
         if message.get("more_body", False):
             return
-        body = self._with_presets(self._buffer)
+        body = await self._with_presets(self._buffer)
         headers = [(k, v) for k, v in self._start["headers"] if k.lower() != b"content-length"]
         await self._send({**self._start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
         await self._send({"type": "http.response.body", "body": body, "more_body": False})
 
-    def _with_presets(self, raw: bytes) -> bytes:
+    async def _with_presets(self, raw: bytes) -> bytes:
         try:
             listing = json.loads(raw)
         except ValueError:
@@ -46,5 +48,6 @@ class PresetModelsSend:
         if not isinstance(listing, dict) or not isinstance(listing.get("data"), list):
             return raw
         context = self._context
-        listing["data"].extend(p.card(context.served_model, context.max_model_len) for p in context.presets.all())
+        presets = await asyncio.to_thread(lambda: context.preset_check.served(context.presets.all()))
+        listing["data"].extend(p.card(context.served_model, context.max_model_len) for p in presets)
         return json.dumps(listing).encode()

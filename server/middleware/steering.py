@@ -6,8 +6,9 @@ depth, and checked for the plugin's reserved `vllm_xargs` keys and the client pr
 (guard.py), so no route of vLLM's or ours can hand the workers an unchecked spec, let a
 client jump the queue, or crash on hostile JSON.
 On the steerable routes a `model` that names a steering preset is first resolved to the served
-model steered by the preset (server/steering/presets.py; the response is named by the preset), and
-`GET /v1/models` gets the presets appended (model_list.py).
+model steered by the preset (server/steering/presets.py; the response is named by the preset), on
+the token-counting routes to the served model, and `GET /v1/models` gets the presets appended
+(model_list.py).
 On the steerable routes the body is then validated and translated (server/steering/translation.py),
 and the response, JSON or server-sent events, gets the normalised spec echoed back
 (response_rewrite.py, with what response_end.py takes from the workers); any other
@@ -41,9 +42,13 @@ from steerserve.middleware.guard import (
 from steerserve.middleware.response_end import asked_keys, response_end, stream_rejection, trace_keys, trace_pieces
 from steerserve.middleware.model_list import MODELS_PATH, PresetModelsSend
 from steerserve.middleware.response_rewrite import EchoingSend
-from steerserve.steering.presets import named_by_preset, resolve_model
+from steerserve.steering.presets import named_by_preset, resolve_model, served_model_for
 from steerserve.steering.translation import translate_request
 from steerserve.steering.traces import num_choices, prompt_tokens_for_residuals, take_traces
+
+
+# Routes that take a `model` but generate nothing: a preset's name there means the served model.
+COUNTING_PATHS = ("/v1/messages/count_tokens", "/tokenize", "/detokenize")
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:
@@ -92,9 +97,16 @@ class SteeringMiddleware:
             await self.app(scope, receive, PresetModelsSend(send, context) if listing else send)
             return
         translation = None
+        if isinstance(payload, dict) and scope["path"] in COUNTING_PATHS:
+            try:
+                counted = served_model_for(payload, context.presets, context.preset_check, context.served_model)
+            except APIError as error:
+                await error.response()(scope, _replay(b"", receive), send)
+                return
+            body = body if counted is payload else json.dumps(counted).encode()
         if isinstance(payload, dict) and is_steerable(scope["path"]):
             try:
-                payload, preset = resolve_model(payload, context.presets, context.served_model)
+                payload, preset = resolve_model(payload, context.presets, context.preset_check, context.served_model)
                 api_shape(scope["path"]).check_request(payload)
                 prompt_tokens = await prompt_tokens_for_residuals(context, payload)
                 translation = translate_request(payload, context.sae_sizes, context.max_features, context.limits,

@@ -32,7 +32,10 @@ from steerserve.errors import APIError
 from steerserve.limits import MAX_TOP_K
 from steerserve.prompt_tokens import prompt_token_ids
 from steerserve.routers.feature_models import InspectRequest
-from steerserve.routers.features import _context, _label_fields, _loaded_layer, _require_saes, _run_inspection
+from steerserve.routers.features import (
+    _context, _label_fields, _loaded_layer, _require_saes, _run_inspection, _special_ids,
+)
+from steerserve.routers.presets import model_name_taken
 from steerserve.routers.route import SteerserveRoute
 from steerserve.steering.presets import Preset, validate_spec
 from steerserve.steering.vector_store import check_name, new_vector
@@ -97,6 +100,8 @@ class FeatureContrast(BaseModel):
 
 
 async def _tokens(context, examples: list, side: str, add_generation_prompt: bool) -> list[list[int]]:
+    """Each example's token ids; a 400 for one with no token but special ones (nothing to average)."""
+    special = _special_ids(context.engine.get_tokenizer())
     out = []
     for i, example in enumerate(examples):
         if isinstance(example, str):
@@ -108,6 +113,9 @@ async def _tokens(context, examples: list, side: str, add_generation_prompt: boo
         except APIError as error:
             error.param = f"{side}[{i}]"
             raise
+        if all(t in special for t in out[-1]):
+            raise APIError(f"{side}[{i}] has no tokens but special ones", param=f"{side}[{i}]",
+                           code="invalid_request")
     return out
 
 
@@ -167,11 +175,8 @@ async def contrast(request: Request, req: ContrastRequest) -> dict[str, Any] | J
         raise APIError("layers must name at least one loaded layer", param="layers", code="invalid_request")
     for i, layer in enumerate(req.layers or ()):
         _loaded_layer(context, layer, f"layers[{i}]")
-    store = context.vectors
     if req.save_as is not None:
-        check_name(req.save_as, "save_as")
-        if store is None:
-            raise APIError("stored vectors are unavailable on this server", param="save_as", code="unavailable")
+        _check_save_as(context, req.save_as, layers)
     pos_ids = await _tokens(context, req.positive, "positive", req.add_generation_prompt)
     neg_ids = await _tokens(context, req.negative, "negative", req.add_generation_prompt)
     total = sum(map(len, pos_ids + neg_ids))
@@ -186,11 +191,6 @@ async def contrast(request: Request, req: ContrastRequest) -> dict[str, Any] | J
     d_sae = {layer: context.sae_by_layer[layer]["d_sae"] for layer in layers}
     means = await asyncio.to_thread(lambda: [_text_means(i, layers, d_sae) for i in inspections])
     pos, neg = means[:len(pos_ids)], means[len(pos_ids):]
-    for side, group, offset in (("positive", pos, 0), ("negative", neg, len(pos_ids))):
-        for i, m in enumerate(group):
-            if m[2] == 0:
-                raise APIError(f"{side}[{i}] has no tokens but special ones", param=f"{side}[{i}]",
-                               code="invalid_request")
     result = await asyncio.to_thread(_contrast, context, layers, req.top_k, pos, neg)
     answer = {"object": "feature_contrast", "model": context.served_model, "layers": layers,
               "positive": {"texts": len(pos), "tokens": sum(m[2] for m in pos)},
@@ -202,16 +202,25 @@ async def contrast(request: Request, req: ContrastRequest) -> dict[str, Any] | J
     return answer
 
 
-async def _save(context, name: str, directions: dict[int, np.ndarray], description: str) -> dict[str, str]:
-    """The directions as a vector `name` and a preset `name` that adds each (value 1) at its layer;
-    neither is stored when either cannot be."""
-    presets = context.presets
-    if name in context.served_models:
-        raise APIError(f"{name!r} is the name of a served model", param="save_as", code="model_name_taken",
-                       status=HTTPStatus.CONFLICT)
-    if presets is not None and presets.get(name) is not None:
+def _check_save_as(context, name: str, layers: list[int]) -> None:
+    """What would stop `save_as` storing its vector and preset, checked before any work is done."""
+    check_name(name, "save_as")
+    if context.vectors is None:
+        raise APIError("stored vectors are unavailable on this server", param="save_as", code="unavailable")
+    model_name_taken(name, context, "save_as")
+    if context.presets is not None and context.presets.get(name) is not None:
         raise APIError(f"a steering preset named {name!r} exists; delete it first", param="save_as",
                        code="preset_exists", status=HTTPStatus.CONFLICT)
+    if context.presets is not None and len(layers) > context.limits.max_steering_vectors:
+        raise APIError(f"save_as stores a preset with a vector at each of {len(layers)} layers; this server steers "
+                       f"with at most {context.limits.max_steering_vectors} (--max-steering-vectors): name fewer "
+                       "`layers`", param="save_as", code="too_many_vectors")
+
+
+async def _save(context, name: str, directions: dict[int, np.ndarray], description: str) -> dict[str, str]:
+    """The directions as a vector `name` and a preset `name` that adds each (value 1) at its layer;
+    neither is stored when either cannot be (the name was checked by _check_save_as)."""
+    presets = context.presets
     try:
         await asyncio.to_thread(context.vectors.put, new_vector(name, directions, description, "contrast",
                                                                 context.vectors.d_model))
@@ -223,7 +232,8 @@ async def _save(context, name: str, directions: dict[int, np.ndarray], descripti
     steering = {"vectors": [{"layer": layer, "vector": name, "mode": "add", "value": 1.0} for layer in directions]}
     try:
         validate_spec(steering, context)
-        if not presets.put(Preset(name, steering, description, int(time.time()), "contrast"), replace=False):
+        preset = Preset(name, steering, description, int(time.time()), "contrast")
+        if not await asyncio.to_thread(presets.put, preset, replace=False, max_count=context.limits.max_presets):
             raise APIError(f"a steering preset named {name!r} exists; delete it first", param="save_as",
                            code="preset_exists", status=HTTPStatus.CONFLICT)
     except APIError as error:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from http import HTTPStatus
 from typing import Annotated, Any, Literal
@@ -12,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictStr
 
 from steerserve.errors import APIError
 from steerserve.routers.route import SteerserveRoute
-from steerserve.steering.presets import Preset, PresetStore, check_name, validate_spec
+from steerserve.steering.presets import Preset, PresetStore, check_name, check_size, validate_spec
 from steerserve.steering.schema import Steering
 
 router = APIRouter(route_class=SteerserveRoute)
@@ -35,6 +36,9 @@ class PresetObject(BaseModel):
     description: str | None
     created_at: int
     source: str = Field(description='"api", or the --steering-presets file it came from')
+    status: Literal["served", "refused"] = Field(
+        description="refused: checked at start-up (or when first seen), it does not fit this server")
+    refused_because: str | None = Field(description="why it is refused, starting with the error code")
 
 
 class PresetList(BaseModel):
@@ -60,25 +64,32 @@ def _not_found(name: str) -> APIError:
                     status=HTTPStatus.NOT_FOUND)
 
 
+def model_name_taken(name: str, context, param: str) -> None:
+    """A preset may not take a served model's or LoRA adapter's name: it would shadow it."""
+    if name in context.model_names():
+        raise APIError(f"{name!r} is the name of a served model or LoRA adapter", param=param,
+                       code="model_name_taken", status=HTTPStatus.CONFLICT)
+
+
 @router.post("/v1/steering/presets", response_model=PresetObject)
 async def create_preset(request: Request, req: PresetCreate) -> dict[str, Any]:
     context = request.app.state.steerserve
     store = _store(request)
     name = check_name(req.name)
-    if name in context.served_models:
-        raise APIError(f"{name!r} is the name of a served model", param="name", code="model_name_taken",
-                       status=HTTPStatus.CONFLICT)
+    model_name_taken(name, context, "name")
+    check_size(req.steering, req.description, context.limits)
     validate_spec(req.steering, context)
     preset = Preset(name, req.steering, req.description, int(time.time()), "api")
-    if not store.put(preset, replace=False):
+    if not await asyncio.to_thread(store.put, preset, replace=False, max_count=context.limits.max_presets):
         raise APIError(f"a steering preset named {name!r} exists; delete it first", param="name",
                        code="preset_exists", status=HTTPStatus.CONFLICT)
-    return preset.public()
+    return preset.public(None)
 
 
 @router.get("/v1/steering/presets", response_model=PresetList)
 async def list_presets(request: Request) -> dict[str, Any]:
-    return {"object": "list", "data": [p.public() for p in _store(request).all()]}
+    store, check = _store(request), request.app.state.steerserve.preset_check
+    return {"object": "list", "data": await asyncio.to_thread(lambda: [p.public(check.refusal(p)) for p in store.all()])}
 
 
 @router.get("/v1/steering/presets/{name}", response_model=PresetObject)
@@ -86,11 +97,11 @@ async def get_preset(name: str, request: Request) -> dict[str, Any]:
     preset = _store(request).get(name)
     if preset is None:
         raise _not_found(name)
-    return preset.public()
+    return preset.public(request.app.state.steerserve.preset_check.refusal(preset))
 
 
 @router.delete("/v1/steering/presets/{name}", response_model=PresetDeleted)
 async def delete_preset(name: str, request: Request) -> dict[str, Any]:
-    if not _store(request).delete(name):
+    if not await asyncio.to_thread(_store(request).delete, name):  # may wait for another process's write
         raise _not_found(name)
     return {"object": "steering.preset.deleted", "name": name, "deleted": True}

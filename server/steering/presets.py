@@ -4,8 +4,11 @@ Most OpenAI clients (chat UIs, agent frameworks, IDE assistants) can only pick a
 lets them steer by picking one. Presets live in the data directory's SQLite (`presets.sqlite`),
 so those created over HTTP survive a restart; `--steering-presets FILE` (YAML or JSON, name ->
 spec) seeds them at start and wins over a stored preset of the same name. Every spec is checked
-against the loaded SAEs exactly like an inline `steering` field, when it is stored and again at
-start (a preset that no longer fits the loaded SAEs is refused at start-up, not at request time).
+against the loaded SAEs exactly like an inline `steering` field when it is stored, and every stored
+preset again at start (PresetCheck): one that no longer fits the loaded SAEs, or whose name is now
+a served model's or a LoRA adapter's, is logged and refused (not in /v1/models; a request naming
+it is a 400 `preset_unusable` saying why). Presets are bounded like stored vectors (limits.py:
+their count, description and spec size), so /v1/models, which every client calls, stays small.
 """
 
 from __future__ import annotations
@@ -54,9 +57,11 @@ class Preset:
                 "root": parent, "parent": parent, "max_model_len": max_model_len, "permission": [],
                 "description": self.description}
 
-    def public(self) -> dict[str, Any]:
+    def public(self, refusal: str | None) -> dict[str, Any]:
+        """The API's view; `refusal`: why this server does not serve it (PresetCheck), None if it does."""
         return {"object": "steering.preset", "name": self.name, "steering": self.steering,
-                "description": self.description, "created_at": self.created_at, "source": self.source}
+                "description": self.description, "created_at": self.created_at, "source": self.source,
+                "status": "served" if refusal is None else "refused", "refused_because": refusal}
 
 
 def check_name(name: object, param: str = "name") -> str:
@@ -73,6 +78,7 @@ class PresetStore:
         path.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(path / DB_NAME, check_same_thread=False, timeout=30, isolation_level=None)
+        self._conn.execute("PRAGMA auto_vacuum=FULL")  # deleting presets shrinks the file (set before the table)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.executescript(SCHEMA)
 
@@ -90,13 +96,27 @@ class PresetStore:
     def all(self) -> list[Preset]:
         return self._rows()
 
-    def put(self, preset: Preset, *, replace: bool) -> bool:
-        """Store a preset; False when the name is taken and `replace` is not set."""
+    def put(self, preset: Preset, *, replace: bool, max_count: int | None = None) -> bool:
+        """Store a preset; False when the name is taken and `replace` is not set. With `max_count`,
+        a 400 `too_many_presets` when that many are stored: counted inside the write transaction,
+        so API processes sharing the data dir cannot overshoot it together."""
         verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
         with self._lock:
-            cursor = self._conn.execute(
-                f"{verb} INTO presets (name, steering, description, created_at, source) VALUES (?, ?, ?, ?, ?)",
-                (preset.name, json.dumps(preset.steering), preset.description, preset.created_at, preset.source))
+            self._conn.execute("BEGIN IMMEDIATE")  # one writer at a time, across processes
+            try:
+                if max_count is not None:
+                    (count,), = self._conn.execute("SELECT COUNT(*) FROM presets").fetchall()
+                    taken = self._conn.execute("SELECT 1 FROM presets WHERE name = ?", (preset.name,)).fetchall()
+                    if count >= max_count and not taken:
+                        raise APIError(f"this server stores at most {max_count} steering presets (--max-presets); "
+                                       "delete one first", param="name", code="too_many_presets")
+                cursor = self._conn.execute(
+                    f"{verb} INTO presets (name, steering, description, created_at, source) VALUES (?, ?, ?, ?, ?)",
+                    (preset.name, spec_json(preset.steering), preset.description, preset.created_at, preset.source))
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
             return bool(cursor.rowcount)
 
     def delete(self, name: str) -> bool:
@@ -105,6 +125,58 @@ class PresetStore:
 
     def close(self) -> None:
         self._conn.close()
+
+
+def spec_json(steering: Any) -> str:
+    """A spec as stored, and as its size limit counts it: compact JSON."""
+    return json.dumps(steering, separators=(",", ":"))
+
+
+def check_size(steering: Any, description: str | None, limits: Any) -> None:
+    """The size limits of a preset (`limits`: the server's Limits), checked before anything else."""
+    if description is not None and len(description) > limits.max_preset_description_chars:
+        raise APIError(f"description is {len(description)} characters; this server takes at most "
+                       f"{limits.max_preset_description_chars} (--max-preset-description-chars)",
+                       param="description", code="description_too_long")
+    size = len(spec_json(steering).encode())
+    if size > limits.max_preset_spec_bytes:
+        raise APIError(f"the steering spec is {size} bytes as JSON; a preset's takes at most "
+                       f"{limits.max_preset_spec_bytes} (--max-preset-spec-bytes): name stored vectors "
+                       "(/v1/steering/vectors) rather than inline them",
+                       param="steering", code="preset_too_large")
+
+
+class PresetCheck:
+    """Whether this server serves a stored preset, and if not why. A preset was checked when it
+    was stored, but perhaps by another server on the data dir or against SAEs since changed: each
+    spec is checked here again, once (remembered by its JSON), and the name every time (a LoRA
+    adapter may be loaded at run time). `context`: the SteeringContext."""
+
+    def __init__(self, context: Any):
+        self._context = context
+        self._specs: dict[str, str | None] = {}
+
+    def is_model(self, name: str) -> bool:
+        """Whether a served model or LoRA adapter has this name: a request for it goes to that."""
+        return name in self._context.model_names()
+
+    def refusal(self, preset: Preset) -> str | None:
+        """None when served; else why not, starting with the error code."""
+        if self.is_model(preset.name):
+            return f"model_name_taken: {preset.name!r} is the name of a served model or LoRA adapter"
+        key = spec_json(preset.steering)
+        if key not in self._specs:
+            if len(self._specs) > 2 * self._context.limits.max_presets:  # specs of deleted presets
+                self._specs.clear()
+            try:
+                validate_spec(preset.steering, self._context)
+                self._specs[key] = None
+            except APIError as error:
+                self._specs[key] = f"{error.code}: {error.param}: {error.message}"
+        return self._specs[key]
+
+    def served(self, presets: list[Preset]) -> list[Preset]:
+        return [p for p in presets if self.refusal(p) is None]
 
 
 def validate_spec(steering: object, context: Any) -> SteeringSpec:
@@ -123,13 +195,36 @@ def validate_spec(steering: object, context: Any) -> SteeringSpec:
     return spec
 
 
-def resolve_model(payload: dict, store: PresetStore | None, served_model: str) -> tuple[dict, Preset | None]:
+def named_preset(payload: dict, store: PresetStore | None, check: PresetCheck | None) -> Preset | None:
+    """The preset a request's `model` names, if it names one this server serves; a 400
+    `preset_unusable` saying why for one it refuses. A served model's or LoRA adapter's name is
+    never a preset's."""
+    name = payload.get("model")
+    if store is None or check is None or not isinstance(name, str) or check.is_model(name):
+        return None
+    preset = store.get(name)
+    refusal = None if preset is None else check.refusal(preset)
+    if refusal is not None:
+        raise APIError(f"steering preset {name!r} is not served here: {refusal}", param="model",
+                       code="preset_unusable")
+    return preset
+
+
+def served_model_for(payload: dict, store: PresetStore | None, check: PresetCheck | None, served_model: str) -> dict:
+    """A request to a route that takes a `model` but generates nothing (/v1/messages/count_tokens,
+    /tokenize): a preset's name means the served model, as on every route."""
+    if named_preset(payload, store, check) is None:
+        return payload
+    return {**payload, "model": served_model}
+
+
+def resolve_model(payload: dict, store: PresetStore | None, check: PresetCheck | None, served_model: str
+                  ) -> tuple[dict, Preset | None]:
     """A request whose `model` names a preset: the served model instead, steered by the preset's
     spec. An inline `steering` adds its features and vectors to the preset's (listed first, so an
     error's JSON path points into what the client sent); the same feature in both, or another
     `apply_to`, is a 400 `preset_conflict`. Any other request is returned as it came."""
-    name = payload.get("model")
-    preset = store.get(name) if store is not None and isinstance(name, str) and name != served_model else None
+    preset = named_preset(payload, store, check)
     if preset is None:
         return payload, None
     inline = payload.get("steering")
@@ -196,16 +291,17 @@ def read_presets_file(path: str | Path) -> dict[str, dict[str, Any]]:
     return presets
 
 
-def seed_from_file(store: PresetStore, path: str | Path, context: Any, served_models: set[str]) -> int:
+def seed_from_file(store: PresetStore, path: str | Path, context: Any) -> int:
     """Store every preset of the file (replacing stored ones of the same name); ValueError, naming
-    the file and preset, for one that is malformed or does not fit the loaded SAEs."""
+    the file and preset, for one that is malformed, too large, named like a served model or LoRA
+    adapter, or does not fit the loaded SAEs."""
     entries = read_presets_file(path)
     for name, entry in entries.items():
         where = f"{path}: preset {name!r}"
         if not names.is_name(name):
             raise ValueError(f"{where}: a preset name is {names.NAME_RULE}")
-        if name in served_models:
-            raise ValueError(f"{where}: the name is a served model's")
+        if name in context.model_names():
+            raise ValueError(f"{where}: the name is a served model's or LoRA adapter's")
         unknown = set(entry) - {"steering", "description"}
         if unknown:
             raise ValueError(f"{where}: unknown keys {sorted(unknown)} (expected steering, description)")
@@ -213,6 +309,7 @@ def seed_from_file(store: PresetStore, path: str | Path, context: Any, served_mo
         if description is not None and not isinstance(description, str):
             raise ValueError(f"{where}: description must be a string")
         try:
+            check_size(entry["steering"], description, context.limits)
             validate_spec(entry["steering"], context)
         except APIError as error:
             raise ValueError(f"{where}: {error.param}: {error.message}") from None
