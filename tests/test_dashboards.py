@@ -222,6 +222,48 @@ def test_explanations_stored_served_searched_and_resumed(built):
     assert "explanation" not in http.get(f"/v1/features/{unexplained[0]}/{unexplained[1]}").json()
 
 
+BAD_NUMBERS = [  # (raw JSON of the settings, the param the 400 names)
+    ('"low": 1e10, "high": 10000000000.000002', "high"),  # log10(high) == log10(low): killed the engine (issue 28)
+    ('"low": 1e-3, "high": 1.0001e-3', "high"),  # bins narrower than the workers bin
+    ('"high": 1e999', "high"),  # parsed as infinity: answered 200 with null edges (issue 28)
+    ('"high": Infinity', "high"),
+    ('"low": NaN', "low"),
+    ('"low": -Infinity', "low"),
+    ('"low": 0', "low"),
+    ('"low": -1', "low"),
+    ('"low": 1e-40', "low"),
+    ('"high": 1e40', "high"),
+    ('"low": 10, "high": 1', "high"),
+    ('"low": "0.001"', "low"),
+    ('"high": true', "high"),
+    ('"bins": 0', "bins"),
+    ('"bins": 513', "bins"),
+    ('"bins": 5.0', "bins"),
+    ('"top_n": 0', "top_n"),
+    ('"before": -1', "before"),
+    ('"after": 65', "after"),
+    ('"top_n": 1e30', "top_n"),
+]
+
+
+def test_dashboard_numbers_are_checked_at_the_api(http):
+    """Every number a batch can carry, on the shared tiny server: a 400 naming it, and the
+    engine still serves a batch afterwards."""
+    document = '"layers": [1], "documents": [{"id": 0, "prompt": "The weather today is cold"}]'
+    for numbers, param in BAD_NUMBERS:
+        bad = http.post("/v1/features/dashboards", content=f"{{{document}, {numbers}}}",
+                        headers={"content-type": "application/json"})
+        assert bad.status_code == 400, (numbers, bad.status_code, bad.text)
+        error = bad.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+        assert (error["param"], error["code"]) == (param, "invalid_request"), numbers
+    good = http.post("/v1/features/dashboards", content=f'{{{document}, "low": 1e-2, "high": 1e2, "bins": 4}}',
+                     headers={"content-type": "application/json"})
+    assert good.status_code == 200, good.text
+    assert good.json()["histogram_edges"] == pytest.approx([1e-2, 1e-1, 1.0, 10.0, 1e2])
+    assert good.json()["layers"]["1"]["tokens"] == len(good.json()["documents"]["0"])
+
+
 def test_explainer_errors_are_clear_and_keep_the_file(built, capsys):
     out = built["out"]
     before = (DashboardStore(out).done_docs(), _explanations(out))
