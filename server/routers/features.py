@@ -179,7 +179,7 @@ async def search(request: Request, query: Annotated[SearchQuery, Query()]) -> di
         hits = [{"layer": f.layer, "index": f.index, "label": f.label, "description": f.description,
                  "score": score} for score, f in context.labels.search(query.q, layer)]
         if context.dashboards is not None:  # then features whose explanation, then top examples, contain it
-            hits += _dashboard_hits(context, query.q, layer, {(h["layer"], h["index"]) for h in hits})
+            hits += await _dashboard_hits(context, query.q, layer, {(h["layer"], h["index"]) for h in hits})
     else:
         _require_saes(context)
         if layer is not None:
@@ -190,9 +190,9 @@ async def search(request: Request, query: Annotated[SearchQuery, Query()]) -> di
             "has_more": offset + limit < len(hits)}
 
 
-def _dashboard_hits(context, q: str, layer: int | None, labelled: set[tuple[int, int]]) -> list[dict]:
-    explained = {(lyr, i): text for lyr, i, text in explanation_store.search(context.dashboards.store.db, q, layer)}
-    examples = {(lyr, i): n for lyr, i, n in context.dashboards.search(q, layer)}
+async def _dashboard_hits(context, q: str, layer: int | None, labelled: set[tuple[int, int]]) -> list[dict]:
+    explained = {(lyr, i): text for lyr, i, text in await context.dashboards.read(explanation_store.search, q, layer)}
+    examples = {(lyr, i): n for lyr, i, n in await context.dashboards.search(q, layer)}
     order = [k for k in explained if k not in labelled] + [k for k in examples if k not in labelled | explained.keys()]
     return [{"layer": k[0], "index": k[1], **_label_fields(context, *k), "score": 0.5,
              "examples_matched": examples.get(k, 0), **({"explanation": explained[k]} if k in explained else {})}
@@ -260,10 +260,10 @@ async def feature(layer: int, index: int, request: Request) -> dict[str, Any]:
             "decoder_norm": report["decoder_norm"], "encoder_norm": report["encoder_norm"],
             "encoder_decoder_cosine": report["encoder_decoder_cosine"], "logit_lens": lens,
             **_label_fields(context, layer, index),
-            **(_dashboard_fields(context, layer, index) if context.dashboards is not None else {})}
+            **(await _dashboard_fields(context, layer, index) if context.dashboards is not None else {})}
 
 
-def _dashboard_fields(context, layer: int, index: int) -> dict:
-    fields = context.dashboards.fields(layer, index)
-    explanation = explanation_store.served(context.dashboards.store.db, layer, index)
+async def _dashboard_fields(context, layer: int, index: int) -> dict:
+    fields = await context.dashboards.fields(layer, index)
+    explanation = await context.dashboards.read(explanation_store.served, layer, index)
     return fields | {"explanation": explanation} if explanation else fields
