@@ -207,22 +207,16 @@ async def _token_search(context, token: str, layer: int | None, wanted: int) -> 
                        f"{[_token_text(tokenizer, t) for t in ids]}", param="token", code="not_a_single_token")
     layers = [layer] if layer is not None else sorted(context.sae_by_layer)
     key = (ids[0], tuple(layers))
-    cache = context.token_search_cache
-    cached = cache.get(key)
-    if cached is not None:
-        cache.move_to_end(key)
+    cached = context.token_search_cache.get(key)
     if cached is None or len(cached) < wanted:
         merged = rpc.merge_layers(await context.engine.collective_rpc(rpc.TOKEN_FEATURES, args=(ids[0], layers, wanted)))
+        text = _token_text(tokenizer, ids[0])
         cached = sorted(
-            ({"layer": lyr, "index": i, "logit": score, **_label_fields(context, lyr, i)}
+            ({"layer": lyr, "index": i, "logit": score, **_label_fields(context, lyr, i), "token": text}
              for lyr, rows in merged.items() for i, score in rows),
             key=lambda h: (-h["logit"], h["layer"], h["index"]),
         )
-        cache[key] = cached
-        while len(cache) > context.limits.token_search_cache_entries:
-            cache.popitem(last=False)
-    for hit in cached:
-        hit["token"] = _token_text(tokenizer, ids[0])
+        context.token_search_cache.put(key, cached, context.limits.token_search_cache_bytes)
     return cached
 
 
