@@ -11,6 +11,7 @@ explanation and top-example text) or by the token they promote.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from http import HTTPStatus
@@ -191,12 +192,19 @@ async def search(request: Request, query: Annotated[SearchQuery, Query()]) -> di
 
 
 async def _dashboard_hits(context, q: str, layer: int | None, labelled: set[tuple[int, int]]) -> list[dict]:
-    explained = {(lyr, i): text for lyr, i, text in await context.dashboards.read(explanation_store.search, q, layer)}
-    examples = {(lyr, i): n for lyr, i, n in await context.dashboards.search(q, layer)}
-    order = [k for k in explained if k not in labelled] + [k for k in examples if k not in labelled | explained.keys()]
-    return [{"layer": k[0], "index": k[1], **_label_fields(context, *k), "score": 0.5,
-             "examples_matched": examples.get(k, 0), **({"explanation": explained[k]} if k in explained else {})}
-            for k in order]
+    """Matched by explanation, then by top examples; assembled in a thread (a common word matches
+    tens of thousands of features)."""
+    explained = await context.dashboards.read(explanation_store.search, q, layer)
+    examples = await context.dashboards.search(q, layer)
+
+    def assemble() -> list[dict]:
+        texts = {(lyr, i): text for lyr, i, text in explained if (lyr, i) not in labelled}
+        matched = {(lyr, i): n for lyr, i, n in examples}
+        order = [*texts, *(k for k in matched if k not in labelled and k not in texts)]
+        return [{"layer": k[0], "index": k[1], **_label_fields(context, *k), "score": 0.5,
+                 "examples_matched": matched.get(k, 0), **({"explanation": texts[k]} if k in texts else {})}
+                for k in order]
+    return await asyncio.to_thread(assemble)
 
 
 async def _token_search(context, token: str, layer: int | None, wanted: int) -> list[dict]:
