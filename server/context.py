@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +13,7 @@ from steerserve.metrics import SteeringMetrics
 from steerserve.steering.presets import PresetCheck, PresetStore
 from steerserve.steering.vector_store import VectorStore
 from steerserve.steering.worker_takes import WorkerTakes
+from steerserve.token_search_cache import TokenSearchCache
 
 
 @dataclass
@@ -37,7 +37,7 @@ class SteeringContext:
     limits: Limits = field(default_factory=Limits)
     labels: FeatureLabels = field(default_factory=FeatureLabels)
     dashboards: Any = None  # analysis/dashboard_store.DashboardStore from --feature-dashboards
-    token_search_cache: "OrderedDict[tuple, list[dict]]" = field(default_factory=OrderedDict)  # LRU
+    token_search_cache: TokenSearchCache = field(default_factory=TokenSearchCache)
     metrics: SteeringMetrics = field(default_factory=SteeringMetrics)
 
     def model_names(self) -> set[str]:

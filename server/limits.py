@@ -100,8 +100,9 @@ class Limits:
         PriorityRange(0, None), "the `priority` values a request may carry, LOW:HIGH (400 outside): vLLM serves "
         "lower numbers first, so by default no client outranks the default 0; batch lines run at 1 or later, "
         "clamped into this range")
-    token_search_cache_entries: int = _limit(
-        1024, "entries of the features API's token-search cache (least recently used dropped)")
+    token_search_cache_bytes: int = _limit(
+        64 * MiB, "bytes of the features API's token-search cache, estimated per search (least recently used "
+                  "dropped; a search deep into 8 layers holds about 27 MB)")
 
     @staticmethod
     def from_args(args: Any) -> "Limits":

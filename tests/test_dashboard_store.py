@@ -107,3 +107,41 @@ def test_documents_take_their_group_from_the_named_field(tmp_path, capsys):
     assert main(["--data", str(path), "--group-field", "lang", "--layers", "3", "--output", str(tmp_path / "d.db"),
                  "--base-url", "http://127.0.0.1:9"]) == 1  # refused before any server is asked
     assert "dashboards: " in capsys.readouterr().err
+
+
+def test_search_index_beyond_its_byte_budget_reads_the_rest_from_the_file(tmp_path):
+    """The index holds example text up to `max_bytes`; a search still finds every feature (the
+    rest read from the file in the search's thread), with the same answer as an unbounded index.
+    A file that changes is answered from the previous index until the rebuild is in."""
+    import asyncio
+
+    from steerserve.analysis.dashboard_store import DashboardIndex
+
+    store = DashboardStore(tmp_path / "d.db")
+    store.start({"model": "m", "layers": [2, 3], "top_n": 2, "edges": [1.0, 2.0], "bins": 1, "before": 0})
+
+    def example(*tokens: str) -> dict:
+        return {"activation": 1.0, "doc": 0, "position": 0, "tokens": list(tokens), "activations": [1.0] * len(tokens)}
+
+    store.commit_batch([0], {2: 5, 3: 5}, {layer: {i: FeatureDashboard(1, 1.0, 1.0, [1], [
+        example("Ä", "pfel"), example(f"x{i}", " äpfel äPFEL")]) for i in range(6)} for layer in (2, 3)})
+    small = DashboardIndex(DashboardStore(tmp_path / "d.db", readonly=True), max_bytes=300)
+    whole = DashboardIndex(DashboardStore(tmp_path / "d.db", readonly=True))
+
+    async def searches(index: DashboardIndex) -> list:
+        return [await index.search(q, layer) for q, layer in (("ÄPFEL", None), ("x4", 3), ("x4", None), ("zz", None))]
+
+    got = asyncio.run(searches(small))
+    assert got == asyncio.run(searches(whole))
+    assert got[0] == [(layer, i, 3) for layer in (2, 3) for i in range(6)] and got[1] == [(3, 4, 1)]
+    assert got[2] == [(2, 4, 1), (3, 4, 1)] and got[3] == []
+    assert sum(map(len, small._index.texts.values())) == 3 and small._index.rest == (2, 3)  # ~100 bytes each
+    assert whole._index.rest is None
+
+    async def stale_then_fresh() -> tuple:
+        store.commit_batch([1], {}, {3: {9: FeatureDashboard(1, 1.0, 1.0, [1], [example("x4")])}})
+        stale = await whole.search("x4", 3)
+        await whole._rebuild
+        return stale, await whole.search("x4", 3)
+
+    assert asyncio.run(stale_then_fresh()) == ([(3, 4, 1)], [(3, 4, 1), (3, 9, 1)])

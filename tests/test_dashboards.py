@@ -12,12 +12,14 @@ import contextlib
 import io
 import json
 import math
+import threading
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from steerserve.analysis.dashboard_store import DashboardStore
+from steerserve.analysis.dashboard_store import DashboardStore, FeatureDashboard
 from steerserve.analysis.dashboards import group_features, group_rates, main as dashboards_main
 from steerserve.serve_process import free_port
 from tests.conftest import ROOT, serving
@@ -220,6 +222,91 @@ def test_explanations_stored_served_searched_and_resumed(built):
         assert found and found[0]["explanation"] == text  # matched by its explanation
     unexplained = next(k for k in sorted(feats) if k not in second["rows"])
     assert "explanation" not in http.get(f"/v1/features/{unexplained[0]}/{unexplained[1]}").json()
+
+
+def test_health_answers_while_a_large_file_is_indexed_and_searched(built):
+    """80,000 more features committed to the served file, as a running `steerserve dashboards`
+    commits them, then searched: the server rebuilds its search index and searches it off the
+    event loop, so /health keeps answering within 100 ms throughout (issue 28 measured a 3.9 s
+    stall at 8,192 features). The features leave the file afterwards."""
+    http, out, first, count = built["http"], built["out"], 100_000, 80_000
+    word = {"activation": 1.0, "doc": 0, "position": 0, "tokens": ["Zq", "uux"], "activations": [1.0, 1.0]}
+    added = {i: FeatureDashboard(1, 1.0, 1.0, [1], [word] * 4) for i in range(first, first + count)}
+    added[first + count - 1] = FeatureDashboard(1, 1.0, 1.0, [1], [{**word, "tokens": ["zq", "MARKER"]}])
+    latencies, stop = [], threading.Event()
+
+    def poll_health() -> None:
+        with httpx.Client(base_url=str(http.base_url), timeout=30) as probe:
+            while not stop.wait(0.02):
+                started = time.perf_counter()
+                assert probe.get("/health").status_code == 200
+                latencies.append(time.perf_counter() - started)
+
+    def total(q: str) -> int:
+        return http.get("/v1/features/search", params={"q": q, "layer": 3}).json()["total"]
+
+    store = DashboardStore(out)
+    store.commit_batch([10**6], {}, {3: added})
+    poller = threading.Thread(target=poll_health)
+    poller.start()
+    try:
+        deadline = time.monotonic() + 300
+        while total("zqmarker") == 0:  # answered from the previous index until the rebuild is in
+            assert time.monotonic() < deadline
+        assert total("zquux") == count - 1
+        assert http.get(f"/v1/features/{GERMAN[0]}/{GERMAN[1]}").json()["top_examples"]
+    finally:
+        stop.set()
+        poller.join()
+        with store.db:
+            store.db.execute("DELETE FROM features WHERE layer = 3 AND idx >= ?", (first,))
+            store.db.execute("DELETE FROM docs WHERE id = ?", (10**6,))
+        store.close()
+    assert len(latencies) >= 5 and max(latencies) < 0.1, sorted(latencies)[-5:]
+    while total("zqmarker"):  # and the index forgets them
+        time.sleep(0.1)
+
+
+BAD_NUMBERS = [  # (raw JSON of the settings, the param the 400 names)
+    ('"low": 1e10, "high": 10000000000.000002', "high"),  # log10(high) == log10(low): killed the engine (issue 28)
+    ('"low": 1e-3, "high": 1.0001e-3', "high"),  # bins narrower than the workers bin
+    ('"high": 1e999', "high"),  # parsed as infinity: answered 200 with null edges (issue 28)
+    ('"high": Infinity', "high"),
+    ('"low": NaN', "low"),
+    ('"low": -Infinity', "low"),
+    ('"low": 0', "low"),
+    ('"low": -1', "low"),
+    ('"low": 1e-40', "low"),
+    ('"high": 1e40', "high"),
+    ('"low": 10, "high": 1', "high"),
+    ('"low": "0.001"', "low"),
+    ('"high": true', "high"),
+    ('"bins": 0', "bins"),
+    ('"bins": 513', "bins"),
+    ('"bins": 5.0', "bins"),
+    ('"top_n": 0', "top_n"),
+    ('"before": -1', "before"),
+    ('"after": 65', "after"),
+    ('"top_n": 1e30', "top_n"),
+]
+
+
+def test_dashboard_numbers_are_checked_at_the_api(http):
+    """Every number a batch can carry, on the shared tiny server: a 400 naming it, and the
+    engine still serves a batch afterwards."""
+    document = '"layers": [1], "documents": [{"id": 0, "prompt": "The weather today is cold"}]'
+    for numbers, param in BAD_NUMBERS:
+        bad = http.post("/v1/features/dashboards", content=f"{{{document}, {numbers}}}",
+                        headers={"content-type": "application/json"})
+        assert bad.status_code == 400, (numbers, bad.status_code, bad.text)
+        error = bad.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+        assert (error["param"], error["code"]) == (param, "invalid_request"), numbers
+    good = http.post("/v1/features/dashboards", content=f'{{{document}, "low": 1e-2, "high": 1e2, "bins": 4}}',
+                     headers={"content-type": "application/json"})
+    assert good.status_code == 200, good.text
+    assert good.json()["histogram_edges"] == pytest.approx([1e-2, 1e-1, 1.0, 10.0, 1e2])
+    assert good.json()["layers"]["1"]["tokens"] == len(good.json()["documents"]["0"])
 
 
 def test_explainer_errors_are_clear_and_keep_the_file(built, capsys):

@@ -261,3 +261,64 @@ def test_compare_with_stream_is_rejected(http):
     response = post(http, "/v1/chat/completions", body)
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "steering.compare"
+
+
+class _Tokenizer:
+    def encode(self, text, add_special_tokens=False):
+        return [len(text)]
+
+    def decode(self, ids):
+        return f"<{ids[0]}>"
+
+
+class _Engine:
+    """The two things token search asks of vLLM: a tokenizer, and every feature's logit for the token."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def get_tokenizer(self):
+        return _Tokenizer()
+
+    async def collective_rpc(self, method, args):
+        token, layers, wanted = args
+        self.calls += 1
+        return [{layer: [(i, float(token * 1000 + layer * 100 - i)) for i in range(wanted)] for layer in layers}]
+
+
+def test_token_search_cache_is_bounded_in_bytes():
+    """Each cached search is charged its estimated size (checked against what tracemalloc sees it
+    allocate); least recently used searches go once the cache passes its byte budget, and a
+    search bigger than the whole budget is answered but not kept."""
+    import asyncio
+    import tracemalloc
+
+    from steerserve.context import SteeringContext
+    from steerserve.limits import Limits
+    from steerserve.routers.features import _token_search
+    from steerserve.token_search_cache import TokenSearchCache
+
+    def context(budget: int) -> SteeringContext:
+        return SteeringContext(saes=[{"layer": layer, "d_sae": 20_000, "d_model": 8} for layer in range(8)],
+                               max_features=4, admission=None, engine=_Engine(),
+                               limits=Limits(token_search_cache_bytes=budget))
+
+    big = context(10 * 2**20)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    hits = asyncio.run(_token_search(big, "abc", None, 10_100))  # 8 layers, offset 10,000: issue 28's 27 MB
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    assert len(hits) == 8 * 10_100 and hits[0] == {"layer": 7, "index": 0, "logit": 3700.0, "label": None,
+                                                   "description": None, "token": "<3>"}
+    cache = big.token_search_cache
+    assert isinstance(cache, TokenSearchCache) and len(cache) == 0 and cache.nbytes == 0  # over the budget: not kept
+    estimate = TokenSearchCache.entry_bytes(hits)
+    assert 0.8 * held < estimate < 1.25 * held, (estimate, held)
+    budget = estimate // 8 * 3 + 1000  # room for 3 searches of one layer at this depth
+    small = context(budget)
+    for token in ("a", "bb", "ccc", "a", "dddd"):  # "a" used again: "bb" is the least recently used
+        asyncio.run(_token_search(small, token, 0, 10_100))
+    cache = small.token_search_cache
+    assert [key[0] for key in cache] == [3, 1, 4] and small.engine.calls == 4
+    assert cache.nbytes == sum(map(TokenSearchCache.entry_bytes, cache.values())) <= budget

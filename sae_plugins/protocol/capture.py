@@ -24,6 +24,15 @@ DASHBOARD_ARRAYS = {"features": "<i4", "fired": "<i8", "sum": "<f8", "max": "<f4
                     "top_val": "<f4", "top_doc": "<i4", "top_pos": "<i4", "top_win": "<f4", "group_fired": "<i8"}
 
 
+# What a dashboard spec may hold (the API refuses anything else with a 400 naming the field, the
+# workers refuse it at receipt): histogram edges finite, positive and in a float32 activation's
+# range, and bins at least MIN_BIN_DECADES of log10 wide, so every bin's width is computable.
+DASHBOARD_BOUNDS = {"top_n": (1, 100), "before": (0, 64), "after": (0, 64), "bins": (1, 512)}
+MIN_EDGE, MAX_EDGE = 1e-30, 1e30
+MIN_BIN_DECADES = 1e-3
+MAX_DOC = 2**31 - 1  # top examples keep the document id as int32
+
+
 @dataclass(frozen=True)
 class DashboardSpec:
     """A dashboard capture (capture/dashboards.py): many requests, one per document, add to one
@@ -46,6 +55,23 @@ class DashboardSpec:
     @property
     def window(self) -> int:
         return self.before + 1 + self.after
+
+    def problem(self) -> tuple[str, str] | None:
+        """(field, why) for the first value the accumulator cannot take; None when it fits."""
+        for name, (low, high) in DASHBOARD_BOUNDS.items():
+            if not low <= getattr(self, name) <= high:
+                return name, f"{name} must be between {low} and {high}"
+        for name in ("low", "high"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and MIN_EDGE <= value <= MAX_EDGE):
+                return name, f"{name} must be a finite number between {MIN_EDGE:g} and {MAX_EDGE:g}"
+        if (math.log10(self.high) - math.log10(self.low)) / self.bins < MIN_BIN_DECADES:
+            return "high", (f"high must be above low by at least {MIN_BIN_DECADES:g} decades (log10) per bin, "
+                            f"so that every bin has a width: {self.bins} bins from {self.low:g} need high >= "
+                            f"{self.low * 10 ** (MIN_BIN_DECADES * self.bins):.6g}")
+        if not 0 <= self.doc <= MAX_DOC or self.groups < 0 or not -1 <= self.group < self.groups:
+            return "doc", "doc, groups or group out of range"
+        return None
 
     def histogram_edges(self) -> list[float]:
         lo, hi = math.log10(self.low), math.log10(self.high)

@@ -46,6 +46,8 @@ def check_fits(spec: SteeringSpec | None, capture: CaptureSpec | None, config: P
         if (f.layer in local) != (f.when.layer in local):
             raise ValueError(f"gate at layer {f.when.layer} and its edit at layer {f.layer} sit on "
                              "different pipeline stages")
+    if capture is not None and capture.dashboard is not None and capture.dashboard.problem():
+        raise ValueError(f"dashboard spec: {capture.dashboard.problem()[1]}")
     for layer in capture.layers if capture else ():
         if layer not in all_layers:
             raise ValueError(f"capture at layer {layer}, which has no SAE loaded")

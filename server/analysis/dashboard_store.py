@@ -12,10 +12,17 @@ documents' ids, so a run that stops keeps every committed batch and a rerun skip
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
+import sys
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -156,37 +163,112 @@ def feature_fields(store: DashboardStore, layer: int, index: int) -> dict:
             "top_examples": [{"tokens": e["tokens"], "activations": e["activations"]} for e in f.examples]}
 
 
+INDEX_BYTES = 256 * 2**20  # example text held in memory for search; the rest is read from the file per search
+
+
 class DashboardIndex:
-    """The served file, with each feature's example text held lower-cased for search. A file a
-    running `steerserve dashboards` is still filling is served as committed so far: the text
-    index is rebuilt when more documents have been committed."""
+    """The served file, with each feature's example text held lower-cased for search (up to
+    `max_bytes` of it; a search reads the features past that from the file). A file a running
+    `steerserve dashboards` is still filling is served as committed so far: when another
+    connection has committed since the last build, the next request starts a rebuild in a thread
+    (one at a time, on its own connection) and is answered from the previous index meanwhile,
+    so no request waits for it and the event loop never parses the file. Every read of the file
+    runs in a thread too (a writer's commit may hold its lock), one at a time on the shared
+    connection."""
 
-    def __init__(self, store: DashboardStore):
+    def __init__(self, store: DashboardStore, max_bytes: int = INDEX_BYTES):
         self.store = store
-        self._docs = -1
-        self._texts: dict[tuple[int, int], str] = {}
+        self.max_bytes = max_bytes
+        self._index: _TextIndex | None = None  # None until the first build
+        self._built_version = -1  # the connection's data_version the index was built at
+        self._rebuild: asyncio.Task | None = None
+        self._lock = threading.Lock()
 
-    def _refresh(self) -> None:
-        docs = self.store.db.execute("SELECT count(*) FROM docs").fetchone()[0]
-        if docs == self._docs:
-            return
-        if self.store.settings is None:
-            self.store.settings = json.loads(self.store._meta("settings") or "null")
-        self._docs = docs
-        self._texts = {(layer, idx): " | ".join("".join(e["tokens"]) for e in f.examples).lower()
-                       for layer in (self.store.settings or {}).get("layers", ())
-                       for idx, f in self.store.features(layer).items()}
+    async def read(self, query: Callable[..., T], *args) -> T:
+        """`query(store.db, *args)` in a thread, one at a time."""
+        def locked() -> T:
+            with self._lock:
+                return query(self.store.db, *args)
+        return await asyncio.to_thread(locked)
 
-    def fields(self, layer: int, index: int) -> dict:
-        self._refresh()
-        return feature_fields(self.store, layer, index)
+    async def _current(self) -> "_TextIndex":
+        """The newest built index; starts a rebuild if the file changed (waits only for the first)."""
+        if self._rebuild is None or self._rebuild.done():
+            version = await self.read(lambda db: db.execute("PRAGMA data_version").fetchone()[0])
+            if version != self._built_version:
+                self._rebuild = asyncio.create_task(asyncio.to_thread(self._build, version))
+        if self._index is None:
+            await asyncio.shield(self._rebuild)
+        return self._index
 
-    def search(self, query: str, layer: int | None = None) -> list[tuple[int, int, int]]:
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(f"file:{self.store.path}?mode=ro", uri=True, isolation_level=None)
+
+    def _build(self, version: int) -> None:
+        """Feature texts in (layer, index) order until `max_bytes`, read in one transaction."""
+        texts: dict[int, dict[int, str]] = {}  # int keys: nothing for the garbage collector to walk
+        size, rest = 0, None
+        db = self._connect()
+        try:
+            db.execute("BEGIN")
+            for layer, idx, text in _feature_texts(db):
+                size += sys.getsizeof(text)
+                if size > self.max_bytes:
+                    rest = layer, idx
+                    break
+                texts.setdefault(layer, {})[idx] = text
+        finally:
+            db.close()
+        self._index, self._built_version = _TextIndex(texts, rest), version
+
+    async def fields(self, layer: int, index: int) -> dict:
+        def read(_) -> dict:
+            if self.store.settings is None:  # an empty file the command has started filling since
+                self.store.settings = json.loads(self.store._meta("settings") or "null")
+            return feature_fields(self.store, layer, index)
+        return await self.read(read)
+
+    async def search(self, query: str, layer: int | None = None) -> list[tuple[int, int, int]]:
         """(layer, index, number of top examples containing the text), most first."""
         q = query.strip().lower()
         if not q:
             return []
-        self._refresh()
-        hits = [(lyr, idx, text.count(q)) for (lyr, idx), text in self._texts.items()
-                if (layer is None or lyr == layer) and q in text]
+        index = await self._current()
+        return await asyncio.to_thread(self._search, index, q, layer)
+
+    def _search(self, index: "_TextIndex", q: str, layer: int | None) -> list[tuple[int, int, int]]:
+        hits = [(lyr, idx, text.count(q)) for lyr, texts in index.texts.items() if layer is None or lyr == layer
+                for idx, text in texts.items() if q in text]
+        if index.rest is not None:
+            db = self._connect()
+            try:
+                hits += [(lyr, idx, text.count(q)) for lyr, idx, text in _feature_texts(db, index.rest)
+                         if (layer is None or lyr == layer) and q in text]
+            finally:
+                db.close()
         return sorted(hits, key=lambda h: (-h[2], h[0], h[1]))
+
+
+@dataclass
+class _TextIndex:
+    texts: dict[int, dict[int, str]]  # per layer and index
+    rest: tuple[int, int] | None  # the first feature not held (None: all are)
+
+
+# A feature's examples as one text, each example's tokens joined, examples joined by " | ".
+# SQLite builds it (the sqlite3 module releases the GIL while it does, so a build in a thread
+# leaves the event loop free); Python only lower-cases it (SQLite's lower() knows ASCII only).
+_TEXTS = """SELECT idx, coalesce((SELECT group_concat(text, ' | ') FROM (
+    SELECT (SELECT group_concat(t.value, '') FROM json_each(e.value, '$.tokens') t) AS text
+    FROM json_each(f.examples) e)), '')
+FROM features f WHERE layer = ? AND idx >= ? ORDER BY idx"""
+
+
+def _feature_texts(db: sqlite3.Connection, start: tuple[int, int] = (-1, -1)) -> Iterator[tuple[int, int, str]]:
+    """(layer, index, its examples' text lower-cased) of the file's layers, in order, from `start`."""
+    row = db.execute("SELECT value FROM meta WHERE key = 'settings'").fetchone()
+    layers = sorted((json.loads(row[0]) or {}).get("layers", ())) if row else []
+    for layer in layers:
+        if layer >= start[0]:
+            for idx, text in db.execute(_TEXTS, (layer, start[1] if layer == start[0] else -1)):
+                yield layer, idx, text.lower()

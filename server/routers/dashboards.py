@@ -21,9 +21,9 @@ import json
 import uuid
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
-from steerserve_sae.protocol.capture import CaptureSpec, DashboardSpec
+from steerserve_sae.protocol.capture import DASHBOARD_BOUNDS, MAX_DOC, CaptureSpec, DashboardSpec
 from steerserve_sae.protocol.dashboard_merge import merge_dashboard_layers
 from steerserve_sae.protocol.rpc import CAPTURE_KEY, CAPTURES
 
@@ -38,7 +38,7 @@ MAX_DOCUMENTS = 1024  # per batch: the workers' accumulators are per batch, the 
 
 class Document(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    id: StrictInt = Field(ge=0, lt=2**31)
+    id: StrictInt = Field(ge=0, le=MAX_DOC)
     prompt: StrictStr | None = None
     messages: list[dict] | None = None
     group: StrictStr | None = Field(default=None, min_length=1, max_length=200)
@@ -48,12 +48,12 @@ class DashboardBatch(BaseModel):
     model_config = ConfigDict(extra="forbid")
     layers: list[StrictInt] = Field(min_length=1)
     documents: list[Document] = Field(min_length=1, max_length=MAX_DOCUMENTS)
-    top_n: StrictInt = Field(default=20, ge=1, le=100)
-    before: StrictInt = Field(default=16, ge=0, le=64)
-    after: StrictInt = Field(default=7, ge=0, le=64)
-    bins: StrictInt = Field(default=56, ge=1, le=512)
-    low: float = Field(default=1e-3, gt=0)
-    high: float = Field(default=1e4, gt=0)
+    top_n: StrictInt = Field(default=20, ge=DASHBOARD_BOUNDS["top_n"][0], le=DASHBOARD_BOUNDS["top_n"][1])
+    before: StrictInt = Field(default=16, ge=DASHBOARD_BOUNDS["before"][0], le=DASHBOARD_BOUNDS["before"][1])
+    after: StrictInt = Field(default=7, ge=DASHBOARD_BOUNDS["after"][0], le=DASHBOARD_BOUNDS["after"][1])
+    bins: StrictInt = Field(default=56, ge=DASHBOARD_BOUNDS["bins"][0], le=DASHBOARD_BOUNDS["bins"][1])
+    low: StrictFloat = 1e-3  # histogram edges: DashboardSpec.problem says what the workers can bin
+    high: StrictFloat = 1e4
 
 
 @router.post("/v1/features/dashboards")
@@ -62,8 +62,9 @@ async def dashboard_batch(request: Request, req: DashboardBatch) -> dict:
     _require_saes(context)
     for i, layer in enumerate(req.layers):
         _loaded_layer(context, layer, f"layers[{i}]")
-    if req.high <= req.low:
-        raise APIError("high must be above low", param="high", code="invalid_request")
+    problem = DashboardSpec(0, req.top_n, req.before, req.after, req.bins, req.low, req.high).problem()
+    if problem is not None:
+        raise APIError(problem[1], param=problem[0], code="invalid_request")
     if len({d.id for d in req.documents}) != len(req.documents):
         raise APIError("document ids must be distinct", param="documents", code="invalid_request")
     for i, doc in enumerate(req.documents):

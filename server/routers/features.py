@@ -11,6 +11,7 @@ explanation and top-example text) or by the token they promote.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from http import HTTPStatus
@@ -179,7 +180,7 @@ async def search(request: Request, query: Annotated[SearchQuery, Query()]) -> di
         hits = [{"layer": f.layer, "index": f.index, "label": f.label, "description": f.description,
                  "score": score} for score, f in context.labels.search(query.q, layer)]
         if context.dashboards is not None:  # then features whose explanation, then top examples, contain it
-            hits += _dashboard_hits(context, query.q, layer, {(h["layer"], h["index"]) for h in hits})
+            hits += await _dashboard_hits(context, query.q, layer, {(h["layer"], h["index"]) for h in hits})
     else:
         _require_saes(context)
         if layer is not None:
@@ -190,13 +191,20 @@ async def search(request: Request, query: Annotated[SearchQuery, Query()]) -> di
             "has_more": offset + limit < len(hits)}
 
 
-def _dashboard_hits(context, q: str, layer: int | None, labelled: set[tuple[int, int]]) -> list[dict]:
-    explained = {(lyr, i): text for lyr, i, text in explanation_store.search(context.dashboards.store.db, q, layer)}
-    examples = {(lyr, i): n for lyr, i, n in context.dashboards.search(q, layer)}
-    order = [k for k in explained if k not in labelled] + [k for k in examples if k not in labelled | explained.keys()]
-    return [{"layer": k[0], "index": k[1], **_label_fields(context, *k), "score": 0.5,
-             "examples_matched": examples.get(k, 0), **({"explanation": explained[k]} if k in explained else {})}
-            for k in order]
+async def _dashboard_hits(context, q: str, layer: int | None, labelled: set[tuple[int, int]]) -> list[dict]:
+    """Matched by explanation, then by top examples; assembled in a thread (a common word matches
+    tens of thousands of features)."""
+    explained = await context.dashboards.read(explanation_store.search, q, layer)
+    examples = await context.dashboards.search(q, layer)
+
+    def assemble() -> list[dict]:
+        texts = {(lyr, i): text for lyr, i, text in explained if (lyr, i) not in labelled}
+        matched = {(lyr, i): n for lyr, i, n in examples}
+        order = [*texts, *(k for k in matched if k not in labelled and k not in texts)]
+        return [{"layer": k[0], "index": k[1], **_label_fields(context, *k), "score": 0.5,
+                 "examples_matched": matched.get(k, 0), **({"explanation": texts[k]} if k in texts else {})}
+                for k in order]
+    return await asyncio.to_thread(assemble)
 
 
 async def _token_search(context, token: str, layer: int | None, wanted: int) -> list[dict]:
@@ -207,22 +215,16 @@ async def _token_search(context, token: str, layer: int | None, wanted: int) -> 
                        f"{[_token_text(tokenizer, t) for t in ids]}", param="token", code="not_a_single_token")
     layers = [layer] if layer is not None else sorted(context.sae_by_layer)
     key = (ids[0], tuple(layers))
-    cache = context.token_search_cache
-    cached = cache.get(key)
-    if cached is not None:
-        cache.move_to_end(key)
+    cached = context.token_search_cache.get(key)
     if cached is None or len(cached) < wanted:
         merged = rpc.merge_layers(await context.engine.collective_rpc(rpc.TOKEN_FEATURES, args=(ids[0], layers, wanted)))
+        text = _token_text(tokenizer, ids[0])
         cached = sorted(
-            ({"layer": lyr, "index": i, "logit": score, **_label_fields(context, lyr, i)}
+            ({"layer": lyr, "index": i, "logit": score, **_label_fields(context, lyr, i), "token": text}
              for lyr, rows in merged.items() for i, score in rows),
             key=lambda h: (-h["logit"], h["layer"], h["index"]),
         )
-        cache[key] = cached
-        while len(cache) > context.limits.token_search_cache_entries:
-            cache.popitem(last=False)
-    for hit in cached:
-        hit["token"] = _token_text(tokenizer, ids[0])
+        context.token_search_cache.put(key, cached, context.limits.token_search_cache_bytes)
     return cached
 
 
@@ -260,10 +262,10 @@ async def feature(layer: int, index: int, request: Request) -> dict[str, Any]:
             "decoder_norm": report["decoder_norm"], "encoder_norm": report["encoder_norm"],
             "encoder_decoder_cosine": report["encoder_decoder_cosine"], "logit_lens": lens,
             **_label_fields(context, layer, index),
-            **(_dashboard_fields(context, layer, index) if context.dashboards is not None else {})}
+            **(await _dashboard_fields(context, layer, index) if context.dashboards is not None else {})}
 
 
-def _dashboard_fields(context, layer: int, index: int) -> dict:
-    fields = context.dashboards.fields(layer, index)
-    explanation = explanation_store.served(context.dashboards.store.db, layer, index)
+async def _dashboard_fields(context, layer: int, index: int) -> dict:
+    fields = await context.dashboards.fields(layer, index)
+    explanation = await context.dashboards.read(explanation_store.served, layer, index)
     return fields | {"explanation": explanation} if explanation else fields
