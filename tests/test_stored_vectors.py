@@ -59,13 +59,13 @@ def pt_bytes(obj) -> bytes:
 
 def test_every_file_format_gives_the_same_vector(tmp_path):
     v = np.arange(D, dtype=np.float32) - 3.5
-    assert np.array_equal(read_vector_file(npy_bytes(v))[None], v)
-    assert np.array_equal(read_vector_file(save_safetensors({"steer": v}))[None], v)
+    assert np.array_equal(read_vector_file(npy_bytes(v), D)[None], v)
+    assert np.array_equal(read_vector_file(save_safetensors({"steer": v}), D)[None], v)
     two = save_safetensors({"a": v, "b": 2 * v})
-    assert np.array_equal(read_vector_file(two, "b")[None], 2 * v)
-    assert np.array_equal(read_vector_file(pt_bytes(torch.tensor(v).to(torch.bfloat16)))[None], v)  # exact in bf16
-    assert np.array_equal(read_vector_file(pt_bytes({"x": torch.tensor(v)}))[None], v)
-    control = read_vector_file(gguf_bytes(tmp_path, {1: v, 2: -v}))
+    assert np.array_equal(read_vector_file(two, D, "b")[None], 2 * v)
+    assert np.array_equal(read_vector_file(pt_bytes(torch.tensor(v).to(torch.bfloat16)), D)[None], v)  # exact in bf16
+    assert np.array_equal(read_vector_file(pt_bytes({"x": torch.tensor(v)}), D)[None], v)
+    control = read_vector_file(gguf_bytes(tmp_path, {1: v, 2: -v}), D)
     assert set(control) == {1, 2} and np.array_equal(control[1], v) and np.array_equal(control[2], -v)
 
 
@@ -79,21 +79,21 @@ class Boom:
     (save_safetensors({"a": np.ones(D, np.float32)}), "c", "no tensor 'c'"),
     (npy_bytes(np.ones((2, D), np.float32)), None, "one-dimensional"),
     (npy_bytes(np.arange(D)), None, "floating-point"),
-    (npy_bytes(np.array([Boom()], dtype=object)), None, "not a readable .npy"),
+    (npy_bytes(np.array([Boom()], dtype=object)), None, "floating-point values, not object"),
     (pt_bytes([Boom()]), None, "not a readable pt file"),
     (pickle.dumps(Boom()), None, "unrecognised file"),
     (b"", None, "unrecognised file"),
 ])
 def test_bad_files_are_400s_and_never_unpickled(data, tensor, says, capsys):
     with pytest.raises(APIError) as caught:
-        read_vector_file(data, tensor)
+        read_vector_file(data, D, tensor)
     assert says in caught.value.message and caught.value.status == 400
     assert "unpickled!" not in capsys.readouterr().out
 
 
 def test_a_gguf_that_is_not_a_control_vector_is_refused(tmp_path):
     with pytest.raises(APIError, match="must be a control vector"):
-        read_vector_file(gguf_bytes(tmp_path, {1: np.ones(D)}, arch="llama"))
+        read_vector_file(gguf_bytes(tmp_path, {1: np.ones(D)}, arch="llama"), D)
 
 
 def test_the_store_survives_a_reopen_and_resolves_names(tmp_path):

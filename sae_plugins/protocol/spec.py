@@ -124,6 +124,18 @@ def decode_vector(text: str) -> np.ndarray:
     return np.frombuffer(raw, dtype="<f4").astype(np.float32)
 
 
+VECTOR_NOT_FINITE = "vector components must be finite, and so must their norm in float32 (no NaN or infinity)"
+
+
+def finite_vector(values: np.ndarray) -> bool:
+    """Finite components with a finite float32 norm: 256 x 3e38 has finite components, but its
+    norm (echoed, and the divisor of a projection) is infinity in float32."""
+    if not np.isfinite(values).all():
+        return False
+    with np.errstate(over="ignore"):
+        return bool(np.isfinite(np.linalg.norm(values.astype(np.float32))))
+
+
 def encode_vector(values: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(values, dtype="<f4").tobytes()).decode("ascii")
 
@@ -158,7 +170,7 @@ class VectorEdit:
         values = decode_vector(data["vector"])
         edit = VectorEdit(int(data["layer"]), encode_vector(values), data["mode"], float(data["value"]),
                           Gate.from_json(data["when"]) if data.get("when") is not None else None)
-        if edit.mode not in VECTOR_MODES or not math.isfinite(edit.value) or not np.isfinite(values).all():
+        if edit.mode not in VECTOR_MODES or not math.isfinite(edit.value) or not finite_vector(values):
             raise ValueError("a steering vector needs a known mode, a finite value and finite components")
         if edit.mode != "add" and not np.any(values):
             raise ValueError(f"mode {edit.mode!r} needs a non-zero vector (it has no direction)")

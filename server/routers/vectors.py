@@ -9,6 +9,7 @@ and parsed off the event loop (steering/vector_files.py).
 from __future__ import annotations
 
 import asyncio
+import re
 from http import HTTPStatus
 from typing import Any, Literal
 
@@ -25,6 +26,7 @@ from steerserve.steering.vector_files import read_vector_file
 from steerserve.steering.vector_store import VectorStore, check_name, new_vector
 
 router = APIRouter(route_class=SteerserveRoute)
+LAYER_FIELD = re.compile(r"-?[0-9]{1,9}")
 
 
 class VectorCreate(BaseModel):
@@ -91,6 +93,14 @@ def _store(request: Request) -> VectorStore:
     return store
 
 
+def _layer(text: str) -> int:
+    """A form's `layer`: ASCII digits with an optional leading minus (int() would also take "²",
+    "1_0" and " 5", and raise on 5,000 digits)."""
+    if LAYER_FIELD.fullmatch(text) is None:
+        raise APIError("layer must be a layer number (ASCII digits)", param="layer", code="invalid_request")
+    return int(text)
+
+
 async def _form_fields(request: Request, limit: int) -> dict[str, Any]:
     if declared_over(request.headers.get("content-length"), limit):
         raise _too_large(limit)
@@ -103,7 +113,7 @@ async def _form_fields(request: Request, limit: int) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     for key, value in form.multi_items():
         if isinstance(value, str):
-            fields[key] = int(value) if key == "layer" and value.strip().lstrip("-").isdigit() else value
+            fields[key] = _layer(value) if key == "layer" else value
         else:
             fields[key] = await value.read()
             await value.close()
@@ -130,7 +140,7 @@ async def create_vector(request: Request) -> dict[str, Any]:
                               missing_code="missing_required_parameter") from None
     check_name(body.name)
     if isinstance(body, VectorUpload):
-        layers = await asyncio.to_thread(read_vector_file, body.file, body.tensor)
+        layers = await asyncio.to_thread(read_vector_file, body.file, store.d_model, body.tensor)
         source = "gguf" if body.file.startswith(b"GGUF") else "file"
         if body.layer is not None:
             if set(layers) != {None}:
@@ -154,11 +164,15 @@ async def list_vectors(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": [v.public() for v in _store(request).all()]}
 
 
+def _not_found(name: str) -> APIError:
+    return APIError(f"no stored vector is named {name!r}", param="name", code="vector_not_found",
+                    status=HTTPStatus.NOT_FOUND)
+
+
 def _get(request: Request, name: str):
     vector = _store(request).get(name)
     if vector is None:
-        raise APIError(f"no stored vector is named {name!r}", param="name", code="vector_not_found",
-                       status=HTTPStatus.NOT_FOUND)
+        raise _not_found(name)
     return vector
 
 
@@ -169,6 +183,6 @@ async def retrieve_vector(name: str, request: Request) -> dict[str, Any]:
 
 @router.delete("/v1/steering/vectors/{name}", response_model=VectorDeleted)
 async def delete_vector(name: str, request: Request) -> dict[str, Any]:
-    _get(request, name)
-    await asyncio.to_thread(_store(request).delete, name)
+    if not await asyncio.to_thread(_store(request).delete, name):  # the store's answer: another may have won
+        raise _not_found(name)
     return {"object": "steering.vector", "name": name, "deleted": True}

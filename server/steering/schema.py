@@ -13,7 +13,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
 from steerserve_sae.protocol.spec import FeatureEdit, Gate, SteeringSpec, VectorEdit, decode_vector, encode_vector, \
-    gate_problem
+    finite_vector, gate_problem, VECTOR_NOT_FINITE
 from steerserve_sae.protocol.plugin_config import DEFAULT_MAX_VECTORS
 
 from steerserve.errors import APIError, from_validation
@@ -152,9 +152,8 @@ def _vectors(vectors: list[VectorSteering], sae_sizes: dict[int, int], max_value
         if values.size != d_model:
             raise APIError(f"vector has {values.size} float32 values; the residual stream has {d_model} (d_model)",
                            param=f"{at}.vector", code="invalid_vector")
-        if not np.isfinite(values).all():
-            raise APIError("vector components must be finite (no NaN or infinity)", param=f"{at}.vector",
-                           code="invalid_vector")
+        if not finite_vector(values):
+            raise APIError(VECTOR_NOT_FINITE, param=f"{at}.vector", code="invalid_vector")
         if v.mode != "add" and not np.any(values):
             raise APIError(f"mode {v.mode!r} needs a non-zero vector (it projects on its direction)",
                            param=f"{at}.vector", code="invalid_vector")

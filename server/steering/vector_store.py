@@ -3,8 +3,10 @@
 A client uploads a vector once (base64, a .safetensors / .pt / .npy file or a GGUF control
 vector) and then steers with `"vector": "<name>"`. A name holds either one vector for any layer
 or, for a control vector, one per layer. Rows live in the data directory's SQLite
-(`vectors.sqlite`), so they survive a restart; reads come from memory, as every steered request
-may resolve names. Each vector is checked when stored: d_model finite float32 values.
+(`vectors.sqlite`), so they survive a restart and every API process sharing the data dir sees
+the same vectors; reads come from memory while the database is unchanged, as every steered
+request may resolve names. Each vector is checked when stored: d_model finite float32 values
+with a finite float32 norm.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from steerserve_sae.protocol.spec import encode_vector
+from steerserve_sae.protocol.spec import VECTOR_NOT_FINITE, encode_vector, finite_vector
 
 from steerserve.errors import APIError
 from steerserve.steering import names
@@ -69,13 +71,23 @@ def check_values(values: np.ndarray, d_model: int, param: str) -> np.ndarray:
     if values.size != d_model:
         raise APIError(f"the vector has {values.size} values; the residual stream has {d_model} (d_model)",
                        param=param, code="invalid_vector")
-    if not np.isfinite(values).all():
-        raise APIError("vector components must be finite (no NaN or infinity)", param=param, code="invalid_vector")
+    if not finite_vector(values):
+        raise APIError(VECTOR_NOT_FINITE, param=param, code="invalid_vector")
     return np.ascontiguousarray(values, dtype="<f4")
 
 
+def _exists(name: str, why: str = "delete it first") -> APIError:
+    return APIError(f"a vector named {name!r} exists; {why}", param="name", code="vector_exists",
+                    status=HTTPStatus.CONFLICT)
+
+
 class VectorStore:
-    """The stored vectors, durable in SQLite; one connection behind a lock (every call is short)."""
+    """The stored vectors, durable in SQLite: the one truth for every API process sharing the data
+    dir (--api-server-count) and every model sharing it (rows of another d_model are not served,
+    but their names stay taken and their rows count). Lookups read a cache of this model's rows,
+    reloaded when `PRAGMA data_version` (one cheap query) says another connection committed; a
+    store checks the name and the row limit inside its BEGIN IMMEDIATE write, so two processes
+    cannot both take a name or the last rows. One connection per process behind a lock."""
 
     def __init__(self, data_dir: str | Path, d_model: int, max_rows: int):
         path = Path(data_dir)
@@ -85,50 +97,71 @@ class VectorStore:
         self._conn = sqlite3.connect(path / DB_NAME, check_same_thread=False, timeout=30, isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.executescript(SCHEMA)
+        self._version: int | None = None
         self._cache: dict[str, StoredVector] = {}
-        for name, layer, data, description, created_at, source in self._conn.execute(
-                "SELECT name, layer, data, description, created_at, source FROM vectors"):
-            values = np.frombuffer(data, dtype="<f4").astype(np.float32)
-            if values.size != d_model:  # stored for another model: kept on disk, not served
-                continue
-            known = self._cache.get(name) or StoredVector(name, {}, description, created_at, source)
-            known.layers[None if layer == ANY else layer] = values
-            self._cache[name] = known
+        self._others: dict[str, int] = {}  # names of other models' rows -> their d_model
+
+    def _fresh(self) -> dict[str, StoredVector]:
+        """The cache, reloaded first if another connection committed since it was read (lock held)."""
+        version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._version:
+            cache: dict[str, StoredVector] = {}
+            self._others = {}
+            for name, layer, size, data, description, created_at, source in self._conn.execute(
+                    "SELECT name, layer, length(data), CASE WHEN length(data) = ? THEN data END, description, "
+                    "created_at, source FROM vectors", (4 * self.d_model,)):
+                if data is None:  # stored for another model: kept, not served
+                    self._others[name] = size // 4
+                    continue
+                known = cache.setdefault(name, StoredVector(name, {}, description, created_at, source))
+                known.layers[None if layer == ANY else layer] = np.frombuffer(data, dtype="<f4").astype(np.float32)
+            self._cache, self._version = cache, version
+        return self._cache
 
     def get(self, name: str) -> StoredVector | None:
-        return self._cache.get(name)
+        with self._lock:
+            return self._fresh().get(name)
 
     def all(self) -> list[StoredVector]:
-        return sorted(self._cache.values(), key=lambda v: v.name)
-
-    def rows(self) -> int:
-        return sum(len(v.layers) for v in self._cache.values())
+        with self._lock:
+            return sorted(self._fresh().values(), key=lambda v: v.name)
 
     def put(self, vector: StoredVector) -> None:
-        """Store a new name; 409 when it is taken, 400 past the store's size."""
+        """Store a new name; 409 when it is taken (by any model), 400 past the store's size."""
         with self._lock:
-            if vector.name in self._cache:
-                raise APIError(f"a vector named {vector.name!r} exists; delete it first", param="name",
-                               code="vector_exists", status=HTTPStatus.CONFLICT)
-            if self.rows() + len(vector.layers) > self.max_rows:
-                raise APIError(f"this server stores at most {self.max_rows} vectors (one per layer of a control "
-                               f"vector; --max-stored-vectors); {self.rows()} are stored", param="name",
-                               code="too_many_stored_vectors")
-            self._conn.execute("BEGIN")
+            self._conn.execute("BEGIN IMMEDIATE")  # the write lock: no other connection commits until we do
             try:
-                self._conn.executemany(
-                    "INSERT INTO vectors (name, layer, data, description, created_at, source) VALUES (?, ?, ?, ?, ?, ?)",
-                    [(vector.name, ANY if layer is None else layer, values.astype("<f4").tobytes(), vector.description,
-                      vector.created_at, vector.source) for layer, values in vector.layers.items()])
-                self._conn.execute("COMMIT")
+                self._insert(vector)
+            except sqlite3.IntegrityError:
+                self._conn.execute("ROLLBACK")
+                raise _exists(vector.name) from None
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
-            self._cache[vector.name] = vector
+            self._conn.execute("COMMIT")
+            self._cache[vector.name] = vector  # our own commit leaves our data_version as it was
+
+    def _insert(self, vector: StoredVector) -> None:
+        if vector.name in self._fresh():
+            raise _exists(vector.name)
+        if vector.name in self._others:
+            raise _exists(vector.name, f"it is stored for another model sharing this data dir (d_model "
+                                       f"{self._others[vector.name]})")
+        (rows,) = self._conn.execute("SELECT COUNT(*) FROM vectors").fetchone()
+        if rows + len(vector.layers) > self.max_rows:
+            raise APIError(f"this server stores at most {self.max_rows} vectors (one per layer of a control vector, "
+                           f"every model's sharing the data dir; --max-stored-vectors); {rows} are stored",
+                           param="name", code="too_many_stored_vectors")
+        self._conn.executemany(
+            "INSERT INTO vectors (name, layer, data, description, created_at, source) VALUES (?, ?, ?, ?, ?, ?)",
+            [(vector.name, ANY if layer is None else layer, values.astype("<f4").tobytes(), vector.description,
+              vector.created_at, vector.source) for layer, values in vector.layers.items()])
 
     def delete(self, name: str) -> bool:
+        """Whether this call deleted the name's rows (False when another got there first)."""
         with self._lock:
-            deleted = self._conn.execute("DELETE FROM vectors WHERE name = ?", (name,)).rowcount
+            deleted = self._conn.execute("DELETE FROM vectors WHERE name = ? AND length(data) = ?",
+                                         (name, 4 * self.d_model)).rowcount
             self._cache.pop(name, None)
             return bool(deleted)
 
