@@ -152,9 +152,9 @@ def resolve_names(steering: object, store: VectorStore | None) -> dict[tuple[int
     stored vector of that layer, or the one for any layer), so the spec is validated, identified
     and applied exactly as the same vector given inline. Anything else is left to the schema.
     Returns (layer, base64) -> name of what was replaced, for the echo to name the vectors."""
-    names: dict[tuple[int, str], str] = {}
+    replaced: dict[tuple[int, str], str] = {}
     if store is None or not isinstance(steering, dict) or not isinstance(steering.get("vectors"), list):
-        return names
+        return replaced
     for i, entry in enumerate(steering["vectors"]):
         if not isinstance(entry, dict) or not isinstance(entry.get("vector"), str):
             continue
@@ -174,5 +174,5 @@ def resolve_names(steering: object, store: VectorStore | None) -> dict[tuple[int
                            param=f"steering.vectors[{i}].layer", code="vector_layer_missing")
         encoded = encode_vector(values)
         steering["vectors"] = [*steering["vectors"][:i], {**entry, "vector": encoded}, *steering["vectors"][i + 1:]]
-        names[(layer, encoded)] = name
-    return names
+        replaced[(layer, encoded)] = name
+    return replaced
