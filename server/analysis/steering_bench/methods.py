@@ -106,8 +106,11 @@ def _reason(response: httpx.Response) -> str:
         return response.text[:300]
 
 
-def _mean_activation(http: httpx.Client, concept: Concept, layer: int, index: int) -> float:
+def _mean_activation(http: httpx.Client, concept: Concept, layer: int, index: int, given: float | None) -> float:
+    """The concept line's mean activation, else the server's; the feature must exist either way."""
     info = _get(http, concept, f"/v1/features/{layer}/{index}", f"feature {layer}:{index}")
+    if given is not None:
+        return given
     if info.get("mean_activation"):
         return float(info["mean_activation"])
     found = MEAN_IN_DESCRIPTION.search(info.get("description") or "")
@@ -129,7 +132,7 @@ def _vector_norm(http: httpx.Client, concept: Concept, name: str, layer: int) ->
 def resolve(http: httpx.Client, concept: Concept) -> Steered:
     """The concept's edits as the server has them; ResolveError naming the concept and line."""
     if concept.features:
-        edits = tuple(Edit(f.layer, f.index, scale=f.mean_activation or _mean_activation(http, concept, f.layer, f.index))
+        edits = tuple(Edit(f.layer, f.index, scale=_mean_activation(http, concept, f.layer, f.index, f.mean_activation))
                       for f in concept.features)
         return Steered(concept, edits, ("clamp", "add"), tuple((f.layer, f.index) for f in concept.features))
     if concept.vector:

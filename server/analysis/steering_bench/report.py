@@ -50,8 +50,11 @@ def summarise(steered: list[Steered], chosen: dict[str, dict[str, float]], rows:
                                 for half in (scoring.SELECTION, scoring.REPORT)}
                     for st in sorted({r["strength"] for r in rows if r["concept"] == name and r["method"] == method})}
             methods[method] = entry
+        # methods that ran but had no scored selection answer to choose a strength by
+        not_chosen = [m for m in s.swept if m not in chosen[name]
+                      and any(r["concept"] == name and r["method"] == m for r in rows)]
         concepts[name] = {"description": s.concept.description, "source": s.concept.source, "where": s.concept.where,
-                          "methods": methods}
+                          "methods": methods, "not_chosen": not_chosen}
     return {"concepts": concepts}
 
 
