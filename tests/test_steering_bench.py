@@ -186,3 +186,51 @@ def test_concepts_the_server_cannot_steer_are_errors_naming_the_line(server, tmp
     run = bench(server, tmp_path, "--out", str(tmp_path / "out"), concepts=[WEATHER, concept])
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
     assert run.stderr.startswith(f"bench-steering: {tmp_path / 'concepts.jsonl'}:2: {message}"), run.stderr
+
+
+def test_save_presets_stores_each_concepts_best_method_and_refuses_a_foreign_preset(offline, server, http):
+    work, _ = offline
+    http.delete("/v1/steering/presets/rain")
+    http.post("/v1/steering/presets", json={"name": "rain", "steering": {"features": [
+        {"layer": 2, "index": 9, "mode": "add", "value": 1.0}]}}).raise_for_status()
+    refused = bench(server, work, "--out", str(work / "out"), "--save-presets")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().endswith(f"{work / 'concepts.jsonl'}:2: concept 'rain': a preset named 'rain' exists "
+                                           "and bench-steering did not make it: delete it or rename the concept")
+    http.delete("/v1/steering/presets/rain")
+    for _ in range(2):  # the second run replaces what the first stored
+        saved = bench(server, work, "--out", str(work / "out"), "--save-presets")
+        assert saved.returncode == 0, saved.stderr[-3000:]
+        assert "bench-steering: 0 answers generated" in saved.stdout
+    summary = json.loads((work / "out" / "summary.json").read_text())
+    assert summary["presets"] == {"weather": summary["presets"]["weather"], "rain": "add", "preset-weather": "preset"}
+    methods = summary["concepts"]["weather"]["methods"]
+    selection = {m: methods[m]["by_strength"][f"{methods[m]['strength']:g}"]["selection"] for m in ("clamp", "add")}
+    best = "clamp" if selection["clamp"] >= selection["add"] else "add"
+    assert summary["presets"]["weather"] == best
+    preset = http.get("/v1/steering/presets/weather").json()
+    assert preset["steering"]["features"] == [{"layer": 1, "index": 3, "mode": best,
+                                               "value": round(4.0 * methods[best]["strength"], 4)}]
+    assert preset["description"].startswith(f"bench-steering: talks about the weather; {best} at "
+                                            f"{methods[best]['strength']:g}x; report half (2 answers, judge offline)")
+    assert "preset `weather` stored" in (work / "out" / "report.md").read_text()
+
+
+def test_a_stored_vector_concept(server, http, tmp_path):
+    import base64
+
+    import numpy as np
+
+    d_model = http.get("/v1/saes").json()["d_model"]
+    vector = base64.b64encode(np.full(d_model, 3.0, dtype="<f4").tobytes()).decode()
+    http.delete("/v1/steering/vectors/bench-push")
+    http.post("/v1/steering/vectors", json={"name": "bench-push", "vector": vector, "layer": 1}).raise_for_status()
+    concept = {"name": "push", "description": "is pushed", "vector": "bench-push", "layer": 1,
+               "judge": {"language": "German"}}
+    run = bench(server, tmp_path, "--out", str(tmp_path / "out"), "--methods", "none,add", concepts=[concept])
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = rows_of(tmp_path / "out")
+    assert sorted((r["method"], r["strength"]) for r in rows) == sorted(
+        [("none", None)] * 4 + [("add", 1.0)] * 4 + [("add", 4.0)] * 4)
+    none = {r["instruction"]: r["text"] for r in rows if r["method"] == "none"}
+    assert any(r["text"] != none[r["instruction"]] for r in rows if r["strength"] == 4.0)

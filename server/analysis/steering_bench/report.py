@@ -102,6 +102,16 @@ def _examples(summary: dict, rows: list[dict]) -> list[str]:
     return out
 
 
+def _notes(summary: dict) -> list[str]:
+    """What the table leaves out: methods with no strength to report, presets stored."""
+    notes = [f"- {name}: {', '.join(c['not_chosen'])} had no judged answer on the selection half, so no strength "
+             "was chosen and nothing is reported for them (see `unparsed` in scores.jsonl)"
+             for name, c in summary["concepts"].items() if c["not_chosen"]]
+    notes += [f"- preset `{name}` stored: {method} at its chosen strength (`GET /v1/steering/presets/{name}`)"
+              for name, method in summary.get("presets", {}).items()]
+    return [*notes, ""] if notes else []
+
+
 def write(out: Path, summary: dict, rows: list[dict]) -> list[Path]:
     """summary.json, report.md and (with matplotlib) one score-vs-strength plot per concept and
     one concept-vs-fluency plot."""
@@ -113,8 +123,8 @@ def write(out: Path, summary: dict, rows: list[dict]) -> list[Path]:
              f"Model `{summary['model']}`, judge `{summary['judge']}`; {summary['instructions']['selection']} "
              f"instructions chose each method's strength, the other {summary['instructions']['report']} give every "
              f"number below (mean [95% bootstrap interval over instructions]).{relevance} Strengths tried: "
-             f"{', '.join(f'{s:g}' for s in summary['strengths'])}.", "", table(summary), "", "## Examples", "",
-             *_examples(summary, rows)]
+             f"{', '.join(f'{s:g}' for s in summary['strengths'])}.", "", table(summary), "", *_notes(summary),
+             "## Examples", "", *_examples(summary, rows)]
     (out / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     written = [out / "summary.json", out / "report.md"]
     try:

@@ -26,6 +26,7 @@ import httpx
 from tqdm import tqdm
 
 from steerserve.analysis.steering_bench import language_judge, offline_judges, report, scoring
+from steerserve.analysis.steering_bench.calibration import save_presets
 from steerserve.analysis.steering_bench.inputs import (
     BUILTIN_INSTRUCTIONS, BenchInputError, Concept, Instruction, instructions_for, read_concepts, read_instructions,
 )
@@ -57,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     p.add_argument("--seed", type=int, default=0, help="the split, random controls, bootstrap and sampling")
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight (default 16)")
+    p.add_argument("--save-presets", action="store_true",
+                   help="store each concept's best steering method at its chosen strength as a preset named after it")
     p.add_argument("--judge-url", help="an OpenAI-compatible endpoint to judge with (default: the offline judges)")
     p.add_argument("--judge-model", help="the judge's model name (with --judge-url)")
     p.add_argument("--judge-api-key", default=None, help=f"the judge's key (default: ${JUDGE_KEY_ENV})")
@@ -113,6 +116,8 @@ def main(argv: list[str]) -> int:
         with server_client(args.base_url, serve_args, args.server_log, timeout=600) as http:
             bench = Bench(http, args, judge, strengths)
             summary = bench.run(concepts, instructions)
+            if args.save_presets:
+                summary["presets"] = save_presets(http, bench.steered, summary)
     except (ServerStartError, BenchInputError, ResolveError, RunError, JudgeError,
             offline_judges.ServerJudgeError) as exc:
         print(f"bench-steering: {exc}", file=sys.stderr)
@@ -140,11 +145,12 @@ class Bench:
         self.generated = 0
         self.baseline: float | None = None
         self.randoms: dict[str, tuple[Edit, ...]] = {}
+        self.steered: list[Steered] = []
 
     def run(self, concepts: list[Concept], instructions: list[Instruction]) -> dict:
         saes = _ok(self.http.get("/v1/saes"), "GET /v1/saes")
         d_sae = {info["layer"]: info["d_sae"] for info in saes["data"]}
-        steered = [resolve(self.http, c) for c in concepts]
+        self.steered = steered = [resolve(self.http, c) for c in concepts]
         for s in steered:
             self.randoms[s.concept.name] = random_edits(s, d_sae, saes["d_model"], self.args.seed)
         wanted = None if self.args.methods is None else set(self.args.methods.split(","))
