@@ -31,12 +31,13 @@ def test_help_lists_every_subcommand_with_one_line_each():
                             env=os.environ | {"COLUMNS": "100"})
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == "usage: steerserve [-h] {serve,eval,dashboards,run-batch} ..."
+    assert lines[0] == "usage: steerserve [-h] {serve,eval,dashboards,bench-steering,run-batch} ..."
     listed = {line.split()[0]: " ".join(line.split()[1:]) for line in lines if line.startswith("    ")}
     assert listed == {
         "serve": "vLLM's OpenAI-compatible server with SAE steering",
         "eval": "SAE quality and steering-effect reports from a server",
         "dashboards": "feature dashboards (histograms, top examples) of a corpus, into SQLite",
+        "bench-steering": "steering methods against prompting on a set of concepts, judged",
         "run-batch": "a JSONL file of OpenAI batch requests, offline",
     }
 
@@ -50,6 +51,7 @@ def test_help_and_the_light_subcommands_do_not_import_vllm():
 @pytest.mark.parametrize(("command", "usage", "option"), [
     ("eval", "usage: steerserve eval [-h] [--data DATA]", "--features FEATURES"),
     ("run-batch", "usage: steerserve run-batch [-h] -i INPUT_FILE -o OUTPUT_FILE", "--errors-file ERRORS_FILE"),
+    ("bench-steering", "usage: steerserve bench-steering [-h] --concepts CONCEPTS", "--judge-url JUDGE_URL"),
 ])
 def test_subcommand_help_is_its_own(command, usage, option):
     result = run(command, "--help")
@@ -74,7 +76,7 @@ def test_serve_help_is_vllms_serve_parser_with_the_sae_options():
 @pytest.mark.parametrize(("args", "message"), [
     ((), "error: the following arguments are required: command"),
     (("make-tiny", "out"), "error: argument command: invalid choice: 'make-tiny' (choose from 'serve', 'eval', "
-                           "'dashboards', 'run-batch')"),
+                           "'dashboards', 'bench-steering', 'run-batch')"),
     (("--seed=1", "eval"), "error: unrecognized arguments: --seed=1"),
 ])
 def test_bad_command_lines_are_usage_errors(args, message):

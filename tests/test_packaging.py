@@ -54,6 +54,7 @@ def test_the_wheel_holds_every_module_and_the_data_files(wheel):
     assert _folder_modules("server") | _folder_modules("sae_plugins") <= names
     assert "steerserve_sae/backends/kernels/steer_rows_cpu.cpp" in names  # built on first use
     assert "steerserve/analysis/data/eval_texts.txt" in names  # eval's default text sample
+    assert "steerserve/analysis/steering_bench/instructions.jsonl" in names  # bench-steering's built-in instructions
 
 
 def test_every_package_folder_is_listed_in_pyproject():

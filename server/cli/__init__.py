@@ -42,6 +42,12 @@ def _dashboards(argv: list[str]) -> int | None:
     return main(argv)
 
 
+def _bench_steering(argv: list[str]) -> int | None:
+    from steerserve.analysis.steering_bench.runner import main
+
+    return main(argv)
+
+
 def _run_batch(argv: list[str]) -> int | None:
     from steerserve.batch.offline import run_batch
 
@@ -52,6 +58,7 @@ COMMANDS = {
     "serve": Command("vLLM's OpenAI-compatible server with SAE steering", _serve),
     "eval": Command("SAE quality and steering-effect reports from a server", _eval),
     "dashboards": Command("feature dashboards (histograms, top examples) of a corpus, into SQLite", _dashboards),
+    "bench-steering": Command("steering methods against prompting on a set of concepts, judged", _bench_steering),
     "run-batch": Command("a JSONL file of OpenAI batch requests, offline", _run_batch),
 }
 
