@@ -29,6 +29,11 @@ def create(base_url: str, name: str, steering: dict) -> httpx.Response:
     return httpx.post(f"{base_url}/v1/steering/presets", headers=AUTH, json={"name": name, "steering": steering})
 
 
+def contrast(base_url: str, save_as: str, layers: list[int] | None) -> httpx.Response:
+    return httpx.post(f"{base_url}/v1/features/contrast", headers=AUTH, timeout=300, json={
+        "positive": ["rain"], "negative": ["bread"], "save_as": save_as, "layers": layers})
+
+
 def test_presets_are_seeded_survive_a_restart_are_rechecked_and_a_bad_file_stops_the_start(tiny_model_dir, tmp_path):
     data = tmp_path / "data"
     good = tmp_path / "presets.yaml"
@@ -38,21 +43,22 @@ def test_presets_are_seeded_survive_a_restart_are_rechecked_and_a_bad_file_stops
     first_args = [*args, "--steering-presets", str(good), "--max-presets", "3", "--max-steering-vectors", "1"]
     with serving(first_args, tmp_path / "first.log") as first:
         assert statuses(first.base_url) == {"from-file": (str(good), "served", None)}
-        for name, steering in (("from-api", STEER), ("deep", DEEP)):
-            assert create(first.base_url, name, steering).status_code == 200
-        full = create(first.base_url, "fourth", STEER)
-        assert full.status_code == 400 and full.json()["error"] == {
-            "message": "this server stores at most 3 steering presets (--max-presets); delete one first",
-            "type": "invalid_request_error", "param": "name", "code": "too_many_presets"}
-        assert create(first.base_url, "deep", STEER).json()["error"]["code"] == "preset_exists"  # 409 before full
+        assert create(first.base_url, "from-api", STEER).status_code == 200
         steps = engine_steps(first)
-        two_layers = httpx.post(f"{first.base_url}/v1/features/contrast", headers=AUTH, timeout=300, json={
-            "positive": ["rain"], "negative": ["bread"], "save_as": "caa"})
+        two_layers = contrast(first.base_url, "caa", None)
         assert two_layers.status_code == 400 and two_layers.json()["error"] == {
             "message": "save_as stores a preset with a vector at each of 2 layers; this server steers with at most 1 "
                        "(--max-steering-vectors): name fewer `layers`",
             "type": "invalid_request_error", "param": "save_as", "code": "too_many_vectors"}
-        assert engine_steps(first) == steps  # refused before any inspection ran
+        assert create(first.base_url, "deep", DEEP).status_code == 200
+        full = create(first.base_url, "fourth", STEER)
+        too_many = {"message": "this server stores at most 3 steering presets (--max-presets); delete one first",
+                    "type": "invalid_request_error", "param": "name", "code": "too_many_presets"}
+        assert full.status_code == 400 and full.json()["error"] == too_many
+        assert create(first.base_url, "deep", STEER).json()["error"]["code"] == "preset_exists"  # 409 before full
+        full_save = contrast(first.base_url, "caa", [1])
+        assert full_save.status_code == 400 and full_save.json()["error"] == {**too_many, "param": "save_as"}
+        assert engine_steps(first) == steps  # both save_as refused before any example ran
         chat = httpx.post(f"{first.base_url}/v1/chat/completions", headers=AUTH, timeout=300, json={
             "model": "from-file", "messages": PROMPT, "max_tokens": 2, "temperature": 0}).json()
         assert (chat["model"], chat["steering"]["preset"]) == ("from-file", "from-file")

@@ -37,7 +37,7 @@ from steerserve.routers.features import (
 )
 from steerserve.routers.presets import model_name_taken
 from steerserve.routers.route import SteerserveRoute
-from steerserve.steering.presets import Preset, validate_spec
+from steerserve.steering.presets import Preset, too_many_presets, validate_spec
 from steerserve.steering.vector_store import check_name, new_vector
 
 router = APIRouter(route_class=SteerserveRoute)
@@ -208,12 +208,18 @@ def _check_save_as(context, name: str, layers: list[int]) -> None:
     if context.vectors is None:
         raise APIError("stored vectors are unavailable on this server", param="save_as", code="unavailable")
     model_name_taken(name, context, "save_as")
-    if context.presets is not None and context.presets.get(name) is not None:
+    presets, limits = context.presets, context.limits
+    if presets is not None and presets.get(name) is not None:
         raise APIError(f"a steering preset named {name!r} exists; delete it first", param="save_as",
                        code="preset_exists", status=HTTPStatus.CONFLICT)
-    if context.presets is not None and len(layers) > context.limits.max_steering_vectors:
+    if context.vectors.get(name) is not None:
+        raise APIError(f"a vector named {name!r} exists; delete it first", param="save_as", code="vector_exists",
+                       status=HTTPStatus.CONFLICT)
+    if presets is not None and presets.count() >= limits.max_presets:  # checked again when it is stored
+        raise too_many_presets(limits.max_presets, "save_as")
+    if presets is not None and len(layers) > limits.max_steering_vectors:
         raise APIError(f"save_as stores a preset with a vector at each of {len(layers)} layers; this server steers "
-                       f"with at most {context.limits.max_steering_vectors} (--max-steering-vectors): name fewer "
+                       f"with at most {limits.max_steering_vectors} (--max-steering-vectors): name fewer "
                        "`layers`", param="save_as", code="too_many_vectors")
 
 

@@ -96,6 +96,10 @@ class PresetStore:
     def all(self) -> list[Preset]:
         return self._rows()
 
+    def count(self) -> int:
+        with self._lock:
+            return self._conn.execute("SELECT COUNT(*) FROM presets").fetchone()[0]
+
     def put(self, preset: Preset, *, replace: bool, max_count: int | None = None) -> bool:
         """Store a preset; False when the name is taken and `replace` is not set. With `max_count`,
         a 400 `too_many_presets` when that many are stored: counted inside the write transaction,
@@ -105,11 +109,10 @@ class PresetStore:
             self._conn.execute("BEGIN IMMEDIATE")  # one writer at a time, across processes
             try:
                 if max_count is not None:
-                    (count,), = self._conn.execute("SELECT COUNT(*) FROM presets").fetchall()
+                    count = self._conn.execute("SELECT COUNT(*) FROM presets").fetchone()[0]
                     taken = self._conn.execute("SELECT 1 FROM presets WHERE name = ?", (preset.name,)).fetchall()
                     if count >= max_count and not taken:
-                        raise APIError(f"this server stores at most {max_count} steering presets (--max-presets); "
-                                       "delete one first", param="name", code="too_many_presets")
+                        raise too_many_presets(max_count, "name")
                 cursor = self._conn.execute(
                     f"{verb} INTO presets (name, steering, description, created_at, source) VALUES (?, ?, ?, ?, ?)",
                     (preset.name, spec_json(preset.steering), preset.description, preset.created_at, preset.source))
@@ -125,6 +128,11 @@ class PresetStore:
 
     def close(self) -> None:
         self._conn.close()
+
+
+def too_many_presets(max_count: int, param: str) -> APIError:
+    return APIError(f"this server stores at most {max_count} steering presets (--max-presets); delete one first",
+                    param=param, code="too_many_presets")
 
 
 def spec_json(steering: Any) -> str:
