@@ -285,6 +285,9 @@ def _gguf(data: bytes, d_model: int) -> dict[int | None, np.ndarray]:
         tensors[layer] = (GGML_FLOATS[ggml_type], data_offset, name)
     if not tensors:
         raise _bad("the control vector holds no direction.N tensors")
+    spans = sorted((offset, offset + d_model * np.dtype(dtype).itemsize) for dtype, offset, _ in tensors.values())
+    if any(end > following for (_, end), (following, _) in zip(spans, spans[1:])):  # 40 bytes, d_model floats
+        raise _bad("not a readable GGUF file (two tensors share bytes)")
     start = -(-cursor.pos // alignment) * alignment
     return {layer: _floats(data, dtype, d_model, start + offset) for layer, (dtype, offset, _) in tensors.items()}
 
