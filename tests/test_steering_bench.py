@@ -188,6 +188,13 @@ def test_concepts_the_server_cannot_steer_are_errors_naming_the_line(server, tmp
     assert run.stderr.startswith(f"bench-steering: {tmp_path / 'concepts.jsonl'}:2: {message}"), run.stderr
 
 
+def test_a_method_no_concept_has_is_refused(server, tmp_path):
+    run = bench(server, tmp_path, "--out", str(tmp_path / "out"), "--methods", "none,steer", concepts=[WEATHER])
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.strip() == ("bench-steering: --methods: steer is no method of these concepts (they have ablate, "
+                                  "add, clamp, none, prompt, prompt+add, prompt+clamp, random-add, random-clamp)")
+
+
 def test_save_presets_stores_each_concepts_best_method_and_refuses_a_foreign_preset(offline, server, http):
     work, _ = offline
     http.delete("/v1/steering/presets/rain")

@@ -254,6 +254,7 @@ def test_a_run_resumes_from_its_rows_and_refuses_other_settings(tmp_path):
 @pytest.mark.parametrize(("args", "message"), [
     (["--strengths", "1,x"], "bench-steering: --strengths '1,x': give numbers, e.g. 1,2,4,8"),
     (["--strengths", "0,2"], "bench-steering: --strengths '0,2': give positive numbers, e.g. 1,2,4,8"),
+    (["--concurrency", "0"], "bench-steering: --concurrency and --max-tokens must be at least 1"),
 ])
 def test_bad_options_exit_1_before_any_server(tmp_path, args, message):
     concepts = write(tmp_path / "c.jsonl", [GERMAN])

@@ -105,6 +105,8 @@ def main(argv: list[str]) -> int:
         concepts = read_concepts(args.concepts)
         instructions = read_instructions(args.instructions)
         strengths = _strengths(args.strengths)
+        if args.concurrency < 1 or args.max_tokens < 1:
+            raise BenchInputError("--concurrency and --max-tokens must be at least 1")
         questions = read_questions(args.capability) if args.capability else None
         if args.judge_url is None:
             for concept in concepts:
@@ -162,6 +164,10 @@ class Bench:
         for s in steered:
             self.randoms[s.concept.name] = random_edits(s, d_sae, saes["d_model"], self.args.seed)
         wanted = None if self.args.methods is None else set(self.args.methods.split(","))
+        known = {m for s in steered for m in (*s.methods, *(f"prompt+{x}" for x in s.swept))}
+        if wanted is not None and wanted - known:
+            raise BenchInputError(f"--methods: {', '.join(sorted(wanted - known))} is no method of these concepts "
+                                  f"(they have {', '.join(sorted(known))})")
         settings = {"model": self.model, "seed": self.args.seed, "strengths": list(self.strengths),
                     "max_tokens": self.args.max_tokens, "temperature": self.args.temperature,
                     "judge": self.judge.name if self.judge else "offline",
