@@ -188,6 +188,13 @@ def test_concepts_the_server_cannot_steer_are_errors_naming_the_line(server, tmp
     assert run.stderr.startswith(f"bench-steering: {tmp_path / 'concepts.jsonl'}:2: {message}"), run.stderr
 
 
+def test_a_method_no_concept_has_is_refused(server, tmp_path):
+    run = bench(server, tmp_path, "--out", str(tmp_path / "out"), "--methods", "none,steer", concepts=[WEATHER])
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.strip() == ("bench-steering: --methods: steer is no method of these concepts (they have ablate, "
+                                  "add, clamp, none, prompt, prompt+add, prompt+clamp, random-add, random-clamp)")
+
+
 def test_save_presets_stores_each_concepts_best_method_and_refuses_a_foreign_preset(offline, server, http):
     work, _ = offline
     http.delete("/v1/steering/presets/rain")
@@ -234,3 +241,41 @@ def test_a_stored_vector_concept(server, http, tmp_path):
         [("none", None)] * 4 + [("add", 1.0)] * 4 + [("add", 4.0)] * 4)
     none = {r["instruction"]: r["text"] for r in rows if r["method"] == "none"}
     assert any(r["text"] != none[r["instruction"]] for r in rows if r["strength"] == 4.0)
+
+
+def independent_loglik(http, question: str, choice: str, steering: dict | None) -> float:
+    """Mean log-probability of the choice's tokens, from a text prompt this time: the question's
+    token count from /tokenize, the rest of the prompt's positions are the choice's."""
+    count = len(http.post("/tokenize", json={"model": MODEL_NAME, "prompt": question,
+                                             "add_special_tokens": False}).json()["tokens"])
+    body = {"model": MODEL_NAME, "prompt": f"{question} {choice}", "max_tokens": 1, "temperature": 0,
+            "prompt_logprobs": 0, "return_token_ids": True, **({"steering": steering} if steering else {})}
+    choice_ = http.post("/v1/completions", json=body).json()["choices"][0]
+    ids, logprobs = choice_["prompt_token_ids"], choice_["prompt_logprobs"]
+    return sum(logprobs[p][str(ids[p])]["logprob"] for p in range(count, len(ids))) / (len(ids) - count)
+
+
+def test_capability_accuracy_unsteered_and_under_calibrated_steering(offline, server, http):
+    work, _ = offline
+    questions = [{"id": "w", "question": "Tell me about the weather", "choices": ["today", "bread", "train"], "answer": 0},
+                 {"id": "b", "question": "To bake bread, mix flour and", "choices": ["rain", "water"], "answer": 1},
+                 {"id": "t", "question": "The train leaves at", "choices": ["eight", "flour", "sunny"], "answer": 0}]
+    (work / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    run = bench(server, work, "--out", str(work / "out"), "--capability", str(work / "questions.jsonl"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((work / "out" / "summary.json").read_text())
+    cap = summary["capability"]
+    spec = http.get("/v1/steering/presets/weather").json()["steering"]  # the best method (test_save_presets)
+
+    def expected(steering):
+        return sum(max(range(len(q["choices"])), key=lambda i: independent_loglik(http, q["question"], q["choices"][i],
+                                                                                  steering)) == q["answer"]
+                   for q in questions) / len(questions)
+
+    assert cap["questions"] == 3 and cap["unsteered"] == expected(None)
+    weather = cap["steered"]["weather"]
+    assert weather["method"] == spec["features"][0]["mode"]
+    assert weather["strength"] == summary["concepts"]["weather"]["methods"][weather["method"]]["strength"]
+    assert weather["accuracy"] == expected({"features": spec["features"]})
+    assert set(cap["steered"]) == {"weather", "rain", "preset-weather"}
+    assert "capability (3 multiple-choice questions, by likelihood): unsteered" in (work / "out" / "report.md").read_text()

@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from steerserve.analysis.steering_bench import language_judge, offline_judges, scoring
+from steerserve.analysis.steering_bench.capability import BUILTIN_CAPABILITY, read_questions
 from steerserve.analysis.steering_bench.inputs import (
     BUILTIN_INSTRUCTIONS, BenchInputError, Concept, FeatureRef, Instruction, instructions_for, read_concepts,
     read_instructions,
@@ -253,6 +254,7 @@ def test_a_run_resumes_from_its_rows_and_refuses_other_settings(tmp_path):
 @pytest.mark.parametrize(("args", "message"), [
     (["--strengths", "1,x"], "bench-steering: --strengths '1,x': give numbers, e.g. 1,2,4,8"),
     (["--strengths", "0,2"], "bench-steering: --strengths '0,2': give positive numbers, e.g. 1,2,4,8"),
+    (["--concurrency", "0"], "bench-steering: --concurrency and --max-tokens must be at least 1"),
 ])
 def test_bad_options_exit_1_before_any_server(tmp_path, args, message):
     concepts = write(tmp_path / "c.jsonl", [GERMAN])
@@ -270,3 +272,24 @@ def test_a_bad_concept_file_exits_1_naming_the_line(tmp_path):
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert run.stderr.strip() == (f"bench-steering: {concepts}:2: concept 'x': a stored vector has no feature to "
                                   "judge it by offline: give judge.language, or --judge-url")
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    ({"id": 1, "question": "q", "choices": ["a"], "answer": 0}, ":1: choices must be a list of at least 2"),
+    ({"id": 1, "question": "q", "choices": ["a", "b"], "answer": 2}, ":1: answer must be the index of the right choice (0 to 1)"),
+    ({"id": 1, "question": "", "choices": ["a", "b"], "answer": 0}, ":1: question must be a non-empty string"),
+    ({"id": 1, "question": "q", "choices": ["a", "b"]}, ":1: a question is"),
+])
+def test_bad_capability_lines(tmp_path, row, message):
+    path = write(tmp_path / "q.jsonl", [row])
+    with pytest.raises(BenchInputError) as raised:
+        read_questions(tmp_path / "q.jsonl")
+    assert str(raised.value).startswith(path + message)
+
+
+def test_builtin_capability_questions():
+    questions = read_questions(BUILTIN_CAPABILITY)
+    assert len(questions) == 20 and [q.id for q in questions][:6] == ["en-1", "en-2", "en-3", "en-4", "en-5", "de-1"]
+    right = [q.choices[q.answer] for q in questions]
+    assert right[:3] == ["indeed", "worm", "words"] and right[5] == "hinein" and right[-1] == "mai"
+    assert [q.answer for q in questions][:3] == [0, 1, 2]  # the right ending's place rotates

@@ -103,12 +103,18 @@ def _examples(summary: dict, rows: list[dict]) -> list[str]:
 
 
 def _notes(summary: dict) -> list[str]:
-    """What the table leaves out: methods with no strength to report, presets stored."""
+    """Beside the table: methods with no strength to report, presets stored, capability."""
     notes = [f"- {name}: {', '.join(c['not_chosen'])} had no judged answer on the selection half, so no strength "
              "was chosen and nothing is reported for them (see `unparsed` in scores.jsonl)"
              for name, c in summary["concepts"].items() if c["not_chosen"]]
     notes += [f"- preset `{name}` stored: {method} at its chosen strength (`GET /v1/steering/presets/{name}`)"
               for name, method in summary.get("presets", {}).items()]
+    if "capability" in summary:
+        cap = summary["capability"]
+        notes.append(f"- capability ({cap['questions']} multiple-choice questions, by likelihood): unsteered "
+                     f"{cap['unsteered']:.0%}; " + "; ".join(
+                         f"{name} ({c['method']} at {c['strength']:g}) {c['accuracy']:.0%}"
+                         for name, c in cap["steered"].items()))
     return [*notes, ""] if notes else []
 
 

@@ -25,8 +25,9 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from steerserve.analysis.steering_bench import language_judge, offline_judges, report, scoring
+from steerserve.analysis.steering_bench import capability, language_judge, offline_judges, report, scoring
 from steerserve.analysis.steering_bench.calibration import save_presets
+from steerserve.analysis.steering_bench.capability import BUILTIN_CAPABILITY, read_questions
 from steerserve.analysis.steering_bench.inputs import (
     BUILTIN_INSTRUCTIONS, BenchInputError, Concept, Instruction, instructions_for, read_concepts, read_instructions,
 )
@@ -60,6 +61,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight (default 16)")
     p.add_argument("--save-presets", action="store_true",
                    help="store each concept's best steering method at its chosen strength as a preset named after it")
+    p.add_argument("--capability", type=Path, nargs="?", const=BUILTIN_CAPABILITY, default=None,
+                   help="multiple-choice JSONL to measure accuracy on, unsteered and under each concept's best "
+                        "steering (alone: the built-in 20 proverb endings)")
     p.add_argument("--judge-url", help="an OpenAI-compatible endpoint to judge with (default: the offline judges)")
     p.add_argument("--judge-model", help="the judge's model name (with --judge-url)")
     p.add_argument("--judge-api-key", default=None, help=f"the judge's key (default: ${JUDGE_KEY_ENV})")
@@ -101,6 +105,9 @@ def main(argv: list[str]) -> int:
         concepts = read_concepts(args.concepts)
         instructions = read_instructions(args.instructions)
         strengths = _strengths(args.strengths)
+        if args.concurrency < 1 or args.max_tokens < 1:
+            raise BenchInputError("--concurrency and --max-tokens must be at least 1")
+        questions = read_questions(args.capability) if args.capability else None
         if args.judge_url is None:
             for concept in concepts:
                 if concept.language is None and concept.source == "vector":
@@ -118,6 +125,9 @@ def main(argv: list[str]) -> int:
             summary = bench.run(concepts, instructions)
             if args.save_presets:
                 summary["presets"] = save_presets(http, bench.steered, summary)
+            if questions:
+                summary["capability"] = capability.measure(http, bench.model, questions, bench.steered, summary,
+                                                           args.concurrency)
     except (ServerStartError, BenchInputError, ResolveError, RunError, JudgeError,
             offline_judges.ServerJudgeError) as exc:
         print(f"bench-steering: {exc}", file=sys.stderr)
@@ -154,6 +164,10 @@ class Bench:
         for s in steered:
             self.randoms[s.concept.name] = random_edits(s, d_sae, saes["d_model"], self.args.seed)
         wanted = None if self.args.methods is None else set(self.args.methods.split(","))
+        known = {m for s in steered for m in (*s.methods, *(f"prompt+{x}" for x in s.swept))}
+        if wanted is not None and wanted - known:
+            raise BenchInputError(f"--methods: {', '.join(sorted(wanted - known))} is no method of these concepts "
+                                  f"(they have {', '.join(sorted(known))})")
         settings = {"model": self.model, "seed": self.args.seed, "strengths": list(self.strengths),
                     "max_tokens": self.args.max_tokens, "temperature": self.args.temperature,
                     "judge": self.judge.name if self.judge else "offline",
