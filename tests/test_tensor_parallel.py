@@ -1,4 +1,5 @@
-"""Tensor parallelism 2 gives the same steered and unsteered tokens as TP=1.
+"""Tensor parallelism 2 gives the same steered and unsteered tokens, and the same dashboard
+counts (only the first rank answers a take), as TP=1.
 
 The only end-to-end check of the replicated-SAE design this repository can run: at a steered
 layer's output every TP rank holds the whole residual stream, so each rank applies the same
@@ -10,6 +11,7 @@ split); it reuses the default's tokenizer and 128-wide SAEs.
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 from pathlib import Path
@@ -18,6 +20,8 @@ import httpx
 import pytest
 import torch
 
+from steerserve_sae.protocol.capture import DASHBOARD_ARRAYS
+from steerserve_sae.protocol.dashboard_merge import decode
 from tests.conftest import AUTH, API_KEY, server_env
 
 # A random model is nearly uniform (top-2 margins ~0.2 nats, under the bf16 noise of TP's
@@ -72,9 +76,21 @@ def serve(model: Path, log: Path, tp: int):
     return running
 
 
+def dashboard_counts(http: httpx.Client) -> dict[str, tuple[int, int]]:
+    """Per layer, the tokens a dashboards batch of the prompts counted and its firings: both TP
+    ranks record them, only the first may answer (else every count doubles)."""
+    body = {"layers": [1, 2], "documents": [{"id": i, "prompt": p} for i, p in enumerate(PROMPTS)],
+            "top_n": 3, "bins": 8, "low": 1e-2, "high": 1e2}
+    layers = http.post("/v1/features/dashboards", json=body).raise_for_status().json()["layers"]
+    return {layer: (result["tokens"], int(decode({k: base64.b64decode(v) if k in DASHBOARD_ARRAYS else v
+                                                  for k, v in result.items()})["fired"].sum()))
+            for layer, result in layers.items()}
+
+
 def greedy_runs(base_url: str) -> list[dict]:
     out = []
     with httpx.Client(base_url=base_url, headers=AUTH, timeout=300) as http:
+        out.append(dashboard_counts(http))
         for prompt in PROMPTS:
             for steering in STEERINGS:
                 body = {"model": "tp", "messages": [{"role": "user", "content": prompt}], "max_tokens": 12,
@@ -101,6 +117,11 @@ def test_tp2_matches_tp1_steered_and_unsteered(model, tmp_path):
             results[tp] = greedy_runs(running.base_url)
         finally:
             running.stop()
+    dashboards = {tp: runs.pop(0) for tp, runs in results.items()}
+    assert dashboards[1].keys() == dashboards[2].keys() == {"1", "2"}
+    for layer, (tokens, fired) in dashboards[1].items():
+        assert dashboards[2][layer][0] == tokens > 0
+        assert abs(dashboards[2][layer][1] - fired) <= 0.05 * fired  # bf16 all-reduce order may flip a few
     compared = 0
     for i, (one, two) in enumerate(zip(results[1], results[2])):
         # Compare up to the first choice decided by less than NEAR_TIE: there, and after it, the
