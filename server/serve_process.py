@@ -55,7 +55,11 @@ def server_client(base_url: str | None, serve_args: list[str], server_log: str |
                 server.wait_ready(1800)
                 base_url = server.base_url
             key = api_key_of(serve_args)
-            with httpx.Client(base_url=base_url, timeout=timeout,
+            # vLLM's HTTP server closes a connection idle for VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5 s), httpx
+            # reuses one idle up to its keepalive_expiry (also 5 s): a request sent on one the server is
+            # closing fails with "Server disconnected without sending a response". Seen in
+            # bench-steering after the language judge's seconds-long first load; 2 s stays clear of it.
+            with httpx.Client(base_url=base_url, timeout=timeout, limits=httpx.Limits(keepalive_expiry=2.0),
                               headers={"Authorization": f"Bearer {key}"} if key else {}) as http:
                 yield http
         finally:
