@@ -161,7 +161,8 @@ async def create_vector(request: Request) -> dict[str, Any]:
 
 @router.get("/v1/steering/vectors", response_model=VectorList, response_model_exclude_unset=True)
 async def list_vectors(request: Request) -> dict[str, Any]:
-    return {"object": "list", "data": [v.public() for v in _store(request).all()]}
+    store = _store(request)  # every row is read (up to --max-stored-vectors of d_model floats): off the loop
+    return {"object": "list", "data": await asyncio.to_thread(lambda: [v.public() for v in store.all()])}
 
 
 def _not_found(name: str) -> APIError:

@@ -4,9 +4,8 @@ A client uploads a vector once (base64, a .safetensors / .pt / .npy file or a GG
 vector) and then steers with `"vector": "<name>"`. A name holds either one vector for any layer
 or, for a control vector, one per layer. Rows live in the data directory's SQLite
 (`vectors.sqlite`), so they survive a restart and every API process sharing the data dir sees
-the same vectors; reads come from memory while the database is unchanged, as every steered
-request may resolve names. Each vector is checked when stored: d_model finite float32 values
-with a finite float32 norm.
+the same vectors; a steered request that names one reads its rows (a primary-key read). Each
+vector is checked when stored: d_model finite float32 values with a finite float32 norm.
 """
 
 from __future__ import annotations
@@ -76,18 +75,18 @@ def check_values(values: np.ndarray, d_model: int, param: str) -> np.ndarray:
     return np.ascontiguousarray(values, dtype="<f4")
 
 
-def _exists(name: str, why: str = "delete it first") -> APIError:
-    return APIError(f"a vector named {name!r} exists; {why}", param="name", code="vector_exists",
+def vector_exists(name: str, why: str = "delete it first", param: str = "name") -> APIError:
+    return APIError(f"a vector named {name!r} exists; {why}", param=param, code="vector_exists",
                     status=HTTPStatus.CONFLICT)
 
 
 class VectorStore:
     """The stored vectors, durable in SQLite: the one truth for every API process sharing the data
     dir (--api-server-count) and every model sharing it (rows of another d_model are not served,
-    but their names stay taken and their rows count). Lookups read a cache of this model's rows,
-    reloaded when `PRAGMA data_version` (one cheap query) says another connection committed; a
-    store checks the name and the row limit inside its BEGIN IMMEDIATE write, so two processes
-    cannot both take a name or the last rows. One connection per process behind a lock."""
+    but their names stay taken and their rows count). Every lookup reads the database (a
+    primary-key range read of one name's rows), as PresetStore does, so no process serves a stale
+    copy; a store checks the name and the row limit inside its BEGIN IMMEDIATE write, so two
+    processes cannot both take a name or the last rows. One connection per process behind a lock."""
 
     def __init__(self, data_dir: str | Path, d_model: int, max_rows: int):
         path = Path(data_dir)
@@ -97,34 +96,24 @@ class VectorStore:
         self._conn = sqlite3.connect(path / DB_NAME, check_same_thread=False, timeout=30, isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.executescript(SCHEMA)
-        self._version: int | None = None
-        self._cache: dict[str, StoredVector] = {}
-        self._others: dict[str, int] = {}  # names of other models' rows -> their d_model
 
-    def _fresh(self) -> dict[str, StoredVector]:
-        """The cache, reloaded first if another connection committed since it was read (lock held)."""
-        version = self._conn.execute("PRAGMA data_version").fetchone()[0]
-        if version != self._version:
-            cache: dict[str, StoredVector] = {}
-            self._others = {}
-            for name, layer, size, data, description, created_at, source in self._conn.execute(
-                    "SELECT name, layer, length(data), CASE WHEN length(data) = ? THEN data END, description, "
-                    "created_at, source FROM vectors", (4 * self.d_model,)):
-                if data is None:  # stored for another model: kept, not served
-                    self._others[name] = size // 4
-                    continue
-                known = cache.setdefault(name, StoredVector(name, {}, description, created_at, source))
-                known.layers[None if layer == ANY else layer] = np.frombuffer(data, dtype="<f4").astype(np.float32)
-            self._cache, self._version = cache, version
-        return self._cache
+    def _read(self, where: str = "", params: tuple = ()) -> dict[str, StoredVector]:
+        """This model's vectors among the rows `where` selects (lock held)."""
+        found: dict[str, StoredVector] = {}
+        for name, layer, data, description, created_at, source in self._conn.execute(
+                f"SELECT name, layer, data, description, created_at, source FROM vectors "
+                f"WHERE length(data) = ? {where} ORDER BY name", (4 * self.d_model, *params)):
+            known = found.setdefault(name, StoredVector(name, {}, description, created_at, source))
+            known.layers[None if layer == ANY else layer] = np.frombuffer(data, dtype="<f4").astype(np.float32)
+        return found
 
     def get(self, name: str) -> StoredVector | None:
         with self._lock:
-            return self._fresh().get(name)
+            return self._read("AND name = ?", (name,)).get(name)
 
     def all(self) -> list[StoredVector]:
         with self._lock:
-            return sorted(self._fresh().values(), key=lambda v: v.name)
+            return list(self._read().values())
 
     def put(self, vector: StoredVector) -> None:
         """Store a new name; 409 when it is taken (by any model), 400 past the store's size."""
@@ -134,19 +123,19 @@ class VectorStore:
                 self._insert(vector)
             except sqlite3.IntegrityError:
                 self._conn.execute("ROLLBACK")
-                raise _exists(vector.name) from None
+                raise vector_exists(vector.name) from None
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
-            self._cache[vector.name] = vector  # our own commit leaves our data_version as it was
 
     def _insert(self, vector: StoredVector) -> None:
-        if vector.name in self._fresh():
-            raise _exists(vector.name)
-        if vector.name in self._others:
-            raise _exists(vector.name, f"it is stored for another model sharing this data dir (d_model "
-                                       f"{self._others[vector.name]})")
+        taken = self._conn.execute("SELECT length(data) FROM vectors WHERE name = ? LIMIT 1", (vector.name,)).fetchone()
+        if taken is not None and taken[0] == 4 * self.d_model:
+            raise vector_exists(vector.name)
+        if taken is not None:
+            raise vector_exists(vector.name, f"it is stored for another model sharing this data dir (d_model "
+                                       f"{taken[0] // 4})")
         (rows,) = self._conn.execute("SELECT COUNT(*) FROM vectors").fetchone()
         if rows + len(vector.layers) > self.max_rows:
             raise APIError(f"this server stores at most {self.max_rows} vectors (one per layer of a control vector, "
@@ -160,10 +149,8 @@ class VectorStore:
     def delete(self, name: str) -> bool:
         """Whether this call deleted the name's rows (False when another got there first)."""
         with self._lock:
-            deleted = self._conn.execute("DELETE FROM vectors WHERE name = ? AND length(data) = ?",
-                                         (name, 4 * self.d_model)).rowcount
-            self._cache.pop(name, None)
-            return bool(deleted)
+            return bool(self._conn.execute("DELETE FROM vectors WHERE name = ? AND length(data) = ?",
+                                           (name, 4 * self.d_model)).rowcount)
 
     def close(self) -> None:
         self._conn.close()
