@@ -70,9 +70,13 @@ def _check_shape(shape: Sequence[int], d_model: int) -> None:
                        param="file", code="invalid_vector")
 
 
+def _itemsize(dtype: str) -> int:
+    return 2 if dtype == "bf16" else np.dtype(dtype).itemsize
+
+
 def _floats(data: bytes, dtype: str, count: int, offset: int) -> np.ndarray:
     """`count` little-endian floats of `dtype` at `offset` (bf16: the top half of a float32), as float32."""
-    if offset < 0 or len(data) - offset < count * (2 if dtype == "bf16" else np.dtype(dtype).itemsize):
+    if offset < 0 or len(data) - offset < count * _itemsize(dtype):
         raise _bad("the file ends before the vector's values do")
     if dtype == "bf16":
         halves = np.frombuffer(data, dtype="<u2", count=count, offset=offset)
@@ -117,7 +121,7 @@ def _safetensors(data: bytes, d_model: int, tensor: str | None) -> np.ndarray:
         raise _bad(f"a vector must hold floating-point values, not {str(entry.get('dtype'))[:20]}")
     _check_shape(shape, d_model)
     begin, end = offsets
-    if end - begin != d_model * (2 if dtype == "bf16" else np.dtype(dtype).itemsize):
+    if end - begin != d_model * _itemsize(dtype):
         raise _bad("not a readable .safetensors file (the tensor's data_offsets do not fit its shape and dtype)")
     return _floats(data, dtype, d_model, 8 + length + begin)
 
@@ -285,7 +289,7 @@ def _gguf(data: bytes, d_model: int) -> dict[int | None, np.ndarray]:
         tensors[layer] = (GGML_FLOATS[ggml_type], data_offset, name)
     if not tensors:
         raise _bad("the control vector holds no direction.N tensors")
-    spans = sorted((offset, offset + d_model * np.dtype(dtype).itemsize) for dtype, offset, _ in tensors.values())
+    spans = sorted((offset, offset + d_model * _itemsize(dtype)) for dtype, offset, _ in tensors.values())
     if any(end > following for (_, end), (following, _) in zip(spans, spans[1:])):  # 40 bytes, d_model floats
         raise _bad("not a readable GGUF file (two tensors share bytes)")
     start = -(-cursor.pos // alignment) * alignment
