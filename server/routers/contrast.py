@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from http import HTTPStatus
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -37,8 +36,8 @@ from steerserve.routers.features import (
 )
 from steerserve.routers.presets import model_name_taken
 from steerserve.routers.route import SteerserveRoute
-from steerserve.steering.presets import Preset, too_many_presets, validate_spec
-from steerserve.steering.vector_store import check_name, new_vector
+from steerserve.steering.presets import Preset, preset_exists, too_many_presets, validate_spec
+from steerserve.steering.vector_store import check_name, new_vector, vector_exists
 
 router = APIRouter(route_class=SteerserveRoute)
 
@@ -210,11 +209,9 @@ def _check_save_as(context, name: str, layers: list[int]) -> None:
     model_name_taken(name, context, "save_as")
     presets, limits = context.presets, context.limits
     if presets is not None and presets.get(name) is not None:
-        raise APIError(f"a steering preset named {name!r} exists; delete it first", param="save_as",
-                       code="preset_exists", status=HTTPStatus.CONFLICT)
+        raise preset_exists(name, "save_as")
     if context.vectors.get(name) is not None:
-        raise APIError(f"a vector named {name!r} exists; delete it first", param="save_as", code="vector_exists",
-                       status=HTTPStatus.CONFLICT)
+        raise vector_exists(name, param="save_as")
     if presets is not None and presets.count() >= limits.max_presets:  # checked again when it is stored
         raise too_many_presets(limits.max_presets, "save_as")
     if presets is not None and len(layers) > limits.max_steering_vectors:
@@ -240,8 +237,7 @@ async def _save(context, name: str, directions: dict[int, np.ndarray], descripti
         validate_spec(steering, context)
         preset = Preset(name, steering, description, int(time.time()), "contrast")
         if not await asyncio.to_thread(presets.put, preset, replace=False, max_count=context.limits.max_presets):
-            raise APIError(f"a steering preset named {name!r} exists; delete it first", param="save_as",
-                           code="preset_exists", status=HTTPStatus.CONFLICT)
+            raise preset_exists(name, "save_as")
     except APIError as error:
         context.vectors.delete(name)
         error.param = "save_as"

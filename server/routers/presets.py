@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, PlainValidator, StrictStr
 
 from steerserve.errors import APIError
 from steerserve.routers.route import SteerserveRoute
-from steerserve.steering.presets import Preset, PresetStore, check_name, check_size, validate_spec
+from steerserve.steering.presets import Preset, PresetStore, check_name, check_size, preset_exists, validate_spec
 from steerserve.steering.schema import Steering
 
 router = APIRouter(route_class=SteerserveRoute)
@@ -81,8 +81,7 @@ async def create_preset(request: Request, req: PresetCreate) -> dict[str, Any]:
     validate_spec(req.steering, context)
     preset = Preset(name, req.steering, req.description, int(time.time()), "api")
     if not await asyncio.to_thread(store.put, preset, replace=False, max_count=context.limits.max_presets):
-        raise APIError(f"a steering preset named {name!r} exists; delete it first", param="name",
-                       code="preset_exists", status=HTTPStatus.CONFLICT)
+        raise preset_exists(name, "name")
     return preset.public(None)
 
 

@@ -19,6 +19,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -128,6 +129,11 @@ class PresetStore:
 
     def close(self) -> None:
         self._conn.close()
+
+
+def preset_exists(name: str, param: str) -> APIError:
+    return APIError(f"a steering preset named {name!r} exists; delete it first", param=param, code="preset_exists",
+                    status=HTTPStatus.CONFLICT)
 
 
 def too_many_presets(max_count: int, param: str) -> APIError:
