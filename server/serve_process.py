@@ -6,6 +6,7 @@ The child gets its own process group, so stopping it also stops vLLM's engine pr
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import socket
@@ -22,6 +23,19 @@ import httpx
 
 class ServerStartError(RuntimeError):
     pass
+
+
+def add_server_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a subcommand that runs against a server (`eval`, `dashboards`,
+    `bench-steering`): a running one, or a private one started from the arguments it does not know."""
+    parser.add_argument("--base-url", help="use a running server instead of starting one")
+    parser.add_argument("--server-log", type=Path, default=None)
+
+
+def require_server(parser: argparse.ArgumentParser, base_url: str | None, serve_args: list[str]) -> None:
+    """Exit with usage when there is neither a running server nor a model to start one with."""
+    if base_url is None and not serve_args:
+        parser.error("give the MODEL and its serve options (or --base-url)")
 
 
 def has_option(argv: list[str], name: str) -> bool:

@@ -14,7 +14,7 @@ import pytest
 from steerserve.analysis.steering_bench import language_judge, offline_judges, scoring
 from steerserve.analysis.steering_bench.capability import BUILTIN_CAPABILITY, read_questions
 from steerserve.analysis.steering_bench.inputs import (
-    BUILTIN_INSTRUCTIONS, BenchInputError, Concept, FeatureRef, Instruction, instructions_for, read_concepts,
+    BUILTIN_INSTRUCTIONS, BenchInputError, Concept, FeatureRef, instructions_for, read_concepts,
     read_instructions,
 )
 from steerserve.analysis.steering_bench.llm_judge import PROMPTS, JudgeError, LLMJudge, parse_rating

@@ -33,7 +33,7 @@ from steerserve_sae.protocol.capture import DASHBOARD_ARRAYS
 from steerserve.analysis import explanations
 from steerserve.analysis.dashboard_store import DashboardFileError, DashboardStore, FeatureDashboard
 from steerserve.analysis.eval import DEFAULT_TEXTS, _ok
-from steerserve.serve_process import ServerStartError, server_client
+from steerserve.serve_process import ServerStartError, add_server_options, require_server, server_client
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,8 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--labels-out", type=Path, default=None, help="also write a --feature-labels JSONL")
     p.add_argument("--group-field", default="group",
                    help="JSONL field naming each document's group, e.g. its language (default: group)")
-    p.add_argument("--base-url", help="use a running server instead of starting one")
-    p.add_argument("--server-log", type=Path, default=None)
+    add_server_options(p)
     explanations.add_arguments(p)
     return p
 
@@ -88,8 +87,7 @@ def main(argv: list[str]) -> int:
     except (OSError, ValueError) as exc:  # a missing file, a line that is not JSON, a bad field
         print(f"dashboards: {exc}", file=sys.stderr)
         return 1
-    if args.base_url is None and not serve_args:
-        _parser().error("give the MODEL and its serve options (or --base-url)")
+    require_server(_parser(), args.base_url, serve_args)
     try:
         with server_client(args.base_url, serve_args, args.server_log, timeout=3600) as http:
             store = DashboardStore(args.output)

@@ -33,7 +33,7 @@ import httpx
 from tqdm import tqdm
 
 from steerserve.analysis.sae_quality import QualitySums, kl_top_k
-from steerserve.serve_process import ServerStartError, server_client
+from steerserve.serve_process import ServerStartError, add_server_options, require_server, server_client
 
 DEFAULT_TEXTS = Path(__file__).with_name("data") / "eval_texts.txt"
 PROMPTS = ["Tell me about the weather.", "Write a short poem about the sea.", "How do computers work?"]
@@ -61,8 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default="clamp,add", help="modes to sweep (default clamp,add)")
     p.add_argument("--values", default="0,2,4,8,16", help="values to sweep")
     p.add_argument("--output-dir", type=Path, default=Path("eval-report"))
-    p.add_argument("--base-url", help="use a running server instead of starting one")
-    p.add_argument("--server-log", type=Path, default=None)
+    add_server_options(p)
     return p
 
 
@@ -78,8 +77,7 @@ def main(argv: list[str]) -> int:
                            tuple(float(v) for v in args.values.split(",")))
               for layer, index in (item.split(":") for item in args.features.split(",") if item)]
     started = time.monotonic()
-    if args.base_url is None and not serve_args:
-        _parser().error("give the MODEL and its serve options (or --base-url)")
+    require_server(_parser(), args.base_url, serve_args)
     try:
         with server_client(args.base_url, serve_args, args.server_log, timeout=600) as http:
             report = run_eval(http, texts, sweeps)

@@ -34,7 +34,7 @@ from steerserve.analysis.steering_bench.inputs import (
 from steerserve.analysis.steering_bench.llm_judge import JudgeError, LLMJudge
 from steerserve.analysis.steering_bench.methods import FIXED, Edit, ResolveError, Steered, random_edits, resolve
 from steerserve.analysis.steering_bench.store import RunStore
-from steerserve.serve_process import ServerStartError, server_client
+from steerserve.serve_process import ServerStartError, add_server_options, require_server, server_client
 
 JUDGE_KEY_ENV = "STEERSERVE_JUDGE_API_KEY"
 
@@ -67,8 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--judge-url", help="an OpenAI-compatible endpoint to judge with (default: the offline judges)")
     p.add_argument("--judge-model", help="the judge's model name (with --judge-url)")
     p.add_argument("--judge-api-key", default=None, help=f"the judge's key (default: ${JUDGE_KEY_ENV})")
-    p.add_argument("--base-url", help="use a running server instead of starting one")
-    p.add_argument("--server-log", type=Path, default=None)
+    add_server_options(p)
     return p
 
 
@@ -97,8 +96,7 @@ def _digest(value) -> str:
 
 def main(argv: list[str]) -> int:
     args, serve_args = _parser().parse_known_args(argv)
-    if args.base_url is None and not serve_args:
-        _parser().error("give the MODEL and its serve options (or --base-url)")
+    require_server(_parser(), args.base_url, serve_args)
     if (args.judge_url is None) != (args.judge_model is None):
         _parser().error("--judge-url and --judge-model go together")
     try:
