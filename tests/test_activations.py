@@ -1,4 +1,4 @@
-"""One definition of each SAE activation (sae_plugins/sae/activations.py), and every path held to
+"""One definition of each SAE activation (sae_plugins/steerserve_sae/sae/activations.py), and every path held to
 it: the dense encode (inspect, captures), the touched-feature activations of the PyTorch edit,
 the native CPU kernel and (in test_triton_kernel.py) the Triton kernels. The two cases where
 the paths used to disagree are pinned with exact arithmetic: a negative JumpReLU threshold, and

@@ -149,7 +149,7 @@ def test_concurrent_clients_share_engine_steps(server):
     """Eight clients, three requests each, one after another: the engine runs them in shared
     steps (one at a time would take 576). vLLM's CPU engine core used to spin for worker output
     on the CPU it shares with the API server, and requests then reached the engine one at a
-    time, each after the previous one finished (sae_plugins/vllm_hooks/upstream_fixes.py)."""
+    time, each after the previous one finished (sae_plugins/steerserve_sae/vllm_hooks/upstream_fixes.py)."""
     def three_requests(c, j: int) -> list[int]:
         return [c.completions.create(model=MODEL_NAME, prompt=f"Client {j} asks question {i}:", max_tokens=24,
                                      temperature=0, extra_body={"ignore_eos": True}).usage.completion_tokens

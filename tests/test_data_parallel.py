@@ -2,7 +2,7 @@
 request.
 
 vLLM's DP client sends a collective RPC to every engine but returns engine 0's reply only, and a
-take deletes what it reads; before server/engine_rpc.py, half of concurrent traced requests
+take deletes what it reads; before server/steerserve/engine_rpc.py, half of concurrent traced requests
 came back without their trace. vLLM's CPU build runs DP=2 on two cores. vLLM's own per-engine
 request counters show that both engines served requests, so the test really crossed engines.
 """

@@ -53,7 +53,7 @@ def test_fvu_recomputed_from_the_shipped_files():
 
     tok = AutoTokenizer.from_pretrained(MODEL_DIR)
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
-    text = (ROOT / "server" / "analysis" / "data" / "eval_texts.txt").read_text()
+    text = (ROOT / "server" / "steerserve" / "analysis" / "data" / "eval_texts.txt").read_text()
     ids = torch.tensor([tok(text).input_ids[:1024]])
     streams = {}
     hooks = [model.model.layers[layer].register_forward_hook(

@@ -66,7 +66,7 @@ def test_invocations_steers_like_completions(http):
 
 
 def test_one_token_prefills_do_not_kill_the_engine(http):
-    """vLLM 0.32's CPU conv1d rejected a one-token prefill (sae_plugins/vllm_hooks/upstream_fixes.py)."""
+    """vLLM 0.32's CPU conv1d rejected a one-token prefill (sae_plugins/steerserve_sae/vllm_hooks/upstream_fixes.py)."""
     assert http.post("/tokenize", json={"model": MODEL_NAME, "prompt": "hi"}).json()["count"] == 1
     one = http.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "hi", "max_tokens": 3, "temperature": 0})
     assert one.status_code == 200 and one.json()["usage"]["completion_tokens"] == 3

@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-PACKAGE_DIRS = {"steerserve": "server", "steerserve_sae": "sae_plugins"}  # import name -> folder
+PACKAGE_DIRS = {"steerserve": "server/steerserve", "steerserve_sae": "sae_plugins/steerserve_sae"}  # import name -> folder
 
 
 def _folder_modules(folder: str) -> set[str]:
@@ -51,20 +51,21 @@ def test_the_wheel_installs_only_steerserves_two_packages(wheel):
 
 def test_the_wheel_holds_every_module_and_the_data_files(wheel):
     names = set(wheel.namelist())
-    assert _folder_modules("server") | _folder_modules("sae_plugins") <= names
+    assert _folder_modules("server/steerserve") | _folder_modules("sae_plugins/steerserve_sae") <= names
     assert "steerserve_sae/backends/kernels/steer_rows_cpu.cpp" in names  # built on first use
     assert "steerserve/analysis/data/eval_texts.txt" in names  # eval's default text sample
     assert "steerserve/analysis/steering_bench/instructions.jsonl" in names  # bench-steering's built-in instructions
+
+
+def test_every_package_folder_is_named_as_it_is_imported():
+    """A reader following `from steerserve.x import y` finds server/steerserve/x.py without a mapping."""
+    assert all(folder.rsplit("/", 1)[-1] == name for name, folder in PACKAGE_DIRS.items())
 
 
 def test_every_package_folder_is_listed_in_pyproject():
     tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert setuptools["package-dir"] == PACKAGE_DIRS
-    folders = {p.parent for folder in PACKAGE_DIRS.values() for p in (ROOT / folder).rglob("__init__.py")}
-    expected = set()
-    for path in folders:
-        top = path.relative_to(ROOT).parts[0]
-        name = next(n for n, f in PACKAGE_DIRS.items() if f == top)
-        expected.add(".".join([name, *path.relative_to(ROOT / top).parts]))
+    expected = {".".join([name, *p.parent.relative_to(ROOT / folder).parts])
+                for name, folder in PACKAGE_DIRS.items() for p in (ROOT / folder).rglob("__init__.py")}
     assert set(setuptools["packages"]) == expected

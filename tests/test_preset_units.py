@@ -1,5 +1,5 @@
 """Steering presets without an engine: the SQLite store, the --steering-presets file, and how a
-request naming a preset is resolved (server/steering/presets.py)."""
+request naming a preset is resolved (server/steerserve/steering/presets.py)."""
 
 from __future__ import annotations
 

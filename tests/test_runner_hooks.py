@@ -56,7 +56,7 @@ def test_register_wraps_both_model_runners(v2_runner):
 
 
 def _is_hook(method) -> bool:
-    return method.__code__.co_filename.endswith("sae_plugins/vllm_hooks/runner_patch.py")
+    return method.__code__.co_filename.endswith("sae_plugins/steerserve_sae/vllm_hooks/runner_patch.py")
 
 
 def test_v2_routing_reads_fields_that_exist(v2_runner):

@@ -1,4 +1,4 @@
-"""`--sae` as a directory or a hub repo id (server/sae_source.py), and Qwen-Scope files read
+"""`--sae` as a directory or a hub repo id (server/steerserve/sae_source.py), and Qwen-Scope files read
 exactly as SAELens reads them.
 
 Hub repos live in a Hugging Face cache built in a temp dir the way huggingface_hub lays it out

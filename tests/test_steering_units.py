@@ -231,7 +231,7 @@ def test_cpu_encoder_choice_keeps_large_encoders_in_their_dtype():
 
 
 def test_engine_core_waits_for_workers_by_sleeping(monkeypatch):
-    """sae_plugins/vllm_hooks/upstream_fixes.py: within its busy window the engine core's wait for worker
+    """sae_plugins/steerserve_sae/vllm_hooks/upstream_fixes.py: within its busy window the engine core's wait for worker
     output sleeps instead of spinning on sched_yield (which starved the API server sharing its
     CPU); outside the window it still blocks on the queue's notify socket."""
     import time

@@ -3,7 +3,7 @@ counts (only the first rank answers a take), as TP=1.
 
 The only end-to-end check of the replicated-SAE design this repository can run: at a steered
 layer's output every TP rank holds the whole residual stream, so each rank applies the same
-edit with no communication (sae_plugins/steering/runtime.py). vLLM's CPU build runs TP=2 with
+edit with no communication (sae_plugins/steerserve_sae/steering/runtime.py). vLLM's CPU build runs TP=2 with
 one OpenMP thread set per rank. The model is a random Qwen3.5 whose attention and linear
 attention head counts divide by 2 (the embedded default's single linear key head cannot be
 split); it reuses the default's tokenizer and 128-wide SAEs.

@@ -259,7 +259,7 @@ def test_a_stream_carries_the_trace_with_its_chunks(client):
 def test_concurrent_traced_streams_take_their_pieces_together(server, client):
     """8 traced streams at once: each stream's pieces add up to the trace it gets alone, and
     the pieces all streams ask for in the same step go to the workers in one RPC
-    (server/steering/worker_takes.py) instead of one RPC per stream per token."""
+    (server/steerserve/steering/worker_takes.py) instead of one RPC per stream per token."""
     trace = {"layers": [1, 2], "top_k": 4}
     expected = [[x["index"] for x in e["features"]["2"]] for e in chat(client, trace).choices[0].model_extra["trace"]]
 

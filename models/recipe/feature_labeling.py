@@ -1,5 +1,5 @@
 """Label every SAE feature of the default model through `steerserve dashboards`, the labeller users
-have (server/analysis/dashboards.py), with each document's language as its group.
+have (server/steerserve/analysis/dashboards.py), with each document's language as its group.
 
 The labelling text is documents in a seeded random order up to LABEL_TOKENS tokens, so it spans
 every collection. A private engine builds the dashboards of layers 1-3; `--labels-out` writes

@@ -26,13 +26,13 @@ class SteeringContext:
     hidden_size: int = 0  # the model's residual width, for a server with no SAE to read it from
     engine: Any = None  # vLLM's EngineClient: tokenizer and collective RPC
     takes: WorkerTakes | None = None  # what finished requests left in the workers, taken over that RPC
-    client: Any = None  # in-process client of this server's own app (server/in_process.py)
+    client: Any = None  # in-process client of this server's own app (server/steerserve/in_process.py)
     served_model: str = ""
     served_models: tuple[str, ...] = ()  # every name vLLM serves the model under (--served-model-name)
     adapters: Callable[[], Iterable[str]] = tuple  # the LoRA adapters vLLM serves now (their names)
-    presets: PresetStore | None = None  # named specs served as models (server/steering/presets.py)
+    presets: PresetStore | None = None  # named specs served as models (server/steerserve/steering/presets.py)
     preset_check: PresetCheck | None = None  # which stored presets this server serves
-    vectors: VectorStore | None = None  # stored direction vectors (server/steering/vector_store.py)
+    vectors: VectorStore | None = None  # stored direction vectors (server/steerserve/steering/vector_store.py)
     max_model_len: int = 0
     limits: Limits = field(default_factory=Limits)
     labels: FeatureLabels = field(default_factory=FeatureLabels)

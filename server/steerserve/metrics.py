@@ -34,7 +34,7 @@ class SteeringMetrics:
             self.worker_stats: dict = {}
             self.admission_active = lambda: 0
             self.admission_waits = lambda: 0
-            self.takes = None  # server/steering/worker_takes.py's WorkerTakes, once bound
+            self.takes = None  # server/steerserve/steering/worker_takes.py's WorkerTakes, once bound
             self._fetch: Callable[[], Awaitable[dict]] | None = None
             self._last_refresh = 0.0
             self._refreshing = False

@@ -1,4 +1,4 @@
-"""The browser playground at /ui: static files shipped in the package (server/ui/), no build step.
+"""The browser playground at /ui: static files shipped in the package (server/steerserve/ui/), no build step.
 
 The page holds no data of its own: it asks for the API key and calls the authenticated API with
 it (search, feature pages, chat, traces), so its files are served without a key

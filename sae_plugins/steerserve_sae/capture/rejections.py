@@ -5,7 +5,7 @@ STEERSERVE_SPEC_SECRET) or finds a spec that does not fit its tables runs the re
 rather than crash the step (steering/runtime.py). The API must not then return that answer as a
 steered one, so every request the API signs a spec for also carries an unsigned ticket; a worker
 that refuses the spec records the reason under the ticket, and the API takes it with the
-response (server/middleware/steering.py) and answers 5xx instead. A reason is kept whatever the
+response (server/steerserve/middleware/steering.py) and answers 5xx instead. A reason is kept whatever the
 worker store's budget (store.py): a few bytes, and dropping it would let the answer pass.
 """
 

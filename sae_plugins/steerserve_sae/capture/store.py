@@ -2,7 +2,7 @@
 held within one byte budget (--max-worker-store-mib).
 
 These results live in the worker's host memory, outside vLLM's memory profile, from the step
-that records them until the API takes them (server/steering/worker_takes.py). So:
+that records them until the API takes them (server/steerserve/steering/worker_takes.py). So:
   * every entry is charged its (estimated) bytes against the budget;
   * the requests recording under a key are its owners: an entry with a running owner is live
     and never dropped to make room;

@@ -4,7 +4,7 @@ workers' replies.
 
 Torch-free, so the API layer (steerserve) reads it without importing the workers' machinery;
 vllm_hooks/worker_extension.py implements the methods named here. Every RPC reaches every
-worker rank (server/engine_rpc.py) and each rank replies with plain data (vLLM serialises it
+worker rank (server/steerserve/engine_rpc.py) and each rank replies with plain data (vLLM serialises it
 across processes), typed below; the `merge_*` functions say how the ranks' replies combine:
 tensor-parallel ranks agree, pipeline stages each answer for their own layers.
 """
@@ -107,7 +107,7 @@ class LayerCapture(TypedDict, total=False):
     values: list[list[float]]
     watched: list[list[float]]  # per position, the watched features' activations
     residuals: list[str | None]  # per position, its stream (RESIDUAL_ENCODING; None: over the bound)
-    quality: dict  # reconstruction sums (server/analysis/sae_quality.py)
+    quality: dict  # reconstruction sums (server/steerserve/analysis/sae_quality.py)
     aggregate: dict  # inspect only: num_tokens, by_max, by_mean
 
 

@@ -3,7 +3,7 @@
 Like `eval`, it starts a private server (MODEL and serve options) or uses `--base-url`. The
 corpus (a text file one document per line, JSONL with `text` or `messages`, default eval's
 built-in sample) goes in batches to `POST /v1/features/dashboards`, two batches in flight so
-the engine stays busy while one is merged; the workers accumulate (sae_plugins/capture/
+the engine stays busy while one is merged; the workers accumulate (sae_plugins/steerserve_sae/capture/
 dashboards.py) and each batch is merged into the output SQLite file and committed with its
 documents (analysis/dashboard_store.py), so a rerun skips what was committed. Afterwards every
 feature's logit lens (promoted and suppressed tokens) is stored, and `--labels-out` writes a

@@ -4,7 +4,7 @@ Runs on a real server (started like `run-batch`, or one given by --base-url), so
 measures the tiny default on a laptop and Qwen3.5-27B with Qwen-Scope on GPUs:
   * SAE quality per loaded layer over a text set (one text per line of --data, default a
     built-in sample): FVU, L0 and the fraction of features that never fired (the sums come
-    from the workers' captures, server/analysis/sae_quality.py), and the downstream cost of splicing
+    from the workers' captures, server/steerserve/analysis/sae_quality.py), and the downstream cost of splicing
     the SAE in (the NLL of the texts with the layer's output replaced by its reconstruction,
     minus without, and the mean per-token KL divergence of the next-token distributions from
     the unspliced model's, estimated from each run's top 20: sae_quality.kl_top_k);

@@ -1,7 +1,7 @@
 """How well an SAE reconstructs the residual stream, from the sums a capture accumulates.
 
 The workers add up, per layer, over the tokens they saw: |x - x_hat|^2, |x|^2, x itself, the
-number of active features and which features fired (sae_plugins/capture/features.py). Sums of
+number of active features and which features fired (sae_plugins/steerserve_sae/capture/features.py). Sums of
 several requests add up, so inspect reports one text's quality and `steerserve eval` a whole
 text set's with the same code:
   FVU (fraction of variance unexplained) = sum |x - x_hat|^2 / sum |x - mean(x)|^2

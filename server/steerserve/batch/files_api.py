@@ -1,7 +1,7 @@
 """OpenAI Files API (`/v1/files`): uploads for batches, and the batches' output files.
 
 Contents live on disk under DATA_DIR/files/<id>, metadata in SQLite. Errors use the same
-OpenAI error object as the rest of the server (server/errors.py).
+OpenAI error object as the rest of the server (server/steerserve/errors.py).
 
 An upload over `max_upload_bytes` is refused from its Content-Length before the body is read,
 or, without one, as soon as the bytes received pass the limit: the multipart parser stops there

@@ -1,4 +1,4 @@
-"""Wiring of the Files + Batches API into vLLM's app (called from server/endpoint_plugin.py).
+"""Wiring of the Files + Batches API into vLLM's app (called from server/steerserve/endpoint_plugin.py).
 
 `attach_batch_api` runs while vLLM builds the app: routes, and a lifespan wrapper that stops
 the runner when the server stops. `start_batch_service` runs from the plugin's `init_state`,

@@ -86,7 +86,7 @@ def add_steering_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--unauthenticated-paths", nargs="*", default=list(DEFAULT_OPEN_PATHS),
                        help="with --api-key, the exact paths that answer without a key (default: %(default)s); "
                             "every other path of every route needs it, /metrics included")
-    Limits.add_arguments(parser.add_argument_group("steerserve limits", "request limits (server/limits.py)"))
+    Limits.add_arguments(parser.add_argument_group("steerserve limits", "request limits (server/steerserve/limits.py)"))
 
 
 def _enable_plugins() -> None:
@@ -125,7 +125,7 @@ def prepare_worker_environment() -> None:
 
 
 def _take_api_keys(args: argparse.Namespace) -> None:
-    """steerserve checks the keys on every path (server/middleware/auth.py); vLLM's own check covers only
+    """steerserve checks the keys on every path (server/steerserve/middleware/auth.py); vLLM's own check covers only
     /v1 and a few prefixes and answers in another shape, so vLLM is not given them."""
     from steerserve.middleware.auth import KEYS_ATTRIBUTE, api_keys
 
@@ -241,7 +241,7 @@ def _check_vllm_version() -> None:
 
 def refuse_another_servers_data_dir(args: argparse.Namespace) -> None:
     """Before the engine loads: a --data-dir whose batch runner belongs to a server of another
-    model or SAE is refused (server/batch/identity.py); this server's batches would never run."""
+    model or SAE is refused (server/steerserve/batch/identity.py); this server's batches would never run."""
     from steerserve.batch.identity import DataDirInUse, RunnerLock, server_identity
 
     try:

@@ -76,7 +76,7 @@ def _depth(value: Any) -> int:
 
 def check_vllm_xargs(payload: dict) -> None:
     """`vllm_xargs` keys starting with `steerserve_` carry specs the workers act on: only this
-    server may set them (signed, see sae_plugins/protocol/signing.py), never a client."""
+    server may set them (signed, see sae_plugins/steerserve_sae/protocol/signing.py), never a client."""
     xargs = payload.get("vllm_xargs")
     if xargs is None:
         return

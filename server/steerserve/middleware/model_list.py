@@ -1,5 +1,5 @@
 """`GET /v1/models` with every steering preset this server serves listed after vLLM's own entries,
-each in the shape vLLM gives a LoRA adapter (server/steering/presets.py `Preset.card`): clients
+each in the shape vLLM gives a LoRA adapter (server/steerserve/steering/presets.py `Preset.card`): clients
 that can only pick a model find the presets where they look for models. The presets are read and
 checked off the event loop: up to --max-presets of them, each spec up to --max-preset-spec-bytes."""
 

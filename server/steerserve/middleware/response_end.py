@@ -97,7 +97,7 @@ def response_end(context, translation, untaken: set[Wanted]) -> Callable[[], Awa
         async def rejection() -> None:
             result.rejected = await _take_rejection(context, ticket)
 
-        # at once, so that all go in one worker RPC (server/steering/worker_takes.py)
+        # at once, so that all go in one worker RPC (server/steerserve/steering/worker_takes.py)
         outcomes = await asyncio.gather(*(take() for take, asked in ((gate_report, report), (traces, trace),
                                                                       (rejection, ticket)) if asked is not None),
                                         return_exceptions=True)

@@ -1,6 +1,6 @@
 """The response side of a steered or traced request: the echo and end-of-response fields
 written into a JSON body or into a stream's events, and a worker's refusal turned into the
-response's error (server/middleware/response_end.py says what is taken from the workers)."""
+response's error (server/steerserve/middleware/response_end.py says what is taken from the workers)."""
 
 from __future__ import annotations
 

@@ -6,17 +6,17 @@ depth, and checked for the plugin's reserved `vllm_xargs` keys and the client pr
 (guard.py), so no route of vLLM's or ours can hand the workers an unchecked spec, let a
 client jump the queue, or crash on hostile JSON.
 On the steerable routes a `model` that names a steering preset is first resolved to the served
-model steered by the preset (server/steering/presets.py; the response is named by the preset), on
+model steered by the preset (server/steerserve/steering/presets.py; the response is named by the preset), on
 the token-counting routes to the served model, and `GET /v1/models` gets the presets appended
 (model_list.py).
-On the steerable routes the body is then validated and translated (server/steering/translation.py),
+On the steerable routes the body is then validated and translated (server/steerserve/steering/translation.py),
 and the response, JSON or server-sent events, gets the normalised spec echoed back
 (response_rewrite.py, with what response_end.py takes from the workers); any other
 route refuses a `steering` field rather than ignore it. Unsteered requests pass through with
 their body untouched. For a spec with gates, the echo at the end of the response (the JSON body,
 or one last chunk before a stream's `[DONE]`) also says how many tokens each gate let through;
-a `trace` (server/steering/traces.py) arrives there too, per choice. A worker that refused the request's
-spec (sae_plugins/capture/rejections.py) turns the response into a 500: before a stream's first event,
+a `trace` (server/steerserve/steering/traces.py) arrives there too, per choice. A worker that refused the request's
+spec (sae_plugins/steerserve_sae/capture/rejections.py) turns the response into a 500: before a stream's first event,
 or instead of the JSON body, so an unsteered answer never goes out labelled as steered.
 Whatever the workers keep for a response (gate report, traces, refusal) and the response did not
 take, because its client left, its status was an error or it was cancelled, is discarded when

@@ -1,10 +1,10 @@
 """`POST /v1/features/dashboards`: one batch of documents folded into feature dashboards.
 
-What `steerserve dashboards` (server/analysis/dashboards.py) sends, a batch at a time. Every
+What `steerserve dashboards` (server/steerserve/analysis/dashboards.py) sends, a batch at a time. Every
 document runs concurrently as a prompt-only, one-token completion through this server's own app
 (like inspect), all under one dashboard capture (protocol/capture.py: DashboardSpec) with the
 document's number; the workers fold every position into bounded per-feature accumulators
-(sae_plugins/capture/dashboards.py) and the batch's accumulators are taken once it has run.
+(sae_plugins/steerserve_sae/capture/dashboards.py) and the batch's accumulators are taken once it has run.
 The reply holds, per layer, the rows of the features that fired as base64 little-endian arrays
 (DASHBOARD_ARRAYS), and each document's tokens as text, so the client can show the windows.
 Documents may name a `group` (e.g. their language): the reply then also counts, per group and

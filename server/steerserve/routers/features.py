@@ -153,7 +153,7 @@ async def _run_inspection(context, req: InspectRequest, layers: list[int], token
         if req.next_token_logprobs:  # predictions of tokens 1.. (vLLM also lists the actual token)
             result["next_token_logprobs"] = [{t: e["logprob"] for t, e in entry.items()}
                                              for entry in prompt_logprobs[1:]]
-    if req.quality:  # summary plus the raw sums, which add up over requests (server/analysis/sae_quality.py)
+    if req.quality:  # summary plus the raw sums, which add up over requests (server/steerserve/analysis/sae_quality.py)
         result["quality"] = {
             str(layer): QualitySums.from_capture(captured[layer]["quality"]).summary(context.sae_by_layer[layer]["d_sae"])
             | {"sums": captured[layer]["quality"]}

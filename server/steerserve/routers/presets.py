@@ -1,5 +1,5 @@
 """`/v1/steering/presets`: named steering specs that clients steer by as a `model`
-(server/steering/presets.py keeps them; the steering middleware resolves them)."""
+(server/steerserve/steering/presets.py keeps them; the steering middleware resolves them)."""
 
 from __future__ import annotations
 

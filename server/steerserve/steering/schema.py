@@ -64,7 +64,7 @@ def parse_steering(
     vector_layers: frozenset[int] = frozenset(),
 ) -> tuple[SteeringSpec, bool]:
     """Validate user JSON into a normalised spec and the `compare` flag.
-    `sae_sizes` maps loaded layer -> d_sae; `max_value` bounds |value| (see server/limits.py);
+    `sae_sizes` maps loaded layer -> d_sae; `max_value` bounds |value| (see server/steerserve/limits.py);
     `stages` are the layer sets of the pipeline stages (a gate must share its edit's);
     `d_model` is the length of a steering vector, `max_vectors` how many a request may have;
     `vector_layers` are the layers without an SAE where vectors may steer (--steering-layers)."""

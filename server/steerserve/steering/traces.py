@@ -1,7 +1,7 @@
 """The `trace` field of chat/text completions: each token's top SAE features while it generates.
 
 `"trace": {"layers": [...], "top_k": 5, "positions": "generation" | "all"}` rides to the workers
-as a capture spec (sae_plugins/capture/features.py) next to any steering, so the features are
+as a capture spec (sae_plugins/steerserve_sae/capture/features.py) next to any steering, so the features are
 those of the stream the request really ran, after any steering edit at each traced layer, and
 only the traced requests' rows are encoded. A position's features are recorded when the
 position is computed: position p holds the token at p as input and predicts token p + 1. So

@@ -6,7 +6,7 @@ id is folded into `cache_salt` so steered requests never share prefix-cache bloc
 unsteered or differently steered ones (see `cache_salt` for position-dependent steering). A spec
 with gates also gets a report id, under which the workers count the tokens that passed each gate.
 Every request that carries a signed spec also gets a ticket, under which a worker that refuses
-the spec says so (sae_plugins/capture/rejections.py).
+the spec says so (sae_plugins/steerserve_sae/capture/rejections.py).
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ class Translation:
     baseline_body: dict | None = None  # the same request unsteered, when `steering.compare` is set
     body_changed: bool = False  # an unsteered body that differs from what the client sent
     gate_report: str | None = None  # the workers' gate report id, for a spec with gates
-    trace: CaptureSpec | None = None  # the request's trace (server/steering/traces.py)
+    trace: CaptureSpec | None = None  # the request's trace (server/steerserve/steering/traces.py)
     baseline_trace: CaptureSpec | None = None  # the baseline's own trace, when both are asked for
     ticket: str | None = None  # where a worker records refusing the request's spec (rejections.py)
-    preset: str | None = None  # the preset the request named as its model (server/steering/presets.py)
+    preset: str | None = None  # the preset the request named as its model (server/steerserve/steering/presets.py)
     vector_names: dict[tuple[int, str], str] | None = None  # stored vectors named by the request, for the echo
 
     @property

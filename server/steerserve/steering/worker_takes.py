@@ -9,7 +9,7 @@ alone goes at once.
 
 Every result a request asked the workers to keep is taken, read or not: `discard` names, in the
 same coalesced RPCs, what a response will not read (its client went away, its status was an
-error, it was cancelled), so the workers' store (sae_plugins/capture/store.py) frees it at once
+error, it was cancelled), so the workers' store (sae_plugins/steerserve_sae/capture/store.py) frees it at once
 and drops what the request may still record.
 A result that outgrew the workers' store budget is taken as the store's marker and raised to
 its caller as a 503.
@@ -72,7 +72,7 @@ class WorkerTakes:
             self.rpcs_total += 1
             self.taken_total += len(batch)
             try:
-                # Every data-parallel engine: the request ran on one of them (server/engine_rpc.py).
+                # Every data-parallel engine: the request ran on one of them (server/steerserve/engine_rpc.py).
                 taken = [w for w, future in batch if future is not None]
                 dropped = [w for w, future in batch if future is None]
                 per_rank = await every_rank(self._engine, TAKE, (taken, dropped) if dropped else (taken,))

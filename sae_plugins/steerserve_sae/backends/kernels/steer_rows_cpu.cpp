@@ -1,13 +1,13 @@
-// The steering step at one layer as a single native CPU op (see sae_plugins/backends/native_cpu.py).
+// The steering step at one layer as a single native CPU op (see sae_plugins/steerserve_sae/backends/native_cpu.py).
 //
 // It does what the PyTorch reference backend (torch_reference.py) does, reading everything
 // from the runtime's fixed buffers: this layer's routing [6, max_rows] and its live counts
 // [6] = (rows with an add vector, rows to encode, feature-table width in use, gate probes in
 // use, rows with projected vector edits, vector-table width in use). Nothing branches on request data in Python; a step with nothing planned here returns
-// after reading 4 ints. Gates (sae_plugins/gating.py): a row's gate probes here write its
+// after reading 4 ints. Gates (sae_plugins/steerserve_sae/gating.py): a row's gate probes here write its
 // gate_state columns from the stream as it arrived, before any edit; every encoded entry's
 // coefficient is multiplied by the gate_state column it names (the last column is all ones).
-// Direction vectors (sae_plugins/steering/vector_math.py): each projected entry's coefficient
+// Direction vectors (sae_plugins/steerserve_sae/steering/vector_math.py): each projected entry's coefficient
 // min(offset + gain * (x . dir), upper) is taken from the stream as it arrived, before the
 // encoded edits, and applied after them (times its gate), before the add vectors.
 // The reference costs ~20 eager kernels (~100 us for one row on a small SAE); here the
@@ -56,7 +56,7 @@ void add_rows(at::Tensor& hidden, const int64_t* rows, const int64_t* slots, int
 }
 
 // TopK keeps exactly k features per row; among pre-activations tied with the k-th largest the
-// lowest feature indices win (sae_plugins/activations.py). So feature i, pre-activation a, is
+// lowest feature indices win (sae_plugins/steerserve_sae/activations.py). So feature i, pre-activation a, is
 // kept iff #{j : p_j > a} + #{j < i : p_j == a} < k. One counting pass per touched feature
 // (vectorised compares, early exit) beats selecting the k-th value (a copy and an nth_element
 // over all d_sae) while a row touches few features; with many, one selection serves them all.
