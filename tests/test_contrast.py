@@ -125,7 +125,7 @@ ENGLISH = ["He who knows others is wise.", "The weather is very nice today.", "I
 
 def test_german_against_english_finds_the_german_feature(default_server):
     """On the default model: the feature labelled German (3:424) tops the contrast at layer 3
-    (the README's example)."""
+    (the example of docs/analysis.md)."""
     import httpx
 
     from tests.conftest import AUTH

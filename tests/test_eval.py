@@ -128,7 +128,7 @@ def test_splice_kl_matches_the_reference(report, reference, layer):
     """eval's KL is the top-20 estimate (sae_quality.kl_top_k) of the server's distributions;
     the reference applies the same estimate to its own full distributions, and the exact KL
     bounds it: on this circuit splicing moves most of the mass (exact KL ~ 20-35 nats), which
-    the top-20 lists cannot see, so the estimate is well below it (documented in the README)."""
+    the top-20 lists cannot see, so the estimate is well below it (documented in docs/eval.md)."""
     from steerserve.analysis.sae_quality import kl_top_k
 
     _, data = report

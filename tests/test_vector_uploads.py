@@ -3,7 +3,7 @@
 Each hostile file declares far more than it holds (a GGUF array of 2^40 items in 102 bytes, a
 zero-stride .pt view of 2^40 values, a deflated .pt entry 1,000 times its size, a .npy header of
 2^40 values): each is parsed in a subprocess, and its peak RSS growth and time must stay within the
-bound the README states. The store is checked with two stores on one data dir and over HTTP with
+bound docs/steering/stored-vectors.md states. The store is checked with two stores on one data dir and over HTTP with
 the test process beside the server process, sharing the server's data dir.
 """
 
@@ -168,7 +168,7 @@ for path in json.loads(sys.stdin.read()):
 
 
 def bound(size: int) -> tuple[int, float]:
-    """The README's bound on reading an upload of `size` bytes: peak memory growth of 2 x its size
+    """The bound docs/steering/stored-vectors.md states on reading an upload of `size` bytes: peak memory growth of 2 x its size
     + 32 MiB, and 1 s + 1 s per 8 MiB (measured on these files: at most 4.2 MiB and 0.1 s; before
     the bounds, up to 2 GiB and 60 s, ended by the watchdog)."""
     return 2 * size + 32 * MIB, 1.0 + size / (8 * MIB)
