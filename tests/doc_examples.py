@@ -14,7 +14,8 @@ line carries `title="Output"` (MkDocs Material shows the title above it):
 The examples are written for `make serve` (port 8000, no API key). The suite's default server
 listens elsewhere and requires a key, so before running an example the runner points
 `localhost:8000` / `127.0.0.1:8000` at it and adds the key: curl through a shell function that
-sends the header, Python by replacing the literal `api_key="unused"`. Nothing else is rewritten.
+sends the header, Python by replacing the literals `api_key="unused"` (openai) and
+`auth_token="unused"` (anthropic). Nothing else is rewritten.
 
 Comparison, by the output block's language:
 - `json`: the printed text and the pasted text are each read as a sequence of JSON values (`jq -c`
@@ -112,6 +113,7 @@ def run_bash(source: str, target: Target) -> str:
 def run_python(source: str, target: Target) -> str:
     host = target.base_url.split("://", 1)[1]
     code = MAKE_SERVE.sub(host, source).replace('api_key="unused"', f'api_key="{target.api_key}"')
+    code = code.replace('auth_token="unused"', f'auth_token="{target.api_key}"')
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         exec(compile(code, "<docs example>", "exec"), {"__name__": "__docs_example__"})
