@@ -25,7 +25,14 @@ Comparison, by the output block's language:
   pasted value or 0.01, whichever is larger (activations are pasted rounded). A list whose last
   pasted element is the string `"..."` allows more elements after the ones pasted; an object with
   the key `"..."` allows keys that are not pasted. Every other key and element must be there.
-- `text`: exact, but for trailing whitespace at the end.
+- `text`: exact, but for trailing whitespace at the end; a last pasted line `...` allows more
+  lines after the pasted ones (a timing printed last). With `numbers="1%"` on the info line (a
+  measured table), every word that reads as a decimal number (a trailing % allowed) matches
+  within 1% of the pasted value or 0.01, whichever is larger; the other words stay exact.
+
+Bash examples run in a temporary directory (what they write stays out of the tree), with the
+Python environment's scripts (`steerserve`) on PATH and VLLM_API_KEY set to the key, which
+steerserve's own client commands (`eval`, `dashboards`, `bench-steering` with `--base-url`) send.
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ import io
 import json
 import re
 import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +76,7 @@ class Pasted:
     source: str
     output_language: str  # json or text
     output: str
+    tolerant_numbers: bool = False  # numbers="1%" on a text output
 
 
 _lexer = RawFencedCodeBlockLexer(info_pattern=re.compile(r"(?P<info>[^\n]*)$\n", re.MULTILINE))
@@ -82,7 +92,7 @@ def parse_examples(document: Document):
             between = document.text[previous.end:region.start]
             if command_info and command_info[0] in ("bash", "python") and not between.strip():
                 parsed = Pasted(command_info[0], str(previous.lexemes["source"]),
-                                info.split()[0], str(region.lexemes["source"]))
+                                info.split()[0], str(region.lexemes["source"]), 'numbers="1%"' in info)
                 yield Region(previous.start, region.end, parsed, evaluate)
         previous = region
 
@@ -104,8 +114,11 @@ def run_bash(source: str, target: Target) -> str:
     prelude = ('set -o pipefail\n'
                'curl() { command curl -H "Authorization: Bearer $STEERSERVE_DOCS_KEY" "$@"; }\n')
     host = target.base_url.split("://", 1)[1]
-    result = subprocess.run(["bash", "-c", prelude + MAKE_SERVE.sub(host, source)], capture_output=True, text=True,
-                            timeout=300, env={"PATH": "/usr/bin:/bin:/usr/local/bin", "STEERSERVE_DOCS_KEY": target.api_key})
+    path = f"{Path(sys.executable).parent}:/usr/bin:/bin:/usr/local/bin"
+    with tempfile.TemporaryDirectory(prefix="docs-example-") as cwd:
+        result = subprocess.run(["bash", "-c", prelude + MAKE_SERVE.sub(host, source)], capture_output=True, text=True,
+                                timeout=300, cwd=cwd, env={"PATH": path, "HOME": cwd, "STEERSERVE_DOCS_KEY": target.api_key,
+                                                           "VLLM_API_KEY": target.api_key})
     assert result.returncode == 0, f"exit status {result.returncode}\n{result.stderr}"
     return result.stdout
 
@@ -127,8 +140,33 @@ def evaluate(example: Example) -> None:
     if pasted.output_language == "json":
         problems = compare(json_values(pasted.output), json_values(printed), "output")
     else:
-        problems = [] if printed.rstrip() == pasted.output.rstrip() else ["the text differs"]
+        problems = compare_text(pasted.output, printed, pasted.tolerant_numbers)
     assert not problems, "pasted output no longer matches:\n  " + "\n  ".join(problems) + f"\nprinted now:\n{printed}"
+
+
+def compare_text(pasted: str, printed: str, tolerant_numbers: bool) -> list[str]:
+    want, got = pasted.rstrip().split("\n"), printed.rstrip().split("\n")
+    if want[-1] == ELLIPSIS:
+        want, got = want[:-1], got[: len(want) - 1]
+    if len(want) != len(got):
+        return [f"{len(want)} lines pasted, {len(got)} printed"]
+    problems = []
+    for i, (a, b) in enumerate(zip(want, got), 1):
+        if a.rstrip() == b.rstrip():
+            continue
+        words_a, words_b = a.split(), b.split()
+        if not tolerant_numbers or len(words_a) != len(words_b) or not all(
+                x == y or _close(x, y) for x, y in zip(words_a, words_b)):
+            problems.append(f"line {i}: pasted {a!r}, printed {b!r}")
+    return problems
+
+
+def _close(pasted: str, printed: str) -> bool:
+    number = re.compile(r"-?\d+\.\d+%?")
+    if not (number.fullmatch(pasted) and number.fullmatch(printed)) or pasted.endswith("%") != printed.endswith("%"):
+        return False
+    a, b = float(pasted.rstrip("%")), float(printed.rstrip("%"))
+    return abs(b - a) <= max(FLOAT_ABS, FLOAT_REL * abs(a))
 
 
 def json_values(text: str) -> list:

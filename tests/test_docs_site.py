@@ -10,7 +10,7 @@ import sys
 import pytest
 from sybil import Sybil
 
-from tests.doc_examples import ROOT, compare, json_values, parse_examples
+from tests.doc_examples import ROOT, compare, compare_text, json_values, parse_examples
 
 
 def test_the_site_builds_strictly(tmp_path):
@@ -56,6 +56,22 @@ def test_a_broken_link_fails_the_build(tmp_path):
 def test_pasted_outputs_are_compared_as_documented(pasted, printed, ok):
     problems = compare(json_values(pasted), json_values(printed), "output")  # as evaluate() calls it
     assert (not problems) is ok, problems
+
+
+@pytest.mark.parametrize(("pasted", "printed", "tolerant", "ok"), [
+    ("Die Welt\nsteer-1", "Die Welt\nsteer-1\n", False, True),
+    ("Die Welt\nsteer-1", "Die Welt!\nsteer-1", False, False),  # greedy text exact
+    ("a 0.1335 87.5%", "a 0.1336 87.5%", False, False),  # without numbers="1%": exact
+    ("a 0.1335 87.5%", "a 0.1336 87.5%", True, True),
+    ("a 0.1335 87.5%", "a 0.1335 83.3%", True, False),  # one greedy token more of 24
+    ("a 1.02 x", "a 1.02 y", True, False),  # other words exact
+    ("a 0.036 x", "a 0.040 x", True, True),  # within 0.01
+    ("table\n...", "table\ntook 11.2 s", False, True),  # a last `...` line: more may follow
+    ("table\n...", "tablet\ntook 11.2 s", False, False),
+    ("one\ntwo", "one", False, False),
+])
+def test_pasted_text_is_compared_as_documented(pasted, printed, tolerant, ok):
+    assert (not compare_text(pasted, printed, tolerant)) is ok
 
 
 def test_an_output_block_must_follow_its_command_directly(tmp_path):
