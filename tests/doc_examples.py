@@ -2,7 +2,8 @@
 compared with what the example prints now.
 
 An executed example is a fenced `bash` or `python` block followed directly by a block whose info
-line carries `title="Output"` (MkDocs Material shows the title above it):
+line carries `title="Output"` or `title="Output (numbers within 1%)"` (MkDocs Material shows the
+title above it):
 
     ```bash
     curl -s localhost:8000/v1/features/search?q=German | jq -c '.data[0].index'
@@ -26,7 +27,7 @@ Comparison, by the output block's language:
   pasted element is the string `"..."` allows more elements after the ones pasted; an object with
   the key `"..."` allows keys that are not pasted. Every other key and element must be there.
 - `text`: exact, but for trailing whitespace at the end; a last pasted line `...` allows more
-  lines after the pasted ones (a timing printed last). With `numbers="1%"` on the info line (a
+  lines after the pasted ones (a timing printed last). Titled `Output (numbers within 1%)` (a
   measured table), every word that reads as a decimal number (a trailing % allowed) matches
   within 1% of the pasted value or 0.01, whichever is larger; the other words stay exact.
 
@@ -51,7 +52,8 @@ from sybil import Document, Example, Region, Sybil
 from sybil.parsers.markdown.lexers import RawFencedCodeBlockLexer
 
 ROOT = Path(__file__).resolve().parent.parent
-OUTPUT_TITLE = 'title="Output"'
+OUTPUT_TITLE = 'title="Output'  # "Output", or "Output (numbers within 1%)"
+TOLERANT = "numbers within 1%"
 MAKE_SERVE = re.compile(r"(?:localhost|127\.0\.0\.1):8000")
 ELLIPSIS = "..."
 FLOAT_REL, FLOAT_ABS = 0.01, 0.01
@@ -76,7 +78,7 @@ class Pasted:
     source: str
     output_language: str  # json or text
     output: str
-    tolerant_numbers: bool = False  # numbers="1%" on a text output
+    tolerant_numbers: bool = False  # title="Output (numbers within 1%)" on a text output
 
 
 _lexer = RawFencedCodeBlockLexer(info_pattern=re.compile(r"(?P<info>[^\n]*)$\n", re.MULTILINE))
@@ -92,7 +94,7 @@ def parse_examples(document: Document):
             between = document.text[previous.end:region.start]
             if command_info and command_info[0] in ("bash", "python") and not between.strip():
                 parsed = Pasted(command_info[0], str(previous.lexemes["source"]),
-                                info.split()[0], str(region.lexemes["source"]), 'numbers="1%"' in info)
+                                info.split()[0], str(region.lexemes["source"]), TOLERANT in info)
                 yield Region(previous.start, region.end, parsed, evaluate)
         previous = region
 

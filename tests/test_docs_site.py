@@ -21,6 +21,9 @@ def test_the_site_builds_strictly(tmp_path):
     for page in ("index.html", "getting-started/index.html", "steering/gates/index.html", "troubleshooting/index.html",
                  "glossary/index.html"):
         assert (tmp_path / "site" / page).is_file(), page
+    # a fence Markdown could not read (an info line it does not take) is printed as text, not as code
+    leaked = [str(p.relative_to(tmp_path)) for p in (tmp_path / "site").rglob("*.html") if "```" in p.read_text()]
+    assert not leaked, leaked
 
 
 def test_a_broken_link_fails_the_build(tmp_path):
