@@ -26,14 +26,15 @@ $(STAMP): pyproject.toml
 setup: $(STAMP) browser
 
 # The playground's browser test (tests/test_playground.py) drives Debian's chromium and
-# chromium-driver: installed when missing and possible (as root, or with sudo that needs no
-# password, on a system with apt-get); otherwise nothing happens and that test skips, saying why.
+# chromium-driver, and the docs' executed examples (tests/test_docs_examples.py) pipe curl into
+# jq: installed when missing and possible (as root, or with sudo that needs no password, on a
+# system with apt-get); otherwise nothing happens and those tests skip, saying why.
 browser:
-	@command -v chromedriver >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || { \
+	@{ command -v chromedriver && command -v jq; } >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then sudo=; elif sudo -n true 2>/dev/null; then sudo="sudo -n"; else exit 0; fi; \
-	  echo "installing Debian's chromium and chromium-driver for the browser test"; \
-	  $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null \
-	    || echo "could not install chromium: the browser test will skip"; }
+	  echo "installing Debian's chromium, chromium-driver and jq for the browser test and the docs' examples"; \
+	  $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver jq >/dev/null \
+	    || echo "could not install chromium or jq: the browser test or the docs' examples will skip"; }
 
 # The default model, its SAEs and labels are committed under $(DEFAULT_MODEL); serving needs no
 # training. `make default-model` rebuilds them from scratch (Debian packages -> weights, ~50 min on
