@@ -35,7 +35,8 @@ MAX_TOKENS = 32
 # The German feature clamped to the page's default, 78.2 (5 x 15.63, the mean activation its label
 # gives), on "Tell me something.": German, as the README's first example (the default before,
 # 50, gave English: "The story is gonna be an information, in an inch, ...").
-GERMAN_FIRST_RUN = "The st ist ist ist ist ein krä ist, ist ein krä ist, ist\nsch ist, ist ein er ist, ist ein er ist,"
+GERMAN_FIRST_RUN = ("The st ist ist ist ist ein krä ist, ist ein krä ist, ist\n"
+                    "sch ist, ist ein er ist, ist ein er ist,")
 STICKY_TOP = 16  # px: the chat panel's `top: 1rem` (style.css), the root font being 16 px
 
 
@@ -113,9 +114,9 @@ def shot(browser, panel: str, name: str | None = None) -> None:
 
 def rect(browser, css: str) -> dict:
     """An element's box in the window (CSS pixels): left, right, top, bottom, height."""
-    return browser.execute_script("const r = document.querySelector(arguments[0]).getBoundingClientRect(); "
-                                  "return {left: r.left, right: r.right, top: r.top, bottom: r.bottom, height: r.height}",
-                                  css)
+    return browser.execute_script(
+        "const r = document.querySelector(arguments[0]).getBoundingClientRect(); "
+        "return {left: r.left, right: r.right, top: r.top, bottom: r.bottom, height: r.height}", css)
 
 
 def api_chat(http, steering=None) -> dict:
@@ -218,6 +219,8 @@ def test_search_feature_steer_and_trace_in_a_browser(browser, default_server, ht
     # The trace heatmap: one cell per generated token plus the end of the prompt, coloured, and
     # hovering a token lists the features the API traced at its position.
     wait_for(browser, lambda: find("#trace-panel").is_displayed())
+    browser.execute_script("document.getElementById('trace-panel').scrollIntoView()")
+    assert rect(browser, "#chat-panel")["bottom"] <= rect(browser, "#trace-panel")["top"]  # sticky above it, never over
     tokens = finds("#heatmap-steered .tok")
     assert len(tokens) == len(steered["trace"]) + 1
     colours = {t.value_of_css_property("background-color") for t in tokens}
@@ -288,7 +291,8 @@ def test_feature_page_shows_dashboards_built_through_the_server(browser, default
     assert mean != 15.63 and find("#feature-numbers").text.startswith(
         f"mean activation when it fires {mean:.2f} (from its dashboard); ")
     find("#feature-steer").click()
-    assert find(f"#steer-{german['layer']}-{german['index']}-value").get_attribute("value") == js_number(default_clamp(mean))
+    value = find(f"#steer-{german['layer']}-{german['index']}-value").get_attribute("value")
+    assert value == js_number(default_clamp(mean))
     shot(browser, "feature", "feature-dashboards")
 
     # The explained feature shows its explanation and detection score as the API gives them.
