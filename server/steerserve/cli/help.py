@@ -29,9 +29,7 @@ vLLM's serve options (engine, frontend, --config FILE.yaml, --api-key, ...) work
   a section:     steerserve serve --help=ModelConfig   (Frontend, CacheConfig, ...; case-insensitive)
   a flag:        steerserve serve --help=max-model-len (_ or - accepted)
   this page:     steerserve serve --help (or --help=steerserve)"""
-OWN_SECTIONS = ("steerserve", "steerserve limits")
-
-
+OWN_SECTIONS = ("steerserve", "steerserve limits")  # --help=TITLE of these: the own page
 STATED_DEFAULT = "default:"  # in an option's help: it says its default itself ("(default: none, ...)")
 
 
