@@ -14,7 +14,8 @@ from fastapi.responses import FileResponse, RedirectResponse
 from starlette.exceptions import HTTPException
 
 UI_DIR = Path(__file__).resolve().parent / "ui"
-FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
+FILES = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css",
+         "favicon.svg": "image/svg+xml"}
 PLAYGROUND_PATHS = ("/ui", *(f"/ui/{name}" for name in ("", *FILES)))
 
 router = APIRouter()

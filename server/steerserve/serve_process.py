@@ -27,9 +27,27 @@ class ServerStartError(RuntimeError):
 
 def add_server_options(parser: argparse.ArgumentParser) -> None:
     """The options of a subcommand that runs against a server (`eval`, `dashboards`,
-    `bench-steering`): a running one, or a private one started from the arguments it does not know."""
-    parser.add_argument("--base-url", help="use a running server instead of starting one")
-    parser.add_argument("--server-log", type=Path, default=None)
+    `bench-steering`): a running one, or a private one started from the arguments it does not know
+    (parse them with parse_server_args)."""
+    group = parser.add_argument_group(
+        "server", "a running server (--base-url), else a private one: `steerserve serve` with every argument not "
+                  "listed here (MODEL, --sae, --sae-layers, vLLM options)")
+    group.add_argument("--base-url", metavar="URL",
+                       help="use a running server instead of starting one (default: none, start a private one)")
+    group.add_argument("--api-key", metavar="KEY",
+                       help="the key the requests send; a private server is started with it (default: "
+                            "$VLLM_API_KEY, else none)")
+    group.add_argument("--server-log", type=Path, default=None, metavar="FILE",
+                       help="keep the private server's log here (default: none, a temporary file)")
+
+
+def parse_server_args(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """A subcommand's own options, and the arguments of the `steerserve serve` it would start:
+    every argument it does not know, and its --api-key (which the requests send: api_key_of)."""
+    args, serve_args = parser.parse_known_args(argv)
+    if args.api_key is not None:
+        serve_args = [*serve_args, "--api-key", args.api_key]
+    return args, serve_args
 
 
 def require_server(parser: argparse.ArgumentParser, base_url: str | None, serve_args: list[str]) -> None:

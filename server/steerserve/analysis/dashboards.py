@@ -33,25 +33,30 @@ from steerserve_sae.protocol.capture import DASHBOARD_ARRAYS
 from steerserve.analysis import explanations
 from steerserve.analysis.dashboard_store import DashboardFileError, DashboardStore, FeatureDashboard
 from steerserve.analysis.eval import DEFAULT_TEXTS, _ok
-from steerserve.serve_process import ServerStartError, add_server_options, require_server, server_client
+from steerserve.cli.help import DefaultsFormatter
+from steerserve.serve_process import (
+    ServerStartError, add_server_options, parse_server_args, require_server, server_client,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="steerserve dashboards", allow_abbrev=False,
+    p = argparse.ArgumentParser(formatter_class=DefaultsFormatter, prog="steerserve dashboards", allow_abbrev=False,
                                 description="feature dashboards (histograms, top examples, logit lens) for a corpus",
                                 epilog="Every other argument (MODEL, --sae, --sae-layers, vLLM options) goes to "
                                        "`steerserve serve`.")
-    p.add_argument("--data", type=Path, default=DEFAULT_TEXTS,
+    p.add_argument("--data", type=Path, default=DEFAULT_TEXTS, metavar="FILE",
                    help="documents: a text file one per line, or JSONL with `text` or `messages` (default: built-in sample)")
     p.add_argument("--layers", required=True, help="SAE layers, e.g. 3 or 1,2,3")
     p.add_argument("--output", type=Path, required=True, help="the SQLite file (resumed if it exists)")
-    p.add_argument("--top-n", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=256,
+    p.add_argument("--top-n", type=int, default=20, metavar="N", help="top activating examples kept per feature")
+    p.add_argument("--batch-size", type=int, default=256, metavar="N",
                    help="documents per request to the server (its reply's size depends on the SAE's width, not on this)")
-    p.add_argument("--max-docs", type=int, default=None)
-    p.add_argument("--labels-out", type=Path, default=None, help="also write a --feature-labels JSONL")
-    p.add_argument("--group-field", default="group",
-                   help="JSONL field naming each document's group, e.g. its language (default: group)")
+    p.add_argument("--max-docs", type=int, default=None, metavar="N",
+                   help="read only the first N documents of --data (default: none, all)")
+    p.add_argument("--labels-out", type=Path, default=None, metavar="FILE",
+                   help="also write a --feature-labels JSONL (default: none)")
+    p.add_argument("--group-field", default="group", metavar="FIELD",
+                   help="JSONL field naming each document's group, e.g. its language")
     add_server_options(p)
     explanations.add_arguments(p)
     return p
@@ -80,7 +85,7 @@ def read_documents(path: Path, group_field: str = "group") -> list[dict]:
 
 
 def main(argv: list[str]) -> int:
-    args, serve_args = _parser().parse_known_args(argv)
+    args, serve_args = parse_server_args(_parser(), argv)
     layers = [int(x) for x in args.layers.split(",")]
     try:
         docs = read_documents(args.data, args.group_field)[: args.max_docs]

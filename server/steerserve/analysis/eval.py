@@ -33,7 +33,10 @@ import httpx
 from tqdm import tqdm
 
 from steerserve.analysis.sae_quality import QualitySums, kl_top_k
-from steerserve.serve_process import ServerStartError, add_server_options, require_server, server_client
+from steerserve.cli.help import DefaultsFormatter
+from steerserve.serve_process import (
+    ServerStartError, add_server_options, parse_server_args, require_server, server_client,
+)
 
 DEFAULT_TEXTS = Path(__file__).with_name("data") / "eval_texts.txt"
 PROMPTS = ["Tell me about the weather.", "Write a short poem about the sea.", "How do computers work?"]
@@ -51,22 +54,25 @@ class FeatureSweep:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="steerserve eval", allow_abbrev=False,
+    p = argparse.ArgumentParser(formatter_class=DefaultsFormatter, prog="steerserve eval", allow_abbrev=False,
                                 description="SAE quality and steering-effect reports on a temporary server",
                                 epilog="Every other argument (MODEL, --sae, --sae-layers, vLLM options) goes to "
                                        "`steerserve serve`.")
-    p.add_argument("--data", type=Path, default=DEFAULT_TEXTS, help="texts, one per line (default: built-in sample)")
-    p.add_argument("--max-texts", type=int, default=20)
-    p.add_argument("--features", default="", help="features to sweep, e.g. 1:3,2:700 (layer:index)")
-    p.add_argument("--modes", default="clamp,add", help="modes to sweep (default clamp,add)")
+    p.add_argument("--data", type=Path, default=DEFAULT_TEXTS, metavar="FILE",
+                   help="texts, one per line (default: built-in sample)")
+    p.add_argument("--max-texts", type=int, default=20, metavar="N", help="use the first N texts of --data")
+    p.add_argument("--features", default="", metavar="L:I,...",
+                   help="features to sweep, e.g. 1:3,2:700 (layer:index) (default: none, quality only)")
+    p.add_argument("--modes", default="clamp,add", help="modes to sweep")
     p.add_argument("--values", default="0,2,4,8,16", help="values to sweep")
-    p.add_argument("--output-dir", type=Path, default=Path("eval-report"))
+    p.add_argument("--output-dir", type=Path, default=Path("eval-report"), metavar="DIR",
+                   help="report.json, its tables and plots")
     add_server_options(p)
     return p
 
 
 def main(argv: list[str]) -> int:
-    args, serve_args = _parser().parse_known_args(argv)
+    args, serve_args = parse_server_args(_parser(), argv)
     try:
         _pyplot()  # checked before a server starts (minutes), not after the run
     except ImportError as exc:

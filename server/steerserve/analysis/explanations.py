@@ -45,20 +45,21 @@ class PromptRefused(ExplainError):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("explanations (optional)")
     g.add_argument("--explain", action="store_true", help="explain features with the dashboards' own server")
-    g.add_argument("--explain-with", metavar="URL", help="an OpenAI-compatible base URL (implies --explain)")
+    g.add_argument("--explain-with", metavar="URL",
+                   help="an OpenAI-compatible base URL (implies --explain; default: none, the dashboards' own server)")
     g.add_argument("--explain-model", metavar="NAME", help="its model (default: its first listed; implies --explain)")
     g.add_argument("--explain-api-key", metavar="KEY",
                    help="key for --explain-with (default: $OPENAI_API_KEY; the own server gets the key its client sends)")
     g.add_argument("--explain-limit", type=_at_least(1), metavar="N", default=None,
                    help="explain the N most often firing features (default: all with top examples)")
     g.add_argument("--explain-examples", type=_at_least(1), metavar="N", default=5,
-                   help="top examples shown to the explainer (default 5)")
+                   help="top examples shown to the explainer")
     g.add_argument("--explain-held-out", type=_at_least(0), metavar="N", default=5,
-                   help="held-out top examples scored (default 5)")
+                   help="held-out top examples scored")
     g.add_argument("--explain-random", type=_at_least(0), metavar="N", default=5,
-                   help="random contexts scored (default 5)")
+                   help="random contexts scored")
     g.add_argument("--explain-workers", type=_at_least(1), metavar="N", default=4,
-                   help="features explained at once (default 4)")
+                   help="features explained at once")
 
 
 def _at_least(low: int):

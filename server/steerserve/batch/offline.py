@@ -20,12 +20,14 @@ from typing import Any
 
 import httpx
 
+from steerserve.cli.help import DefaultsFormatter
 from steerserve.serve_process import ServeProcess, ServerStartError, api_key_of, has_option
 
 DESCRIPTION = "run a JSONL file of OpenAI batch requests through a temporary steerserve server"
 EPILOG = (
     "Every other argument (MODEL, --sae, --sae-layers, --config, vLLM engine options, "
-    "--batch-concurrency, --data-dir) is passed to `steerserve serve`. Without --data-dir the "
+    "--batch-concurrency, --data-dir, --api-key: the requests send it) is passed to `steerserve serve`. "
+    "Without --data-dir the "
     "server keeps its batch state in a temporary directory removed at the end."
 )
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
@@ -34,14 +36,15 @@ TERMINAL = ("completed", "failed", "expired", "cancelled")
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="steerserve run-batch", description=DESCRIPTION, epilog=EPILOG,
-                                allow_abbrev=False)
+                                allow_abbrev=False, formatter_class=DefaultsFormatter)
     p.add_argument("-i", "--input-file", required=True, type=Path, help="JSONL input, one request per line")
     p.add_argument("-o", "--output-file", required=True, type=Path, help="JSONL output of successful lines")
     p.add_argument("--errors-file", type=Path, default=None,
                    help="JSONL output of failed lines (default: OUTPUT with .errors.jsonl)")
     p.add_argument("--batch-endpoint", choices=ENDPOINTS, default=None,
                    help="the batch's endpoint (default: the url of the first request line)")
-    p.add_argument("--server-log", type=Path, default=None, help="keep the server's log here")
+    p.add_argument("--server-log", type=Path, default=None,
+                   help="keep the server's log here (default: none, a temporary file)")
     p.add_argument("--startup-timeout", type=float, default=1800.0, help="seconds to wait for the server")
     return p
 

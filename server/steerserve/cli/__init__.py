@@ -4,7 +4,7 @@ Each subcommand parses its own options (so `steerserve SUB --help` is that comma
 `serve` with vLLM's own serve parser plus the SAE options (cli/serve.py), `eval` and `run-batch`
 with theirs, passing the options they do not know on to the `serve` they start. The modules
 behind a subcommand are imported only when it runs: vLLM takes seconds to import, so `--help`,
-`eval` and `run-batch` never load it in this process.
+`serve --help` (cli/help.py), `eval` and `run-batch` never load it in this process.
 
 The default model's build and the tiny test model are not subcommands (they are not installed):
 `make default-model`, `make tiny-model OUT=DIR`.
@@ -25,6 +25,10 @@ class Command:
 
 
 def _serve(argv: list[str]) -> int | None:
+    from steerserve.cli.help import is_help, show_serve_help
+
+    if is_help(argv):  # steerserve's own page needs no vLLM (cli/help.py)
+        return show_serve_help(argv)
     from steerserve.cli.serve import serve
 
     return serve(argv)

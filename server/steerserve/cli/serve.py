@@ -50,40 +50,45 @@ def add_steering_args(parser: argparse.ArgumentParser) -> None:
     from steerserve.limits import Limits
 
     group = parser.add_argument_group("steerserve", "SAE steering")
-    group.add_argument("--sae", default=None,
+    group.add_argument("--sae", default=None, metavar="DIR_OR_HUB_ID",
                        help="SAE directory (Qwen-Scope, SAELens or sparsify layout), or a Qwen-Scope hub repo "
-                            "id owner/name[@revision] (only the --sae-layers files are downloaded)")
-    group.add_argument("--sae-layers", nargs="+", default=None, help="decoder layers to steer, e.g. 8,16,32")
-    group.add_argument("--steering-layers", nargs="+", default=None,
+                            "id owner/name[@revision] (only the --sae-layers files are downloaded) (default: none, "
+                            "no SAE features)")
+    group.add_argument("--sae-layers", nargs="+", default=None, metavar="LAYERS",
+                       help="decoder layers to steer, e.g. 8,16,32 (required with --sae; default: none)")
+    group.add_argument("--steering-layers", nargs="+", default=None, metavar="LAYERS",
                        help="decoder layers where direction vectors steer, also without an SAE there (and "
-                            "without --sae at all), e.g. 4,12")
-    group.add_argument("--sae-k", type=_positive_int, default=None,
+                            "without --sae at all), e.g. 4,12 (default: none, vectors only at the SAE layers)")
+    group.add_argument("--sae-k", type=_positive_int, default=None, metavar="K",
                        help="TopK k of Qwen-Scope files whose directory is not named SAE-Res-...-L0_{k} "
-                            "and has no config.json (must agree with either when given)")
-    group.add_argument("--max-steering-features", type=int, default=DEFAULT_MAX_FEATURES,
+                            "and has no config.json (must agree with either when given) (default: from them)")
+    group.add_argument("--max-steering-features", type=int, default=DEFAULT_MAX_FEATURES, metavar="N",
                        help="most features one request may steer")
-    group.add_argument("--max-steering-configs", type=int, default=DEFAULT_MAX_CONFIGS,
+    group.add_argument("--max-steering-configs", type=int, default=DEFAULT_MAX_CONFIGS, metavar="N",
                        help="distinct steering specs in flight; more wait for a free slot")
-    group.add_argument("--max-worker-store-mib", type=_positive_int, default=DEFAULT_MAX_STORE_MIB,
+    group.add_argument("--max-worker-store-mib", type=_positive_int, default=DEFAULT_MAX_STORE_MIB, metavar="MIB",
                        help="host memory per worker for results kept until the API takes them (inspect captures, "
                             "traces, gate reports); a request whose results would not fit gets a 503")
     group.add_argument("--steering-kernel", choices=STEERING_KERNELS, default="auto",
                        help="steering op: on CPU the native kernel (built once with the C++ compiler), the "
                             "PyTorch op, or auto (native when it builds); on GPU the PyTorch op, or triton "
                             "(experimental capture-safe kernels, not yet validated on a GPU)")
-    group.add_argument("--feature-labels", default=None,
-                       help="JSONL of {layer, index, label, description?} shown by the features API")
-    group.add_argument("--feature-dashboards", default=None,
-                       help="SQLite file from `steerserve dashboards`: histograms and top examples in the features API")
-    group.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
+    group.add_argument("--feature-labels", default=None, metavar="FILE",
+                       help="JSONL of {layer, index, label, description?} shown by the features API (default: "
+                            "none, features unlabelled)")
+    group.add_argument("--feature-dashboards", default=None, metavar="FILE",
+                       help="SQLite file from `steerserve dashboards`: histograms and top examples in the features "
+                            "API (default: none)")
+    group.add_argument("--data-dir", default=DEFAULT_DATA_DIR, metavar="DIR",
                        help="where the Files/Batches API and the steering presets keep their SQLite databases "
                             "and file contents")
     group.add_argument("--steering-presets", default=None, metavar="FILE",
                        help="YAML or JSON mapping preset name -> steering spec (or {steering, description}); each "
-                            "is served as a model and stored in --data-dir, replacing a stored one of that name")
-    group.add_argument("--batch-concurrency", type=int, default=DEFAULT_BATCH_CONCURRENCY,
+                            "is served as a model and stored in --data-dir, replacing a stored one of that name "
+                            "(default: none)")
+    group.add_argument("--batch-concurrency", type=int, default=DEFAULT_BATCH_CONCURRENCY, metavar="N",
                        help="batch lines in flight at once (they run at lower priority than interactive requests)")
-    group.add_argument("--unauthenticated-paths", nargs="*", default=list(DEFAULT_OPEN_PATHS),
+    group.add_argument("--unauthenticated-paths", nargs="*", default=list(DEFAULT_OPEN_PATHS), metavar="PATH",
                        help="with --api-key, the exact paths that answer without a key (default: %(default)s); "
                             "every other path of every route needs it, /metrics included")
     Limits.add_arguments(parser.add_argument_group("steerserve limits", "request limits (server/steerserve/limits.py)"))
@@ -256,10 +261,13 @@ def build_parser():
     from vllm.entrypoints.cli.serve import ServeSubcommand
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
+    from steerserve.cli.help import SERVE_DESCRIPTION, SERVE_EPILOG, serve_usage, stating_defaults_once
+
     parser = FlexibleArgumentParser(prog="steerserve", description="SAE-steerable OpenAI-compatible server")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = ServeSubcommand().subparser_init(commands)
-    serve.usage = "steerserve serve [MODEL] --sae SAE_DIR_OR_HUB_ID --sae-layers 8,16,32 [vLLM options]"
+    serve.usage, serve.description, serve.epilog = serve_usage(), SERVE_DESCRIPTION, SERVE_EPILOG  # not vLLM's
+    serve.formatter_class = stating_defaults_once(serve.formatter_class)
     add_steering_args(serve)
     # Batch lines go at priority 1 behind interactive requests, which needs priority scheduling;
     # a --scheduling-policy given on the command line or in --config still wins.

@@ -34,7 +34,10 @@ from steerserve.analysis.steering_bench.inputs import (
 from steerserve.analysis.steering_bench.llm_judge import JudgeError, LLMJudge
 from steerserve.analysis.steering_bench.methods import FIXED, Edit, ResolveError, Steered, random_edits, resolve
 from steerserve.analysis.steering_bench.store import RunStore
-from steerserve.serve_process import ServerStartError, add_server_options, require_server, server_client
+from steerserve.cli.help import DefaultsFormatter
+from steerserve.serve_process import (
+    ServerStartError, add_server_options, parse_server_args, require_server, server_client,
+)
 
 JUDGE_KEY_ENV = "STEERSERVE_JUDGE_API_KEY"
 
@@ -44,28 +47,27 @@ class RunError(RuntimeError):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="steerserve bench-steering", allow_abbrev=False,
+    p = argparse.ArgumentParser(formatter_class=DefaultsFormatter, prog="steerserve bench-steering", allow_abbrev=False,
                                 description="measure steering methods against prompting on a set of concepts",
-                                epilog="Every other argument (MODEL, --sae, --api-key, vLLM options) goes to "
-                                       "`steerserve serve`; --api-key is also what requests to --base-url send.")
+                                epilog="Every other argument (MODEL, --sae, vLLM options) goes to `steerserve serve`.")
     p.add_argument("--concepts", type=Path, required=True, help="JSONL, one concept a line (see README)")
     p.add_argument("--instructions", type=Path, default=BUILTIN_INSTRUCTIONS,
                    help="JSONL {\"id\", \"prompt\", \"language\"?} (default: 44 built-in, English/German/Spanish/Italian)")
     p.add_argument("--out", type=Path, required=True, help="scores.jsonl, summary.json, report.md (resumed if there)")
     p.add_argument("--strengths", default="1,2,4,8",
-                   help="multiples of each feature's mean activation / vector's norm / preset's values (default 1,2,4,8)")
+                   help="multiples of each feature's mean activation / vector's norm / preset's values")
     p.add_argument("--methods", default=None, help="run only these (e.g. none,prompt,clamp); default: all that apply")
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--max-tokens", type=int, default=32, metavar="N", help="tokens per answer")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--seed", type=int, default=0, help="the split, random controls, bootstrap and sampling")
-    p.add_argument("--concurrency", type=int, default=16, help="requests in flight (default 16)")
+    p.add_argument("--concurrency", type=int, default=16, help="requests in flight")
     p.add_argument("--save-presets", action="store_true",
                    help="store each concept's best steering method at its chosen strength as a preset named after it")
     p.add_argument("--capability", type=Path, nargs="?", const=BUILTIN_CAPABILITY, default=None,
                    help="multiple-choice JSONL to measure accuracy on, unsteered and under each concept's best "
-                        "steering (alone: the built-in 20 proverb endings)")
+                        "steering (alone: the built-in 20 proverb endings; default: none)")
     p.add_argument("--judge-url", help="an OpenAI-compatible endpoint to judge with (default: the offline judges)")
-    p.add_argument("--judge-model", help="the judge's model name (with --judge-url)")
+    p.add_argument("--judge-model", help="the judge's model name (with --judge-url; default: none)")
     p.add_argument("--judge-api-key", default=None, help=f"the judge's key (default: ${JUDGE_KEY_ENV})")
     add_server_options(p)
     return p
@@ -95,7 +97,7 @@ def _digest(value) -> str:
 
 
 def main(argv: list[str]) -> int:
-    args, serve_args = _parser().parse_known_args(argv)
+    args, serve_args = parse_server_args(_parser(), argv)
     require_server(_parser(), args.base_url, serve_args)
     if (args.judge_url is None) != (args.judge_model is None):
         _parser().error("--judge-url and --judge-model go together")
