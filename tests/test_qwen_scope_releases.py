@@ -101,3 +101,36 @@ def test_each_config_parses_and_fits_its_model(parse, name):
     chat = name in CHAT_CONFIGS
     assert (args.reasoning_parser, args.tool_call_parser, bool(args.enable_auto_tool_choice)) == (
         ("qwen3", "qwen3_coder", True) if chat else ("", None, False))
+
+
+@pytest.mark.parametrize(("name", "repo_id", "model"), [
+    ("SAE-Res-Qwen3.5-9B-Base-W64K-L0_50", "Qwen/SAE-Res-Qwen3.5-9B-Base-W64K-L0_50", "Qwen/Qwen3.5-9B-Base"),
+    ("SAE-Res-Qwen3-30B-A3B-Base-W128K-L0_100", None, "Qwen3-30B-A3B-Base"),  # a local directory
+    ("my-saes", None, None),
+])
+def test_the_model_an_sae_set_was_trained_on(name, repo_id, model):
+    from steerserve_sae.sae.formats.qwen_scope import trained_on
+
+    assert trained_on(name, repo_id) == model
+
+
+@pytest.mark.parametrize(("served", "said"), [
+    ("Qwen/Qwen3.5-9B", True),  # the post-trained model with its Base model's SAEs
+    ("Qwen/Qwen3.5-9B-Base", False),
+    ("qwen/qwen3.5-9b-base", False),
+    ("{tmp}/models--Qwen--Qwen3.5-9B-Base/snapshots/" + "ab" * 20, False),  # a snapshot in the hub cache
+    ("{tmp}/Qwen3.5-9B", True),  # a local copy of the post-trained model
+])
+def test_start_up_says_when_the_saes_were_trained_on_another_model(tmp_path, capsys, served, said):
+    from steerserve.cli.serve import say_what_the_saes_were_trained_on
+    from steerserve.sae_source import SAESource
+
+    served = served.format(tmp=tmp_path)
+    if served.startswith(str(tmp_path)):
+        (tmp_path / served).mkdir(parents=True)
+    repo = "Qwen/SAE-Res-Qwen3.5-9B-Base-W64K-L0_50"
+    say_what_the_saes_were_trained_on(served, SAESource("/cache/snapshot", repo.split("/")[1], repo, "c0ffee"))
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ([f"steerserve: the SAEs {repo} were trained on Qwen/Qwen3.5-9B-Base, not on the served model "
+                      f"{served}: measure how well they fit it with `steerserve eval` (FVU, KL) before trusting "
+                      "features"] if said else [])
