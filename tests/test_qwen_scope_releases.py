@@ -134,3 +134,18 @@ def test_start_up_says_when_the_saes_were_trained_on_another_model(tmp_path, cap
     assert lines == ([f"steerserve: the SAEs {repo} were trained on Qwen/Qwen3.5-9B-Base, not on the served model "
                       f"{served}: measure how well they fit it with `steerserve eval` (FVU, KL) before trusting "
                       "features"] if said else [])
+
+
+def test_a_layer_holding_only_its_share_of_the_tokens_is_refused():
+    """vLLM's Qwen3.5 MoE layers flag sequence-parallel MoE (expert parallel, TP > 1) with
+    use_attn_reduce_scatter_for_moe; steering needs every token's stream on every rank."""
+    from torch import nn
+
+    from steerserve_sae.vllm_hooks.architectures import UnsupportedArchitecture, check_steerable_layer
+
+    layer = nn.Module()
+    layer.use_attn_reduce_scatter_for_moe = False
+    check_steerable_layer(layer, 10)
+    layer.use_attn_reduce_scatter_for_moe = True
+    with pytest.raises(UnsupportedArchitecture, match="decoder layer 10 .* sequence-parallel MoE"):
+        check_steerable_layer(layer, 10)
