@@ -149,3 +149,36 @@ def test_a_layer_holding_only_its_share_of_the_tokens_is_refused():
     layer.use_attn_reduce_scatter_for_moe = True
     with pytest.raises(UnsupportedArchitecture, match="decoder layer 10 .* sequence-parallel MoE"):
         check_steerable_layer(layer, 10)
+
+
+@pytest.mark.parametrize("model", sorted(QWEN_SCOPE_MODELS))
+def test_every_model_has_a_stand_in_of_its_shape(model, tmp_path):
+    """The stand-in's config.json has the model's architecture and structure (experts, top-k,
+    shared expert; Qwen3.5's layer pattern and vision config) at tiny widths, and the SAE repo
+    is named and listed like the release (one file per real layer, only the steered ones fetched)."""
+    import json
+
+    from tests.qwen35_27b_standin import build_standins
+    from tests.qwen_scope_standins import STANDIN_EXPERTS, target
+
+    info = QWEN_SCOPE_MODELS[model]
+    sae_repo = min(info.sae_repos, key=len)  # the narrower L0_50 set
+    build_standins(tmp_path, num_layers=4, target=target(info, sae_repo, (2,)))
+    folder = tmp_path / f"models--{model.replace('/', '--')}"
+    config = json.loads((folder / "snapshots" / (folder / "refs" / "main").read_text() / "config.json").read_text())
+    assert config["architectures"] == [info.architecture]
+    text = config.get("text_config", config)
+    assert ("vision_config" in config) == ("text_config" in config) == info.architecture.endswith("Generation")
+    assert text["num_hidden_layers"] == 4 and text["hidden_size"] == 128
+    if "text_config" in config:
+        assert text["layer_types"] == ["linear_attention"] * 3 + ["full_attention"]
+        assert config["vision_config"]["out_hidden_size"] == 128
+    moe = {"num_experts": STANDIN_EXPERTS, "num_experts_per_tok": info.experts_per_token} if info.moe else {}
+    assert {key: text.get(key) for key in moe} == moe
+    assert ("shared_expert_intermediate_size" in text) == info.shared_expert
+    sae = tmp_path / f"models--{sae_repo.replace('/', '--')}"
+    commit = (sae / "refs" / "main").read_text()
+    assert sorted(p.name for p in (sae / "snapshots" / commit).iterdir()) == ["LICENSE", "README.md", "app.py",
+                                                                               "layer2.sae.pt"]
+    listed = json.loads((sae / "trees" / f"{commit}.json").read_text())["files"]
+    assert sum(name.startswith("layer") for name in listed) == info.num_layers
