@@ -252,11 +252,14 @@ class SparsifySAE(ReferenceSAE):
         return _topk_then_relu(pre, self.k)
 
 
-def read_reference_sae(sae_dir: Path, layer: int, dtype: torch.dtype) -> ReferenceSAE:
+def read_reference_sae(sae_dir: Path, layer: int, dtype: torch.dtype, k: int | None = None) -> ReferenceSAE:
     """The SAE of `layer` in whichever published layout sae_dir has (read here, independently
-    of the server's loaders)."""
+    of the server's loaders). A Qwen-Scope release has no config.json: its k is `k` (the caller
+    reads it off the repo name)."""
     from safetensors.torch import load_file
 
+    if k is not None:  # a Qwen-Scope release
+        return QwenScopeSAE(torch.load(sae_dir / f"layer{layer}.sae.pt", weights_only=True), k, dtype)
     if (sae_dir / "config.json").is_file():  # Qwen-Scope
         config = json.loads((sae_dir / "config.json").read_text())
         return QwenScopeSAE(torch.load(sae_dir / f"layer{layer}.sae.pt", weights_only=True), int(config["k"]), dtype)
@@ -281,13 +284,15 @@ def _coefficient(feat: Feature, f_i: torch.Tensor) -> torch.Tensor:
 
 
 class ReferenceModel:
-    """HF Qwen3.5 model + tokenizer + lazily loaded SAEs (Qwen-Scope, SAELens or sparsify), on CPU."""
+    """HF Qwen3 / Qwen3.5 (dense or MoE) model + tokenizer + lazily loaded SAEs (Qwen-Scope, SAELens or
+    sparsify), on CPU."""
 
-    def __init__(self, model, tokenizer, model_dir: Path, sae_dir: Path) -> None:
+    def __init__(self, model, tokenizer, model_dir: Path, sae_dir: Path, sae_k: int | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.model_dir = model_dir
         self.sae_dir = sae_dir
+        self.sae_k = sae_k
         self.dtype: torch.dtype = model.dtype
         self._saes: dict[int, ReferenceSAE] = {}
 
@@ -306,7 +311,7 @@ class ReferenceModel:
         if layer not in self._saes:
             if not 0 <= layer < self.num_layers:
                 raise IndexError(f"layer {layer} out of range (model has {self.num_layers})")
-            self._saes[layer] = read_reference_sae(self.sae_dir, layer, self.dtype)
+            self._saes[layer] = read_reference_sae(self.sae_dir, layer, self.dtype, self.sae_k)
         return self._saes[layer]
 
     def encode(self, layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -437,16 +442,31 @@ def _position_mask(length: int, prompt_len: int, apply_to: ApplyTo) -> torch.Ten
     return torch.ones(length, dtype=torch.bool)
 
 
+# Vision + text wrappers: the reference runs their text model (transformers loads it from the
+# wrapper's checkpoint, dropping the `language_model` prefix), as vLLM does with
+# --language-model-only.
+_TEXT_MODEL_OF = {
+    "Qwen3_5ForConditionalGeneration": "Qwen3_5ForCausalLM",
+    "Qwen3_5MoeForConditionalGeneration": "Qwen3_5MoeForCausalLM",
+}
+
+
 def load_reference(
     model_dir: str | Path,
     sae_dir: str | Path | None = None,
     dtype: torch.dtype = torch.bfloat16,
+    sae_k: int | None = None,
 ) -> ReferenceModel:
-    """Load Qwen3_5ForCausalLM (CPU, eval, eager attention) and its tokenizer from model_dir."""
-    from transformers import AutoTokenizer, Qwen3_5ForCausalLM
+    """Load the checkpoint's causal LM (CPU, eval, eager attention; Qwen3, Qwen3 MoE, Qwen3.5
+    or Qwen3.5 MoE, a wrapper's text model) and its tokenizer from model_dir. `sae_k`: the k of
+    a Qwen-Scope release in sae_dir (which has no config.json)."""
+    import transformers
+    from transformers import AutoTokenizer
 
     model_dir = Path(model_dir)
-    model = Qwen3_5ForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation="eager")
+    architecture = json.loads((model_dir / "config.json").read_text()).get("architectures", ["Qwen3_5ForCausalLM"])[0]
+    model_class = getattr(transformers, _TEXT_MODEL_OF.get(architecture, architecture))
+    model = model_class.from_pretrained(model_dir, dtype=dtype, attn_implementation="eager")
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return ReferenceModel(model, tokenizer, model_dir, Path(sae_dir) if sae_dir else model_dir / "sae")
+    return ReferenceModel(model, tokenizer, model_dir, Path(sae_dir) if sae_dir else model_dir / "sae", sae_k)

@@ -52,7 +52,9 @@ import json
 import math
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -68,7 +70,6 @@ SAE_REPO = "Qwen/SAE-Res-Qwen3.5-27B-W80K-L0_50"
 SAE_LAYERS = (16, 32, 48)
 D_SAE = 80 * 1024  # W80K
 SAE_K = 50  # L0_50
-SAE_RELEASE = [".gitattributes", "LICENSE", "README.md", "app.py", *(f"layer{n}.sae.pt" for n in range(64))]
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>",
                   "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
@@ -188,8 +189,34 @@ class StandIn:
     features: dict[int, LayerFeatures]  # per steered layer
 
 
-def build_standins(cache: Path, num_layers: int = max(SAE_LAYERS) + 1, seed: int = 0) -> StandIn:
-    """Write both repos into the hub cache `cache` and say where the circuit's pieces are."""
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What one stand-in pair copies of its real model and SAE release (the 27B's is TARGET_27B;
+    tests/qwen_scope_standins.py has the other Qwen-Scope models)."""
+
+    model_repo: str
+    sae_repo: str
+    sae_layers: tuple[int, ...]
+    d_sae: int
+    k: int
+    release_layers: int  # the real model's decoder layers: the release has one file per layer
+    model_config: Callable[[TinySettings, Any], dict]  # config.json around the tiny widths
+    shapes: Callable[[TinySettings], dict[str, tuple[int, ...]]]  # checkpoint tensor names -> dims
+    prefix: str = "model.language_model."  # of embed_tokens and layers in the checkpoint
+    zero_centred_norms: bool = True  # Qwen3.5 RMSNorm scales by 1 + weight, Qwen3's by weight
+    vision: bool = True  # a vision wrapper: write the processor configs
+
+    @property
+    def release(self) -> list[str]:
+        return [".gitattributes", "LICENSE", "README.md", "app.py",
+                *(f"layer{n}.sae.pt" for n in range(self.release_layers))]
+
+
+def build_standins(cache: Path, num_layers: int = max(SAE_LAYERS) + 1, seed: int = 0,
+                   target: Target | None = None) -> StandIn:
+    """Write both repos of `target` (the 27B's by default) into the hub cache `cache` and say
+    where the circuit's pieces are."""
+    target = target or TARGET_27B
     # the tiny model's widths, which run on vLLM's CPU kernels (REFERENCE.md section 4)
     shape = dataclasses.replace(TINY_SETTINGS, vocab_size=VOCAB_SIZE, num_layers=num_layers)
     with tempfile.TemporaryDirectory(dir=cache.parent if cache.parent.is_dir() else None) as tmp:
@@ -201,13 +228,18 @@ def build_standins(cache: Path, num_layers: int = max(SAE_LAYERS) + 1, seed: int
                               SPECIAL_TOKENS, ADDED_TOKENS)
         save_tokenizer(tok, model_dir, CHAT_TEMPLATE, template_file=True)
         circuit = _circuit(tok, shape, seed)
-        save_checkpoint(_model_config(shape, tok), _weights(shape, circuit, seed), model_dir,
-                        generation=_generation_config(tok), weights_file="model.safetensors-00001-of-00001.safetensors")
-        _write_processor_configs(model_dir)
-        (model_dir / "README.md").write_text(f"# {MODEL_REPO} (offline stand-in: tiny weights, real config shape)\n")
-        features = _write_saes(sae_dir, shape, circuit, seed)
-        write_hub_cache(cache, MODEL_REPO, {p.name: p for p in sorted(model_dir.iterdir())})
-        write_hub_cache(cache, SAE_REPO, {p.name: p for p in sorted(sae_dir.iterdir())}, listed=SAE_RELEASE)
+        weights = _weights(shape, circuit, seed, target.shapes(shape), target.prefix, target.zero_centred_norms)
+        save_checkpoint(target.model_config(shape, tok), weights, model_dir, generation=_generation_config(tok),
+                        weights_file="model.safetensors-00001-of-00001.safetensors")
+        if target.vision:
+            _write_processor_configs(model_dir)
+        (model_dir / "README.md").write_text(f"# {target.model_repo} (offline stand-in: tiny weights, real config "
+                                             "shape)\n")
+        features = _write_saes(sae_dir, shape, circuit, seed, target.sae_layers, target.d_sae, target.sae_repo,
+                               target.model_repo, target.k)
+        write_hub_cache(cache, target.model_repo, {p.name: p for p in sorted(model_dir.iterdir())})
+        write_hub_cache(cache, target.sae_repo, {p.name: p for p in sorted(sae_dir.iterdir())},
+                        listed=target.release)
     return StandIn(cache, circuit.prompt_end, circuit.script, circuit.reasoning, circuit.city_cue, circuit.berlin,
                    features)
 
@@ -329,11 +361,14 @@ def _circuit(tok, shape: TinySettings, seed: int) -> _Circuit:
     return _Circuit(prompt_end, tuple(chain[1:]), tuple(reasoning), successor, city_cue, berlin, directions)
 
 
-def _weights(shape: TinySettings, c: _Circuit, seed: int) -> dict[str, torch.Tensor]:
-    """Language-model tensors in bfloat16 under their Qwen3_5ForConditionalGeneration names."""
-    prefix = "model.language_model."
+def _weights(shape: TinySettings, c: _Circuit, seed: int, shapes: dict[str, tuple[int, ...]] | None = None,
+             prefix: str = "model.language_model.", zero_centred_norms: bool = True) -> dict[str, torch.Tensor]:
+    """Language-model tensors in bfloat16, by default under their Qwen3_5ForConditionalGeneration
+    names; other architectures give their own `shapes` (names -> dims), embedding `prefix` and
+    norm convention (Qwen3's RMSNorm scales by weight, Qwen3.5's by 1 + weight)."""
     g = torch.Generator().manual_seed(seed + 1)
-    state = {name: _mixing_tensor(name, dims, g) for name, dims in param_shapes(shape, prefix).items()}
+    shapes = param_shapes(shape, prefix) if shapes is None else shapes
+    state = {name: _mixing_tensor(name, dims, g, zero_centred_norms) for name, dims in shapes.items()}
     emb = torch.zeros(shape.vocab_size, shape.hidden_size)
     emb[:, :TOKEN_DIMS] = c.directions * TOKEN_NORM
     emb[list(c.reasoning), REASONING_DIM] = REASONING_FLAG
@@ -348,12 +383,14 @@ def _weights(shape: TinySettings, c: _Circuit, seed: int) -> dict[str, torch.Ten
     return {k: v.to(torch.bfloat16).contiguous() for k, v in state.items()}
 
 
-def _mixing_tensor(name: str, dims: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
-    """Random decoder layers whose outputs land in the scratch dims only."""
+def _mixing_tensor(name: str, dims: tuple[int, ...], g: torch.Generator, zero_centred_norms: bool = True
+                   ) -> torch.Tensor:
+    """Random decoder layers whose outputs land in the scratch dims only (MoE experts and shared
+    experts included: their down projections end in down_proj.weight)."""
     if name.endswith("linear_attn.norm.weight"):
         return torch.ones(dims)  # gated RMSNorm multiplies by weight (not 1 + weight)
-    if "norm" in name:
-        return torch.zeros(dims)  # Qwen3.5 RMSNorm scales by 1 + weight
+    if "norm" in name:  # Qwen3.5 RMSNorm scales by 1 + weight, Qwen3's by weight
+        return torch.zeros(dims) if zero_centred_norms else torch.ones(dims)
     if name.endswith("dt_bias"):
         return torch.ones(dims)
     if name.endswith("A_log"):
@@ -369,20 +406,22 @@ def _mixing_tensor(name: str, dims: tuple[int, ...], g: torch.Generator) -> torc
 # ----------------------------------------------------------------------------- SAEs
 
 
-def _write_saes(out: Path, shape: TinySettings, c: _Circuit, seed: int) -> dict[int, LayerFeatures]:
+def _write_saes(out: Path, shape: TinySettings, c: _Circuit, seed: int, layers: tuple[int, ...] = SAE_LAYERS,
+                d_sae: int = D_SAE, repo: str = SAE_REPO, model_repo: str = MODEL_REPO,
+                k: int = SAE_K) -> dict[int, LayerFeatures]:
     """The release's files: layer{n}.sae.pt for the steered layers, README.md, LICENSE, app.py."""
     unit = torch.zeros(shape.vocab_size + 2 + len(FREE_DIMS), shape.hidden_size)
     unit[: shape.vocab_size, :TOKEN_DIMS] = c.directions
     for row, dim in enumerate((REASONING_DIM, CITY_DIM, *FREE_DIMS), start=shape.vocab_size):
         unit[row, dim] = 1.0
     features = {}
-    for layer in SAE_LAYERS:
+    for layer in layers:
         g = torch.Generator().manual_seed(seed * 1000 + layer)
-        index = torch.randperm(D_SAE, generator=g)[: len(unit)]
-        w_dec = torch.randn(shape.hidden_size, D_SAE, generator=g)
+        index = torch.randperm(d_sae, generator=g)[: len(unit)]
+        w_dec = torch.randn(shape.hidden_size, d_sae, generator=g)
         w_dec = w_dec / w_dec.norm(dim=0, keepdim=True)
         w_dec[:, index] = unit.T
-        b_enc = torch.full((D_SAE,), DEAD_BIAS)
+        b_enc = torch.full((d_sae,), DEAD_BIAS)
         b_enc[index] = 0.0
         save_qwen_scope_layer(out, layer, {
             "W_enc": w_dec.T.contiguous(), "W_dec": w_dec.contiguous(), "b_enc": b_enc,
@@ -390,9 +429,13 @@ def _write_saes(out: Path, shape: TinySettings, c: _Circuit, seed: int) -> dict[
         ids = index.tolist()
         features[layer] = LayerFeatures(token=dict(enumerate(ids[: shape.vocab_size])), reasoning=ids[-6],
                                         city=ids[-5], free=tuple(ids[-4:]))
-    (out / "README.md").write_text(f"# {SAE_REPO.split('/')[1]} (offline stand-in)\n\nTopK SAEs (k = {SAE_K}, "
-                                   f"{D_SAE} features) on the residual stream after decoder layers "
-                                   f"{', '.join(map(str, SAE_LAYERS))} of the stand-in for {MODEL_REPO}.\n")
+    (out / "README.md").write_text(f"# {repo.split('/')[1]} (offline stand-in)\n\nTopK SAEs (k = {k}, "
+                                   f"{d_sae} features) on the residual stream after decoder layers "
+                                   f"{', '.join(map(str, layers))} of the stand-in for {model_repo}.\n")
     (out / "LICENSE").write_text("Apache License 2.0 (stand-in: https://www.apache.org/licenses/LICENSE-2.0)\n")
     (out / "app.py").write_text('"""Stand-in for the release\'s Gradio demo; never run by the server."""\n')
     return features
+
+
+TARGET_27B = Target(MODEL_REPO, SAE_REPO, SAE_LAYERS, D_SAE, SAE_K, release_layers=64, model_config=_model_config,
+                    shapes=lambda shape: param_shapes(shape, "model.language_model."))

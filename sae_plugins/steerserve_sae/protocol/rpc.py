@@ -70,6 +70,7 @@ class SAEInfo(TypedDict):
     hook_point: str
     dtype: str
     source: str  # relative to --sae, or under hf://owner/name@<commit>/
+    model: str | None  # the model the SAE was trained on, from a Qwen-Scope name (None when unknown)
     memory_bytes: int
 
 

@@ -47,6 +47,7 @@ from steerserve_sae.protocol.rpc import CAPTURE_KEY, CAPTURES, EXTRA_ARGS_KEY, G
     REJECTIONS, SAEInfo, WorkerStats, report_id_from_extra_arg, trace_key
 from steerserve_sae.capture.rejections import Rejections, ticket_of
 from steerserve_sae.sae.autoencoder import SAEWeights
+from steerserve_sae.sae.formats.qwen_scope import trained_on
 from steerserve_sae.steering.request_fit import check_fits
 from steerserve_sae.steering.slot_tables import SlotTables
 from steerserve_sae.steering.step_plan import StepPlanner
@@ -325,7 +326,10 @@ class SteeringRuntime:
             relative = os.path.relpath(sae.source, self.config.sae_path)
             return f"{self.config.sae_hub_url}/{relative}" if self.config.sae_hub_url else relative
 
-        return [self.saes[layer].info() | {"source": source(self.saes[layer])} for layer in sorted(self.saes)]
+        hub_repo = self.config.sae_hub_url.removeprefix("hf://").split("@")[0] if self.config.sae_hub_url else None
+        model = trained_on(self.config.sae_name, hub_repo)
+        return [self.saes[layer].info() | {"source": source(self.saes[layer]), "model": model}
+                for layer in sorted(self.saes)]
 
     def stats(self) -> WorkerStats:
         return {

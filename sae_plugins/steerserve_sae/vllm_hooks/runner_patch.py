@@ -25,7 +25,7 @@ import logging
 from tqdm import tqdm
 
 from steerserve_sae.steering import registry
-from steerserve_sae.vllm_hooks.architectures import architecture
+from steerserve_sae.vllm_hooks.architectures import architecture, check_steerable_layer
 from steerserve_sae.capture.logit_lens import FeatureLens
 from steerserve_sae.vllm_hooks.model_patch import is_local_layer, steer_layer
 from steerserve_sae.protocol.plugin_config import PluginConfig
@@ -55,6 +55,8 @@ def install_steering(runner) -> None:
                              f"(0..{len(layers) - 1})")
     local = [n for n in config.sae_layers if is_local_layer(layers[n])]
     vector_only = tuple(n for n in config.vector_only_layers if is_local_layer(layers[n]))
+    for n in sorted({*local, *vector_only}):
+        check_steerable_layer(layers[n], n)
     saes = {}
     for n in tqdm(local, desc=f"Loading SAEs from {config.sae_path}", unit="layer", disable=not local):
         saes[n] = load_sae_layer(

@@ -182,6 +182,8 @@ def configure_steering(args: argparse.Namespace) -> None:
             sys.exit("error: --sae needs --sae-layers (e.g. --sae-layers 8,16,32)")
         layers = _layer_list(args.sae_layers)
         source = _checked_sae_source(args, layers)
+    if source is not None:
+        say_what_the_saes_were_trained_on(args.model_tag or args.model, source)
     preflight_local_model(args.model_tag or args.model, source.path if source else None, layers,
                           name=source.name if source else None, k=args.sae_k, vector_layers=vector_layers)
     if args.worker_extension_cls and args.worker_extension_cls != WORKER_EXTENSION_CLS:
@@ -230,6 +232,22 @@ def _checked_sae_source(args: argparse.Namespace, layers: list[int]):
     if missing:
         sys.exit(f"error: --sae {args.sae} has no SAE for layers {missing}; it has layers {sorted(available)}")
     return source
+
+
+def say_what_the_saes_were_trained_on(model: str, source) -> None:
+    """One line at start-up when a Qwen-Scope set's name says it was trained on another model
+    than the one served (a Base set on its instruct model, say). Its width and d_model are
+    still checked against the model when the layers load."""
+    from steerserve_sae.sae.formats.qwen_scope import trained_on
+    from steerserve_sae.sae.loading import sae_name_of
+
+    sae_model = trained_on(source.name, source.repo_id)
+    served = model.rstrip("/").rsplit("/", 1)[-1] if not os.path.isdir(model) else sae_name_of(model)
+    if sae_model is None or served.lower() == sae_model.rsplit("/", 1)[-1].lower():
+        return
+    print(f"steerserve: the SAEs {source.repo_id or source.path} were trained on {sae_model}, not on the served "
+          f"model {model}: measure how well they fit it with `steerserve eval` (FVU, KL) before trusting features",
+          file=sys.stderr)
 
 
 def _check_vllm_version() -> None:

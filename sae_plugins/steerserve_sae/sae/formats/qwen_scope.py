@@ -55,6 +55,17 @@ def parse_qwen_scope_name(name: str) -> QwenScopeName | None:
     return QwenScopeName(m["model"], int(m["width"]) * 1024, int(m["k"]))
 
 
+def trained_on(sae_name: str | None, repo_id: str | None = None) -> str | None:
+    """The model a Qwen-Scope set was trained on, from its name: `Qwen/Qwen3.5-9B-Base` for the
+    hub repo `Qwen/SAE-Res-Qwen3.5-9B-Base-W64K-L0_50` (the release keeps models and SAEs under
+    one owner), `Qwen3.5-9B-Base` for a directory of that name; None for other names."""
+    parsed = parse_qwen_scope_name(sae_name) if sae_name else None
+    if parsed is None:
+        return None
+    owner = repo_id.split("/")[0] if repo_id and "/" in repo_id else None
+    return f"{owner}/{parsed.model}" if owner else parsed.model
+
+
 class QwenScope(SAEFormat):
     name = "qwen-scope"
     layout = "Qwen-Scope (layer{n}.sae.pt files)"
