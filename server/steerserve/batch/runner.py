@@ -26,8 +26,8 @@ from typing import Any
 from steerserve.in_process import in_process_client
 from steerserve.limits import Limits
 from steerserve.batch.identity import RunnerLock, ServerIdentity
-from steerserve.batch.line_executor import LineExecutor
-from steerserve.batch.lines import expired_line, parse_input_file
+from steerserve.batch.line_executor import LEASE_SECONDS, LineExecutor
+from steerserve.batch.lines import expired_line, parse_input
 from steerserve.batch.records import BatchRecord, FileRecord, now
 from steerserve.batch.store import Store
 
@@ -53,6 +53,7 @@ class BatchService:
         engine_dead: Callable[[], bool] = lambda: False,
         limits: Limits = Limits(),  # frozen: one shared default is safe
         identity: ServerIdentity,
+        lease_seconds: float = LEASE_SECONDS,
     ):
         self.store = store
         self.identity = identity  # batches created here are stamped with it; the runner claims only those
@@ -61,7 +62,8 @@ class BatchService:
         self._engine_dead = engine_dead
         self._client = in_process_client(app, api_key)
         self._lines = LineExecutor(store, self._client, concurrency=self.concurrency, priority=priority,
-                                   limits=limits, engine_dead=engine_dead, stopping=lambda: self._stopping)
+                                   limits=limits, engine_dead=engine_dead, stopping=lambda: self._stopping,
+                                   lease_seconds=lease_seconds)
         self._wake = asyncio.Event()
         self._stopping = False
         self._clean_stop = False  # the engine was healthy when the stop began
@@ -79,16 +81,23 @@ class BatchService:
     def start(self) -> bool:
         """Start the reconciler unless another process already runs batches from this data dir.
 
-        With several API processes (`--api-server-count`) of one server, only the holder of the
-        lock executes; the others still serve the API from the same database. A runner of
-        another server holding it is DataDirInUse (identity.py): batches accepted here would
-        never run.
+        With SQLite and several API processes (`--api-server-count`) of one server, only the
+        holder of the lock executes; the others still serve the API from the same database. A
+        runner of another server holding it is DataDirInUse (identity.py): batches accepted here
+        would never run. With a shared database (--database-url) every process of every replica
+        runs a runner: they claim lines with leases (store.py), and each claims only batches of
+        its own identity.
         """
+        if self.store.shared:
+            self._loop_task = asyncio.get_running_loop().create_task(self._reconcile_forever(),
+                                                                     name="steerserve-batches")
+            return True
         if not self._lock.acquire(self.identity):
             self._lock.refuse_other_holder(self.identity)
             logger.warning("another process of this server runs the batches of %s; this one only serves the API",
                            self.store.data_dir)
             return False
+        self.store.drop_leases()  # the lock holder is the data dir's only runner: leases left are a dead one's
         self._loop_task = asyncio.get_running_loop().create_task(self._reconcile_forever(), name="steerserve-batches")
         return True
 
@@ -217,9 +226,8 @@ class BatchService:
     # ------------------------------------------------------------------ states
 
     async def _validate(self, batch: BatchRecord) -> None:
-        path = self.store.file_path(batch.input_file_id)
-        parsed = await asyncio.to_thread(parse_input_file, path, batch.id, batch.endpoint,
-                                         self.limits.max_batch_lines)
+        data = await asyncio.to_thread(self.store.contents.read_all, batch.input_file_id)
+        parsed = await asyncio.to_thread(parse_input, data, batch.id, batch.endpoint, self.limits.max_batch_lines)
         if parsed.errors:
             await asyncio.to_thread(self.store.transition, batch.id, ("validating",), "failed",
                                     errors=parsed.errors, failed_at=now())
@@ -260,9 +268,13 @@ class BatchService:
     def _write_files_and_finish(self, batch_id: str, from_statuses: tuple[str, ...], to_status: str) -> None:
         """Build output and error files from the result rows (idempotent: the file ids are drawn
         once and kept, so a crash mid-finalize just writes them again), then set the final status."""
+        current = self.store.get_batch(batch_id)
+        if current is None or current.status not in from_statuses:  # another replica finalized it
+            return
         names = {True: "output", False: "error"}
         ids = dict(zip((True, False), self.store.result_file_ids(batch_id), strict=True))
-        tmp = {ok: self.store.file_path(ids[ok]).with_suffix(".tmp") for ok in names}
+        contents = self.store.contents
+        tmp = {ok: contents.scratch(ids[ok]) for ok in names}
         sizes = {True: 0, False: 0}
         handles = {ok: open(tmp[ok], "wb") for ok in names}
         try:
@@ -279,7 +291,7 @@ class BatchService:
         files = []
         for ok, name in names.items():
             if sizes[ok]:
-                os.replace(tmp[ok], self.store.file_path(ids[ok]))
+                contents.adopt(ids[ok], tmp[ok])
                 files.append(FileRecord(ids[ok], f"{batch_id}_{name}.jsonl", "batch_output", sizes[ok], now()))
             else:
                 tmp[ok].unlink(missing_ok=True)
