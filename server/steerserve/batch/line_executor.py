@@ -91,12 +91,12 @@ class LineExecutor:
             self._cancel_requested.discard(batch_id)
 
     async def _renew_leases(self) -> None:
-        """Keep this runner's leases alive while it works (a failed renewal is retried: the lease
-        is three times as long as the pause, and a lost one only means another runner takes over)."""
+        """Keep the leases of the lines in flight alive (a failed renewal is retried: the lease is
+        three times as long as the pause, and a lost one only means another runner takes over)."""
         while True:
             await asyncio.sleep(self.lease_seconds / 3)
             try:
-                await asyncio.to_thread(self.store.renew_leases, self.owner, self.lease_seconds)
+                await asyncio.to_thread(self.store.renew_leases, self.owner, list(self.charged), self.lease_seconds)
             except Exception as exc:
                 logger.warning("batches: could not renew this runner's line leases: %r", exc)
 

@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from steerserve.db import UNAVAILABLE
+from steerserve.errors import APIError
 from steerserve.in_process import in_process_client
 from steerserve.limits import Limits
 from steerserve.batch.identity import RunnerLock, ServerIdentity
@@ -38,6 +40,7 @@ RETRY_PAUSE = 5.0  # after a pass that left lines pending (engine trouble), befo
 TASK_RETRY_PAUSE = 1.0  # after a batch's task raised; doubled at each failure in a row
 TASK_RETRY_MAX = 300.0
 MAX_TASK_FAILURES = 5  # failures in a row of a batch's task: then the batch fails
+DATABASE_RETRY = 2.0  # seconds between tries of a batch's task while the shared database is unreachable
 LOG_EVERY = 60.0  # seconds between two log lines of the same repeated failure
 
 
@@ -196,7 +199,12 @@ class BatchService:
 
     def _task_failed(self, batch_id: str, exc: BaseException) -> None:
         """Backs the batch off (the pause doubles with each failure in a row); the reconciler
-        fails it once MAX_TASK_FAILURES is reached."""
+        fails it once MAX_TASK_FAILURES is reached. The shared database being unreachable is not
+        the batch's failure: it is retried every DATABASE_RETRY seconds, as long as that lasts."""
+        if isinstance(exc, APIError) and exc.code == UNAVAILABLE:
+            self._not_before[batch_id] = asyncio.get_running_loop().time() + DATABASE_RETRY
+            self._log_throttled("database", "batch %s: waiting for the database: %s", batch_id, exc.message)
+            return
         failures = self._failures.get(batch_id, (0, ""))[0] + 1
         self._failures[batch_id] = (failures, repr(exc))
         pause = min(TASK_RETRY_PAUSE * 2 ** (failures - 1), TASK_RETRY_MAX)

@@ -279,11 +279,16 @@ class Store:
                     return PendingLine(row[0], row[1] - 1)
                 c.rollback()
 
-    def renew_leases(self, owner: str, lease_seconds: float) -> int:
-        """Extend every lease `owner` holds (its runner is alive); how many."""
+    def renew_leases(self, owner: str, lines: Iterable[tuple[str, int]], lease_seconds: float) -> None:
+        """Extend the leases `owner` holds on `lines` (those its runner is working on now; a lease
+        it holds on a line whose answer it lost, e.g. to a database outage, is left to pass)."""
+        lines = list(lines)
+        if not lines:
+            return
         with self._tx() as c:
-            return c.execute(text(f"UPDATE batch_lines SET lease_until = {self.db.now_sql} + :lease "
-                                  "WHERE lease_owner = :owner"), {"owner": owner, "lease": lease_seconds}).rowcount
+            c.execute(text(f"UPDATE batch_lines SET lease_until = {self.db.now_sql} + :lease "
+                           "WHERE lease_owner = :owner AND batch_id = :b AND line_index = :i"),
+                      [{"owner": owner, "lease": lease_seconds, "b": b, "i": i} for b, i in lines])
 
     def drop_leases(self) -> None:
         """Forget every lease (their attempts stay counted): for the one runner of an embedded data

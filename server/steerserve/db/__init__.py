@@ -28,6 +28,9 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+from steerserve.errors import APIError
 
 # The SQLite file of each part, as releases before --database-url laid out the data dir.
 SQLITE_FILES = {"presets": "presets.sqlite", "vectors": "vectors.sqlite", "batches": "steerserve.sqlite3"}
@@ -38,8 +41,16 @@ _engines: dict[str, Engine] = {}  # PostgreSQL: one pool per URL and process, sh
 _engines_lock = threading.Lock()
 
 
+UNAVAILABLE = "database_unavailable"  # the code of the 503 a request gets while PostgreSQL is unreachable
+
+
 class DatabaseUrlError(ValueError):
     """A --database-url this server cannot use."""
+
+
+def unavailable(exc: Exception) -> APIError:
+    return APIError(f"the shared database is unavailable ({type(exc).__name__}); try again shortly",
+                    code=UNAVAILABLE, status=503, type="server_error")
 
 
 def is_shared(url: str | None) -> bool:
@@ -78,7 +89,18 @@ class Database:
 
     @contextmanager
     def tx(self, serialize: bool = False) -> Iterator[Connection]:
-        """One write transaction; `serialize`: one writer of this part at a time (see the module doc)."""
+        """One write transaction; `serialize`: one writer of this part at a time (see the module doc).
+        PostgreSQL unreachable: a 503 `database_unavailable` (APIError), whatever step it failed at."""
+        try:
+            with self._tx(serialize) as conn:
+                yield conn
+        except (OperationalError, InterfaceError) as exc:
+            if not self.postgres:
+                raise
+            raise unavailable(exc) from exc
+
+    @contextmanager
+    def _tx(self, serialize: bool) -> Iterator[Connection]:
         with self.engine.connect() as conn:
             if self.postgres:
                 if serialize:
@@ -93,8 +115,13 @@ class Database:
             conn.commit()
 
     def read(self, sql: str, params: dict[str, Any] | None = None) -> list[tuple]:
-        with self.engine.connect() as conn:
-            return [tuple(r) for r in conn.execute(text(sql), params or {})]
+        try:
+            with self.engine.connect() as conn:
+                return [tuple(r) for r in conn.execute(text(sql), params or {})]
+        except (OperationalError, InterfaceError) as exc:
+            if not self.postgres:
+                raise
+            raise unavailable(exc) from exc
 
     def close(self) -> None:
         if self._own_engine:
