@@ -21,6 +21,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -68,11 +69,12 @@ class Postgres:
 
 
 @pytest.fixture(scope="module")
-def postgres(tmp_path_factory):
+def postgres():
     bin_dir = _pg_bin()
     if bin_dir is None:
         pytest.skip("PostgreSQL's initdb/pg_ctl not found: install Debian's postgresql (`make setup` does, as root)")
-    work = tmp_path_factory.mktemp("postgres")
+    # Outside pytest's (private, 0700) temporary tree: the `postgres` user must reach it.
+    work = Path(tempfile.mkdtemp(prefix="steerserve-pg-"))
     prefix: list[str] = []
     if os.geteuid() == 0:  # PostgreSQL refuses to run as root
         try:
@@ -92,6 +94,7 @@ def postgres(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop(check=False)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -143,9 +146,7 @@ def test_a_preset_and_a_vector_made_on_one_replica_steer_on_the_other_at_once(fl
              "features": [{"layer": 2, "index": 9, "mode": "add", "value": 6.0}]}
     made = a.post("/v1/steering/presets", json={"name": "fleet-preset", "steering": steer})
     assert made.status_code == 200, made.text
-    seen = time.monotonic()
     assert "fleet-preset" in models(b)  # the first request after the creating one's answer sees it
-    visible_after = time.monotonic() - seen
     inline = {"vectors": [{"layer": 1, "vector": encoded, "mode": "add", "value": 1.0}],
               "features": [{"layer": 2, "index": 9, "mode": "add", "value": 6.0}]}
     expected = chat(a, MODEL_NAME, inline)
@@ -162,7 +163,23 @@ def test_a_preset_and_a_vector_made_on_one_replica_steer_on_the_other_at_once(fl
     gone = a.post("/v1/chat/completions", json={"model": MODEL_NAME, "messages": PROMPT, "max_tokens": 2,
                                                 "steering": {"vectors": steer["vectors"]}})
     assert gone.status_code == 400 and gone.json()["error"]["code"] == "vector_not_found"
-    print(f"\nfleet: a preset made on A was in B's /v1/models {visible_after * 1000:.1f} ms later (first request)")
+
+
+def test_every_change_on_one_replica_is_in_the_others_models_list_at_the_first_request(fleet):
+    """The consistency bound, measured: 10 creates and deletes, each alternately on A and B,
+    each checked with ONE /v1/models on the other replica sent as soon as the change answered."""
+    steer = {"features": [{"layer": 1, "index": 3, "mode": "add", "value": 2.0}]}
+    lags = []
+    for i in range(10):
+        writer, reader = (client(fleet[0]), client(fleet[1]))[:: 1 if i % 2 == 0 else -1]
+        assert writer.post("/v1/steering/presets", json={"name": f"bound-{i}", "steering": steer}).status_code == 200
+        answered = time.monotonic()
+        assert f"bound-{i}" in models(reader)
+        lags.append(time.monotonic() - answered)
+        assert writer.delete(f"/v1/steering/presets/bound-{i}").status_code == 200
+        assert f"bound-{i}" not in models(reader)
+    print(f"\nfleet: 10/10 presets in the other replica's /v1/models at its first request "
+          f"(that request took at most {max(lags) * 1000:.1f} ms)")
 
 
 def test_concurrent_crud_of_one_name_from_both_replicas_is_never_a_5xx(fleet):
@@ -272,27 +289,53 @@ def kill_group(server: ServeProcess) -> None:
     server.proc.wait(30)
 
 
-def test_kill_9_of_one_replica_mid_batch_and_the_other_finishes_it(fleet):
+def leases(postgres, batch_id: str) -> dict[str, list[int]]:
+    """Runner -> the lines of the batch it holds a lease on (and has not answered), from the database."""
+    import psycopg
+
+    with psycopg.connect(postgres.url) as conn:
+        rows = conn.execute("SELECT lease_owner, line_index FROM batch_lines l WHERE batch_id = %s AND lease_owner "
+                            "IS NOT NULL AND NOT EXISTS (SELECT 1 FROM batch_results r WHERE r.batch_id = l.batch_id "
+                            "AND r.line_index = l.line_index) ORDER BY line_index", (batch_id,)).fetchall()
+    held: dict[str, list[int]] = {}
+    for owner, index in rows:
+        held.setdefault(owner, []).append(index)
+    return held
+
+
+def attempts(postgres, batch_id: str, index: int) -> int:
+    import psycopg
+
+    with psycopg.connect(postgres.url) as conn:
+        return conn.execute("SELECT attempts FROM batch_lines WHERE batch_id = %s AND line_index = %s",
+                            (batch_id, index)).fetchone()[0]
+
+
+def test_kill_9_of_one_replica_mid_batch_and_the_other_finishes_it(fleet, postgres):
     a, b = (client(s) for s in fleet)
     lines = 24
-    batch = submit(b, a, batch_input(lines, 160, "kill"))
-    before_b = engine_requests(fleet[1])
+    batch = submit(b, a, batch_input(lines, 400, "kill"))
     deadline = time.monotonic() + 120
-    while True:  # both are working on it, and some lines are done
+    while True:  # both are working on it (each holds leases), and some lines are done
+        holders = leases(postgres, batch["id"])
         counts = a.get(f"/v1/batches/{batch['id']}").json()["request_counts"]
-        if counts["completed"] >= 4 and engine_requests(fleet[1]) > before_b:
+        if counts["completed"] >= 2 and len(holders) == 2:
             break
-        assert time.monotonic() < deadline, counts
+        assert time.monotonic() < deadline, (counts, holders)
         time.sleep(0.1)
-    assert counts["completed"] < lines - 4, counts  # really mid-batch: A holds lines in flight
+    assert counts["completed"] < lines - 8, counts  # really mid-batch
     kill_group(fleet[0])
+    a_held = leases(postgres, batch["id"])
     killed_at = time.monotonic()
     done = wait(b, batch["id"], timeout=240)
     assert done["status"] == "completed", done
     assert done["request_counts"] == {"total": lines, "completed": lines, "failed": 0}
     out = results(b, done)
     assert sorted(r["custom_id"] for r in out) == sorted(f"kill-{i}" for i in range(lines))  # each line once
-    print(f"\nfleet: after kill -9 of A at {counts['completed']}/{lines}, B finished in {time.monotonic() - killed_at:.1f} s")
+    a_lines = next(lines_ for owner, lines_ in a_held.items() if str(fleet[0].proc.pid) in owner.split(":"))
+    assert a_lines and all(attempts(postgres, batch["id"], i) == 2 for i in a_lines)  # B ran A's lines again
+    print(f"\nfleet: after kill -9 of A at {counts['completed']}/{lines} (A held lines {a_lines}), B finished in "
+          f"{time.monotonic() - killed_at:.1f} s")
 
     # one replica left: the throughput of one, for comparison with the two above
     started = time.monotonic()

@@ -150,8 +150,9 @@ def _postgres_engine(url: str) -> Engine:
     with _engines_lock:
         if url not in _engines:
             # pre_ping: a pooled connection that PostgreSQL dropped (a restart) is replaced, not used
+            # connect_timeout: an unreachable host is a 503 within seconds, not a request hung on TCP
             _engines[url] = create_engine(postgres_url(url), pool_size=8, max_overflow=16, pool_pre_ping=True,
-                                          pool_recycle=600)
+                                          pool_recycle=600, connect_args={"connect_timeout": 5})
         return _engines[url]
 
 
