@@ -374,6 +374,38 @@ def test_while_postgresql_is_down_stored_state_is_a_503_and_the_rest_serves(flee
     b.delete("/v1/steering/presets/outage")
 
 
+def test_a_runner_claims_only_lines_of_batches_of_the_model_it_serves(postgres, tmp_path):
+    """Three runners on the fleet's database (the batch service in-process, with a fake engine):
+    two serve model X, one model Y. A batch made through a Y server runs only on Y's engine, one
+    made through an X server on both X engines (each line once), never on Y's."""
+    import asyncio
+
+    from tests.test_batch_units import FakeEngine, Harness, line
+
+    async def body():
+        def harness(name: str, model: str) -> Harness:
+            return Harness(tmp_path / name, FakeEngine(), model=model, database_url=postgres.url,
+                           batch_lease_seconds=LEASE)
+
+        x1, x2, y = harness("x1", "models/x"), harness("x2", "models/x"), harness("y", "models/y")
+        try:
+            on_x = await x1.submit([line(f"x{i}", sleep=0.3) for i in range(20)])
+            on_y = await y.submit([line(f"y{i}", sleep=0.05) for i in range(6)])
+            done_x, done_y = await x2.wait(on_x["id"]), await x1.wait(on_y["id"])  # any server reads any batch
+            assert done_x["request_counts"] == {"total": 20, "completed": 20, "failed": 0}
+            assert done_y["request_counts"] == {"total": 6, "completed": 6, "failed": 0}
+            x_calls = x1.engine.calls + x2.engine.calls
+            assert x_calls == {f"x{i}": 1 for i in range(20)} and x1.engine.calls and x2.engine.calls
+            assert y.engine.calls == {f"y{i}": 1 for i in range(6)}
+            assert sorted(r["custom_id"] for r in await y.content(done_x["output_file_id"])) == \
+                sorted(f"x{i}" for i in range(20))  # the output file, read through a Y server
+        finally:
+            for h in (x1, x2, y):
+                await h.close()
+
+    asyncio.run(body())
+
+
 # ---------------------------------------------------------------------------- the embedded data dir
 
 # The data dir exactly as the releases before --database-url created it (their CREATE TABLEs and
