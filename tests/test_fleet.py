@@ -465,3 +465,14 @@ def test_a_data_dir_of_the_sqlite_releases_opens_and_keeps_its_state(tmp_path):
     with sqlite3.connect(tmp_path / "steerserve.sqlite3") as db:
         assert db.execute("SELECT version_num FROM alembic_version").fetchall() == [("batches_0002",)]
         assert db.execute("SELECT count(*) FROM batch_results").fetchone() == (1,)
+
+
+@pytest.mark.parametrize("url", ["sqlite:///tmp/x.db", "mysql://u@h/db", "not a url"])
+def test_a_database_url_that_is_not_postgresql_stops_the_start_saying_why(url, tmp_path):
+    from argparse import Namespace
+
+    from steerserve.cli.serve import refuse_another_servers_data_dir
+
+    with pytest.raises(SystemExit) as stopped:
+        refuse_another_servers_data_dir(Namespace(database_url=url, data_dir=str(tmp_path)))
+    assert "--database-url" in str(stopped.value) and "postgresql://" in str(stopped.value)

@@ -54,8 +54,9 @@ def unavailable(exc: Exception) -> APIError:
 
 
 def is_shared(url: str | None) -> bool:
-    """Whether `url` names a shared (PostgreSQL) database rather than the data dir's SQLite."""
-    return url is not None and not url.startswith("sqlite")
+    """Whether a --database-url was given (only PostgreSQL's are taken: postgres_url); without
+    one, the data dir's SQLite."""
+    return url is not None
 
 
 def postgres_url(url: str):
@@ -63,10 +64,11 @@ def postgres_url(url: str):
     try:
         parsed = make_url(url.replace("postgres://", "postgresql://", 1) if url.startswith("postgres://") else url)
     except Exception as exc:
-        raise DatabaseUrlError(f"--database-url {url!r} is not a database URL ({exc})") from None
+        raise DatabaseUrlError(f"--database-url {url!r} is not a database URL ({exc}); expected "
+                               "postgresql://user:password@host:port/database") from None
     if parsed.get_backend_name() != "postgresql":
         raise DatabaseUrlError(f"--database-url {url!r}: expected postgresql://user:password@host:port/database "
-                               "(or leave it out for SQLite in --data-dir)")
+                               "(leave it out for the embedded SQLite in --data-dir)")
     return parsed.set(drivername="postgresql+psycopg")
 
 
@@ -167,6 +169,12 @@ def open_database(part: str, data_dir: str | Path, url: str | None = None) -> Da
     db = Database(engine, part)
     try:
         migrate(db)
+    except (OperationalError, InterfaceError) as exc:
+        db.close()
+        if not db.postgres:
+            raise
+        where = engine.url.render_as_string(hide_password=True)
+        raise RuntimeError(f"steerserve: --database-url: cannot open {where} ({exc.orig or exc})") from None
     except BaseException:
         db.close()
         raise
