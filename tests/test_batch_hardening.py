@@ -119,8 +119,8 @@ def test_result_file_ids_are_random_and_kept_when_finalize_runs_again(tmp_path):
                 assert FILE_ID.fullmatch(file_id)
                 assert file_id[5:] != hashlib.sha256(f"{batch['id']}:{kind}".encode()).hexdigest()[:24]
             with h.service.store._tx() as c:  # a crash after the files were written, before the status
-                c.execute("UPDATE batches SET status = 'finalizing', output_file_id = NULL, error_file_id = NULL "
-                          "WHERE id = ?", (batch["id"],))
+                c.exec_driver_sql("UPDATE batches SET status = 'finalizing', output_file_id = NULL, "
+                                  "error_file_id = NULL WHERE id = ?", (batch["id"],))
             h.service.wake()
             again = await h.wait(batch["id"])
             assert (again["output_file_id"], again["error_file_id"]) == ids

@@ -326,7 +326,7 @@ def test_expired_batch_reports_unfinished_lines(tmp_path):
                     break
                 await asyncio.sleep(0.05)
             with h.service.store._tx() as c:  # move the deadline into the past while b runs
-                c.execute("UPDATE batches SET expires_at = 0 WHERE id = ?", (batch["id"],))
+                c.exec_driver_sql("UPDATE batches SET expires_at = 0 WHERE id = ?", (batch["id"],))
             batch = await h.wait(batch["id"])
             assert batch["status"] == "expired" and batch["expired_at"]
             assert batch["request_counts"] == {"total": 3, "completed": 1, "failed": 2}

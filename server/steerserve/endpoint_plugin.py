@@ -138,7 +138,8 @@ def _open_presets(context: SteeringContext, args: Namespace) -> None:
     """The data dir's presets, seeded from --steering-presets; a preset of that file that does not
     fit the loaded SAEs stops the start-up (the message names the file and the preset). Every
     stored preset is checked again: those this server cannot serve are logged with the reason."""
-    context.presets = PresetStore(os.path.abspath(getattr(args, "data_dir", None) or DEFAULT_DATA_DIR))
+    context.presets = PresetStore(os.path.abspath(getattr(args, "data_dir", None) or DEFAULT_DATA_DIR),
+                                  getattr(args, "database_url", None))
     context.preset_check = PresetCheck(context)
     path = getattr(args, "steering_presets", None)
     if path:
@@ -162,7 +163,7 @@ def _open_vectors(context: SteeringContext, args: Namespace) -> VectorStore | No
     if not d_model:
         return None
     data_dir = os.path.abspath(getattr(args, "data_dir", None) or DEFAULT_DATA_DIR)
-    return VectorStore(data_dir, d_model, context.limits.max_stored_vectors)
+    return VectorStore(data_dir, d_model, context.limits.max_stored_vectors, getattr(args, "database_url", None))
 
 
 async def _check_workers_verify_signatures(engine_client) -> None:

@@ -1,6 +1,7 @@
 """OpenAI Files API (`/v1/files`): uploads for batches, and the batches' output files.
 
-Contents live on disk under DATA_DIR/files/<id>, metadata in SQLite. Errors use the same
+Contents live where contents.py keeps them (DATA_DIR/files/<id>, or the fleet's PostgreSQL with
+--database-url), metadata in the database (store.py). Errors use the same
 OpenAI error object as the rest of the server (server/steerserve/errors.py).
 
 An upload over `max_upload_bytes` is refused from its Content-Length before the body is read,
@@ -13,13 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 from http import HTTPStatus
-from pathlib import Path
-from typing import Annotated, Any, BinaryIO
+from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from starlette.datastructures import FormData
 from starlette.types import Message
 
@@ -117,21 +117,6 @@ async def _read_form(request: Request, limit: int) -> FormData:
                        f"({getattr(exc, 'detail', exc)})", code="invalid_body") from None
 
 
-def _save(source: BinaryIO, path: os.PathLike) -> int:
-    tmp = f"{path}.upload"
-    try:
-        with open(tmp, "wb") as out:
-            shutil.copyfileobj(source, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-            size = out.tell()
-        os.replace(tmp, path)
-    except BaseException:  # e.g. a full disk: leave no partial file behind
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return size
-
-
 class FilesRoute(SteerserveRoute):
     """Reads an upload within --max-upload-bytes, and says what is wrong with its fields."""
 
@@ -162,7 +147,7 @@ async def create_file(
 ) -> dict[str, Any]:
     store = service_of(request).store
     file_id = new_file_id()
-    size = await asyncio.to_thread(_save, file.file, store.file_path(file_id))
+    size = await asyncio.to_thread(store.contents.save, file_id, file.file)
     record = FileRecord(file_id, os.path.basename(file.filename or "upload.jsonl"), purpose, size, now())
     await asyncio.to_thread(store.add_file, record)
     return record.to_api()
@@ -187,17 +172,28 @@ async def retrieve_file(file_id: str, request: Request) -> dict[str, Any]:
     return (await stored_or_404("File", service_of(request).store.get_file, file_id)).to_api()
 
 
-@router.get("/v1/files/{file_id}/content", response_class=FileResponse,
+@router.get("/v1/files/{file_id}/content", response_class=StreamingResponse,
             responses={200: {"content": {"application/octet-stream": {"schema": {"type": "string",
                                                                                   "format": "binary"}}},
                              "description": "the file's bytes"}})
-async def file_content(file_id: str, request: Request) -> FileResponse:
+async def file_content(file_id: str, request: Request) -> StreamingResponse:
     store = service_of(request).store
     record = await asyncio.to_thread(store.get_file, file_id)
-    path = store.file_path(file_id)
-    if record is None or not path.is_file():
+    if record is None or not await asyncio.to_thread(store.contents.exists, file_id):
         raise not_found("File", file_id)
-    return FileResponse(path, media_type="application/octet-stream", filename=record.filename)
+    path = store.contents.local_path(file_id)
+    if path is not None:
+        return FileResponse(path, media_type="application/octet-stream", filename=record.filename)
+    # From the database, a chunk at a time (each read off the event loop).
+    chunks = store.contents.chunks(file_id)
+
+    async def body():
+        while (block := await asyncio.to_thread(next, chunks, None)) is not None:
+            yield block
+
+    headers = {"content-disposition": f"attachment; filename*=utf-8''{quote(record.filename)}",
+               "content-length": str(record.bytes)}
+    return StreamingResponse(body(), media_type="application/octet-stream", headers=headers)
 
 
 @router.delete("/v1/files/{file_id}", response_model=FileDeleted)

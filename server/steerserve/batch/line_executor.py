@@ -10,8 +10,13 @@ A line is done when its result row is committed. Answers that are not the line's
 are never recorded: anything produced while the server shuts down, a 5xx while the engine is
 dead, or a choice the engine aborted. Those lines stay pending and run again.
 
-Poison pills: every send of a line is counted in the database before it goes out, so after a
-crash (even kill -9) the lines that were in flight are known. They run first, one at a time
+Lines are claimed from the database one at a time (Store.claim_line): each with a lease this
+runner renews every LEASE_SECONDS / 3 while it works on the batch, so the runners of several
+replicas share a batch's lines, and the lines of a runner that dies are claimed again by the others
+once their leases pass. An answer is recorded only while the lease is still this runner's.
+
+Poison pills: every send of a line is counted in the database before it goes out (the claim
+counts it), so after a crash (even kill -9) the lines that were in flight are known. They run first, one at a time
 with nothing else in flight, so a line that merely shared a crash is cleared and the line that
 causes it is caught alone; a line the engine died on MAX_LINE_ATTEMPTS times is recorded as
 failed (`engine_failure`) instead of crashing the engine again at every start. A clean stop
@@ -23,9 +28,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
+import socket
 import uuid
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -41,14 +47,24 @@ logger = logging.getLogger("vllm.steerserve.batch")  # under vLLM's configured "
 
 SERVER_ERROR_ATTEMPTS = 3  # a line whose 5xx repeats this often (engine healthy) is recorded as failed
 MAX_LINE_ATTEMPTS = 3  # sends of one line that ended with the engine or server dead: then it fails
+LEASE_SECONDS = 30.0  # a claimed line's lease (--batch-lease-seconds); renewed every third of it
+_ANY_ATTEMPTS = 1 << 30
+
+
+def runner_name() -> str:
+    """This runner's name in line leases: unique per process and start."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 class LineExecutor:
     """Runs the pending lines of the one batch being executed (BatchService picks which)."""
 
     def __init__(self, store: Store, client: httpx.AsyncClient, *, concurrency: int, priority: int | None,
-                 limits: Limits, engine_dead: Callable[[], bool], stopping: Callable[[], bool]):
+                 limits: Limits, engine_dead: Callable[[], bool], stopping: Callable[[], bool],
+                 lease_seconds: float = LEASE_SECONDS):
         self.store = store
+        self.owner = runner_name()
+        self.lease_seconds = lease_seconds
         self.concurrency = concurrency
         self.priority = priority
         self.limits = limits
@@ -60,17 +76,34 @@ class LineExecutor:
         self._cancel_requested: set[str] = set()  # batches whose workers must take no new line
 
     async def run(self, batch_id: str) -> None:
-        """Each pending line once: the spent ones failed, the suspects alone, then the rest."""
+        """Each line this runner can claim, once: the spent ones failed, the suspects alone, then
+        the rest. Lines leased by other runners are theirs; the caller sees them still pending."""
         self._in_flight[batch_id] = set()
+        heartbeat = asyncio.create_task(self._renew_leases())
         try:
-            pending = await asyncio.to_thread(self.store.pending_lines, batch_id)
-            await self._fail_spent_lines(batch_id, [p for p in pending if p.attempts >= MAX_LINE_ATTEMPTS])
-            suspects = [p.index for p in pending if 0 < p.attempts < MAX_LINE_ATTEMPTS]
-            await self._run_lines(batch_id, suspects, width=1)  # alone: see the module docstring
-            await self._run_lines(batch_id, [p.index for p in pending if p.attempts == 0], self.concurrency)
+            await self._fail_spent_lines(batch_id)
+            await self._run_lines(batch_id, (1, MAX_LINE_ATTEMPTS), width=1)  # alone: see the module docstring
+            await self._run_lines(batch_id, (0, 1), self.concurrency)
         finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
             del self._in_flight[batch_id]
             self._cancel_requested.discard(batch_id)
+
+    async def _renew_leases(self) -> None:
+        """Keep the leases of the lines in flight alive (a failed renewal is retried: the lease is
+        three times as long as the pause, and a lost one only means another runner takes over)."""
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            try:
+                await asyncio.to_thread(self.store.renew_leases, self.owner, list(self.charged), self.lease_seconds)
+            except Exception as exc:
+                logger.warning("batches: could not renew this runner's line leases: %r", exc)
+
+    async def _claim(self, batch_id: str, attempts: tuple[int, int]) -> PendingLine | None:
+        if not self._may_send(batch_id):
+            return None
+        return await asyncio.to_thread(self.store.claim_line, batch_id, self.owner, self.lease_seconds, attempts)
 
     def cancel(self, batch_id: str) -> None:
         """No new line of the batch is sent and those in flight are cancelled (they stay pending)."""
@@ -78,9 +111,8 @@ class LineExecutor:
         for task in self._in_flight.get(batch_id, ()):
             task.cancel()
 
-    async def _run_lines(self, batch_id: str, indexes: list[int], width: int) -> None:
-        pending = deque(indexes)
-        workers = [asyncio.create_task(self._worker(batch_id, pending)) for _ in range(min(width, len(pending)))]
+    async def _run_lines(self, batch_id: str, attempts: tuple[int, int], width: int) -> None:
+        workers = [asyncio.create_task(self._worker(batch_id, attempts)) for _ in range(width)]
         try:
             await asyncio.gather(*workers)
         finally:
@@ -92,20 +124,19 @@ class LineExecutor:
         """No line goes to a dead engine: it could not answer, and the send would count against it."""
         return not (self._stopping() or self._engine_dead() or batch_id in self._cancel_requested)
 
-    async def _worker(self, batch_id: str, pending: deque[int]) -> None:
-        while pending and self._may_send(batch_id):
-            result = await self._attempt(batch_id, pending.popleft())
+    async def _worker(self, batch_id: str, attempts: tuple[int, int]) -> None:
+        while (claimed := await self._claim(batch_id, attempts)) is not None:
+            self.charged.add((batch_id, claimed.index))  # claimed, attempt counted: from here on a clean stop refunds it
+            result = await self._attempt(batch_id, claimed.index)
             if result is None or self._stopping():
                 return  # no real answer (batch cancelled, engine down or going down): the line stays pending
-            await asyncio.to_thread(self.store.record_results, batch_id, [result])
+            await asyncio.to_thread(self.store.record_results, batch_id, [result], self.owner)
 
     async def _attempt(self, batch_id: str, index: int) -> LineResult | None:
-        """Send the line once, the attempt counted first; None when there is no answer to record."""
+        """Send the claimed line once; None when there is no answer to record."""
         line = await asyncio.to_thread(self.store.get_line, batch_id, index)
         key = (batch_id, index)
-        self.charged.add(key)  # from here on a clean stop refunds the attempt (BatchService.stop)
         try:
-            await asyncio.to_thread(self.store.begin_attempt, batch_id, index)
             request = asyncio.create_task(self._run_line(batch_id, line))
             in_flight = self._in_flight[batch_id]
             in_flight.add(request)
@@ -121,16 +152,14 @@ class LineExecutor:
             if not self._stopping():  # a stop leaves it for BatchService.stop to refund
                 self.charged.discard(key)
 
-    async def _fail_spent_lines(self, batch_id: str, spent: list[PendingLine]) -> None:
+    async def _fail_spent_lines(self, batch_id: str) -> None:
         """Lines the engine died on MAX_LINE_ATTEMPTS times: recorded as failed, never sent again."""
-        results = []
-        for p in spent:
+        while (p := await self._claim(batch_id, (MAX_LINE_ATTEMPTS, _ANY_ATTEMPTS))) is not None:
             line = await asyncio.to_thread(self.store.get_line, batch_id, p.index)
             logger.warning("batch %s line %d: the engine died %d times while running it; recorded as failed",
                            batch_id, p.index, p.attempts)
-            results.append(engine_failure_line(batch_id, p.index, line.custom_id, p.attempts))
-        if results:
-            await asyncio.to_thread(self.store.record_results, batch_id, results)
+            result = engine_failure_line(batch_id, p.index, line.custom_id, p.attempts)
+            await asyncio.to_thread(self.store.record_results, batch_id, [result], self.owner)
 
     async def _run_line(self, batch_id: str, line: InputLine) -> LineResult | None:
         """The line's answer, or None when there is no real answer to record now."""

@@ -95,11 +95,19 @@ def more_lines_than(data: bytes, limit: int) -> bool:
 
 
 def parse_input_file(path: Path, batch_id: str, endpoint: str, max_lines: int) -> ParsedInput:
-    """Validate a JSONL input file. Line numbers in messages and `errors` are 1-based."""
-    parsed = ParsedInput()
+    """Validate a JSONL input file on disk (parse_input, which the runner calls with the contents)."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
+        data = None
+    return parse_input(data, batch_id, endpoint, max_lines)
+
+
+def parse_input(data: bytes | None, batch_id: str, endpoint: str, max_lines: int) -> ParsedInput:
+    """Validate a JSONL input file's contents (None: the file is gone). Line numbers in messages
+    and `errors` are 1-based."""
+    parsed = ParsedInput()
+    if data is None:
         parsed.errors.append(_file_error("file_not_found", "the input file no longer exists"))
         return parsed
     if more_lines_than(data, max_lines):

@@ -22,8 +22,10 @@ from steerserve.limits import Limits
 from steerserve.batch.batches_api import router as batches_router
 from steerserve.batch.files_api import router as files_router
 from steerserve.batch.identity import RunnerLock, server_identity
+from steerserve.batch.line_executor import LEASE_SECONDS
 from steerserve.batch.runner import BatchService
 from steerserve.batch.store import Store
+from steerserve.db import is_shared
 
 logger = logging.getLogger("vllm.steerserve.batch")  # under vLLM's configured "vllm" logger
 
@@ -54,9 +56,11 @@ def attach_batch_api(app: FastAPI) -> None:
 
 def start_batch_service(app: FastAPI, engine_client: Any, state: Any, args: Namespace) -> BatchService:
     data_dir = os.path.abspath(getattr(args, "data_dir", None) or DEFAULT_DATA_DIR)
+    database_url = getattr(args, "database_url", None)
     identity = server_identity(args)
-    RunnerLock(data_dir).refuse_other_holder(identity)  # before anything is opened (serve.py checked it too)
-    store = Store(data_dir)
+    if not is_shared(database_url):  # a shared database has no runner lock: runners claim lines
+        RunnerLock(data_dir).refuse_other_holder(identity)  # before anything is opened (serve.py checked it too)
+    store = Store(data_dir, database_url)
     priority = BATCH_PRIORITY if getattr(args, "scheduling_policy", "fcfs") == "priority" else None
     service = BatchService(
         store, app,
@@ -66,12 +70,14 @@ def start_batch_service(app: FastAPI, engine_client: Any, state: Any, args: Name
         engine_dead=lambda: bool(getattr(engine_client, "errored", False)),
         limits=Limits.from_args(args),
         identity=identity,
+        lease_seconds=getattr(args, "batch_lease_seconds", None) or LEASE_SECONDS,
     )
     state.steerserve_batches = service
     _stop_recording_before_engine_shutdown(engine_client, service)
     running = service.start()
-    logger.info("batches: data in %s, %s, server identity %s (%s), concurrency %d, priority %s, uploads up to "
-                "%d bytes, batches up to %d lines", store.data_dir,
+    logger.info("batches: data in %s, %s, %s, server identity %s (%s), concurrency %d, priority %s, uploads up to "
+                "%d bytes, batches up to %d lines", "the shared database" if store.shared else store.data_dir,
+                f"line leases of {service._lines.lease_seconds:g} s",
                 "runner started" if running else "runner held by another process",
                 service.identity.key, service.identity.description,
                 service.concurrency, priority, service.limits.max_upload_bytes, service.limits.max_batch_lines)

@@ -23,11 +23,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from steerserve.db import UNAVAILABLE
+from steerserve.errors import APIError
 from steerserve.in_process import in_process_client
 from steerserve.limits import Limits
 from steerserve.batch.identity import RunnerLock, ServerIdentity
-from steerserve.batch.line_executor import LineExecutor
-from steerserve.batch.lines import expired_line, parse_input_file
+from steerserve.batch.line_executor import LEASE_SECONDS, LineExecutor
+from steerserve.batch.lines import expired_line, parse_input
 from steerserve.batch.records import BatchRecord, FileRecord, now
 from steerserve.batch.store import Store
 
@@ -38,6 +40,7 @@ RETRY_PAUSE = 5.0  # after a pass that left lines pending (engine trouble), befo
 TASK_RETRY_PAUSE = 1.0  # after a batch's task raised; doubled at each failure in a row
 TASK_RETRY_MAX = 300.0
 MAX_TASK_FAILURES = 5  # failures in a row of a batch's task: then the batch fails
+DATABASE_RETRY = 2.0  # seconds between tries of a batch's task while the shared database is unreachable
 LOG_EVERY = 60.0  # seconds between two log lines of the same repeated failure
 
 
@@ -53,6 +56,7 @@ class BatchService:
         engine_dead: Callable[[], bool] = lambda: False,
         limits: Limits = Limits(),  # frozen: one shared default is safe
         identity: ServerIdentity,
+        lease_seconds: float = LEASE_SECONDS,
     ):
         self.store = store
         self.identity = identity  # batches created here are stamped with it; the runner claims only those
@@ -61,7 +65,8 @@ class BatchService:
         self._engine_dead = engine_dead
         self._client = in_process_client(app, api_key)
         self._lines = LineExecutor(store, self._client, concurrency=self.concurrency, priority=priority,
-                                   limits=limits, engine_dead=engine_dead, stopping=lambda: self._stopping)
+                                   limits=limits, engine_dead=engine_dead, stopping=lambda: self._stopping,
+                                   lease_seconds=lease_seconds)
         self._wake = asyncio.Event()
         self._stopping = False
         self._clean_stop = False  # the engine was healthy when the stop began
@@ -79,16 +84,23 @@ class BatchService:
     def start(self) -> bool:
         """Start the reconciler unless another process already runs batches from this data dir.
 
-        With several API processes (`--api-server-count`) of one server, only the holder of the
-        lock executes; the others still serve the API from the same database. A runner of
-        another server holding it is DataDirInUse (identity.py): batches accepted here would
-        never run.
+        With SQLite and several API processes (`--api-server-count`) of one server, only the
+        holder of the lock executes; the others still serve the API from the same database. A
+        runner of another server holding it is DataDirInUse (identity.py): batches accepted here
+        would never run. With a shared database (--database-url) every process of every replica
+        runs a runner: they claim lines with leases (store.py), and each claims only batches of
+        its own identity.
         """
+        if self.store.shared:
+            self._loop_task = asyncio.get_running_loop().create_task(self._reconcile_forever(),
+                                                                     name="steerserve-batches")
+            return True
         if not self._lock.acquire(self.identity):
             self._lock.refuse_other_holder(self.identity)
             logger.warning("another process of this server runs the batches of %s; this one only serves the API",
                            self.store.data_dir)
             return False
+        self.store.drop_leases()  # the lock holder is the data dir's only runner: leases left are a dead one's
         self._loop_task = asyncio.get_running_loop().create_task(self._reconcile_forever(), name="steerserve-batches")
         return True
 
@@ -187,7 +199,12 @@ class BatchService:
 
     def _task_failed(self, batch_id: str, exc: BaseException) -> None:
         """Backs the batch off (the pause doubles with each failure in a row); the reconciler
-        fails it once MAX_TASK_FAILURES is reached."""
+        fails it once MAX_TASK_FAILURES is reached. The shared database being unreachable is not
+        the batch's failure: it is retried every DATABASE_RETRY seconds, as long as that lasts."""
+        if isinstance(exc, APIError) and exc.code == UNAVAILABLE:
+            self._not_before[batch_id] = asyncio.get_running_loop().time() + DATABASE_RETRY
+            self._log_throttled("database", "batch %s: waiting for the database: %s", batch_id, exc.message)
+            return
         failures = self._failures.get(batch_id, (0, ""))[0] + 1
         self._failures[batch_id] = (failures, repr(exc))
         pause = min(TASK_RETRY_PAUSE * 2 ** (failures - 1), TASK_RETRY_MAX)
@@ -217,9 +234,8 @@ class BatchService:
     # ------------------------------------------------------------------ states
 
     async def _validate(self, batch: BatchRecord) -> None:
-        path = self.store.file_path(batch.input_file_id)
-        parsed = await asyncio.to_thread(parse_input_file, path, batch.id, batch.endpoint,
-                                         self.limits.max_batch_lines)
+        data = await asyncio.to_thread(self.store.contents.read_all, batch.input_file_id)
+        parsed = await asyncio.to_thread(parse_input, data, batch.id, batch.endpoint, self.limits.max_batch_lines)
         if parsed.errors:
             await asyncio.to_thread(self.store.transition, batch.id, ("validating",), "failed",
                                     errors=parsed.errors, failed_at=now())
@@ -260,9 +276,13 @@ class BatchService:
     def _write_files_and_finish(self, batch_id: str, from_statuses: tuple[str, ...], to_status: str) -> None:
         """Build output and error files from the result rows (idempotent: the file ids are drawn
         once and kept, so a crash mid-finalize just writes them again), then set the final status."""
+        current = self.store.get_batch(batch_id)
+        if current is None or current.status not in from_statuses:  # another replica finalized it
+            return
         names = {True: "output", False: "error"}
         ids = dict(zip((True, False), self.store.result_file_ids(batch_id), strict=True))
-        tmp = {ok: self.store.file_path(ids[ok]).with_suffix(".tmp") for ok in names}
+        contents = self.store.contents
+        tmp = {ok: contents.scratch(ids[ok]) for ok in names}
         sizes = {True: 0, False: 0}
         handles = {ok: open(tmp[ok], "wb") for ok in names}
         try:
@@ -279,7 +299,7 @@ class BatchService:
         files = []
         for ok, name in names.items():
             if sizes[ok]:
-                os.replace(tmp[ok], self.store.file_path(ids[ok]))
+                contents.adopt(ids[ok], tmp[ok])
                 files.append(FileRecord(ids[ok], f"{batch_id}_{name}.jsonl", "batch_output", sizes[ok], now()))
             else:
                 tmp[ok].unlink(missing_ok=True)

@@ -82,6 +82,13 @@ def add_steering_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--data-dir", default=DEFAULT_DATA_DIR, metavar="DIR",
                        help="where the Files/Batches API and the steering presets keep their SQLite databases "
                             "and file contents")
+    group.add_argument("--database-url", default=None, metavar="URL",
+                       help="postgresql://user:password@host:port/database: keep presets, stored vectors, files and "
+                            "batches there instead of SQLite in --data-dir, shared by every replica of a fleet "
+                            "(docs/fleet.md); the schema is created or upgraded at start")
+    group.add_argument("--batch-lease-seconds", type=float, default=None, metavar="S",
+                       help="how long a runner's claim on a batch line lasts without renewal (renewed every third "
+                            "of it): how soon another replica takes over the lines of one that died (default 30)")
     group.add_argument("--steering-presets", default=None, metavar="FILE",
                        help="YAML or JSON mapping preset name -> steering spec (or {steering, description}); each "
                             "is served as a model and stored in --data-dir, replacing a stored one of that name "
@@ -266,7 +273,15 @@ def refuse_another_servers_data_dir(args: argparse.Namespace) -> None:
     """Before the engine loads: a --data-dir whose batch runner belongs to a server of another
     model or SAE is refused (server/steerserve/batch/identity.py); this server's batches would never run."""
     from steerserve.batch.identity import DataDirInUse, RunnerLock, server_identity
+    from steerserve.db import DatabaseUrlError, is_shared, postgres_url
 
+    url = getattr(args, "database_url", None)
+    if is_shared(url):  # a fleet's database: no runner lock (runners claim lines)
+        try:
+            postgres_url(url)
+        except DatabaseUrlError as exc:
+            sys.exit(f"error: {exc}")
+        return
     try:
         RunnerLock(os.path.abspath(args.data_dir)).refuse_other_holder(server_identity(args))
     except DataDirInUse as exc:

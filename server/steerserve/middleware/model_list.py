@@ -1,14 +1,21 @@
 """`GET /v1/models` with every steering preset this server serves listed after vLLM's own entries,
 each in the shape vLLM gives a LoRA adapter (server/steerserve/steering/presets.py `Preset.card`): clients
 that can only pick a model find the presets where they look for models. The presets are read and
-checked off the event loop: up to --max-presets of them, each spec up to --max-preset-spec-bytes."""
+checked off the event loop: up to --max-presets of them, each spec up to --max-preset-spec-bytes.
+While a fleet's database is unreachable the list has the served models only (docs/fleet.md)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 from starlette.types import Message, Send
+
+from steerserve.db import UNAVAILABLE
+from steerserve.errors import APIError
+
+logger = logging.getLogger("vllm.steerserve")
 
 MODELS_PATH = "/v1/models"
 
@@ -48,6 +55,12 @@ class PresetModelsSend:
         if not isinstance(listing, dict) or not isinstance(listing.get("data"), list):
             return raw
         context = self._context
-        presets = await asyncio.to_thread(lambda: context.preset_check.served(context.presets.all()))
+        try:
+            presets = await asyncio.to_thread(lambda: context.preset_check.served(context.presets.all()))
+        except APIError as error:  # the fleet's database is unreachable: the served models still are
+            if error.code != UNAVAILABLE:
+                raise
+            logger.warning("steerserve: /v1/models lists no presets: %s", error.message)
+            return raw
         listing["data"].extend(p.card(context.served_model, context.max_model_len) for p in presets)
         return json.dumps(listing).encode()

@@ -2,7 +2,8 @@
 
 Most OpenAI clients (chat UIs, agent frameworks, IDE assistants) can only pick a `model`; a preset
 lets them steer by picking one. Presets live in the data directory's SQLite (`presets.sqlite`),
-so those created over HTTP survive a restart; `--steering-presets FILE` (YAML or JSON, name ->
+or in the fleet's PostgreSQL with --database-url (steerserve/db), so those created over HTTP
+survive a restart and every replica serves them; `--steering-presets FILE` (YAML or JSON, name ->
 spec) seeds them at start and wins over a stored preset of the same name. Every spec is checked
 against the loaded SAEs exactly like an inline `steering` field when it is stored, and every stored
 preset again at start (PresetCheck): one that no longer fits the loaded SAEs, or whose name is now
@@ -15,8 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import sqlite3
-import threading
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -24,24 +23,16 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import yaml
+from sqlalchemy import text
 
 from steerserve_sae.protocol.spec import SteeringSpec
 
+from steerserve.db import open_database
 from steerserve.errors import APIError
 from steerserve.steering.schema import parse_steering
 from steerserve.steering import names
 from steerserve.steering.vector_store import resolve_names
 
-DB_NAME = "presets.sqlite"
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS presets (
-    name        TEXT PRIMARY KEY,
-    steering    TEXT NOT NULL,
-    description TEXT,
-    created_at  INTEGER NOT NULL,
-    source      TEXT NOT NULL
-);
-"""
 
 
 @dataclass(frozen=True)
@@ -70,65 +61,54 @@ def check_name(name: object, param: str = "name") -> str:
 
 
 class PresetStore:
-    """The presets, durable in SQLite. Every lookup reads the database (a primary-key read, a few
-    microseconds), so API processes sharing a data dir (`--api-server-count`) see each other's
-    changes; one connection per process behind a lock."""
+    """The presets, durable in the database (steerserve/db: SQLite in the data dir, or the fleet's
+    PostgreSQL). No cache: every lookup reads the database (a primary-key read: microseconds on
+    SQLite, a fraction of a millisecond to a PostgreSQL nearby), so API processes and replicas
+    sharing it see a change as soon as the request that made it has answered."""
 
-    def __init__(self, data_dir: str | Path):
-        path = Path(data_dir)
-        path.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._conn = sqlite3.connect(path / DB_NAME, check_same_thread=False, timeout=30, isolation_level=None)
-        self._conn.execute("PRAGMA auto_vacuum=FULL")  # deleting presets shrinks the file (set before the table)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.executescript(SCHEMA)
+    def __init__(self, data_dir: str | Path, database_url: str | None = None):
+        self._db = open_database("presets", data_dir, database_url)
 
-    def _rows(self, where: str = "", args: tuple = ()) -> list[Preset]:
-        with self._lock:
-            rows = self._conn.execute(
-                f"SELECT name, steering, description, created_at, source FROM presets {where} ORDER BY name",
-                args).fetchall()
+    def _rows(self, where: str = "", args: dict | None = None) -> list[Preset]:
+        rows = self._db.read(
+            f"SELECT name, steering, description, created_at, source FROM presets {where} ORDER BY name", args)
         return [Preset(r[0], json.loads(r[1]), r[2], r[3], r[4]) for r in rows]
 
     def get(self, name: str) -> Preset | None:
-        found = self._rows("WHERE name = ?", (name,))
+        found = self._rows("WHERE name = :name", {"name": name})
         return found[0] if found else None
 
     def all(self) -> list[Preset]:
         return self._rows()
 
     def count(self) -> int:
-        with self._lock:
-            return self._conn.execute("SELECT COUNT(*) FROM presets").fetchone()[0]
+        return self._db.read("SELECT COUNT(*) FROM presets")[0][0]
 
     def put(self, preset: Preset, *, replace: bool, max_count: int | None = None) -> bool:
         """Store a preset; False when the name is taken and `replace` is not set. With `max_count`,
         a 400 `too_many_presets` when that many are stored: counted inside the write transaction,
-        so API processes sharing the data dir cannot overshoot it together."""
-        verb = "INSERT OR REPLACE" if replace else "INSERT OR IGNORE"
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")  # one writer at a time, across processes
-            try:
-                if max_count is not None:
-                    count = self._conn.execute("SELECT COUNT(*) FROM presets").fetchone()[0]
-                    taken = self._conn.execute("SELECT 1 FROM presets WHERE name = ?", (preset.name,)).fetchall()
-                    if count >= max_count and not taken:
-                        raise too_many_presets(max_count, "name")
-                cursor = self._conn.execute(
-                    f"{verb} INTO presets (name, steering, description, created_at, source) VALUES (?, ?, ?, ?, ?)",
-                    (preset.name, spec_json(preset.steering), preset.description, preset.created_at, preset.source))
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+        which holds the presets' write lock, so processes and replicas cannot overshoot it together."""
+        conflict = ("DO UPDATE SET steering = excluded.steering, description = excluded.description, "
+                    "created_at = excluded.created_at, source = excluded.source") if replace else "DO NOTHING"
+        with self._db.tx(serialize=True) as c:
+            if max_count is not None:
+                count = c.execute(text("SELECT COUNT(*) FROM presets")).scalar_one()
+                taken = c.execute(text("SELECT 1 FROM presets WHERE name = :n"), {"n": preset.name}).first()
+                if count >= max_count and taken is None:
+                    raise too_many_presets(max_count, "name")
+            cursor = c.execute(text(
+                "INSERT INTO presets (name, steering, description, created_at, source) "
+                f"VALUES (:name, :steering, :description, :created_at, :source) ON CONFLICT (name) {conflict}"),
+                {"name": preset.name, "steering": spec_json(preset.steering), "description": preset.description,
+                 "created_at": preset.created_at, "source": preset.source})
             return bool(cursor.rowcount)
 
     def delete(self, name: str) -> bool:
-        with self._lock:
-            return bool(self._conn.execute("DELETE FROM presets WHERE name = ?", (name,)).rowcount)
+        with self._db.tx(serialize=True) as c:
+            return bool(c.execute(text("DELETE FROM presets WHERE name = :n"), {"n": name}).rowcount)
 
     def close(self) -> None:
-        self._conn.close()
+        self._db.close()
 
 
 def preset_exists(name: str, param: str) -> APIError:

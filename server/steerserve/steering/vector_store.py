@@ -3,15 +3,13 @@
 A client uploads a vector once (base64, a .safetensors / .pt / .npy file or a GGUF control
 vector) and then steers with `"vector": "<name>"`. A name holds either one vector for any layer
 or, for a control vector, one per layer. Rows live in the data directory's SQLite
-(`vectors.sqlite`), so they survive a restart and every API process sharing the data dir sees
-the same vectors; a steered request that names one reads its rows (a primary-key read). Each
+(`vectors.sqlite`), or in the fleet's PostgreSQL with --database-url (steerserve/db), so they
+survive a restart and every API process and replica sharing the database sees the same vectors; a steered request that names one reads its rows (a primary-key read). Each
 vector is checked when stored: d_model finite float32 values with a finite float32 norm.
 """
 
 from __future__ import annotations
 
-import sqlite3
-import threading
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -19,25 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sqlalchemy import Connection, text
+from sqlalchemy.exc import IntegrityError
 
 from steerserve_sae.protocol.spec import VECTOR_NOT_FINITE, encode_vector, finite_vector
 
+from steerserve.db import open_database
 from steerserve.errors import APIError
 from steerserve.steering import names
 
-DB_NAME = "vectors.sqlite"
 ANY = -1  # the layer column of a vector stored for any layer
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS vectors (
-    name        TEXT NOT NULL,
-    layer       INTEGER NOT NULL,
-    data        BLOB NOT NULL,
-    description TEXT,
-    created_at  INTEGER NOT NULL,
-    source      TEXT NOT NULL,
-    PRIMARY KEY (name, layer)
-);
-"""
 
 
 @dataclass(frozen=True)
@@ -81,79 +70,68 @@ def vector_exists(name: str, why: str = "delete it first", param: str = "name") 
 
 
 class VectorStore:
-    """The stored vectors, durable in SQLite: the one truth for every API process sharing the data
-    dir (--api-server-count) and every model sharing it (rows of another d_model are not served,
-    but their names stay taken and their rows count). Every lookup reads the database (a
-    primary-key range read of one name's rows), as PresetStore does, so no process serves a stale
-    copy; a store checks the name and the row limit inside its BEGIN IMMEDIATE write, so two
-    processes cannot both take a name or the last rows. One connection per process behind a lock."""
+    """The stored vectors, durable in the database (steerserve/db): the one truth for every API
+    process and replica sharing it and every model sharing it (rows of another d_model are not
+    served, but their names stay taken and their rows count). No cache: every lookup reads the
+    database (a primary-key range read of one name's rows), as PresetStore does, so no process
+    serves a stale copy; a store checks the name and the row limit inside its write transaction,
+    which holds the vectors' write lock, so two processes cannot both take a name or the last rows."""
 
-    def __init__(self, data_dir: str | Path, d_model: int, max_rows: int):
-        path = Path(data_dir)
-        path.mkdir(parents=True, exist_ok=True)
+    def __init__(self, data_dir: str | Path, d_model: int, max_rows: int, database_url: str | None = None):
         self.d_model, self.max_rows = d_model, max_rows
-        self._lock = threading.Lock()
-        self._conn = sqlite3.connect(path / DB_NAME, check_same_thread=False, timeout=30, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.executescript(SCHEMA)
+        self._db = open_database("vectors", data_dir, database_url)
 
-    def _read(self, where: str = "", params: tuple = ()) -> dict[str, StoredVector]:
-        """This model's vectors among the rows `where` selects (lock held)."""
+    def _read(self, where: str = "", params: dict | None = None) -> dict[str, StoredVector]:
+        """This model's vectors among the rows `where` selects."""
         found: dict[str, StoredVector] = {}
-        for name, layer, data, description, created_at, source in self._conn.execute(
+        for name, layer, data, description, created_at, source in self._db.read(
                 f"SELECT name, layer, data, description, created_at, source FROM vectors "
-                f"WHERE length(data) = ? {where} ORDER BY name", (4 * self.d_model, *params)):
+                f"WHERE length(data) = :size {where} ORDER BY name, layer", {"size": 4 * self.d_model, **(params or {})}):
             known = found.setdefault(name, StoredVector(name, {}, description, created_at, source))
-            known.layers[None if layer == ANY else layer] = np.frombuffer(data, dtype="<f4").astype(np.float32)
+            known.layers[None if layer == ANY else layer] = np.frombuffer(bytes(data), dtype="<f4").astype(np.float32)
         return found
 
     def get(self, name: str) -> StoredVector | None:
-        with self._lock:
-            return self._read("AND name = ?", (name,)).get(name)
+        return self._read("AND name = :name", {"name": name}).get(name)
 
     def all(self) -> list[StoredVector]:
-        with self._lock:
-            return list(self._read().values())
+        return list(self._read().values())
 
     def put(self, vector: StoredVector) -> None:
         """Store a new name; 409 when it is taken (by any model), 400 past the store's size."""
-        with self._lock:
-            self._conn.execute("BEGIN IMMEDIATE")  # the write lock: no other connection commits until we do
-            try:
-                self._insert(vector)
-            except sqlite3.IntegrityError:
-                self._conn.execute("ROLLBACK")
-                raise vector_exists(vector.name) from None
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+        try:
+            with self._db.tx(serialize=True) as c:  # the write lock: no other writer commits until we do
+                self._insert(c, vector)
+        except IntegrityError:
+            raise vector_exists(vector.name) from None
 
-    def _insert(self, vector: StoredVector) -> None:
-        taken = self._conn.execute("SELECT length(data) FROM vectors WHERE name = ? LIMIT 1", (vector.name,)).fetchone()
+    def _insert(self, c: Connection, vector: StoredVector) -> None:
+        taken = c.execute(text("SELECT length(data) FROM vectors WHERE name = :n LIMIT 1"), {"n": vector.name}).first()
         if taken is not None and taken[0] == 4 * self.d_model:
             raise vector_exists(vector.name)
         if taken is not None:
             raise vector_exists(vector.name, f"it is stored for another model sharing this data dir (d_model "
                                        f"{taken[0] // 4})")
-        (rows,) = self._conn.execute("SELECT COUNT(*) FROM vectors").fetchone()
+        rows = c.execute(text("SELECT COUNT(*) FROM vectors")).scalar_one()
         if rows + len(vector.layers) > self.max_rows:
             raise APIError(f"this server stores at most {self.max_rows} vectors (one per layer of a control vector, "
                            f"every model's sharing the data dir; --max-stored-vectors); {rows} are stored",
                            param="name", code="too_many_stored_vectors")
-        self._conn.executemany(
-            "INSERT INTO vectors (name, layer, data, description, created_at, source) VALUES (?, ?, ?, ?, ?, ?)",
-            [(vector.name, ANY if layer is None else layer, values.astype("<f4").tobytes(), vector.description,
-              vector.created_at, vector.source) for layer, values in vector.layers.items()])
+        c.execute(text(
+            "INSERT INTO vectors (name, layer, data, description, created_at, source) "
+            "VALUES (:name, :layer, :data, :description, :created_at, :source)"),
+            [{"name": vector.name, "layer": ANY if layer is None else layer, "data": values.astype("<f4").tobytes(),
+              "description": vector.description, "created_at": vector.created_at, "source": vector.source}
+             for layer, values in vector.layers.items()])
 
     def delete(self, name: str) -> bool:
         """Whether this call deleted the name's rows (False when another got there first)."""
-        with self._lock:
-            return bool(self._conn.execute("DELETE FROM vectors WHERE name = ? AND length(data) = ?",
-                                           (name, 4 * self.d_model)).rowcount)
+        with self._db.tx(serialize=True) as c:
+            return bool(c.execute(text("DELETE FROM vectors WHERE name = :n AND length(data) = :size"),
+                                  {"n": name, "size": 4 * self.d_model}).rowcount)
 
     def close(self) -> None:
-        self._conn.close()
+        self._db.close()
 
 
 def new_vector(name: str, layers: dict[int | None, np.ndarray], description: str | None, source: str,

@@ -1,0 +1,26 @@
+"""presets: the table of releases before --database-url (adopted as it is when it exists)."""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "presets_0001"
+down_revision = None
+branch_labels = ("presets",)
+depends_on = None
+
+
+def upgrade() -> None:
+    if sa.inspect(op.get_bind()).has_table("presets"):
+        return
+    op.create_table(
+        "presets",
+        sa.Column("name", sa.Text, primary_key=True),
+        sa.Column("steering", sa.Text, nullable=False),
+        sa.Column("description", sa.Text),
+        sa.Column("created_at", sa.BigInteger, nullable=False),
+        sa.Column("source", sa.Text, nullable=False),
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("presets")
