@@ -1,10 +1,10 @@
 """The plugin's hooks against the installed vLLM's two model runners.
 
-The V1 runner is exercised end to end by every server test. Model Runner V2 cannot run on a CPU
-build (it needs Triton's GPU backend), so here its hooks are pinned to the vLLM source they wrap:
-the methods must be wrapped after `register()`, and every attribute the V2 routing reads must
-exist under the name and meaning it uses. A vLLM upgrade that renames one fails here, not in
-production.
+Both runners are exercised end to end by the differential tests (V2 through Triton's
+interpreter, conftest.runner_env); here the hooks are pinned to the vLLM source they wrap: the
+methods must be wrapped after `register()`, and every attribute the V2 routing reads must exist
+under the name and meaning it uses (tests/test_vllm_contract.py does the same against every
+supported release's own source).
 """
 
 from __future__ import annotations
