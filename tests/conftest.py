@@ -91,19 +91,59 @@ def serving(args: list[str], log_path: Path, env: dict[str, str] | None = None) 
         running.stop()
 
 
-@pytest.fixture(scope="session")
-def server(tiny_model_dir, tmp_path_factory) -> ServeProcess:
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    data_dir = tmp_path_factory.mktemp("server-data")  # Files/Batches API state of this session
+# vLLM's two model runners; steerserve hooks both. V2 runs on the CPU build only with Triton's
+# interpreter (tests/fixtures/triton_interpreter), about 20x slower per step, so the modules that
+# test steering against the reference run both (fixture `runner_server`) and the rest V1.
+RUNNERS = ("v1", "v2")
+TRITON_INTERPRETER_DIR = ROOT / "tests" / "fixtures" / "triton_interpreter"
+
+
+def runner_env(runner: str) -> dict[str, str]:
+    """What a test server's environment adds to run vLLM's `runner` on this CPU build: the one
+    place that turns on Triton's interpreter."""
+    if runner == "v1":
+        return {"VLLM_USE_V2_MODEL_RUNNER": "0"}
+    path = os.pathsep.join(p for p in (str(TRITON_INTERPRETER_DIR), os.environ.get("PYTHONPATH")) if p)
+    return {"VLLM_USE_V2_MODEL_RUNNER": "1", "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+
+
+def _shared_server(runner: str, tiny_model_dir: Path, tmp_path_factory) -> Iterator[ServeProcess]:
+    log = tmp_path_factory.mktemp(f"server-{runner}") / "server.log"
+    data_dir = tmp_path_factory.mktemp(f"server-data-{runner}")  # Files/Batches API state of this session
     labels = tmp_path_factory.mktemp("labels") / "labels.jsonl"
     labels.write_text("".join(json.dumps(row) + "\n" for row in FEATURE_LABELS))
     running = start_server(serve_args(tiny_model_dir, "--data-dir", str(data_dir), "--feature-labels", str(labels),
-                                      "--api-key", API_KEY), log)
-    print(f"\nsteerserve (torch.compile) ready in {time.monotonic() - running.started:.0f}s", file=sys.stderr)
+                                      "--api-key", API_KEY), log, runner_env(runner))
+    running.runner = runner
+    print(f"\nsteerserve ({runner}, torch.compile) ready in {time.monotonic() - running.started:.0f}s", file=sys.stderr)
     try:
         yield running
     finally:
         running.stop()
+
+
+@pytest.fixture(scope="session")
+def v1_server(tiny_model_dir, tmp_path_factory) -> Iterator[ServeProcess]:
+    yield from _shared_server("v1", tiny_model_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def server(v1_server) -> ServeProcess:
+    """The shared server, on the V1 runner (the CPU build's default)."""
+    return v1_server
+
+
+@pytest.fixture(scope="session")
+def v2_server(tiny_model_dir, tmp_path_factory) -> Iterator[ServeProcess]:
+    """The shared server's twin on Model Runner V2, started by the first module that asks."""
+    yield from _shared_server("v2", tiny_model_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=RUNNERS)
+def runner_server(request) -> ServeProcess:
+    """The shared server of each runner in turn: a module that overrides `server` (and `client`,
+    `http`) with it runs every test on V1, then on V2."""
+    return request.getfixturevalue(f"{request.param}_server")
 
 
 @pytest.fixture(scope="session")

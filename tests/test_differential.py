@@ -13,7 +13,7 @@ import re
 
 import pytest
 
-from tests.conftest import MODEL_NAME, PROMPT
+from tests.conftest import MODEL_NAME, PROMPT, openai_client
 
 MAX_TOKENS = 12
 LOGPROB_TOLERANCE = 0.05  # bf16 model, two different kernel stacks
@@ -48,6 +48,17 @@ def cases(active):
         "prompt-only": {"features": [f(1, 3, "add", 10.0)], "apply_to": "prompt"},
         "clamp-generation-only": {"features": [f(2, a2[0], "clamp", 25.0)], "apply_to": "generation"},
     }
+
+
+@pytest.fixture(scope="module")
+def server(runner_server):
+    """Every test here runs on both of vLLM's model runners (conftest.RUNNERS)."""
+    return runner_server
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai_client(server)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +125,9 @@ def test_reference_cases_really_steer(reference, all_cases, client):
 
 def test_the_server_really_compiled(server):
     """A silently eager server must not pass as the compiled one: vLLM logs its compiled
-    artifact (saved after compiling, or loaded from its compile cache)."""
+    artifact (saved after compiling, or loaded from its compile cache). Nor may a server that
+    fell back to V1 pass as the V2 one: the worker logs which runner it built."""
     log = server.log_tail(10**7)
+    assert ("Using V2 Model Runner" in log) == (server.runner == "v2")
     assert "enforce_eager=False" in log
     assert re.search(r"saved AOT compiled function|Directly load AOT compilation", log)
