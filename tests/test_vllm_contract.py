@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from steerserve_sae.vllm_hooks.compat import VERIFIED_VLLM_VERSIONS
+from tests.conftest import ROOT
 from tests.fixtures.vllm_sources import SourceUnavailable, release_source
 from tests.vllm_contract import CONTRACT, V2_RUNNER as V2, Source, Symbol, cli_env_setup_symbol, violations
 
@@ -84,6 +85,7 @@ from steerserve_sae.vllm_hooks.runner_patch import has_v1_runner
 from steerserve.cli.serve import build_parser
 compat.cli_env_setup()
 args = build_parser().parse_args(["serve", "m", "--sae", "s", "--sae-layers", "1"])
+config = build_parser().parse_args(["serve", "--config", sys.argv[1]])  # the 27B recipe's options exist
 v2 = {m: getattr(getattr(GPUModelRunner, m), "_steerserve", False) or
          getattr(getattr(GPUModelRunner, m), "__code__").co_filename.endswith("runner_patch.py")
       for m in ("add_requests", "prepare_inputs", "execute_model", "load_model")}
@@ -93,7 +95,7 @@ if has_v1_runner():
     v1 = getattr(V1._prepare_inputs, "_steerserve", False)
 print(json.dumps({"version": vllm.__version__, "file": vllm.__file__, "platform": current_platform.device_type,
                   "v2": v2, "v1": v1, "v1_imported": "vllm.v1.worker.gpu_model_runner" in sys.modules,
-                  "parsed": args.sae}))
+                  "parsed": args.sae, "config": [config.reasoning_parser, config.tool_call_parser]}))
 """
 
 
@@ -111,7 +113,8 @@ def test_the_plugin_patches_apply_under_each_release(release, tmp_path):
         shutil.copy(extension, tmp_path / "vllm")
     env = {k: v for k, v in os.environ.items() if k not in ("VLLM_USE_V2_MODEL_RUNNER", "PYTHONPATH")}
     env |= {"PYTHONPATH": str(tmp_path), "STEERSERVE_ACTIVE": "1", "VLLM_TARGET_DEVICE": "cpu"}
-    done = subprocess.run([sys.executable, "-c", APPLY], cwd=tmp_path, env=env, capture_output=True, text=True,
+    recipe = str(ROOT / "configs" / "qwen3.5-27b.yaml")
+    done = subprocess.run([sys.executable, "-c", APPLY, recipe], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -120,7 +123,7 @@ def test_the_plugin_patches_apply_under_each_release(release, tmp_path):
     assert result["v2"] == dict.fromkeys(("add_requests", "prepare_inputs", "execute_model", "load_model"), True)
     assert result["v1"] is (None if release in WITHOUT_V1 else True)
     assert result["v1_imported"] is (release not in WITHOUT_V1)
-    assert result["parsed"] == "s"
+    assert result["parsed"] == "s" and result["config"] == ["qwen3", "qwen3_coder"]
 
 
 def test_the_cuda_list_names_only_releases_this_contract_covers():
@@ -155,3 +158,15 @@ def test_the_contract_catches_a_renamed_call_a_changed_signature_and_a_lost_fiel
                                                                "new_requests")
     assert found["InputBatch"] == ["vllm/v1/worker/gpu/input_batch.py:InputBatch lacks ['idx_mapping_np']"]
     assert found["SchedulerOutput"] == ["vllm/v1/core/sched/output.py:SchedulerOutput is missing"]
+
+
+def test_the_pins_name_the_newest_release_whose_contract_passes():
+    """The `[gpu]` extra, the Dockerfile's base image and its version check follow the CUDA list."""
+    import tomllib
+
+    newest = max(RELEASES, key=lambda r: tuple(map(int, r.split("."))))
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["gpu"] == [f"vllm=={newest}"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert f"FROM vllm/vllm-openai:v{newest}\n" in dockerfile
+    assert f"assert vllm.__version__.split('+')[0] == '{newest}'" in dockerfile

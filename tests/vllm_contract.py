@@ -70,6 +70,15 @@ CONTRACT = (
     Symbol("vllm/config/compilation.py", "CUDAGraphMode", "PIECEWISE / NONE only with --sae",
            attributes=("NONE", "PIECEWISE"), same_signature=False),
     Symbol("vllm/distributed/parallel_state.py", "get_tensor_model_parallel_rank", "rank 0 answers dashboards"),
+    # Steered layers: model_patch.steer_layer subclasses the decoder layer and reads
+    # (hidden_states, residual) from its forward; architectures.py walks these attributes.
+    Symbol("vllm/model_executor/models/qwen3_next.py", "Qwen3NextDecoderLayer.forward",
+           "Qwen3.5 layers (subclassed): forward returns (hidden_states, residual)"),
+    Symbol("vllm/model_executor/models/qwen3_5.py", "Qwen3_5DecoderLayer", "Qwen3.5 decoder layer (subclassed)"),
+    Symbol("vllm/model_executor/models/qwen3.py", "Qwen3DecoderLayer.forward", "Qwen3 layers (subclassed)"),
+    Symbol("vllm/model_executor/models/qwen3_5.py", "Qwen3_5ForCausalLM", "text-only Qwen3.5: model.layers"),
+    Symbol("vllm/model_executor/models/qwen3_5.py", "Qwen3_5ForConditionalGeneration",
+           "the 27B's class: language_model.model.layers"),
     # CPU-build fixes (vllm_hooks/upstream_fixes.py)
     Symbol("vllm/model_executor/layers/mamba/ops/cpu/gdn_attention.py", "_causal_conv1d_fwd_cpu",
            "one-token conv1d fix (CPU)"),
