@@ -141,9 +141,26 @@ def v2_server(tiny_model_dir, tmp_path_factory) -> Iterator[ServeProcess]:
 
 @pytest.fixture(scope="module", params=RUNNERS)
 def runner_server(request) -> ServeProcess:
-    """The shared server of each runner in turn: a module that overrides `server` (and `client`,
-    `http`) with it runs every test on V1, then on V2."""
+    """The shared server of each runner in turn: a test that takes it (or runner_client,
+    runner_http), or a module that overrides `server` with it, runs on V1, then on V2."""
     return request.getfixturevalue(f"{request.param}_server")
+
+
+@pytest.fixture(scope="module")
+def runner_client(runner_server):
+    return openai_client(runner_server)
+
+
+@pytest.fixture(scope="module")
+def runner_http(runner_server):
+    with httpx.Client(base_url=runner_server.base_url, timeout=300, headers=AUTH) as c:
+        yield c
+
+
+def v1_only(server: ServeProcess, why: str) -> None:
+    """Leaves a case out of the V2 subset (V2's interpreted steps cost CI minutes), saying why."""
+    if server.runner != "v1":
+        pytest.skip(f"V1 only: {why}")
 
 
 @pytest.fixture(scope="session")
