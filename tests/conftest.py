@@ -157,6 +157,16 @@ def runner_http(runner_server):
         yield c
 
 
+# Modules that start engines of their own (prefix cache on a dense model, TP=2, DP=2) run V1 in
+# CI and V2 too on request: each V2 engine costs a start (about a minute) plus interpreted steps,
+# beyond the CI budget. STEERSERVE_TEST_V2_EVERYWHERE=1 adds V2 to their parametrisation.
+V2_EVERYWHERE_ENV = "STEERSERVE_TEST_V2_EVERYWHERE"
+
+
+def own_engine_runners() -> tuple[str, ...]:
+    return RUNNERS if os.environ.get(V2_EVERYWHERE_ENV) == "1" else ("v1",)
+
+
 def v1_only(server: ServeProcess, why: str) -> None:
     """Leaves a case out of the V2 subset (V2's interpreted steps cost CI minutes), saying why."""
     if server.runner != "v1":
