@@ -76,3 +76,13 @@ def test_v2_routing_reads_fields_that_exist(v2_runner):
     assert "dummy_run" in original.parameters
     assert list(inspect.signature(v2_runner.prepare_inputs.__wrapped__).parameters)[:2] == ["self", "scheduler_output"]
     assert list(inspect.signature(v2_runner.add_requests.__wrapped__).parameters)[:2] == ["self", "scheduler_output"]
+
+
+def test_this_build_cannot_run_asynchronous_scheduling():
+    """Why --sae keeps async scheduling off (docs/vllm-versions.md): the differential tests cannot
+    prove per-row steering under it here, because vLLM's CPU platform turns it off whatever the
+    options say. The day a CPU build runs it, this fails: run the differential tests with it on."""
+    from vllm.platforms.cpu import CpuPlatform
+
+    source = inspect.getsource(CpuPlatform.check_and_update_config)
+    assert "scheduler_config.async_scheduling = False" in source
