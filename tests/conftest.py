@@ -115,11 +115,30 @@ def _shared_server(runner: str, tiny_model_dir: Path, tmp_path_factory) -> Itera
     running = start_server(serve_args(tiny_model_dir, "--data-dir", str(data_dir), "--feature-labels", str(labels),
                                       "--api-key", API_KEY), log, runner_env(runner))
     running.runner = runner
+    _SHARED_SERVERS[runner] = running
     print(f"\nsteerserve ({runner}, torch.compile) ready in {time.monotonic() - running.started:.0f}s", file=sys.stderr)
     try:
         yield running
     finally:
         running.stop()
+
+
+_SHARED_SERVERS: dict[str, ServeProcess] = {}
+_last_v2_test: list[str] = []  # node id of the last collected test on the V2 server
+
+
+@pytest.hookimpl(trylast=True)  # after pytest grouped the tests by their module-scoped parameters
+def pytest_collection_modifyitems(items) -> None:
+    on_v2 = [item.nodeid for item in items
+             if getattr(item, "callspec", None) is not None and item.callspec.params.get("runner_server") == "v2"]
+    _last_v2_test[:] = on_v2[-1:]
+
+
+def pytest_runtest_teardown(item, nextitem) -> None:
+    """The V2 engine stops after its last test, not at the session's end: the modules after it
+    start engines of their own on the same two cores."""
+    if _last_v2_test and item.nodeid == _last_v2_test[0] and "v2" in _SHARED_SERVERS:
+        _SHARED_SERVERS["v2"].stop()
 
 
 @pytest.fixture(scope="session")

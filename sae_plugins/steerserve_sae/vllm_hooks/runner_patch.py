@@ -19,7 +19,6 @@ new request's `extra_args` until the request finishes.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import time
 import logging
 
@@ -33,7 +32,7 @@ from steerserve_sae.protocol.plugin_config import PluginConfig
 from steerserve_sae.sae.loading import load_sae_layer
 from steerserve_sae.backends.op import register_steering_op
 from steerserve_sae.steering.runtime import StepBatch, SteeringRuntime
-from steerserve_sae.vllm_hooks.compat import VLLMCompatibilityError, require
+from steerserve_sae.vllm_hooks.compat import V1_RUNNER_MODULE, VLLMCompatibilityError, has_v1_runner, require
 
 # A child of vLLM's logger, so our lines go out through the handler vLLM configures.
 logger = logging.getLogger("vllm.steerserve")
@@ -204,19 +203,12 @@ def _timed(method):
     return wrapper
 
 
-V1_RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
-
-
 def patch_model_runners() -> None:
     """Idempotent: hook both model runners (vLLM picks one per engine). V1 only where the release
     still has it (0.34.0 removed it, and asking for it there is an error of vLLM's own)."""
     if has_v1_runner():
         _patch_v1_runner()
     _patch_v2_runner()
-
-
-def has_v1_runner() -> bool:
-    return importlib.util.find_spec(V1_RUNNER_MODULE) is not None
 
 
 def _patch_v1_runner() -> None:

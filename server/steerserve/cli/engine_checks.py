@@ -49,7 +49,9 @@ def choose_model_runner() -> None:
     requested = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
     if requested is not None:
         return
-    if is_cpu_build():
+    from steerserve_sae.vllm_hooks.compat import has_v1_runner
+
+    if is_cpu_build() and has_v1_runner():
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         print("steerserve: CPU build: vLLM's V1 model runner (Model Runner V2 needs Triton, which runs only "
               "interpreted here)", file=sys.stderr)
