@@ -86,3 +86,21 @@ def test_this_build_cannot_run_asynchronous_scheduling():
 
     source = inspect.getsource(CpuPlatform.check_and_update_config)
     assert "scheduler_config.async_scheduling = False" in source
+
+
+@pytest.mark.parametrize("build,requested,chosen", [
+    ("cuda", None, None),  # vLLM's own choice: V2 where it supports the model
+    ("cpu", None, "0"),  # V1, measured faster on the CPU build (docs/vllm-versions.md)
+    ("cpu", "1", "1"), ("cuda", "0", "0"),  # an explicit choice stays
+])
+def test_the_runner_is_vllms_choice_on_gpus_and_v1_on_this_build(monkeypatch, build, requested, chosen):
+    from steerserve.cli.engine_checks import choose_model_runner
+    from steerserve_sae.vllm_hooks import compat
+
+    monkeypatch.setattr(compat, "installed_build", lambda: build)
+    if requested is None:
+        monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    else:
+        monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", requested)
+    choose_model_runner()
+    assert os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == chosen
