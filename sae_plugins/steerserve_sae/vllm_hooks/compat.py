@@ -74,12 +74,12 @@ def check_vllm_version(version: str | None = None, build: str | None = None) -> 
         "to run anyway at your own risk")
 
 
-def cli_env_setup():
-    """vLLM's `cli_env_setup`, from where the installed release keeps it."""
+def cli_env_setup() -> None:
+    """Runs vLLM's `cli_env_setup`, imported from where the installed release keeps it."""
     import vllm
 
     module = CLI_ENV_SETUP_MODULES.get(release_of(vllm.__version__), CLI_ENV_SETUP_NEWEST)
-    return require(module, "cli_env_setup")
+    require(module, "cli_env_setup")()
 
 
 def has_v1_runner() -> bool:

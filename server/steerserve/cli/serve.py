@@ -277,7 +277,7 @@ def serve(argv: list[str]) -> None:
 
     from steerserve_sae.vllm_hooks.compat import cli_env_setup
 
-    cli_env_setup()()
+    cli_env_setup()
     args = build_parser().parse_args(["serve", *argv])
     refuse_frontends_without_the_app(args)
     configure_steering(args)
