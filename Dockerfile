@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 #
-# steerserve GPU serving image: the official vLLM 0.32 image (CUDA, torch, vLLM,
+# steerserve GPU serving image: the official vLLM 0.34 image (CUDA, torch, vLLM,
 # FastAPI already installed) plus this repository installed with its `gpu` extra.
 #
 #   docker build -t steerserve:latest .
@@ -9,7 +9,7 @@
 #       -e HF_TOKEN steerserve:latest                       # default config below
 #
 # Arguments after the image name replace the default CMD and go to `steerserve serve`.
-FROM vllm/vllm-openai:v0.32.0
+FROM vllm/vllm-openai:v0.34.0
 
 WORKDIR /app
 
@@ -20,12 +20,12 @@ COPY sae_plugins/ ./sae_plugins/
 COPY server/ ./server/
 COPY configs/ ./configs/
 
-# The README's GPU install: this repository with its `gpu` extra (vllm==0.32.0, which the base
+# The README's GPU install: this repository with its `gpu` extra (vllm==0.34.0, which the base
 # image already holds, so pip keeps the image's torch and vLLM and adds only what is missing).
 # The check fails the build if pip replaced vLLM with another release.
 # PIP_BREAK_SYSTEM_PACKAGES only matters if the base image's Python is marked externally managed.
 RUN PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --no-cache-dir '.[gpu]' \
- && python3 -c "import vllm; assert vllm.__version__.split('+')[0] == '0.32.0', vllm.__version__" \
+ && python3 -c "import vllm; assert vllm.__version__.split('+')[0] == '0.34.0', vllm.__version__" \
  && command -v steerserve
 
 # Model weights (HF cache) and SAE files live outside the image.

@@ -64,5 +64,8 @@ OUT ?= $(STATE)/tiny-qwen3.5
 tiny-model: $(STAMP)
 	$(PY) -m tests.fixtures.tiny_model $(OUT)
 
+# The contract test (tests/test_vllm_contract.py) reads each verified CUDA release's own source:
+# fetched once into $(STATE)/vllm-src (the test skips, saying why, where it cannot be fetched).
 test: $(STAMP) browser postgres
+	$(PY) -m tests.fixtures.vllm_sources
 	VLLM_TARGET_DEVICE=cpu VLLM_CPU_KVCACHE_SPACE=1 $(PY) -m pytest $(PYTEST_ARGS)

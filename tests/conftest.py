@@ -91,19 +91,105 @@ def serving(args: list[str], log_path: Path, env: dict[str, str] | None = None) 
         running.stop()
 
 
-@pytest.fixture(scope="session")
-def server(tiny_model_dir, tmp_path_factory) -> ServeProcess:
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    data_dir = tmp_path_factory.mktemp("server-data")  # Files/Batches API state of this session
+# vLLM's two model runners; steerserve hooks both. V2 runs on the CPU build only with Triton's
+# interpreter (tests/fixtures/triton_interpreter), about 20x slower per step, so the modules that
+# test steering against the reference run both (fixture `runner_server`) and the rest V1.
+RUNNERS = ("v1", "v2")
+TRITON_INTERPRETER_DIR = ROOT / "tests" / "fixtures" / "triton_interpreter"
+
+
+def runner_env(runner: str) -> dict[str, str]:
+    """What a test server's environment adds to run vLLM's `runner` on this CPU build: the one
+    place that turns on Triton's interpreter."""
+    if runner == "v1":
+        return {"VLLM_USE_V2_MODEL_RUNNER": "0"}
+    path = os.pathsep.join(p for p in (str(TRITON_INTERPRETER_DIR), os.environ.get("PYTHONPATH")) if p)
+    return {"VLLM_USE_V2_MODEL_RUNNER": "1", "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+
+
+def _shared_server(runner: str, tiny_model_dir: Path, tmp_path_factory) -> Iterator[ServeProcess]:
+    log = tmp_path_factory.mktemp(f"server-{runner}") / "server.log"
+    data_dir = tmp_path_factory.mktemp(f"server-data-{runner}")  # Files/Batches API state of this session
     labels = tmp_path_factory.mktemp("labels") / "labels.jsonl"
     labels.write_text("".join(json.dumps(row) + "\n" for row in FEATURE_LABELS))
     running = start_server(serve_args(tiny_model_dir, "--data-dir", str(data_dir), "--feature-labels", str(labels),
-                                      "--api-key", API_KEY), log)
-    print(f"\nsteerserve (torch.compile) ready in {time.monotonic() - running.started:.0f}s", file=sys.stderr)
+                                      "--api-key", API_KEY), log, runner_env(runner))
+    running.runner = runner
+    _SHARED_SERVERS[runner] = running
+    print(f"\nsteerserve ({runner}, torch.compile) ready in {time.monotonic() - running.started:.0f}s", file=sys.stderr)
     try:
         yield running
     finally:
         running.stop()
+
+
+_SHARED_SERVERS: dict[str, ServeProcess] = {}
+_last_v2_test: list[str] = []  # node id of the last collected test on the V2 server
+
+
+@pytest.hookimpl(trylast=True)  # after pytest grouped the tests by their module-scoped parameters
+def pytest_collection_modifyitems(items) -> None:
+    on_v2 = [item.nodeid for item in items
+             if getattr(item, "callspec", None) is not None and item.callspec.params.get("runner_server") == "v2"]
+    _last_v2_test[:] = on_v2[-1:]
+
+
+def pytest_runtest_teardown(item, nextitem) -> None:
+    """The V2 engine stops after its last test, not at the session's end: the modules after it
+    start engines of their own on the same two cores."""
+    if _last_v2_test and item.nodeid == _last_v2_test[0] and "v2" in _SHARED_SERVERS:
+        _SHARED_SERVERS["v2"].stop()
+
+
+@pytest.fixture(scope="session")
+def v1_server(tiny_model_dir, tmp_path_factory) -> Iterator[ServeProcess]:
+    yield from _shared_server("v1", tiny_model_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def server(v1_server) -> ServeProcess:
+    """The shared server, on the V1 runner (the CPU build's default)."""
+    return v1_server
+
+
+@pytest.fixture(scope="session")
+def v2_server(tiny_model_dir, tmp_path_factory) -> Iterator[ServeProcess]:
+    """The shared server's twin on Model Runner V2, started by the first module that asks."""
+    yield from _shared_server("v2", tiny_model_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="module", params=RUNNERS)
+def runner_server(request) -> ServeProcess:
+    """The shared server of each runner in turn: a test that takes it (or runner_client,
+    runner_http), or a module that overrides `server` with it, runs on V1, then on V2."""
+    return request.getfixturevalue(f"{request.param}_server")
+
+
+@pytest.fixture(scope="module")
+def runner_client(runner_server):
+    return openai_client(runner_server)
+
+
+@pytest.fixture(scope="module")
+def runner_http(runner_server):
+    with httpx.Client(base_url=runner_server.base_url, timeout=300, headers=AUTH) as c:
+        yield c
+
+
+# Modules that start engines of their own (prefix cache on a dense model, TP=2, DP=2) run V1 in
+# CI and V2 too on request: each V2 engine costs a start (about a minute) plus interpreted steps,
+# beyond the CI budget. STEERSERVE_TEST_V2_EVERYWHERE=1 adds V2 to their parametrisation.
+V2_EVERYWHERE_ENV = "STEERSERVE_TEST_V2_EVERYWHERE"
+
+
+def own_engine_runners() -> tuple[str, ...]:
+    return RUNNERS if os.environ.get(V2_EVERYWHERE_ENV) == "1" else ("v1",)
+
+
+def v1_only(server: ServeProcess, why: str) -> None:
+    """Leaves a case out of the V2 subset (V2's interpreted steps cost CI minutes), saying why."""
+    if server.runner != "v1":
+        pytest.skip(f"V1 only: {why}")
 
 
 @pytest.fixture(scope="session")

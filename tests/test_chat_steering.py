@@ -134,7 +134,9 @@ def test_completions_endpoint_is_steerable(client):
     assert steered.choices[0].model_extra["token_ids"] != plain.choices[0].model_extra["token_ids"]
 
 
-def test_concurrent_mixed_batch_each_equals_alone(server, client):
+def test_concurrent_mixed_batch_each_equals_alone(runner_server, runner_client):
+    """On both runners (conftest.RUNNERS): each request of a mixed batch gets what it gets alone."""
+    server, client = runner_server, runner_client
     specs = [None, add(1, 3, 8.0), add(1, 5, -6.0), add(2, 11, 6.0), None,
              {"features": [{"layer": 2, "index": 9, "mode": "clamp", "value": 20.0}]},
              add(1, 3, 8.0, apply_to="generation"), add(2, 7, 10.0, apply_to="prompt")]

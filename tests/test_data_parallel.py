@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.conftest import API_KEY, AUTH, ServeProcess, serve_args, serving
+from tests.conftest import API_KEY, AUTH, ServeProcess, own_engine_runners, runner_env, serve_args, serving
 
 REQUESTS = 8
 GATED = {"features": [{"layer": 2, "index": 9, "mode": "add", "value": 4.0,
@@ -26,12 +26,12 @@ TRACE = {"layers": [1, 2], "top_k": 3, "positions": "generation"}
 MAX_TOKENS = 6
 
 
-@pytest.fixture(scope="module")
-def dp_server(tiny_model_dir, tmp_path_factory) -> ServeProcess:
-    log = tmp_path_factory.mktemp("dp") / "server.log"
+@pytest.fixture(scope="module", params=own_engine_runners())
+def dp_server(request, tiny_model_dir, tmp_path_factory) -> ServeProcess:
+    log = tmp_path_factory.mktemp(f"dp-{request.param}") / "server.log"
     args = serve_args(tiny_model_dir, "--data-parallel-size", "2", "--enforce-eager", "--api-key", API_KEY,
                       "--data-dir", str(log.parent / "data"))
-    with serving(args, log) as running:
+    with serving(args, log, runner_env(request.param)) as running:
         yield running
 
 

@@ -13,7 +13,7 @@ import re
 
 import pytest
 
-from tests.conftest import MODEL_NAME, PROMPT
+from tests.conftest import MODEL_NAME, PROMPT, openai_client, v1_only
 
 MAX_TOKENS = 12
 LOGPROB_TOLERANCE = 0.05  # bf16 model, two different kernel stacks
@@ -48,6 +48,17 @@ def cases(active):
         "prompt-only": {"features": [f(1, 3, "add", 10.0)], "apply_to": "prompt"},
         "clamp-generation-only": {"features": [f(2, a2[0], "clamp", 25.0)], "apply_to": "generation"},
     }
+
+
+@pytest.fixture(scope="module")
+def server(runner_server):
+    """Every test here runs on both of vLLM's model runners (conftest.RUNNERS)."""
+    return runner_server
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai_client(server)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +102,9 @@ CHUNKED_CASES = {
 
 
 @pytest.mark.parametrize("name", list(CHUNKED_CASES))
-def test_chunked_prefill_matches_the_reference(client, reference, name):
+def test_chunked_prefill_matches_the_reference(server, client, reference, name):
+    if name != "prompt-only":
+        v1_only(server, "V2 checks chunk routing with prompt-only steering (the case that ends at the last chunk)")
     steering = CHUNKED_CASES[name]
     prompt_ids = assert_server_matches_reference(client, reference, steering, LONG_PROMPT)
     assert len(prompt_ids) > 3 * 128
@@ -100,8 +113,10 @@ def test_chunked_prefill_matches_the_reference(client, reference, name):
         assert steered != server_greedy(client, None, LONG_PROMPT)[1], "the case does not steer"
 
 
-def test_reference_cases_really_steer(reference, all_cases, client):
-    """Guard against a vacuous differential test: each steered case differs from unsteered."""
+def test_reference_cases_really_steer(server, reference, all_cases, client):
+    """Guard against a vacuous differential test: each steered case differs from unsteered (on
+    V1; V2 matching the same reference tokens steers as much)."""
+    v1_only(server, "the cases differ from unsteered whatever the runner")
     _, plain, _ = server_greedy(client, None)
     for name, steering in all_cases.items():
         if steering is None:
@@ -114,7 +129,9 @@ def test_reference_cases_really_steer(reference, all_cases, client):
 
 def test_the_server_really_compiled(server):
     """A silently eager server must not pass as the compiled one: vLLM logs its compiled
-    artifact (saved after compiling, or loaded from its compile cache)."""
+    artifact (saved after compiling, or loaded from its compile cache). Nor may a server that
+    fell back to V1 pass as the V2 one: the worker logs which runner it built."""
     log = server.log_tail(10**7)
+    assert ("Using V2 Model Runner" in log) == (server.runner == "v2")
     assert "enforce_eager=False" in log
     assert re.search(r"saved AOT compiled function|Directly load AOT compilation", log)

@@ -123,7 +123,8 @@ def test_inspect_prompt_text_and_layer_subset(http, reference):
     assert_same_top_features(result["tokens"], reference_activations(reference, token_ids, 2), 2, 3)
 
 
-def test_concurrent_inspections_each_equal_alone(http):
+def test_concurrent_inspections_each_equal_alone(runner_http):
+    http = runner_http
     bodies = [
         {"messages": MESSAGES, "top_k": 4},
         {"prompt": "The weather today is cold", "top_k": 4},

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import torch
 
-from tests.conftest import API_KEY, AUTH, serving
+from tests.conftest import API_KEY, AUTH, own_engine_runners, runner_env, serving
 
 PROMPT_TOKENS = 300
 GENERATED = 100
@@ -43,14 +43,14 @@ def build_dense_model(tiny: Path, out: Path) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def dense_server(tiny_model_dir, tmp_path_factory):
-    work = tmp_path_factory.mktemp("dense")
+@pytest.fixture(scope="module", params=own_engine_runners())
+def dense_server(request, tiny_model_dir, tmp_path_factory):
+    work = tmp_path_factory.mktemp(f"dense-{request.param}")
     model = build_dense_model(tiny_model_dir, work / "model")
     args = [str(model), "--sae", str(model / "sae"), "--sae-layers", "1,2", "--dtype", "bfloat16",
             "--max-model-len", "1024", "--gpu-memory-utilization", "0.05", "--served-model-name", "dense",
             "--enforce-eager", "--seed", "0", "--api-key", API_KEY, "--data-dir", str(work / "data")]
-    with serving(args, work / "server.log") as running:
+    with serving(args, work / "server.log", runner_env(request.param)) as running:
         yield running
 
 

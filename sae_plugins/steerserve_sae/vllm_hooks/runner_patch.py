@@ -32,7 +32,7 @@ from steerserve_sae.protocol.plugin_config import PluginConfig
 from steerserve_sae.sae.loading import load_sae_layer
 from steerserve_sae.backends.op import register_steering_op
 from steerserve_sae.steering.runtime import StepBatch, SteeringRuntime
-from steerserve_sae.vllm_hooks.compat import require
+from steerserve_sae.vllm_hooks.compat import V1_RUNNER_MODULE, VLLMCompatibilityError, has_v1_runner, require
 
 # A child of vLLM's logger, so our lines go out through the handler vLLM configures.
 logger = logging.getLogger("vllm.steerserve")
@@ -206,16 +206,18 @@ def _timed(method):
 
 
 def patch_model_runners() -> None:
-    """Idempotent: hook both model runners (vLLM picks one per engine)."""
-    _patch_v1_runner()
+    """Idempotent: hook both model runners (vLLM picks one per engine). V1 only where the release
+    still has it (0.34.0 removed it, and asking for it there is an error of vLLM's own)."""
+    if has_v1_runner():
+        _patch_v1_runner()
     _patch_v2_runner()
 
 
 def _patch_v1_runner() -> None:
     """The GPU runner (which the V1 CPU runner subclasses) and the CPU loader."""
-    GPUModelRunner = require("vllm.v1.worker.gpu_model_runner", "GPUModelRunner")
+    GPUModelRunner = require(V1_RUNNER_MODULE, "GPUModelRunner")
     for method in ("_prepare_inputs", "_dummy_run", "_model_forward", "execute_model", "load_model"):
-        require("vllm.v1.worker.gpu_model_runner", f"GPUModelRunner.{method}")
+        require(V1_RUNNER_MODULE, f"GPUModelRunner.{method}")
     if getattr(GPUModelRunner._prepare_inputs, "_steerserve", False):
         return
     prepare_inputs = GPUModelRunner._prepare_inputs
@@ -239,6 +241,7 @@ def _patch_v1_runner() -> None:
 
 def _patch_v2_runner() -> None:
     """Model Runner V2 (vllm/v1/worker/gpu/; its CPU runner subclasses it and keeps its loader)."""
+    refuse_standalone_cpu_runner()
     GPUModelRunner = require("vllm.v1.worker.gpu.model_runner", "GPUModelRunner")
     for method in ("add_requests", "prepare_inputs", "execute_model", "load_model"):
         require("vllm.v1.worker.gpu.model_runner", f"GPUModelRunner.{method}")
@@ -268,3 +271,16 @@ def _patch_v2_runner() -> None:
     GPUModelRunner.execute_model = _timed(_finishing_requests_first(
         _ending_step_afterwards(_clearing_routing_first(GPUModelRunner.execute_model))))
     _wrap_load_model(GPUModelRunner)
+
+
+def refuse_standalone_cpu_runner() -> None:
+    """vLLM 0.34 runs V2 on CPUs without Triton that are not x86 through StandaloneCPUModelRunner,
+    which does not subclass the V2 GPU runner: none of these hooks would run there, and requests
+    would be served unsteered. Refused loudly instead."""
+    from vllm.platforms import current_platform
+
+    uses_standalone = getattr(current_platform, "uses_standalone_cpu_model_runner", None)
+    if uses_standalone is not None and uses_standalone():
+        raise VLLMCompatibilityError(
+            "steerserve: this CPU runs vLLM's StandaloneCPUModelRunner (no Triton, not x86), which steerserve's "
+            "runner hooks do not cover; steering would silently not apply")

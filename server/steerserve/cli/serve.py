@@ -152,7 +152,6 @@ def configure_steering(args: argparse.Namespace) -> None:
     from steerserve_sae.protocol.plugin_config import ADDITIONAL_CONFIG_KEY, PluginConfig
     from steerserve_sae.vllm_hooks.worker_extension import WORKER_EXTENSION_CLS
 
-    _check_vllm_version()
     prepare_worker_environment()
     _take_api_keys(args)
     if args.feature_labels:
@@ -258,7 +257,9 @@ def say_what_the_saes_were_trained_on(model: str, source) -> None:
 
 
 def _check_vllm_version() -> None:
-    """Before any process starts: the plugin's patches are verified against one vLLM release."""
+    """Before anything else of vLLM is imported or any process starts: the plugin's patches are
+    verified against the releases compat.VERIFIED_VLLM_VERSIONS lists per build, and an
+    unverified one must end in the guard's message, not in an import error of a moved symbol."""
     from steerserve_sae.vllm_hooks.compat import VLLMCompatibilityError, check_vllm_version
 
     try:
@@ -312,8 +313,10 @@ def serve(argv: list[str]) -> None:
     """`steerserve serve ARGV`: checks the SAE options, then runs vLLM's serve until it stops."""
     if is_cpu_build():
         os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    _check_vllm_version()
     from vllm.entrypoints.cli.serve import ServeSubcommand
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+
+    from steerserve_sae.vllm_hooks.compat import cli_env_setup
 
     cli_env_setup()
     args = build_parser().parse_args(["serve", *argv])
