@@ -467,7 +467,8 @@ def test_a_data_dir_of_the_sqlite_releases_opens_and_keeps_its_state(tmp_path):
         assert db.execute("SELECT count(*) FROM batch_results").fetchone() == (1,)
 
 
-@pytest.mark.parametrize("url", ["sqlite:///tmp/x.db", "mysql://u@h/db", "not a url"])
+@pytest.mark.parametrize("url", ["sqlite:///tmp/x.db", "mysql://u@h/db", "not a url", "mysql://u:s3cret@h/db",
+                                 "postgresql://u:s3cret@h:notaport/db"])
 def test_a_database_url_that_is_not_postgresql_stops_the_start_saying_why(url, tmp_path):
     from argparse import Namespace
 
@@ -476,3 +477,4 @@ def test_a_database_url_that_is_not_postgresql_stops_the_start_saying_why(url, t
     with pytest.raises(SystemExit) as stopped:
         refuse_another_servers_data_dir(Namespace(database_url=url, data_dir=str(tmp_path)))
     assert "--database-url" in str(stopped.value) and "postgresql://" in str(stopped.value)
+    assert "s3cret" not in str(stopped.value)  # the message goes to logs: never the password

@@ -64,10 +64,11 @@ def postgres_url(url: str):
     try:
         parsed = make_url(url.replace("postgres://", "postgresql://", 1) if url.startswith("postgres://") else url)
     except Exception as exc:
-        raise DatabaseUrlError(f"--database-url {url!r} is not a database URL ({exc}); expected "
-                               "postgresql://user:password@host:port/database") from None
+        raise DatabaseUrlError(f"--database-url is not a database URL ({type(exc).__name__}); expected "
+                               "postgresql://user:password@host:port/database") from None  # not echoed: it may hold a password
     if parsed.get_backend_name() != "postgresql":
-        raise DatabaseUrlError(f"--database-url {url!r}: expected postgresql://user:password@host:port/database "
+        shown = parsed.render_as_string(hide_password=True)
+        raise DatabaseUrlError(f"--database-url {shown!r}: expected postgresql://user:password@host:port/database "
                                "(leave it out for the embedded SQLite in --data-dir)")
     return parsed.set(drivername="postgresql+psycopg")
 
