@@ -79,7 +79,7 @@ def test_serve_help_is_steerserves_own_page_at_once():
     usage = page.split("\n\n")[0]
     assert usage.endswith("[request limits: --max-request-bytes N ...] [vLLM serve options]")
     own = next(g for g in serve_help_parser()._action_groups if g.title == "steerserve")._group_actions
-    assert len(own) == 14 and all(f"[{a.option_strings[0]} " in usage for a in own), usage
+    assert len(own) == 16 and all(f"[{a.option_strings[0]} " in usage for a in own), usage
     assert "Defaults to Qwen" not in page and "steerserve serve --help=all" in page
     assert "\nsteerserve limits:\n" in page and "  --max-request-bytes N" not in usage
     again = run("serve", "--help=steerserve")

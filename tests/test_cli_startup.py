@@ -37,7 +37,8 @@ def test_unsupported_architecture_names_the_supported_ones(fake_model, tiny_mode
     result = serve(str(fake_model), "--sae", str(tiny_model_dir / "sae"), "--sae-layers", "1")
     assert result.returncode != 0
     assert "does not support the architecture ['LlamaForCausalLM']" in result.stderr
-    assert "Qwen3ForCausalLM, Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration" in result.stderr
+    assert ("Qwen3ForCausalLM, Qwen3MoeForCausalLM, Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration, "
+            "Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration\n") in result.stderr
 
 
 def test_missing_layer_file_lists_available_layers(fake_model, tiny_model_dir):

@@ -85,10 +85,10 @@ def add_steering_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--database-url", default=None, metavar="URL",
                        help="postgresql://user:password@host:port/database: keep presets, stored vectors, files and "
                             "batches there instead of SQLite in --data-dir, shared by every replica of a fleet "
-                            "(docs/fleet.md); the schema is created or upgraded at start")
+                            "(docs/fleet.md); the schema is created or upgraded at start (default: none, SQLite in --data-dir)")
     group.add_argument("--batch-lease-seconds", type=float, default=None, metavar="S",
                        help="how long a runner's claim on a batch line lasts without renewal (renewed every third "
-                            "of it): how soon another replica takes over the lines of one that died (default 30)")
+                            "of it): how soon another replica takes over the lines of one that died (default: 30)")
     group.add_argument("--steering-presets", default=None, metavar="FILE",
                        help="YAML or JSON mapping preset name -> steering spec (or {steering, description}); each "
                             "is served as a model and stored in --data-dir, replacing a stored one of that name "
